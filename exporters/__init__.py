@@ -1,0 +1,1 @@
+"""Exporters: one module per target, each a pure function of the checked IR/graph."""

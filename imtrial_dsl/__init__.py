@@ -1,0 +1,2 @@
+"""imtrial: declarative infrastructure for imaging-based clinical trials."""
+__version__ = "0.1.0"

@@ -1,0 +1,109 @@
+"""Positions and diagnostics: errors are values that carry where they happened.
+
+Every stage (parser, lowering, checker, runner) reports problems as
+:class:`Diagnostic` values. Only the CLI prints them (see :func:`render`).
+"""
+from __future__ import annotations
+
+import difflib
+from enum import Enum
+from typing import Iterable, Optional, Sequence
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Span(BaseModel):
+    """A source range: 1-based line and column, end exclusive."""
+
+    model_config = ConfigDict(frozen=True)
+
+    file: str = "<string>"
+    line: int = 0
+    col: int = 0
+    end_line: int = 0
+    end_col: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+class Severity(str, Enum):
+    ERROR = "error"
+    WARNING = "warning"
+    NOTE = "note"
+
+
+class Diagnostic(BaseModel):
+    """One problem with a position, a message, and an optional hint."""
+
+    severity: Severity = Severity.ERROR
+    code: str = "E000"
+    message: str
+    span: Optional[Span] = None
+    hint: Optional[str] = None
+
+    def sort_key(self):
+        s = self.span or Span()
+        return (s.file, s.line, s.col, self.severity != Severity.ERROR, self.message)
+
+    def __str__(self) -> str:
+        where = f"{self.span}: " if self.span else ""
+        return f"{where}{self.severity.value}: {self.message}"
+
+
+class ImtrialError(Exception):
+    """An error that takes its location from an IR/syntax node (anything with ``.span``)."""
+
+    code = "E000"
+    severity = Severity.ERROR
+
+    def __init__(self, node_or_span, message: str, hint: Optional[str] = None):
+        span = node_or_span if isinstance(node_or_span, Span) or node_or_span is None else getattr(node_or_span, "span", None)
+        self.diagnostic = Diagnostic(
+            severity=self.severity, code=self.code, message=message, span=span, hint=hint
+        )
+        super().__init__(str(self.diagnostic))
+
+
+class CompileErrors(Exception):
+    """Raised by entry points that want all diagnostics at once."""
+
+    def __init__(self, diagnostics: Sequence[Diagnostic]):
+        self.diagnostics = sorted(diagnostics, key=Diagnostic.sort_key)
+        super().__init__("\n".join(str(d) for d in self.diagnostics))
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> Optional[str]:
+    """A hint such as "did you mean 'T1_MPRAGE'?", or None."""
+    cands = list(candidates)
+    best = difflib.get_close_matches(name, cands, n=1, cutoff=0.6)
+    if not best:
+        low = {c.lower(): c for c in cands}
+        best = difflib.get_close_matches(name.lower(), list(low), n=1, cutoff=0.6)
+        best = [low[b] for b in best]
+    return f"did you mean '{best[0]}'?" if best else None
+
+
+def render(diags: Sequence[Diagnostic], sources: dict[str, str], color: bool = False) -> str:
+    """Render diagnostics compiler-style: ``file:line:col: severity: message``, source line, caret, hint."""
+    red, yellow, cyan, bold, reset = (
+        ("\x1b[31m", "\x1b[33m", "\x1b[36m", "\x1b[1m", "\x1b[0m") if color else ("",) * 5
+    )
+    out = []
+    for d in sorted(diags, key=Diagnostic.sort_key):
+        sev_col = red if d.severity == Severity.ERROR else yellow if d.severity == Severity.WARNING else cyan
+        where = f"{d.span}: " if d.span else ""
+        out.append(f"{bold}{where}{reset}{sev_col}{d.severity.value}{reset}: {d.message}")
+        if d.span and d.span.line > 0:
+            text = sources.get(d.span.file)
+            lines = text.splitlines() if text is not None else []
+            if 0 < d.span.line <= len(lines):
+                src = lines[d.span.line - 1].replace("\t", " ")
+                out.append(f"  {src}")
+                width = 1
+                if d.span.end_line == d.span.line and d.span.end_col > d.span.col:
+                    width = d.span.end_col - d.span.col
+                out.append("  " + " " * max(d.span.col - 1, 0) + sev_col + "^" + "~" * (width - 1) + reset)
+        if d.hint:
+            out.append(f"  {cyan}hint{reset}: {d.hint}")
+    return "\n".join(out)

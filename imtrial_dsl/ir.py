@@ -1,0 +1,519 @@
+"""The intermediate representation: the contract between the language and everything after it.
+
+Every node keeps the span it came from so late checks still point at a line.
+The runner and the exporters read only this (and the graph built from it).
+Values are normalized: quantities carry the canonical unit of their dimension
+(see :mod:`imtrial_dsl.units`), schedule offsets are in days, vendors are canonical.
+"""
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .diagnostics import Span
+
+IR_VERSION = "1.0"
+
+
+class Node(BaseModel):
+    """Base of every IR node: a source span, and nothing else in common."""
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=False)
+
+    span: Optional[Span] = Field(default=None, description="Where in the source this node was written.")
+
+
+class Ref(Node):
+    """A by-name reference to another declaration, resolved by the checker."""
+
+    name: str
+
+
+# --------------------------------------------------------------------------- values
+
+class Quantity(Node):
+    """A number with a unit, normalized to the canonical unit of its dimension.
+
+    ``value``/``unit`` are canonical (e.g. 2.3 s -> 2300 ms); ``source_value``/``source_unit``
+    are what the author wrote, kept for messages, formatting and documents.
+    """
+
+    value: float
+    unit: str = ""
+    dimension: str = "none"
+    source_value: Optional[float] = None
+    source_unit: Optional[str] = None
+
+    def text(self) -> str:
+        v = self.source_value if self.source_value is not None else self.value
+        u = self.source_unit if self.source_unit is not None else self.unit
+        num = f"{v:g}"
+        return f"{num} {u}".strip() if u != "%" else f"{num}%"
+
+
+class Days(Node):
+    """A calendar offset or window edge, in days; ``source_*`` keep e.g. '12 month'."""
+
+    days: float
+    source_value: float
+    source_unit: str = "day"
+
+
+Value = Union[Quantity, str, bool]
+
+
+# --------------------------------------------------------------------------- study
+
+class Endpoint(Node):
+    name: str
+    kind: Literal["primary", "secondary", "exploratory", "safety"] = "primary"
+    description: str = ""
+    measurement: Optional[Ref] = Field(default=None, description="'analysis.measurement' that feeds this endpoint.")
+
+
+class StudyInfo(Node):
+    code: str
+    title: str
+    registry: Optional[str] = None
+    sponsor: Optional[str] = None
+    version: Optional[str] = None
+    phase: Optional[str] = None
+    description: str = ""
+    hypothesis: str = ""
+    aims: list[str] = []
+    endpoints: list[Endpoint] = []
+    arms: list[str] = Field(default=[], description="Treatment arms; hidden from blinded roles.")
+
+
+# --------------------------------------------------------------------------- sites and devices
+
+ContactRole = Literal["imaging_pi", "physicist", "technologist", "coordinator", "pi", "data_manager", "radiologist", "other"]
+
+
+class Contact(Node):
+    role: str
+    name: str
+    email: Optional[str] = None
+    phone: Optional[str] = None
+
+
+class Approval(Node):
+    """IRB / ethics approval of a site."""
+
+    status: Literal["approved", "pending", "expired", "not_required"] = "pending"
+    reference: Optional[str] = None
+    date: Optional[str] = Field(default=None, description="ISO date, YYYY-MM-DD.")
+    expires: Optional[str] = None
+
+
+class Device(Node):
+    id: str
+    modality: str
+    vendor: str = Field(description="Canonical vendor (see vendors.normalize_vendor).")
+    vendor_text: str = Field(default="", description="Vendor as written in the source.")
+    model: Optional[str] = None
+    software: Optional[str] = None
+    field_strength: Optional[Quantity] = None
+    serial: Optional[str] = None
+    station: Optional[str] = None
+    institution: Optional[str] = None
+    coils: list[str] = []
+    research_agreement: bool = False
+
+
+class Site(Node):
+    code: str
+    name: str
+    contacts: list[Contact] = []
+    irb: Optional[Approval] = None
+    timezone: Optional[str] = None
+    devices: list[Device] = []
+
+
+# --------------------------------------------------------------------------- protocols
+
+class MatchOp(str, Enum):
+    MATCHES = "matches"      # regex search ('~')
+    EQUALS = "equals"        # exact string ('=')
+    CONTAINS = "contains"    # value (or any of a multi-valued attribute) equals ('has'), e.g. ImageType has "ORIGINAL"
+    NOT_MATCHES = "not_matches"  # '!~'
+
+
+class MatchRule(Node):
+    """A series-selection rule; a protocol's rules are ANDed."""
+
+    attribute: str
+    op: MatchOp
+    value: str
+
+
+class ConstraintKind(str, Enum):
+    """One-to-one with DICOM Attribute Value Constraint types, plus SET_OF and MATCHES.
+
+    EQUAL may carry a tolerance (absolute or %); it is checked as |actual-nominal| <= tol.
+    """
+
+    EQUAL = "EQUAL"
+    NOT_EQUAL = "NOT_EQUAL"
+    RANGE_INCL = "RANGE_INCL"
+    RANGE_EXCL = "RANGE_EXCL"
+    GREATER_OR_EQUAL = "GREATER_OR_EQUAL"
+    LESS_OR_EQUAL = "LESS_OR_EQUAL"
+    GREATER_THAN = "GREATER_THAN"
+    LESS_THAN = "LESS_THAN"
+    SET_OF = "SET_OF"          # value in {a, b, c}
+    MATCHES = "MATCHES"        # string matches regex (no DICOM equivalent; exported in JSON only)
+
+
+class Significance(str, Enum):
+    ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+
+
+class Tolerance(Node):
+    value: float = Field(description="Absolute tolerance in the constraint's canonical unit, or percent when relative.")
+    relative: bool = False
+    source_value: Optional[float] = None
+    source_unit: Optional[str] = None
+
+
+class Constraint(Node):
+    """A parameter constraint on a DICOM attribute keyword.
+
+    ``values``: EQUAL/NOT_EQUAL/comparisons one value; RANGE_* two (low, high); SET_OF many;
+    MATCHES one regex string. ``index`` selects one value of a multi-valued attribute
+    (e.g. PixelSpacing[0]); None means every value must satisfy the constraint.
+    """
+
+    keyword: str
+    kind: ConstraintKind
+    values: list[Value]
+    tolerance: Optional[Tolerance] = None
+    significance: Significance = Significance.ERROR
+    modifiable: bool = Field(default=False, description="DICOM Modifiable Constraint Flag: the technologist may change it.")
+    index: Optional[int] = None
+    note: Optional[str] = None
+
+
+class Variant(Node):
+    """Overrides for one vendor (optionally model and software release).
+
+    A constraint here replaces the base constraint on the same keyword; ``remove`` drops one.
+    """
+
+    vendor: str
+    vendor_text: str = ""
+    model: Optional[str] = None
+    software: Optional[str] = Field(default=None, description="Software release or glob, e.g. 'XA30' or 'R5.*'.")
+    constraints: list[Constraint] = []
+    remove: list[str] = []
+
+
+class Protocol(Node):
+    name: str
+    modality: str
+    title: str = ""
+    body_part: Optional[str] = None
+    preparation: list[str] = Field(default=[], description="Subject preparation instructions.")
+    contrast: Optional[str] = None
+    match: list[MatchRule] = []
+    constraints: list[Constraint] = []
+    variants: list[Variant] = []
+    notes: list[str] = []
+
+
+# --------------------------------------------------------------------------- schedule
+
+class Visit(Node):
+    name: str
+    kind: Literal["screening", "baseline", "followup", "unscheduled"] = "followup"
+    offset: Days
+    window_before: Optional[Days] = Field(default=None, description="Days allowed before the target (positive number).")
+    window_after: Optional[Days] = Field(default=None, description="Days allowed after the target.")
+    acquire: list[Ref] = []
+    optional: bool = False
+
+
+class ReminderPolicy(Node):
+    before_open: Optional[Days] = Field(default=None, description="Remind this long before the window opens.")
+    notify: list[str] = Field(default=[], description="Contact roles (or 'central') that receive reminders.")
+    on_open: bool = True
+    overdue_after: Optional[Days] = Field(default=None, description="Escalate this long after the window closes (0 = when it closes).")
+    escalate_to: list[str] = []
+
+
+class Schedule(Node):
+    visits: list[Visit] = []
+    same_device: Literal["required", "preferred", "none"] = "none"
+    reminders: Optional[ReminderPolicy] = None
+
+
+# --------------------------------------------------------------------------- de-identification
+
+class ProfileRule(Node):
+    """One row of a de-identification profile table (e.g. PS3.15 Table E.1-1)."""
+
+    tag: str = Field(description="'(gggg,eeee)'; repeating groups keep 'xx', e.g. '(50xx,xxxx)'.")
+    name: str
+    keyword: Optional[str] = None
+    action: str = Field(description="Basic profile action code: D, Z, X, K, C, U, X/Z, X/D, X/Z/D, Z/D, X/Z/U*.")
+    options: dict[str, str] = Field(default={}, description="Option name -> action code under that option.")
+
+
+class DeidProfile(Node):
+    name: str
+    title: str = ""
+    code: Optional[str] = Field(default=None, description="CID 7050 code value of the profile, e.g. 113100.")
+    rules: list[ProfileRule] = []
+
+
+class DeidOption(str, Enum):
+    """PS3.15 Annex E options; values are the language's names. CID 7050 codes in dicom_tables."""
+
+    RETAIN_LONGITUDINAL_FULL_DATES = "retain_longitudinal_full_dates"
+    RETAIN_LONGITUDINAL_MODIFIED_DATES = "retain_longitudinal_modified_dates"
+    RETAIN_PATIENT_CHARACTERISTICS = "retain_patient_characteristics"
+    RETAIN_DEVICE_IDENTITY = "retain_device_identity"
+    RETAIN_INSTITUTION_IDENTITY = "retain_institution_identity"
+    RETAIN_UIDS = "retain_uids"
+    RETAIN_SAFE_PRIVATE = "retain_safe_private"
+    CLEAN_DESCRIPTORS = "clean_descriptors"
+    CLEAN_STRUCTURED_CONTENT = "clean_structured_content"
+    CLEAN_GRAPHICS = "clean_graphics"
+    CLEAN_PIXEL_DATA = "clean_pixel_data"
+    CLEAN_RECOGNIZABLE_VISUAL_FEATURES = "clean_recognizable_visual_features"
+
+
+class DeidOverride(Node):
+    attribute: str = Field(description="DICOM keyword or '(gggg,eeee)' tag.")
+    action: Literal["keep", "remove", "empty", "replace", "hash"]
+    value: Optional[str] = None
+
+
+class PixelRegion(Node):
+    """A rectangle to blank (burned-in annotation), for images matching the selector."""
+
+    modality: Optional[str] = None
+    vendor: Optional[str] = None
+    model: Optional[str] = None
+    rows: Optional[int] = None
+    columns: Optional[int] = None
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+
+class KeySource(Node):
+    """Where a secret comes from: never inline."""
+
+    kind: Literal["env", "file"]
+    ref: str
+
+
+class Deidentify(Node):
+    profile: Ref
+    options: list[DeidOption] = []
+    overrides: list[DeidOverride] = []
+    pixel_regions: list[PixelRegion] = []
+    key: Optional[KeySource] = None
+    date_shift_min: Optional[Days] = Field(default=None, description="Per-subject keyed date shift lower bound (e.g. -365 d).")
+    date_shift_max: Optional[Days] = None
+    quarantine_burned_in: bool = True
+
+
+# --------------------------------------------------------------------------- identifiers
+
+class Identifiers(Node):
+    subject_format: str = Field(description="e.g. 'AMY01-{site}-{seq:04}{check}'. Fields: site, seq, check, study.")
+    check_digit: Optional[Literal["luhn", "mod11", "mod97", "iso7064"]] = None
+    source: list[str] = Field(default=["PatientID"], description="Attributes that identify a person at a site.")
+    issuer: Optional[str] = Field(default="IssuerOfPatientID", description="Attribute naming the assigning authority.")
+    key: Optional[KeySource] = Field(default=None, description="Key for keyed hashing of source identifiers in the registry.")
+
+
+# --------------------------------------------------------------------------- QC and analyses
+
+class QcCheck(Node):
+    """A QC check: a built-in metric bound to protocols (or a whole modality) with thresholds."""
+
+    name: str
+    targets: list[Ref] = Field(default=[], description="Protocols this check applies to.")
+    modality: Optional[str] = Field(default=None, description="Applies to every protocol of this modality (stdlib checks).")
+    metric: str = Field(description="Built-in metric: snr, ghosting, clipping, slice_spacing, missing_slices, dynamic_range, ...")
+    params: dict[str, Value] = {}
+    severity: Significance = Significance.ERROR
+
+
+class AnalysisInput(Node):
+    name: str
+    protocol: Optional[Ref] = None
+    analysis_output: Optional[Ref] = Field(default=None, description="'analysis.output' of another analysis.")
+
+
+class AnalysisOutput(Node):
+    name: str
+    kind: Literal["file", "directory"] = "file"
+
+
+class Measurement(Node):
+    name: str
+    unit: str = ""
+    dimension: str = "none"
+    description: str = ""
+
+
+class Analysis(Node):
+    """A user step. ``command`` is an argv template ({input}, {output}, {name} placeholders); never run through a shell."""
+
+    name: str
+    inputs: list[AnalysisInput] = []
+    command: list[str] = []
+    outputs: list[AnalysisOutput] = []
+    measurements: list[Measurement] = []
+    timeout: Optional[Quantity] = None
+    description: str = ""
+
+
+# --------------------------------------------------------------------------- transfer, archive, roles, reports
+
+class Destination(Node):
+    name: str
+    kind: Literal["dicom", "dicomweb", "folder"]
+    ae_title: Optional[str] = None
+    host: Optional[str] = None
+    port: Optional[int] = None
+    url: Optional[str] = None
+    path: Optional[str] = None
+    relay: Optional[Ref] = None
+    auth: Optional[KeySource] = None
+
+
+class Archive(Node):
+    path: Optional[str] = None
+    hash: Literal["sha256"] = "sha256"
+    retention: Optional[Days] = None
+    keep_originals: bool = False
+
+
+class Role(Node):
+    name: str
+    kind: Literal["central", "site", "reader", "sponsor", "monitor", "statistician"] = "central"
+    scope: Literal["all", "own"] = "all"
+    blinded: bool = False
+    hide: list[str] = Field(default=[], description="Fields this role must not see: arm, reader_results, site, ...")
+
+
+class ReportAudience(Node):
+    role: Ref
+    scope: Optional[Literal["all", "own"]] = None
+
+
+class Report(Node):
+    name: str
+    kind: Literal["management", "qc", "adherence", "enrollment", "qualification"] = "management"
+    audience: list[ReportAudience] = []
+    sections: list[str] = []
+    every: Optional[Days] = None
+
+
+class Qualification(Node):
+    """Site-qualification policy: which protocols need a qualification exam before subjects."""
+
+    protocols: list[Ref] = []
+    phantom: Optional[str] = None
+    requalify_on_upgrade: bool = True
+
+
+class Import(Node):
+    path: str
+    resolved: Optional[str] = Field(default=None, description="Absolute path of the imported file.")
+
+
+# --------------------------------------------------------------------------- the whole trial
+
+class Trial(Node):
+    """A checked trial description: the study and all its imports merged."""
+
+    ir_version: str = IR_VERSION
+    source_file: Optional[str] = None
+    source_sha256: Optional[str] = Field(default=None, description="sha256 of the main source file's bytes.")
+    imports: list[Import] = []
+    study: Optional[StudyInfo] = None
+    sites: list[Site] = []
+    protocols: list[Protocol] = []
+    schedule: Optional[Schedule] = None
+    deid_profiles: list[DeidProfile] = []
+    deidentify: Optional[Deidentify] = None
+    identifiers: Optional[Identifiers] = None
+    qc: list[QcCheck] = []
+    analyses: list[Analysis] = []
+    transfers: list[Destination] = []
+    archive: Optional[Archive] = None
+    roles: list[Role] = []
+    reports: list[Report] = []
+    qualification: Optional[Qualification] = None
+
+    # convenience lookups (derived, not stored)
+    def protocol(self, name: str) -> Optional[Protocol]:
+        return next((p for p in self.protocols if p.name == name), None)
+
+    def site(self, code: str) -> Optional[Site]:
+        return next((s for s in self.sites if s.code == code), None)
+
+    def devices(self) -> list[tuple[Site, Device]]:
+        return [(s, d) for s in self.sites for d in s.devices]
+
+    def analysis(self, name: str) -> Optional[Analysis]:
+        return next((a for a in self.analyses if a.name == name), None)
+
+    def profile(self, name: str) -> Optional[DeidProfile]:
+        return next((p for p in self.deid_profiles if p.name == name), None)
+
+    def qc_for(self, protocol: Protocol) -> list[QcCheck]:
+        """QC checks that apply to a protocol: bound by name, or by modality."""
+        return [
+            q for q in self.qc
+            if any(t.name == protocol.name for t in q.targets) or (q.modality and q.modality == protocol.modality and not q.targets)
+        ]
+
+
+def effective_constraints(protocol: Protocol, vendor: str = "", software: Optional[str] | list[str] = None,
+                          model: Optional[str] = None) -> tuple[list[Constraint], Optional[Variant]]:
+    """The constraints that apply to a device: base constraints overridden by the best matching variant.
+
+    The most specific variant wins (vendor+model+software > vendor+software > vendor).
+    """
+    from .vendors import normalize_vendor, software_matches
+
+    v = normalize_vendor(vendor)
+    best, best_score = None, -1
+    for var in protocol.variants:
+        if var.vendor != v:
+            continue
+        if var.model and (not model or var.model.lower() != str(model).lower()):
+            continue
+        if var.software and not software_matches(var.software, software):
+            continue
+        score = (2 if var.software else 0) + (1 if var.model else 0)
+        if score > best_score:
+            best, best_score = var, score
+    if best is None:
+        return list(protocol.constraints), None
+    overridden = {c.keyword for c in best.constraints} | set(best.remove)
+    merged = [c for c in protocol.constraints if c.keyword not in overridden] + list(best.constraints)
+    return merged, best
+
+
+def strip_spans(obj: Any) -> Any:
+    """A plain-data copy of an IR value without spans (for structural equality, e.g. fmt round trips)."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    if isinstance(obj, dict):
+        return {k: strip_spans(v) for k, v in obj.items() if k not in ("span", "resolved", "source_file", "source_sha256")}
+    if isinstance(obj, list):
+        return [strip_spans(v) for v in obj]
+    return obj

@@ -1,0 +1,56 @@
+"""Vendor names as scanners spell them, normalized to one canonical name.
+
+Scanners write Manufacturer differently across models and years; choosing a
+protocol variant must not depend on that spelling.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Iterable, Optional
+
+CANONICAL_VENDORS = ("Siemens", "GE", "Philips", "Canon", "Hitachi", "Fujifilm", "United Imaging", "Bruker")
+
+_ALIASES = [
+    (re.compile(r"siemens", re.I), "Siemens"),
+    (re.compile(r"^ge\b|general electric|ge medical|ge healthcare|gems", re.I), "GE"),
+    (re.compile(r"philips", re.I), "Philips"),
+    (re.compile(r"toshiba|canon", re.I), "Canon"),
+    (re.compile(r"hitachi", re.I), "Hitachi"),
+    (re.compile(r"fuji", re.I), "Fujifilm"),
+    (re.compile(r"united imaging|uih", re.I), "United Imaging"),
+    (re.compile(r"bruker", re.I), "Bruker"),
+]
+
+
+def normalize_vendor(name: Optional[str]) -> str:
+    """'SIEMENS', 'Siemens Healthineers' -> 'Siemens'; 'GE MEDICAL SYSTEMS' -> 'GE'; unknown kept as stripped text."""
+    if not name:
+        return ""
+    text = str(name).strip()
+    for pattern, canonical in _ALIASES:
+        if pattern.search(text):
+            return canonical
+    return text
+
+
+def software_matches(pattern: Optional[str], versions: Iterable[str] | str | None) -> bool:
+    """True if any software version string matches ``pattern`` (glob, case-insensitive; None matches all).
+
+    SoftwareVersions is often multi-valued (e.g. ['syngo MR XA30', 'XA30A']); a
+    version also matches when the pattern occurs as a whole token inside it.
+    """
+    if pattern is None:
+        return True
+    if versions is None:
+        return False
+    if isinstance(versions, str):
+        versions = [v for v in re.split(r"\\", versions)]
+    pat = pattern.lower()
+    for v in versions:
+        v = str(v).strip().lower()
+        if fnmatch.fnmatchcase(v, pat):
+            return True
+        if any(fnmatch.fnmatchcase(tok, pat) for tok in re.split(r"[\s_/]+", v) if tok):
+            return True
+    return False
