@@ -1,0 +1,901 @@
+"""Imaging documentation exporter: Imaging Charter and Site Imaging Manual (Markdown, HTML, PDF).
+
+A pure function of the checked IR and the dependency graph. Wording lives in the
+jinja2 templates under ``templates/docs/``; this module turns IR values into
+reviewer-readable phrases ("2 – 3.5 ms", "day 346 to day 388") so that the
+templates stay declarative. Markdown is the single source of each document: the
+HTML is that Markdown rendered (markdown-it) inside a print layout, and the PDF is
+the HTML rendered by WeasyPrint. Outputs carry the study version and the sha256
+of the study source, and no timestamps, so they are reproducible byte for byte
+(Markdown, HTML) and golden-testable.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import jinja2
+
+from imtrial_dsl import __version__, ir
+from imtrial_dsl.units import DICOM_UNITS
+
+TEMPLATES = Path(__file__).resolve().parent / "templates" / "docs"
+
+DOCUMENTS = {
+    "charter": "Imaging Charter",
+    "site_manual": "Site Imaging Manual",
+}
+
+GRAPH_FILE = "graph.svg"
+
+
+# --------------------------------------------------------------------------- text helpers
+
+_MD_SPECIAL = re.compile(r"([\\`*\[\]<>|#])")
+
+
+def md(text: Any) -> str:
+    """Escape free text for inline Markdown (titles, descriptions, instructions)."""
+    if text is None:
+        return ""
+    s = _MD_SPECIAL.sub(r"\\\1", str(text))
+    # '_' starts emphasis only at a word boundary; escape just those so snake_case stays readable
+    s = re.sub(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])", r"\\_", s)
+    return s.replace("\n", " ")
+
+
+def code(text: Any) -> str:
+    """An inline code span that survives backticks (pipes inside tables: see :func:`_escape_table_pipes`)."""
+    s = str(text).replace("\n", " ")
+    fence = "``" if "`" in s else "`"
+    pad = " " if s.startswith("`") or s.endswith("`") else ""
+    return f"{fence}{pad}{s}{pad}{fence}"
+
+
+def num(v: float) -> str:
+    return f"{v:g}"
+
+
+def plural(n: float, word: str) -> str:
+    return f"{num(n)} {word}" + ("" if abs(n) == 1 else "s")
+
+
+def join_words(items: Iterable[str], last: str = "and") -> str:
+    items = [i for i in items if i]
+    if not items:
+        return ""
+    if len(items) == 1:
+        return items[0]
+    return ", ".join(items[:-1]) + f" {last} " + items[-1]
+
+
+_ROLE_WORDS = {"imaging_pi": "imaging PI", "pi": "PI", "central": "the central team"}
+
+
+def role_words(name: str) -> str:
+    """A contact role as a person reads it: 'imaging_pi' -> 'imaging PI'."""
+    return _ROLE_WORDS.get(name, name.replace("_", " "))
+
+
+def slug(text: str) -> str:
+    """GitHub-style heading anchor, also used as the HTML heading id."""
+    s = re.sub(r"[`*_\\]", "", text.strip().lower())
+    s = re.sub(r"[^\w\- ]", "", s)
+    return s.replace(" ", "-")
+
+
+# --------------------------------------------------------------------------- IR -> phrases
+
+def attribute_label(keyword: str) -> str:
+    """'RepetitionTime' -> 'Repetition Time (0018,0080)'; unknown keywords kept as written."""
+    from pydicom.datadict import dictionary_description, tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        return keyword
+    return f"{dictionary_description(tag)} ({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def value_text(v: ir.Value) -> str:
+    if isinstance(v, ir.Quantity):
+        return v.text()
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return str(v)
+
+
+def _unit_of(v: ir.Value) -> Optional[str]:
+    if isinstance(v, ir.Quantity):
+        u = v.source_unit if v.source_unit is not None else v.unit
+        return u or None
+    return None
+
+
+def _bare(v: ir.Value) -> str:
+    if isinstance(v, ir.Quantity):
+        return num(v.source_value if v.source_value is not None else v.value)
+    return value_text(v)
+
+
+def _range_text(lo: ir.Value, hi: ir.Value, sep: str = " – ") -> str:
+    ul, uh = _unit_of(lo), _unit_of(hi)
+    if ul and ul == uh and ul != "%":
+        return f"{_bare(lo)}{sep}{_bare(hi)} {ul}"
+    return f"{value_text(lo)}{sep}{value_text(hi)}"
+
+
+def _str_value(v: ir.Value) -> str:
+    return code(v) if isinstance(v, str) else value_text(v)
+
+
+def requirement_text(c: ir.Constraint) -> str:
+    """The constraint as a reviewer reads it (Markdown)."""
+    k, vals = c.kind, c.values
+    K = ir.ConstraintKind
+    if k == K.EQUAL:
+        return f"= {_str_value(vals[0])}"
+    if k == K.NOT_EQUAL:
+        return f"≠ {_str_value(vals[0])}"
+    if k == K.RANGE_INCL:
+        return f"{_range_text(vals[0], vals[1])} (inclusive)"
+    if k == K.RANGE_EXCL:
+        return f"between {_range_text(vals[0], vals[1], ' and ')} (exclusive)"
+    if k == K.GREATER_OR_EQUAL:
+        return f"≥ {_str_value(vals[0])}"
+    if k == K.LESS_OR_EQUAL:
+        return f"≤ {_str_value(vals[0])}"
+    if k == K.GREATER_THAN:
+        return f"> {_str_value(vals[0])}"
+    if k == K.LESS_THAN:
+        return f"< {_str_value(vals[0])}"
+    if k == K.SET_OF:
+        return "one of " + ", ".join(_str_value(v) for v in vals)
+    if k == K.MATCHES:
+        return f"matches {code(vals[0])}"
+    return " ".join(value_text(v) for v in vals)
+
+
+def tolerance_text(c: ir.Constraint) -> str:
+    t = c.tolerance
+    if t is None:
+        return "exact" if c.kind == ir.ConstraintKind.EQUAL and any(isinstance(v, ir.Quantity) for v in c.values) else "—"
+    if t.relative:
+        return f"± {num(t.value)}%"
+    if t.source_value is not None and t.source_unit:
+        return f"± {num(t.source_value)} {t.source_unit}"
+    unit = _unit_of(c.values[0]) if c.values else ""
+    return f"± {num(t.value)} {unit or ''}".strip()
+
+
+def accepted_text(c: ir.Constraint) -> str:
+    """The accepted interval implied by EQUAL ± tolerance, e.g. '2277 – 2323 ms'; '' when not numeric."""
+    if c.kind != ir.ConstraintKind.EQUAL or c.tolerance is None or not c.values:
+        return ""
+    v = c.values[0]
+    if not isinstance(v, ir.Quantity):
+        return ""
+    nominal = v.source_value if v.source_value is not None else v.value
+    scale = (nominal / v.value) if v.value else 1.0  # canonical -> source units
+    tol = c.tolerance
+    delta = abs(nominal) * tol.value / 100.0 if tol.relative else tol.value * scale
+    unit = _unit_of(v) or ""
+    return f"{num(round(nominal - delta, 6))} – {num(round(nominal + delta, 6))} {unit}".strip()
+
+
+def parameter_name(c: ir.Constraint) -> str:
+    return f"{c.keyword}[{c.index}]" if c.index is not None else c.keyword
+
+
+def parameter_label(c: ir.Constraint) -> str:
+    label = attribute_label(c.keyword)
+    if c.index is not None:
+        label += f", value {c.index + 1}"
+    return label
+
+
+def constraint_row(c: ir.Constraint, origin: str = "") -> dict:
+    acc = accepted_text(c)
+    req = requirement_text(c)
+    return {
+        "keyword": parameter_name(c),
+        "label": parameter_label(c),
+        "requirement": req,
+        "tolerance": tolerance_text(c),
+        "accepted": acc,
+        "significance": c.significance.value,
+        "modifiable": "yes" if c.modifiable else "no",
+        "origin": origin,
+        "note": c.note or "",
+        "dicom_unit": DICOM_UNITS.get(c.keyword, ("", ""))[1],
+    }
+
+
+_MATCH_WORDS = {
+    ir.MatchOp.MATCHES: "matches the regular expression",
+    ir.MatchOp.EQUALS: "is exactly",
+    ir.MatchOp.CONTAINS: "contains the value",
+    ir.MatchOp.NOT_MATCHES: "does not match the regular expression",
+}
+
+
+def match_text(m: ir.MatchRule) -> str:
+    return f"{attribute_label(m.attribute)} {_MATCH_WORDS.get(m.op, m.op.value)} {code(m.value)}"
+
+
+def variant_label(v: Optional[ir.Variant]) -> str:
+    if v is None:
+        return "base protocol"
+    parts = [v.vendor]
+    if v.model:
+        parts.append(f"model {v.model}")
+    parts.append(f"software {v.software}" if v.software else "all software versions")
+    return ", ".join(parts)
+
+
+def device_label(d: ir.Device) -> str:
+    bits = [d.vendor_text or d.vendor, d.model or ""]
+    if d.software:
+        bits.append(f"software {d.software}")
+    return " ".join(b for b in bits if b)
+
+
+# ---------------------------------------------------------------------------- schedule
+
+def day_text(d: Optional[ir.Days]) -> str:
+    if d is None:
+        return ""
+    unit = d.source_unit.rstrip("s") if d.source_unit else "day"
+    unit = {"d": "day", "w": "week", "wk": "week", "mo": "month", "y": "year"}.get(unit, unit)
+    if unit == "day":
+        return f"day {num(d.days)}"
+    return f"{unit} {num(d.source_value)} (day {num(d.days)})"
+
+
+def duration_text(d: Optional[ir.Days]) -> str:
+    if d is None:
+        return ""
+    unit = d.source_unit.rstrip("s") if d.source_unit else "day"
+    unit = {"d": "day", "w": "week", "wk": "week", "mo": "month", "y": "year"}.get(unit, unit)
+    return plural(abs(d.source_value), unit)
+
+
+def window_text(v: ir.Visit) -> tuple[str, str]:
+    """('-14 / +28 days', 'day 346 to day 388')."""
+    before = v.window_before.days if v.window_before else 0.0
+    after = v.window_after.days if v.window_after else 0.0
+    if not v.window_before and not v.window_after:
+        return "on the target day", f"day {num(v.offset.days)}"
+    rel = f"-{num(abs(before))} / +{num(abs(after))} days"
+    return rel, f"day {num(v.offset.days - abs(before))} to day {num(v.offset.days + abs(after))}"
+
+
+# ---------------------------------------------------------------------------- de-identification
+
+ACTION_MEANING = {
+    "D": "replaced with a non-identifying dummy value",
+    "Z": "replaced with an empty (zero-length) or dummy value",
+    "X": "removed",
+    "K": "kept",
+    "C": "cleaned: identifying text removed, the rest kept",
+    "U": "replaced with a new UID, consistently within the study",
+}
+
+OPTION_TEXT = {
+    "retain_longitudinal_full_dates": "Dates and times are kept unchanged.",
+    "retain_longitudinal_modified_dates": "Dates and times are kept but shifted (see below), so intervals between a subject's examinations are preserved.",
+    "retain_patient_characteristics": "Physical characteristics that do not identify a person on their own (sex, age, size, weight and similar) are kept.",
+    "retain_device_identity": "Scanner identity (manufacturer, model, serial number, station name, software versions) is kept, so protocol adherence per scanner and site qualification can be verified centrally.",
+    "retain_institution_identity": "The name and address of the imaging institution are kept.",
+    "retain_uids": "Original UIDs are kept.",
+    "retain_safe_private": "Private attributes known to be free of identifying information are kept; other private attributes are removed.",
+    "clean_descriptors": "Free-text descriptions (study, series and protocol descriptions, comments) are cleaned of identifying text instead of being removed, because they carry protocol information.",
+    "clean_structured_content": "Structured reports and other structured content are cleaned of identifying content.",
+    "clean_graphics": "Graphic annotations and overlays are cleaned of identifying text.",
+    "clean_pixel_data": "Identifying text burned into the pixel data is blanked.",
+    "clean_recognizable_visual_features": "Recognizable visual features (for example the face in head scans) are removed or obscured.",
+}
+
+OPTION_TITLE = {
+    "retain_longitudinal_full_dates": "Retain Longitudinal Temporal Information with Full Dates Option",
+    "retain_longitudinal_modified_dates": "Retain Longitudinal Temporal Information with Modified Dates Option",
+    "retain_patient_characteristics": "Retain Patient Characteristics Option",
+    "retain_device_identity": "Retain Device Identity Option",
+    "retain_institution_identity": "Retain Institution Identity Option",
+    "retain_uids": "Retain UIDs Option",
+    "retain_safe_private": "Retain Safe Private Option",
+    "clean_descriptors": "Clean Descriptors Option",
+    "clean_structured_content": "Clean Structured Content Option",
+    "clean_graphics": "Clean Graphics Option",
+    "clean_pixel_data": "Clean Pixel Data Option",
+    "clean_recognizable_visual_features": "Clean Recognizable Visual Features Option",
+}
+
+
+def key_text(k: Optional[ir.KeySource]) -> str:
+    if k is None:
+        return "not configured"
+    if k.kind == "env":
+        return f"read at run time from the environment variable {code(k.ref)}"
+    return f"read at run time from the file {code(k.ref)}"
+
+
+def override_text(o: ir.DeidOverride) -> str:
+    a = code(o.attribute)
+    if o.action == "keep":
+        return f"{a} is kept unchanged."
+    if o.action == "remove":
+        return f"{a} is removed."
+    if o.action == "empty":
+        return f"{a} is kept as an empty value."
+    if o.action == "replace":
+        return f"{a} is replaced with {code(o.value or '')}."
+    if o.action == "hash":
+        return f"{a} is replaced with a keyed hash of its value (the same input always gives the same output)."
+    return f"{a}: {o.action}."
+
+
+def date_sentence(d: ir.Deidentify) -> str:
+    opts = {o.value for o in d.options}
+    if "retain_longitudinal_full_dates" in opts:
+        return "Dates and times are kept unchanged (full dates retained)."
+    if "retain_longitudinal_modified_dates" in opts:
+        if d.date_shift_min is not None and d.date_shift_max is not None:
+            lo, hi = d.date_shift_min.days, d.date_shift_max.days
+            if hi <= 0:
+                span = f"between {plural(abs(hi), 'day')} and {plural(abs(lo), 'day')} into the past"
+            elif lo >= 0:
+                span = f"between {plural(lo, 'day')} and {plural(hi, 'day')} into the future"
+            else:
+                span = f"between {plural(abs(lo), 'day')} back and {plural(hi, 'day')} forward"
+            return ("Dates are shifted by a per-subject offset " + span + ". The offset is derived from the study key and "
+                    "the subject, so every date of one subject moves by the same amount and intervals between visits are "
+                    "preserved, while different subjects get different offsets.")
+        return ("Dates are shifted by a per-subject offset derived from the study key, so intervals between a subject's "
+                "visits are preserved.")
+    return "Dates and times are removed or replaced as the profile's action codes say; intervals between visits are not kept in the images."
+
+
+def uid_sentence(d: ir.Deidentify) -> str:
+    if any(o.value == "retain_uids" for o in d.options):
+        return "UIDs are kept as acquired."
+    return ("Every UID is replaced by a new UID computed from the original with the study key, so the same original UID "
+            "always becomes the same new UID and references between images, series and studies stay consistent.")
+
+
+def action_summary(profile: Optional[ir.DeidProfile]) -> list[dict]:
+    if profile is None:
+        return []
+    counts: dict[str, int] = {}
+    for r in profile.rules:
+        counts[r.action] = counts.get(r.action, 0) + 1
+    order = ["X", "Z", "D", "U", "C", "K"]
+    rows = []
+    for action in sorted(counts, key=lambda a: (order.index(a) if a in order else len(order), a)):
+        parts = [p.rstrip("*") for p in action.split("/")]
+        if len(parts) == 1:
+            meaning = ACTION_MEANING.get(parts[0], action)
+        else:
+            meaning = ("depending on the attribute's type in the object: "
+                       + join_words([ACTION_MEANING.get(p, p) for p in parts], "or"))
+        rows.append({"action": action, "meaning": meaning, "count": counts[action]})
+    return rows
+
+
+# ---------------------------------------------------------------------------- QC
+
+_QC_WORDS = {
+    ("snr", "min"): "signal-to-noise ratio at least {v}",
+    ("ghosting", "max"): "ghosting ratio (ghost signal over object signal) at most {v}",
+    ("clipping", "max_fraction"): "fraction of clipped (saturated) pixels at most {v}",
+    ("dynamic_range", "min"): "dynamic range at least {v}",
+    ("slice_spacing", "tolerance"): "slice positions evenly spaced, every gap within ± {v} of the nominal spacing",
+    ("missing_slices", "max"): "at most {v} missing slices",
+    ("noise", "max"): "image noise (standard deviation in a uniform region) at most {v}",
+}
+
+
+def qc_text(q: ir.QcCheck) -> str:
+    phrases = []
+    for name, value in q.params.items():
+        tmpl = _QC_WORDS.get((q.metric, name))
+        v = value_text(value)
+        phrases.append(tmpl.format(v=v) if tmpl else f"{name} = {v}")
+    if q.metric == "missing_slices" and all(value_text(v) == "0" for v in q.params.values()):
+        return "no missing slices"
+    return join_words(phrases) or q.metric
+
+
+def qc_targets(q: ir.QcCheck) -> str:
+    if q.targets:
+        return ", ".join(code(t.name) for t in q.targets)
+    if q.modality:
+        return f"every {q.modality} protocol"
+    return "—"
+
+
+# ---------------------------------------------------------------------------- view model
+
+@dataclass
+class Doc:
+    """The values the templates read; built once per export."""
+
+    trial: ir.Trial
+    study: dict
+    sites: list = field(default_factory=list)
+    devices: list = field(default_factory=list)
+    contacts: list = field(default_factory=list)
+    protocols: list = field(default_factory=list)
+    device_cards: list = field(default_factory=list)
+    schedule: Optional[dict] = None
+    deid: Optional[dict] = None
+    identifiers: Optional[dict] = None
+    qc: list = field(default_factory=list)
+    analyses: list = field(default_factory=list)
+    endpoints: list = field(default_factory=list)
+    transfers: list = field(default_factory=list)
+    archive: Optional[dict] = None
+    roles: list = field(default_factory=list)
+    reports: list = field(default_factory=list)
+    qualification: Optional[dict] = None
+    graph: Optional[dict] = None
+    modalities: list = field(default_factory=list)
+
+
+def _study(trial: ir.Trial) -> dict:
+    s = trial.study
+    source = Path(trial.source_file).name if trial.source_file else "(unsaved)"
+    return {
+        "code": s.code if s else "UNNAMED",
+        "title": s.title if s else "Untitled study",
+        "registry": s.registry if s else None,
+        "sponsor": s.sponsor if s else None,
+        "version": (s.version if s and s.version else "unversioned"),
+        "phase": s.phase if s else None,
+        "description": s.description if s else "",
+        "hypothesis": s.hypothesis if s else "",
+        "aims": list(s.aims) if s else [],
+        "arms": list(s.arms) if s else [],
+        "source": source,
+        "sha256": trial.source_sha256 or "not recorded",
+        "sha_short": (trial.source_sha256 or "")[:12] or "n/a",
+        "ir_version": trial.ir_version,
+        "tool_version": __version__,
+    }
+
+
+def _protocol_view(trial: ir.Trial, p: ir.Protocol) -> dict:
+    variants = []
+    for v in p.variants:
+        base = {c.keyword: c for c in p.constraints}
+        changes = []
+        for c in v.constraints:
+            row = constraint_row(c, "variant")
+            old = base.get(c.keyword)
+            row["base"] = (requirement_text(old) + (f" ({tolerance_text(old)})" if old.tolerance else "")) if old else "not constrained"
+            changes.append(row)
+        removed = [{"keyword": k, "label": attribute_label(k),
+                    "base": requirement_text(base[k]) if k in base else "not constrained"} for k in v.remove]
+        devices = []
+        for site, d in trial.devices():
+            if d.modality != p.modality:
+                continue
+            _, chosen = ir.effective_constraints(p, d.vendor, d.software, d.model)
+            if chosen is v:
+                devices.append(f"{d.id} ({site.code})")
+        variants.append({"label": variant_label(v), "changes": changes, "removed": removed, "devices": devices})
+    base_devices = []
+    for site, d in trial.devices():
+        if d.modality == p.modality and ir.effective_constraints(p, d.vendor, d.software, d.model)[1] is None:
+            base_devices.append(f"{d.id} ({site.code})")
+    return {
+        "name": p.name,
+        "title": p.title,
+        "modality": p.modality,
+        "body_part": p.body_part,
+        "contrast": p.contrast,
+        "preparation": list(p.preparation),
+        "notes": list(p.notes),
+        "match": [match_text(m) for m in p.match],
+        "rows": [constraint_row(c, "base") for c in p.constraints],
+        "variants": variants,
+        "base_devices": base_devices,
+        "qc": [q.name for q in trial.qc_for(p)],
+        "anchor": slug(f"{p.name}"),
+    }
+
+
+def _device_cards(trial: ir.Trial) -> list[dict]:
+    """Per site and device: the effective parameters of every protocol the device may acquire."""
+    cards = []
+    for site in trial.sites:
+        devs = []
+        for d in site.devices:
+            protos = []
+            for p in trial.protocols:
+                if p.modality != d.modality:
+                    continue
+                eff, chosen = ir.effective_constraints(p, d.vendor, d.software, d.model)
+                variant_kws = {c.keyword for c in chosen.constraints} if chosen else set()
+                protos.append({
+                    "name": p.name,
+                    "title": p.title,
+                    "variant": variant_label(chosen),
+                    "match": [match_text(m) for m in p.match],
+                    "rows": [constraint_row(c, "variant" if c.keyword in variant_kws else "base") for c in eff],
+                })
+            devs.append({"device": d, "label": device_label(d), "protocols": protos})
+        cards.append({"site": site, "devices": devs})
+    return cards
+
+
+def _schedule(trial: ir.Trial) -> Optional[dict]:
+    s = trial.schedule
+    if s is None:
+        return None
+    visits = []
+    for v in s.visits:
+        rel, absolute = window_text(v)
+        visits.append({
+            "name": v.name, "kind": v.kind, "target": day_text(v.offset), "window": rel, "days": absolute,
+            "acquire": [a.name for a in v.acquire], "optional": v.optional,
+        })
+    protos = [p.name for p in trial.protocols]
+    acquired = {a for v in s.visits for a in (x.name for x in v.acquire)}
+    matrix = [{"protocol": p, "cells": ["●" if p in [a.name for a in v.acquire] else "" for v in s.visits]}
+              for p in protos if p in acquired]
+    r = s.reminders
+    reminders = []
+    if r is not None:
+        if r.before_open is not None:
+            who = join_words([role_words(x) for x in r.notify]) or "the site"
+            reminders.append(f"A reminder is sent {duration_text(r.before_open)} before each visit window opens to: {who}.")
+        if r.on_open:
+            reminders.append("A notice is sent when a visit window opens.")
+        if r.overdue_after is not None:
+            who = join_words([role_words(x) for x in r.escalate_to]) or "the central team"
+            when = ("when the window closes" if r.overdue_after.days == 0
+                    else f"{duration_text(r.overdue_after)} after the window closes")
+            reminders.append(f"If no examination has been received {when}, the visit is escalated to: {who}.")
+    same = {
+        "required": "Every imaging visit of a subject must be performed on the same scanner as the subject's first "
+                    "examination. An examination on another scanner is flagged as a protocol deviation.",
+        "preferred": "Every imaging visit of a subject should be performed on the same scanner as the subject's first "
+                     "examination. An examination on another scanner is accepted but reported.",
+        "none": "",
+    }[s.same_device]
+    return {"visits": visits, "matrix": matrix, "matrix_header": [v.name for v in s.visits],
+            "same_device": same, "same_device_rule": s.same_device, "reminders": reminders}
+
+
+def _deid(trial: ir.Trial) -> Optional[dict]:
+    d = trial.deidentify
+    if d is None:
+        return None
+    profile = trial.profile(d.profile.name)
+    options = [{"name": o.value, "title": OPTION_TITLE.get(o.value, o.value), "text": OPTION_TEXT.get(o.value, "")}
+               for o in d.options]
+    regions = []
+    for r in d.pixel_regions:
+        sel = join_words([x for x in (r.modality, r.vendor, r.model,
+                                      f"{r.columns}×{r.rows} images" if r.rows and r.columns else None) if x]) or "all images"
+        regions.append(f"Rectangle ({r.x0}, {r.y0}) – ({r.x1}, {r.y1}) is blanked in {sel}.")
+    return {
+        "profile": d.profile.name,
+        "profile_title": profile.title if profile else "",
+        "profile_code": profile.code if profile else None,
+        "rule_count": len(profile.rules) if profile else 0,
+        "actions": action_summary(profile),
+        "options": options,
+        "dates": date_sentence(d),
+        "uids": uid_sentence(d),
+        "overrides": [override_text(o) for o in d.overrides],
+        "regions": regions,
+        "key": key_text(d.key),
+        "quarantine_burned_in": d.quarantine_burned_in,
+    }
+
+
+def _identifiers(trial: ir.Trial) -> Optional[dict]:
+    i = trial.identifiers
+    if i is None:
+        return None
+    check = {"luhn": "a Luhn check digit", "mod11": "an ISO 7064 MOD 11-2 style check character",
+             "mod97": "an ISO 7064 MOD 97-10 check number", "iso7064": "an ISO 7064 check character"}
+    return {
+        "format": i.subject_format,
+        "check_digit": check.get(i.check_digit or "", None),
+        "source": list(i.source),
+        "issuer": i.issuer,
+        "key": key_text(i.key),
+    }
+
+
+def _analyses(trial: ir.Trial) -> list[dict]:
+    out = []
+    for a in trial.analyses:
+        inputs = []
+        for i in a.inputs:
+            src = f"series of protocol {code(i.protocol.name)}" if i.protocol else (
+                f"output {code(i.analysis_output.name)}" if i.analysis_output else "—")
+            inputs.append({"name": i.name, "source": src})
+        out.append({
+            "name": a.name, "description": a.description,
+            "inputs": inputs, "outputs": [{"name": o.name, "kind": o.kind} for o in a.outputs],
+            "command": " ".join(a.command),
+            "measurements": [{"name": m.name, "unit": m.unit or "—", "description": m.description} for m in a.measurements],
+            "timeout": a.timeout.text() if a.timeout else None,
+        })
+    return out
+
+
+def _transfer_text(d: ir.Destination) -> str:
+    if d.kind == "dicomweb":
+        s = f"DICOMweb (STOW-RS) to {code(d.url or '?')}"
+    elif d.kind == "dicom":
+        s = f"DICOM C-STORE to AE title {code(d.ae_title or '?')} at {code(f'{d.host}:{d.port}')}"
+    else:
+        s = f"copied into the folder {code(d.path or '?')}"
+    if d.relay:
+        s += f", relayed through {code(d.relay.name)}"
+    if d.auth:
+        s += f"; credentials {key_text(d.auth)}"
+    return s
+
+
+def _roles(trial: ir.Trial) -> list[dict]:
+    kinds = {
+        "central": "Central imaging team (core lab)", "site": "Site imaging staff", "reader": "Image reader",
+        "sponsor": "Sponsor", "monitor": "Monitor", "statistician": "Statistician",
+    }
+    return [{
+        "name": r.name, "kind": kinds.get(r.kind, r.kind),
+        "scope": "own site only" if r.scope == "own" else "all sites",
+        "blinded": "yes" if r.blinded else "no",
+        "hide": ", ".join(r.hide) if r.hide else "—",
+    } for r in trial.roles]
+
+
+def _reports(trial: ir.Trial) -> list[dict]:
+    role_kind = {x.name: x.kind for x in trial.roles}
+    rows = []
+    for r in trial.reports:
+        aud = []
+        for a in r.audience:
+            aud.append(a.role.name + (" (own site)" if a.scope == "own" else ""))
+        site_kind = any(role_kind.get(a.role.name) == "site" for a in r.audience)
+        rows.append({"name": r.name, "kind": r.kind, "audience": ", ".join(aud) or "—", "to_sites": site_kind,
+                     "every": f"every {duration_text(r.every)}" if r.every else "on demand",
+                     "sections": ", ".join(r.sections) or "—"})
+    return rows
+
+
+def _qualification(trial: ir.Trial) -> Optional[dict]:
+    q = trial.qualification
+    if q is None:
+        return None
+    names = [p.name for p in q.protocols]
+    rows = []
+    for site, d in trial.devices():
+        needed = [n for n in names if (trial.protocol(n) and trial.protocol(n).modality == d.modality)]
+        irb = site.irb.status.replace("_", " ") if site.irb else "not recorded"
+        rows.append({"site": site.code, "device": d.id, "modality": d.modality, "label": device_label(d),
+                     "protocols": ", ".join(needed) if needed else "none required", "irb": irb})
+    return {"protocols": names, "phantom": q.phantom, "requalify": q.requalify_on_upgrade, "devices": rows}
+
+
+def _endpoints(trial: ir.Trial) -> list[dict]:
+    if trial.study is None:
+        return []
+    return [{"name": e.name, "kind": e.kind, "description": e.description,
+             "source": e.measurement.name if e.measurement else "—"} for e in trial.study.endpoints]
+
+
+def _graph_view(graph) -> Optional[dict]:
+    """Steps of the dependency graph in a stable topological order, plus the SVG picture."""
+    if graph is None:
+        return None
+    import networkx as nx
+
+    order = list(nx.lexicographical_topological_sort(graph, key=str))
+    steps = []
+    for n in order:
+        a = graph.nodes[n]
+        preds = sorted(str(p) for p in graph.predecessors(n))
+        steps.append({"id": str(n), "label": a.get("label", str(n)), "kind": a.get("kind", ""),
+                      "scope": a.get("scope", ""), "after": ", ".join(preds) or "—"})
+    return {"steps": steps}
+
+
+def build(trial: ir.Trial, graph=None) -> Doc:
+    """The view model of both documents."""
+    doc = Doc(trial=trial, study=_study(trial))
+    doc.sites = trial.sites
+    doc.devices = [{"site": s, "device": d, "label": device_label(d)} for s, d in trial.devices()]
+    doc.contacts = [{"site": s.code, "contact": c} for s in trial.sites for c in s.contacts]
+    doc.protocols = [_protocol_view(trial, p) for p in trial.protocols]
+    doc.device_cards = _device_cards(trial)
+    doc.schedule = _schedule(trial)
+    doc.deid = _deid(trial)
+    doc.identifiers = _identifiers(trial)
+    # a modality-wide check (stdlib) with no protocol of that modality in the study does not apply
+    doc.qc = [{"name": q.name, "targets": qc_targets(q), "metric": q.metric, "criterion": qc_text(q),
+               "severity": q.severity.value} for q in trial.qc if any(q in trial.qc_for(p) for p in trial.protocols)]
+    doc.analyses = _analyses(trial)
+    doc.endpoints = _endpoints(trial)
+    doc.transfers = [{"name": d.name, "text": _transfer_text(d)} for d in trial.transfers]
+    a = trial.archive
+    doc.archive = None if a is None else {
+        "path": a.path, "hash": a.hash, "retention": duration_text(a.retention) if a.retention else None,
+        "keep_originals": a.keep_originals,
+    }
+    doc.roles = _roles(trial)
+    doc.reports = _reports(trial)
+    doc.qualification = _qualification(trial)
+    doc.graph = _graph_view(graph)
+    doc.modalities = sorted({p.modality for p in trial.protocols} | {d.modality for _, d in trial.devices()})
+    return doc
+
+
+# ---------------------------------------------------------------------------- rendering
+
+def _env() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,  # Markdown: escaping is explicit through the md/code filters
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters.update(md=md, code=code, slug=slug, role_words=role_words)
+    return env
+
+
+_CODE_SPAN = re.compile(r"(?<![\\`])(`+)(.+?)(?<!`)\1(?!`)")
+
+
+def _escape_table_pipes(markdown: str) -> str:
+    """In table rows a '|' inside a code span must be written '\\|' (GFM); elsewhere it must not."""
+    out, fenced = [], False
+    for line in markdown.split("\n"):
+        if line.startswith("```"):
+            fenced = not fenced
+        if not fenced and line.startswith("|"):
+            line = _CODE_SPAN.sub(lambda m: m.group(1) + re.sub(r"(?<!\\)\|", r"\\|", m.group(2)) + m.group(1), line)
+        out.append(line)
+    return "\n".join(out)
+
+
+def _toc(markdown: str) -> str:
+    """A linked list of the '## ' headings (outside code fences)."""
+    items, fenced = [], False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        if not fenced and line.startswith("## ") and line.strip() != "## Contents":
+            title = line[3:].strip()
+            items.append(f"- [{title}](#{slug(title)})")
+    return "\n".join(items)
+
+
+def render_markdown(doc: Doc, kind: str, graph_svg: Optional[str] = None) -> str:
+    """One document as Markdown (``kind``: 'charter' or 'site_manual')."""
+    env = _env()
+    text = env.get_template(f"{kind}.md.j2").render(
+        d=doc, s=doc.study, doc_title=DOCUMENTS[kind], graph_file=GRAPH_FILE if graph_svg else None)
+    text = _escape_table_pipes(re.sub(r"\n{3,}", "\n\n", text).rstrip() + "\n")
+    return text.replace("<!-- toc -->", _toc(text), 1)
+
+
+def _markdown_it():
+    from markdown_it import MarkdownIt
+
+    mdi = MarkdownIt("commonmark", {"html": False, "xhtmlOut": True}).enable("table")
+
+    def heading_open(self, tokens, idx, options, env):
+        tok = tokens[idx]
+        title = tokens[idx + 1].content if idx + 1 < len(tokens) else ""
+        tok.attrSet("id", slug(title))
+        return self.renderToken(tokens, idx, options, env)
+
+    def image(self, tokens, idx, options, env):
+        tok = tokens[idx]
+        svg = env.get("graph_svg")
+        if tok.attrGet("src") == GRAPH_FILE and svg:
+            return f'<span class="graph">{svg}</span>'
+        return self.image(tokens, idx, options, env)
+
+    mdi.add_render_rule("heading_open", heading_open)
+    mdi.add_render_rule("image", image)
+    return mdi
+
+
+def _inline_svg(svg: str) -> str:
+    """The <svg> element alone (no XML prolog, DOCTYPE or comments), fit to the page width."""
+    start = svg.find("<svg")
+    body = svg[start:] if start >= 0 else svg
+    body = re.sub(r"<!--.*?-->", "", body, flags=re.S)
+    # graphviz sizes in pt; let CSS scale it while keeping the viewBox aspect ratio
+    body = re.sub(r'(<svg[^>]*?)\swidth="[^"]*"', r"\1", body, count=1)
+    body = re.sub(r'(<svg[^>]*?)\sheight="[^"]*"', r"\1", body, count=1)
+    return body.strip()
+
+
+def render_html(doc: Doc, kind: str, markdown: str, graph_svg: Optional[str] = None) -> str:
+    """The Markdown of a document inside the print layout, graph SVG inlined."""
+    env = _env()
+    env.autoescape = True
+    mdi = _markdown_it()
+    body = mdi.render(markdown, {"graph_svg": _inline_svg(graph_svg) if graph_svg else None})
+    css = (TEMPLATES / "style.css").read_text(encoding="utf-8")
+    return env.get_template("layout.html.j2").render(
+        s=doc.study, doc_title=DOCUMENTS[kind], body=jinja2.utils.markupsafe.Markup(body),
+        css=jinja2.utils.markupsafe.Markup(css), running=_css_string(f"{doc.study['code']} {DOCUMENTS[kind]} · version {doc.study['version']}"),
+        running_sha=_css_string(f"study source sha256 {doc.study['sha_short']}…"))
+
+
+def _css_string(text: str) -> jinja2.utils.markupsafe.Markup:
+    """A CSS string literal (for @page margin boxes)."""
+    esc = text.replace("\\", "\\\\").replace('"', '\\"').replace("<", "\\3c ").replace("\n", " ")
+    return jinja2.utils.markupsafe.Markup(f'"{esc}"')
+
+
+def render_pdf(html_text: str, out: Path, base_url: Path) -> Path:
+    from weasyprint import HTML
+
+    HTML(string=html_text, base_url=str(base_url)).write_pdf(str(out))
+    return out
+
+
+# ---------------------------------------------------------------------------- graph picture
+
+def graph_svg(graph) -> tuple[Optional[str], Optional[str]]:
+    """(SVG text, None), or (None, reason) when the picture cannot be drawn (no graph, no graphviz)."""
+    if graph is None:
+        return None, "no dependency graph was given to the document exporter"
+    from imtrial_dsl.graph import render_image
+
+    data, diag = render_image(graph, "svg")
+    if data is None:
+        return None, diag.message if diag is not None else "the graph could not be drawn"
+    return data.decode("utf-8"), None
+
+
+# ---------------------------------------------------------------------------- entry point
+
+def export(trial: ir.Trial, graph=None, out_dir: Path | str = ".", *, formats: Iterable[str] = ("md", "html", "pdf"),
+           documents: Iterable[str] = tuple(DOCUMENTS)) -> list[Path]:
+    """Write the Imaging Charter and the Site Imaging Manual into ``out_dir``; return the files written.
+
+    Files: ``charter.{md,html,pdf}``, ``site_manual.{md,html,pdf}`` and ``graph.svg`` (when a
+    graph is given and graphviz is installed; otherwise the charter says why there is no picture).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    formats = tuple(formats)
+    doc = build(trial, graph)
+    svg, why_not = graph_svg(graph)
+    if doc.graph is not None:
+        doc.graph["missing"] = why_not
+    written: list[Path] = []
+    if svg is not None:
+        p = out / GRAPH_FILE
+        p.write_text(svg, encoding="utf-8")
+        written.append(p)
+    for kind in documents:
+        text = render_markdown(doc, kind, svg)
+        if "md" in formats:
+            p = out / f"{kind}.md"
+            p.write_text(text, encoding="utf-8")
+            written.append(p)
+        if "html" in formats or "pdf" in formats:
+            page = render_html(doc, kind, text, svg)
+            if "html" in formats:
+                p = out / f"{kind}.html"
+                p.write_text(page, encoding="utf-8")
+                written.append(p)
+            if "pdf" in formats:
+                written.append(render_pdf(page, out / f"{kind}.pdf", out))
+    return written

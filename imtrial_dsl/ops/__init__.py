@@ -1,0 +1,1 @@
+"""Study operations: expected vs received, reminders, reports, qualification, upgrades."""

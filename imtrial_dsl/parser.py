@@ -1,0 +1,340 @@
+"""Source text -> lark syntax tree, with syntax errors as positioned diagnostics.
+
+:func:`parse` never raises: every lark exception (and anything unexpected) becomes a
+:class:`~imtrial_dsl.diagnostics.Diagnostic` with code E1xx. It keeps parsing after an
+error (panic-mode recovery on lark's interactive parser) so one run reports several
+independent syntax errors; when there is any error the tree is ``None``.
+
+Codes: E101 unexpected character, E102 unterminated string, E103 unexpected token,
+E104 unexpected end of file, E105 too many errors (parsing stopped), E199 internal error.
+"""
+from __future__ import annotations
+
+import re
+import threading
+from functools import lru_cache
+from typing import Optional
+
+from lark import Lark, Token, Tree
+from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
+from lark.lexer import PatternStr
+
+from .diagnostics import Diagnostic, Severity, Span, did_you_mean
+from .paths import grammar_file
+
+MAX_ERRORS = 25
+# After an error, further errors are suppressed until this many tokens parse cleanly
+# (the classic yacc rule): the tokens right after an error are usually its echo.
+_RESYNC_TOKENS = 3
+
+_TERMINAL_WORDS = {
+    "NAME": "a name",
+    "ATTR": "a DICOM attribute keyword (CamelCase)",
+    "UNIT": "a unit",
+    "CUNIT": "a unit",
+    "NUMBER": "a number",
+    "STRING": 'a string ("...")',
+    "EMAIL": "an e-mail address (<user@host>)",
+    "DATE": "a date (YYYY-MM-DD)",
+    "TAG": "a DICOM tag such as (0010,0010)",
+    "ACTION": "an action code (D, Z, X, K, C, U, X/Z, ...)",
+    "$END": "end of file",
+}
+
+_local = threading.local()
+
+
+def _comment_sink(tok: Token) -> Token:
+    sink = getattr(_local, "comments", None)
+    if sink is not None:
+        sink.append(tok)
+    return tok
+
+
+def _count_token(tok: Token) -> Token:
+    # lark may run a callback twice for one token (root and state lexer): count positions
+    pos = tok.start_pos if tok.start_pos is not None else -1
+    if pos > getattr(_local, "last_pos", -1):
+        _local.last_pos = pos
+        _local.lexed = getattr(_local, "lexed", 0) + 1
+    return tok
+
+
+@lru_cache(maxsize=None)
+def get_lark(keep_all_tokens: bool = False) -> Lark:
+    """The (cached) LALR parser; ``keep_all_tokens`` is for the formatter."""
+    text = grammar_file().read_text(encoding="utf-8")
+    probe = Lark(text, parser="lalr")
+    ignored = set(probe.ignore_tokens)
+    callbacks = {t.name: _count_token for t in probe.terminals if t.name not in ignored}
+    callbacks["COMMENT"] = _comment_sink
+    return Lark(
+        text, parser="lalr", lexer="contextual", propagate_positions=True,
+        maybe_placeholders=True, keep_all_tokens=keep_all_tokens, lexer_callbacks=callbacks,
+    )
+
+
+@lru_cache(maxsize=None)
+def keywords() -> frozenset[str]:
+    """Every keyword of the language (for did-you-mean and documentation)."""
+    out = set()
+    for t in get_lark().terminals:
+        if isinstance(t.pattern, PatternStr) and re.fullmatch(r"[a-z_]+", t.pattern.value):
+            out.add(t.pattern.value)
+    return frozenset(out)
+
+
+def _terminal_text(lark: Lark, name: str) -> str:
+    if name in _TERMINAL_WORDS:
+        return _TERMINAL_WORDS[name]
+    try:
+        pat = lark.get_terminal(name).pattern
+    except KeyError:
+        return name
+    return f"'{pat.value}'" if isinstance(pat, PatternStr) else name.lower()
+
+
+def _literal(lark: Lark, name: str) -> Optional[str]:
+    try:
+        pat = lark.get_terminal(name).pattern
+    except KeyError:
+        return None
+    return pat.value if isinstance(pat, PatternStr) else None
+
+
+def _expected_words(lark: Lark, expected) -> str:
+    names = sorted(set(expected or ()))
+    lits = sorted(_terminal_text(lark, n) for n in names if _literal(lark, n) is not None)
+    others = sorted(_terminal_text(lark, n) for n in names if _literal(lark, n) is None)
+    items = others + lits
+    if len(items) > 12:
+        items = items[:12] + [f"... ({len(names) - 12} more)"]
+    if not items:
+        return ""
+    if len(items) == 1:
+        return f"expected {items[0]}"
+    return "expected one of: " + ", ".join(items)
+
+
+def _describe(lark: Lark, tok: Token) -> str:
+    if tok.type == "$END":
+        return "end of file"
+    lit = _literal(lark, tok.type)
+    val = str(tok.value)
+    if len(val) > 40:
+        val = val[:37] + "..."
+    if lit is not None:
+        return f"keyword '{val}'" if re.fullmatch(r"[a-z_]+", lit) else f"'{val}'"
+    kind = {"NAME": "name", "ATTR": "name", "UNIT": "word", "CUNIT": "unit", "NUMBER": "number", "STRING": "string", "EMAIL": "e-mail address",
+            "DATE": "date", "TAG": "tag", "ACTION": "action code"}.get(tok.type, tok.type.lower())
+    return f"{kind} '{val}'" if tok.type != "STRING" else f"string {val}"
+
+
+class _Errors:
+    """Collects diagnostics during one parse and drives recovery."""
+
+    def __init__(self, lark: Lark, text: str, filename: str):
+        self.lark, self.text, self.filename = lark, text, filename
+        self.diags: list[Diagnostic] = []
+        self.last_err_lexed: Optional[int] = None
+        self.last_char_err: Optional[int] = None
+        self.stopped = False
+
+    def _span(self, line, col, width=1) -> Span:
+        line = line or 1
+        col = col or 1
+        return Span(file=self.filename, line=line, col=col, end_line=line, end_col=col + max(width, 1))
+
+    def _eof_span(self) -> Span:
+        lines = self.text.split("\n")
+        return self._span(len(lines), len(lines[-1]) + 1)
+
+    def add(self, code, message, span, hint=None):
+        if len(self.diags) >= MAX_ERRORS:
+            if not self.stopped:
+                self.stopped = True
+                self.diags.append(Diagnostic(code="E105", message=f"too many syntax errors; stopped after {MAX_ERRORS}",
+                                             span=span))
+            return
+        self.diags.append(Diagnostic(severity=Severity.ERROR, code=code, message=message, span=span, hint=hint))
+
+    def _suppressed(self) -> bool:
+        lexed = getattr(_local, "lexed", 0)
+        quiet = self.last_err_lexed is not None and lexed - self.last_err_lexed - 1 < _RESYNC_TOKENS
+        self.last_err_lexed = lexed
+        return quiet
+
+    # -- lark on_error callback
+    def __call__(self, e: UnexpectedInput) -> bool:
+        if len(self.diags) >= MAX_ERRORS:
+            self.add("E105", "", self._span(getattr(e, "line", 1), getattr(e, "column", 1)))
+            return False
+        if isinstance(e, UnexpectedCharacters):
+            self._chars(e)
+            return True
+        if isinstance(e, UnexpectedToken):
+            if e.token.type == "$END":
+                if not self._suppressed():
+                    self._token(e)
+                return False
+            quiet = self._suppressed()
+            if not quiet:
+                self._token(e)
+            self._recover(e)
+            return True
+        return False
+
+    def _chars(self, e: UnexpectedCharacters) -> None:
+        pos = e.pos_in_stream
+        adjacent = self.last_char_err is not None and pos == self.last_char_err + 1
+        self.last_char_err = pos
+        quiet = self._suppressed() or adjacent
+        ch = self.text[pos] if 0 <= pos < len(self.text) else ""
+        if ch == '"':
+            end = self.text.find("\n", pos)
+            end = len(self.text) if end < 0 else end
+            # skip the rest of the line: its words are string content, not code
+            try:
+                e.interactive_parser.lexer_thread.state.line_ctr.feed(self.text[pos:end])
+            except Exception:
+                pass
+            if not quiet:
+                self.add("E102", "unterminated string", self._span(e.line, e.column, end - pos),
+                         'close the string with " on the same line (strings cannot span lines)')
+            return
+        if quiet:
+            return
+        shown = ch if ch.isprintable() and ch.strip() else repr(ch).strip("'")
+        hint = _expected_words(self.lark, e.allowed) or None
+        self.add("E101", f"unexpected character '{shown}'", self._span(e.line, e.column), hint)
+
+    def _token(self, e: UnexpectedToken) -> None:
+        tok = e.token
+        if tok.type == "$END":
+            exp = _expected_words(self.lark, self._accepts(e))
+            self.add("E104", "unexpected end of file" + (f", {exp}" if exp else ""), self._eof_span(),
+                     "a '{' block may be missing its closing '}'" if "RBRACE" in (e.expected or ()) else None)
+            return
+        width = (tok.end_column - tok.column) if (tok.end_line == tok.line and tok.end_column) else 1
+        span = self._span(tok.line, tok.column, width)
+        hints = []
+        expected = self._accepts(e)
+        exp = _expected_words(self.lark, expected)
+        if exp:
+            hints.append(exp)
+        dym = self._did_you_mean(tok, expected, tok.start_pos)
+        if dym:
+            hints.insert(0, dym)
+        self.add("E103", f"unexpected {_describe(self.lark, tok)}", span, "; ".join(hints) or None)
+
+    @staticmethod
+    def _accepts(e: UnexpectedToken):
+        """Terminals really acceptable here (LALR's lookahead sets over-approximate)."""
+        try:
+            acc = e.interactive_parser.accepts() if e.interactive_parser is not None else None
+        except Exception:
+            acc = None
+        return acc or e.expected
+
+    def _did_you_mean(self, tok: Token, expected, pos) -> Optional[str]:
+        exp_kw = [v for v in (_literal(self.lark, n) for n in (expected or ())) if v and re.fullmatch(r"[a-z_]+", v)]
+        if isinstance(tok.value, str) and re.fullmatch(r"[A-Za-z_]\w*", tok.value):
+            hit = did_you_mean(tok.value, exp_kw)
+            if hit:
+                return hit
+        # A misspelt keyword is often taken as a name (e.g. `mach X ~ "..."` looks like a
+        # constraint on attribute `mach`), so the error lands on the next token: look back.
+        if pos is not None and pos >= 0:
+            m = re.search(r"(?:^|\n)[ \t;]*([a-z_][a-z0-9_]*)\s*$", self.text[:pos])
+            if m and m.group(1) not in keywords() and _literal(self.lark, tok.type) is None:
+                hit = did_you_mean(m.group(1), sorted(keywords()))
+                if hit:
+                    return f"'{m.group(1)}' is not a keyword here; {hit}"
+        return None
+
+    def _recover(self, e: UnexpectedToken) -> None:
+        """Pop parser states until one accepts the offending token, then feed it (else it is dropped)."""
+        ip = e.interactive_parser
+        if ip is None:
+            return
+        ps = ip.parser_state
+        states = ps.parse_conf.states
+        tok = e.token
+        # the root lexer may have typed a keyword as a name/unit: try the keyword's type too
+        types = [tok.type]
+        kw = _keyword_types(self.lark).get(str(tok.value))
+        if kw and kw != tok.type:
+            types.insert(0, kw)
+        best = None
+        for ttype in types:
+            for top in range(len(ps.state_stack) - 1, -1, -1):
+                if ttype in states[ps.state_stack[top]]:
+                    if best is None or top > best[0]:
+                        best = (top, ttype)
+                    break
+        if best is None or best[0] == len(ps.state_stack) - 1:
+            return
+        top, ttype = best
+        saved_s, saved_v = list(ps.state_stack), list(ps.value_stack)
+        del ps.state_stack[top + 1:]
+        del ps.value_stack[top:]
+        try:
+            ip.feed_token(Token.new_borrow_pos(ttype, tok.value, tok) if ttype != tok.type else tok)
+        except Exception:
+            ps.state_stack[:], ps.value_stack[:] = saved_s, saved_v
+
+
+@lru_cache(maxsize=None)
+def _keyword_types_cached(lark_id: int, lark: Lark) -> dict:
+    return {t.pattern.value: t.name for t in lark.terminals if isinstance(t.pattern, PatternStr)}
+
+
+def _keyword_types(lark: Lark) -> dict:
+    return _keyword_types_cached(id(lark), lark)
+
+
+def parse(text, filename: str = "<string>") -> tuple[Optional[Tree], list[Diagnostic]]:
+    """Parse ``text``; return (tree or None, diagnostics). Never raises."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8", errors="replace")
+    elif not isinstance(text, str):
+        text = str(text)
+    if text.startswith("\ufeff"):
+        text = " " + text[1:]  # keep columns stable
+    try:
+        lark = get_lark()
+    except Exception as exc:  # grammar missing/broken: still a value, not a crash
+        return None, [Diagnostic(code="E199", message=f"cannot load the grammar: {exc}", span=Span(file=filename))]
+    errors = _Errors(lark, text, filename)
+    _local.lexed, _local.last_pos = 0, -1
+    tree = None
+    try:
+        tree = lark.parse(text, on_error=errors)
+    except UnexpectedInput as e:
+        if not errors.diags:
+            errors.add("E103", f"syntax error: {type(e).__name__}", errors._span(getattr(e, "line", 1), getattr(e, "column", 1)))
+    except RecursionError:
+        errors.add("E199", "input is nested too deeply", Span(file=filename, line=1, col=1))
+    except Exception as exc:  # lark internals on pathological input: never propagate
+        errors.add("E199", f"internal parser error: {type(exc).__name__}: {exc}", Span(file=filename, line=1, col=1))
+    if errors.diags:
+        return None, errors.diags
+    return tree, []
+
+
+def parse_with_comments(text: str, filename: str = "<string>") -> tuple[Optional[Tree], list[Token], list[Diagnostic]]:
+    """Parse keeping every token (for the formatter); also return the comment tokens."""
+    _tree, diags = parse(text, filename)
+    if diags:
+        return None, [], diags
+    if text.startswith("\ufeff"):
+        text = " " + text[1:]
+    _local.comments = []
+    try:
+        tree = get_lark(keep_all_tokens=True).parse(text)
+        comments = list(_local.comments)
+    except Exception as exc:
+        return None, [], [Diagnostic(code="E199", message=f"internal parser error: {exc}", span=Span(file=filename))]
+    finally:
+        _local.comments = None
+    return tree, comments, []

@@ -1,0 +1,527 @@
+"""Protocol adherence: header parameters vs the protocol, per vendor/software variant.
+
+Constraints mean what DICOM's Attribute Value Constraint types mean (EQUAL with
+an absolute or % tolerance, RANGE_INCL/RANGE_EXCL, the four comparisons,
+NOT_EQUAL) plus SET_OF and MATCHES; header values are converted from their
+storage unit with ``units.from_dicom`` before comparison. A series *fails* when an
+error-significance constraint is violated, *warns* on a warning-significance one.
+
+Exam-level findings: device not in the inventory (matched by serial, then
+station, then vendor+model), software release differing from the inventory
+(possible upgrade, and whether a protocol variant covers the new release), and
+the schedule's same-device rule against the subject's prior exams (the runner
+passes their device ids). Everything works from one exam and header-only reads.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import re
+import warnings
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+from pydicom.dataset import Dataset
+
+from .. import ir, units
+from ..vendors import normalize_vendor, software_matches
+from . import dicomio
+from .steps import Param, step
+
+_REL_EPS = 1e-6
+
+
+@lru_cache(maxsize=1024)
+def _regex(pattern: str) -> re.Pattern:
+    return re.compile(pattern)
+
+
+# --------------------------------------------------------------------------- constraint text
+
+def _value_text(v: ir.Value) -> str:
+    if isinstance(v, ir.Quantity):
+        return v.text()
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return f'"{v}"'
+
+
+def expected_text(c: ir.Constraint) -> str:
+    """Human text of a constraint, e.g. ``= 2300 ms ± 1%`` or ``in 2 .. 3.5 ms``."""
+    vals = c.values
+    k = c.kind
+    if k == ir.ConstraintKind.EQUAL:
+        s = f"= {_value_text(vals[0])}"
+        if c.tolerance:
+            t = c.tolerance
+            if t.relative:
+                s += f" ± {t.value:g}%"
+            else:
+                tv = t.source_value if t.source_value is not None else t.value
+                tu = t.source_unit if t.source_unit is not None else (vals[0].unit if isinstance(vals[0], ir.Quantity) else "")
+                s += f" ± {tv:g} {tu}".rstrip()
+        return s
+    if k in (ir.ConstraintKind.RANGE_INCL, ir.ConstraintKind.RANGE_EXCL):
+        lo, hi = vals[0], vals[1]
+        lo_t = f"{lo.source_value if lo.source_value is not None else lo.value:g}" if isinstance(lo, ir.Quantity) else _value_text(lo)
+        s = f"in {lo_t} .. {_value_text(hi)}"
+        return s + (" (exclusive)" if k == ir.ConstraintKind.RANGE_EXCL else "")
+    ops = {ir.ConstraintKind.GREATER_OR_EQUAL: ">=", ir.ConstraintKind.LESS_OR_EQUAL: "<=",
+           ir.ConstraintKind.GREATER_THAN: ">", ir.ConstraintKind.LESS_THAN: "<", ir.ConstraintKind.NOT_EQUAL: "!="}
+    if k in ops:
+        return f"{ops[k]} {_value_text(vals[0])}"
+    if k == ir.ConstraintKind.SET_OF:
+        return "in {" + ", ".join(_value_text(v) for v in vals) + "}"
+    if k == ir.ConstraintKind.MATCHES:
+        return f"~ {_value_text(vals[0])}"
+    return f"{k.value} {vals}"
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def _num(v: ir.Value) -> Optional[float]:
+    if isinstance(v, ir.Quantity):
+        return float(v.value)
+    if isinstance(v, bool):
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _close(a: float, b: float, tol: float = 0.0) -> bool:
+    return abs(a - b) <= tol + _REL_EPS * max(1.0, abs(b))
+
+
+def _tolerance(c: ir.Constraint, nominal: float) -> float:
+    if not c.tolerance:
+        return 0.0
+    return abs(nominal) * c.tolerance.value / 100.0 if c.tolerance.relative else c.tolerance.value
+
+
+def _numeric_ok(c: ir.Constraint, x: float) -> bool:
+    k = c.kind
+    vals = [_num(v) for v in c.values]
+    if any(v is None for v in vals):
+        return False
+    if k == ir.ConstraintKind.EQUAL:
+        return _close(x, vals[0], _tolerance(c, vals[0]))
+    if k == ir.ConstraintKind.NOT_EQUAL:
+        return not _close(x, vals[0], _tolerance(c, vals[0]))
+    if k == ir.ConstraintKind.RANGE_INCL:
+        return vals[0] <= x <= vals[1] or _close(x, vals[0]) or _close(x, vals[1])
+    if k == ir.ConstraintKind.RANGE_EXCL:
+        return vals[0] < x < vals[1] and not (_close(x, vals[0]) or _close(x, vals[1]))
+    if k == ir.ConstraintKind.GREATER_OR_EQUAL:
+        return x >= vals[0] or _close(x, vals[0])
+    if k == ir.ConstraintKind.LESS_OR_EQUAL:
+        return x <= vals[0] or _close(x, vals[0])
+    if k == ir.ConstraintKind.GREATER_THAN:
+        return x > vals[0] and not _close(x, vals[0])
+    if k == ir.ConstraintKind.LESS_THAN:
+        return x < vals[0] and not _close(x, vals[0])
+    if k == ir.ConstraintKind.SET_OF:
+        return any(_close(x, v) for v in vals)
+    return False
+
+
+def _text_of_value(v: ir.Value) -> str:
+    if isinstance(v, bool):
+        return "YES" if v else "NO"
+    if isinstance(v, ir.Quantity):
+        return f"{v.value:g}"
+    return str(v).strip()
+
+
+def _text_ok(c: ir.Constraint, txt: str) -> bool:
+    k = c.kind
+    if k == ir.ConstraintKind.MATCHES:
+        return _regex(str(c.values[0])).search(txt) is not None
+    wanted = [_text_of_value(v) for v in c.values]
+    boolish = any(isinstance(v, bool) for v in c.values)
+    norm = (lambda s: s.upper()) if boolish else (lambda s: s)
+    if k == ir.ConstraintKind.EQUAL:
+        return norm(txt) == norm(wanted[0])
+    if k == ir.ConstraintKind.NOT_EQUAL:
+        return norm(txt) != norm(wanted[0])
+    if k == ir.ConstraintKind.SET_OF:
+        return norm(txt) in {norm(w) for w in wanted}
+    return False
+
+
+def _is_numeric_constraint(c: ir.Constraint) -> bool:
+    return c.kind != ir.ConstraintKind.MATCHES and all(
+        isinstance(v, ir.Quantity) or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in c.values)
+
+
+def _as_float(x: Any) -> Optional[float]:
+    if isinstance(x, bool):
+        return None
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def evaluate_value(c: ir.Constraint, raw: Any) -> tuple[bool, Any, str]:
+    """Check one raw header value (one frame's) against a constraint: (ok, actual canonical, detail)."""
+    if raw is dicomio.MISSING or raw is None or raw == "" or raw == []:
+        return False, None, "attribute missing"
+    values = dicomio.as_list(raw)
+    if c.index is not None:
+        if c.index >= len(values):
+            return False, None, f"attribute has {len(values)} value(s), no index {c.index}"
+        values = [values[c.index]]
+    if _is_numeric_constraint(c):
+        nums = [_as_float(v) for v in values]
+        if any(n is None for n in nums):
+            return False, dicomio.text(raw), "not a number"
+        canon = [units.from_dicom(n, c.keyword) for n in nums]
+        ok = all(_numeric_ok(c, x) for x in canon)
+        actual = canon[0] if len(canon) == 1 else canon
+        return ok, actual, "" if ok else "out of constraint"
+    # string constraints: the whole (backslash-joined) value first, e.g. ScanningSequence "GR\IR",
+    # then each value of a multi-valued attribute on its own
+    joined = "\\".join(dicomio.text(v) for v in values)
+    if _text_ok(c, joined):
+        return True, joined, ""
+    if len(values) > 1 and c.kind in (ir.ConstraintKind.SET_OF, ir.ConstraintKind.MATCHES) \
+            and all(_text_ok(c, dicomio.text(v)) for v in values):
+        return True, joined, ""
+    return False, joined, "out of constraint"
+
+
+def _fmt_actual(c: ir.Constraint, actual: Any) -> str:
+    if actual is None:
+        return "missing"
+    unit = units.DICOM_UNITS.get(c.keyword, ("none", ""))[0]
+    canon = units.CANONICAL.get(unit, "")
+    if isinstance(actual, list):
+        return "[" + ", ".join(f"{a:g}" if isinstance(a, float) else str(a) for a in actual) + "]" + (f" {canon}" if canon else "")
+    if isinstance(actual, float):
+        return f"{actual:g} {canon}".rstrip() if canon != "%" else f"{actual:g}%"
+    return str(actual)
+
+
+def evaluate_constraint(c: ir.Constraint, raw_values: Sequence[Any]) -> dict[str, Any]:
+    """One parameter row: every distinct raw value (per frame) must satisfy the constraint."""
+    results = [evaluate_value(c, r) for r in raw_values] or [evaluate_value(c, dicomio.MISSING)]
+    ok = all(r[0] for r in results)
+    actuals = [r[1] for r in results]
+    actual = actuals[0] if len(actuals) == 1 else actuals
+    name = c.keyword + (f"[{c.index}]" if c.index is not None else "")
+    return {
+        "parameter": name,
+        "keyword": c.keyword,
+        "index": c.index,
+        "kind": c.kind.value,
+        "expected": expected_text(c),
+        "actual": actual,
+        "actual_text": _fmt_actual(c, actual) if len(actuals) == 1 else "; ".join(_fmt_actual(c, a) for a in actuals),
+        "ok": ok,
+        "significance": c.significance.value,
+        "modifiable": c.modifiable,
+        "detail": next((r[2] for r in results if not r[0]), ""),
+    }
+
+
+def verdict_of(rows: Iterable[dict[str, Any]]) -> str:
+    """fail (error violated) > warn (warning violated) > pass; info violations do not change it."""
+    v = "pass"
+    for r in rows:
+        if r.get("ok", True):
+            continue
+        sig = r.get("significance", r.get("severity"))
+        if sig == "error":
+            return "fail"
+        if sig == "warning":
+            v = "warn"
+    return v
+
+
+def _variant_info(var: Optional[ir.Variant]) -> Optional[dict[str, Any]]:
+    if var is None:
+        return None
+    return {"vendor": var.vendor, "model": var.model, "software": var.software}
+
+
+def select_constraints(protocol: ir.Protocol, ident: dict[str, Any]) -> tuple[list[ir.Constraint], Optional[ir.Variant]]:
+    """The device's effective constraints, from the identity the header reports."""
+    return ir.effective_constraints(protocol, normalize_vendor(ident.get("manufacturer")),
+                                    ident.get("software") or None, ident.get("model") or None)
+
+
+def check_series(protocol: ir.Protocol, headers: Sequence[Dataset], ident: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Adherence of one series (all its instances) to a protocol.
+
+    Instances with identical parameter values are evaluated once: a series whose
+    instances agree costs one evaluation, one that drifts is reported per value.
+    """
+    if not headers:
+        raise ValueError("a series has at least one instance")
+    ident = ident or dicomio.device_identity(headers[0])
+    constraints, variant = select_constraints(protocol, ident)
+    rows = []
+    for c in constraints:
+        distinct: list[Any] = []
+        keys: set[str] = set()
+        failing = 0
+        for ds in headers:
+            for raw in dicomio.get_param_values(ds, c.keyword):
+                key = repr(raw)
+                if key not in keys:
+                    keys.add(key)
+                    distinct.append(raw)
+        row = evaluate_constraint(c, distinct)
+        if not row["ok"] and len(headers) > 1:
+            bad = {repr(r) for r in distinct if not evaluate_value(c, r)[0]}
+            failing = sum(any(repr(r) in bad for r in dicomio.get_param_values(ds, c.keyword)) for ds in headers)
+            row["instances_failing"] = failing
+        rows.append(row)
+    return {
+        "protocol": protocol.name,
+        "variant": _variant_info(variant),
+        "verdict": verdict_of(rows),
+        "parameters": rows,
+        "n_instances": len(headers),
+    }
+
+
+# --------------------------------------------------------------------------- devices
+
+def match_device(trial: ir.Trial, ident: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The inventory device an exam was acquired on: by serial, then station, then vendor+model."""
+    serial = (ident.get("serial") or "").strip()
+    station = (ident.get("station") or "").strip()
+    model = (ident.get("model") or "").strip().lower()
+    vendor = normalize_vendor(ident.get("manufacturer"))
+    devices = trial.devices()
+    if serial:
+        for site, d in devices:
+            if d.serial and d.serial.strip() == serial:
+                return {"site": site.code, "device": d.id, "matched_by": "serial"}
+    if station:
+        for site, d in devices:
+            if d.station and d.station.strip().lower() == station.lower():
+                return {"site": site.code, "device": d.id, "matched_by": "station"}
+    if model and vendor:
+        hits = [(s, d) for s, d in devices if d.model and d.model.strip().lower() == model and d.vendor == vendor]
+        # a serial that contradicts the inventory means another scanner of the same model
+        hits = [(s, d) for s, d in hits if not (serial and d.serial and d.serial.strip() != serial)]
+        if len(hits) == 1:
+            return {"site": hits[0][0].code, "device": hits[0][1].id, "matched_by": "model"}
+    return None
+
+
+def software_consistent(inventory: Optional[str], versions: Sequence[str]) -> bool:
+    """Does a header's SoftwareVersions agree with the inventory release (e.g. 'R5.7' vs ['R5.7.1'])?"""
+    if not inventory:
+        return True
+    if not versions:
+        return False
+    return software_matches(inventory, list(versions)) or software_matches(inventory + "*", list(versions))
+
+
+def _device(trial: ir.Trial, device_id: str) -> tuple[Optional[ir.Site], Optional[ir.Device]]:
+    return next(((s, d) for s, d in trial.devices() if d.id == device_id), (None, None))
+
+
+def upgrade_coverage(trial: ir.Trial, device: ir.Device, versions: Sequence[str]) -> list[dict[str, Any]]:
+    """Per protocol of the device's modality: does a variant cover the release the header reports?"""
+    out = []
+    for p in trial.protocols:
+        if p.modality != device.modality:
+            continue
+        _, old = ir.effective_constraints(p, device.vendor, device.software, device.model)
+        _, new = ir.effective_constraints(p, device.vendor, list(versions), device.model)
+        if new is not None and new.software:
+            covered, why = True, f"variant {new.vendor} software '{new.software}' covers it"
+        elif old is not None and old.software:
+            covered = False
+            why = (f"variant {old.vendor} software '{old.software}' no longer applies; "
+                   + (f"falls back to variant {new.vendor}" if new is not None else "falls back to the base constraints"))
+        else:
+            covered, why = None, "no release-specific variant; the same constraints apply"
+        out.append({"protocol": p.name, "covered": covered, "detail": why,
+                    "variant_before": _variant_info(old), "variant_now": _variant_info(new)})
+    return out
+
+
+def device_findings(trial: ir.Trial, ident: dict[str, Any]) -> tuple[Optional[dict[str, Any]], list[dict[str, Any]]]:
+    """(matched device or None, findings) for an exam's reported device identity."""
+    findings: list[dict[str, Any]] = []
+    hit = match_device(trial, ident)
+    desc = f"{ident.get('manufacturer') or '?'} {ident.get('model') or '?'} serial {ident.get('serial') or '?'} station {ident.get('station') or '?'}"
+    if hit is None:
+        findings.append({"code": "unknown_device", "severity": "error",
+                         "message": f"device not in the study inventory: {desc}",
+                         "device": None, "reported": ident})
+        return None, findings
+    site, dev = _device(trial, hit["device"])
+    assert dev is not None
+    if hit["matched_by"] != "serial" and ident.get("serial") and dev.serial and ident["serial"] != dev.serial:
+        findings.append({"code": "device_serial_mismatch", "severity": "warning", "device": dev.id,
+                         "message": f"matched {dev.id} by {hit['matched_by']}, but serial {ident['serial']} != inventory {dev.serial}"})
+    versions = ident.get("software") or []
+    if dev.software and not software_consistent(dev.software, versions):
+        cov = upgrade_coverage(trial, dev, versions)
+        uncovered = [c["protocol"] for c in cov if c["covered"] is False]
+        findings.append({
+            "code": "software_upgrade", "severity": "warning", "device": dev.id,
+            "message": (f"{dev.id}: SoftwareVersions {'/'.join(versions) or '(none)'} differs from inventory "
+                        f"'{dev.software}' (possible upgrade)"
+                        + (f"; no variant covers the new release for {', '.join(uncovered)}" if uncovered else "")),
+            "inventory": dev.software, "reported": list(versions), "coverage": cov,
+            "requalify": bool(trial.qualification and trial.qualification.requalify_on_upgrade),
+        })
+    return hit, findings
+
+
+def same_device_finding(trial: ir.Trial, device_id: Optional[str], prior_device_ids: Iterable[str]) -> Optional[dict[str, Any]]:
+    """The schedule's same-device rule against a subject's prior exams (None when satisfied or not applicable)."""
+    rule = trial.schedule.same_device if trial.schedule else "none"
+    prior = sorted({d for d in prior_device_ids if d})
+    if rule == "none" or not prior or device_id is None or device_id in prior:
+        return None
+    return {"code": "same_device", "severity": "error" if rule == "required" else "warning",
+            "device": device_id, "prior_devices": prior,
+            "message": f"same-device rule ({rule}): exam on {device_id}, earlier visits on {', '.join(prior)}"}
+
+
+# --------------------------------------------------------------------------- exams
+
+def check_exam(trial: ir.Trial, classification: dict[str, Any], headers_by_series: dict[str, Sequence[Dataset]], *,
+               prior_devices: Optional[Iterable[str]] = None) -> dict[str, Any]:
+    """Adherence of one exam: per matched series, plus device/software/same-device findings."""
+    first = next((h[0] for h in headers_by_series.values() if h), None)
+    ident = dicomio.device_identity(first) if first is not None else dict(classification.get("device") or {})
+    hit, findings = device_findings(trial, ident) if ident else (None, [])
+    sd = same_device_finding(trial, hit["device"] if hit else None, prior_devices or [])
+    if sd:
+        findings.append(sd)
+    series_out = []
+    for entry in classification.get("series", []):
+        if entry.get("status") != "matched":
+            continue
+        proto = trial.protocol(entry["protocol"])
+        headers = headers_by_series.get(entry["series_uid"]) or []
+        if proto is None or not headers:
+            continue
+        res = check_series(proto, headers, dicomio.device_identity(headers[0]))
+        res.update({"series_uid": entry["series_uid"], "series_number": entry.get("series_number"),
+                    "series_description": entry.get("series_description")})
+        series_out.append(res)
+    verdict = "pass"
+    for v in [s["verdict"] for s in series_out] + [{"error": "fail", "warning": "warn"}.get(f["severity"], "pass") for f in findings]:
+        if v == "fail":
+            verdict = "fail"
+            break
+        if v == "warn":
+            verdict = "warn"
+    return {
+        "device": ident, "device_match": hit, "findings": findings, "series": series_out, "verdict": verdict,
+        "summary": {"series": len(series_out), "pass": sum(s["verdict"] == "pass" for s in series_out),
+                    "warn": sum(s["verdict"] == "warn" for s in series_out),
+                    "fail": sum(s["verdict"] == "fail" for s in series_out), "findings": len(findings)},
+    }
+
+
+def headers_for(classification: dict[str, Any], root: Path, *, matched_only: bool = True) -> dict[str, list[Dataset]]:
+    """Header-only reads of the files the classification lists, per series."""
+    out: dict[str, list[Dataset]] = {}
+    for entry in classification.get("series", []):
+        if matched_only and entry.get("status") != "matched":
+            continue
+        hs = []
+        for rel in entry.get("files", []):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    hs.append(dicomio.read_header(root / rel))
+            except Exception:  # classification already vetted these; a vanished file is skipped, not fatal
+                continue
+        out[entry["series_uid"]] = hs
+    return out
+
+
+# --------------------------------------------------------------------------- schedule (subject level)
+
+def _window(v: ir.Visit) -> tuple[float, float]:
+    lo = v.offset.days - (v.window_before.days if v.window_before else 0.0)
+    hi = v.offset.days + (v.window_after.days if v.window_after else 0.0)
+    return min(lo, hi), max(lo, hi)
+
+
+def visit_findings(trial: ir.Trial, exam_dates: Sequence[_dt.date], as_of: _dt.date) -> dict[str, Any]:
+    """Which scheduled visits of one subject were received, are missing or out of window.
+
+    The baseline is the exam date that places the most exams inside visit windows
+    (earliest on ties), so a screening exam before baseline is recognized.
+    """
+    visits = trial.schedule.visits if trial.schedule else []
+    dates = sorted(set(exam_dates))
+    if not visits or not dates:
+        return {"baseline": None, "visits": [], "findings": []}
+    base_off = next((v.offset.days for v in visits if v.kind == "baseline"), 0.0)
+
+    def assign(baseline: _dt.date):
+        got: dict[str, _dt.date] = {}
+        stray = []
+        for d in dates:
+            rel = (d - baseline).days + base_off
+            v = next((v for v in visits if v.name not in got and _window(v)[0] <= rel <= _window(v)[1]), None)
+            if v is None:
+                stray.append(d)
+            else:
+                got[v.name] = d
+        return got, stray
+
+    best = min(dates, key=lambda b: (len(assign(b)[1]), b))
+    got, stray = assign(best)
+    rows, findings = [], []
+    for v in visits:
+        lo, hi = _window(v)
+        opens = best + _dt.timedelta(days=lo - base_off)
+        closes = best + _dt.timedelta(days=hi - base_off)
+        if v.name in got:
+            status = "received"
+        elif as_of > closes:
+            status = "missing" if not v.optional else "skipped_optional"
+        elif as_of >= opens:
+            status = "window_open"
+        else:
+            status = "upcoming"
+        rows.append({"visit": v.name, "status": status, "opens": opens.isoformat(), "closes": closes.isoformat(),
+                     "date": got[v.name].isoformat() if v.name in got else None})
+        if status == "missing":
+            findings.append({"code": "missing_visit", "severity": "error", "visit": v.name,
+                             "message": f"visit {v.name}: window {opens} .. {closes} closed, nothing received"})
+    for d in stray:
+        findings.append({"code": "out_of_window", "severity": "warning", "date": d.isoformat(),
+                         "message": f"exam on {d} is inside no visit window"})
+    return {"baseline": best.isoformat(), "visits": rows, "findings": findings}
+
+
+# --------------------------------------------------------------------------- step
+
+@step("adherence",
+      inputs=[Param("exam", "directory", "exam folder (uses deid/ if present, else original/)"),
+              Param("classification", "file", "classification.json from the classify step"),
+              Param("prior_devices", "string", "comma-separated device ids of the subject's earlier exams", optional=True)],
+      outputs=[Param("out", "file", "adherence.json")])
+def adherence_step(trial: ir.Trial, exam: str, classification: str, out: str, prior_devices: Optional[str] = None) -> dict:
+    """Check every matched series against its protocol (variant by vendor/software) and the device rules."""
+    from .classify import write_json
+
+    cls = json.loads(Path(classification).read_text())
+    root = dicomio.exam_instances_dir(exam)
+    prior = [p.strip() for p in (prior_devices or "").split(",") if p.strip()]
+    result = check_exam(trial, cls, headers_for(cls, root), prior_devices=prior)
+    result["exam"] = Path(exam).name
+    write_json(out, result)
+    return {"out": str(out), "verdict": result["verdict"], **result["summary"]}

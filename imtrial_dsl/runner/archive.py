@@ -1,0 +1,356 @@
+"""Step 7, archive: a content-addressed, immutable store of de-identified instances with an
+append-only, hash-chained audit log.
+
+Layout under the archive root::
+
+    objects/sha256/ab/cdef…            instance bytes, read-only, named by their sha256
+    records/<subject>/<visit>/<kind>-<uid>/v0001.json   series/exam sidecars (adherence, QC, provenance);
+                                        a correction is v0002 with ``supersedes`` = v0001's sha256
+    audit.log.jsonl                     one JSON record per line; ``prev`` = previous record's ``hash``
+
+Idempotent: an object already in the log is never added again; a record whose content is unchanged
+gets no new version. Crash-safe: files are written temp-then-rename *before* their audit record, so a
+re-run after ``kill -9`` finds the file and appends the missing record (once). A torn last log line
+(no newline: the writer died mid-append) was never a committed record and is cut off before the next
+append. No original identifiers or site-side keys (exam keys, original UIDs) are written here.
+"""
+from __future__ import annotations
+
+import fcntl
+import getpass
+import hashlib
+import json
+import os
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from .steps import Param, step
+
+GENESIS = "0" * 64
+
+
+def _canon(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def tool_version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        return str(os.getuid())
+
+
+class Archive:
+    """One archive folder; safe for several processes at once (an exclusive file lock guards writes)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        (self.root / "objects" / "sha256").mkdir(parents=True, exist_ok=True)
+        (self.root / "records").mkdir(parents=True, exist_ok=True)
+        self.log = self.root / "audit.log.jsonl"
+        self.log.touch(exist_ok=True)
+        self._offset = 0
+        self._head = GENESIS
+        self._seq = 0
+        self._objects: set[str] = set()
+        self._records: dict[str, list[dict]] = {}
+
+    # ------------------------------------------------------------------ locking and the log index
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        with open(self.root / ".lock", "a+") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                self._sync()
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def _sync(self) -> None:
+        """Read log records appended since the last look (by this or another process)."""
+        with open(self.log, "rb") as fh:
+            fh.seek(self._offset)
+            data = fh.read()
+        end = data.rfind(b"\n")
+        if end < 0:
+            return
+        for line in data[: end + 1].splitlines():
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            self._index(rec)
+        self._offset += end + 1
+
+    def _index(self, rec: dict) -> None:
+        self._head, self._seq = rec["hash"], rec["seq"]
+        if rec["action"] == "object.add":
+            self._objects.add(rec["sha256"])
+        elif rec["action"] in ("record.add", "record.correct"):
+            self._records.setdefault(rec["key"], []).append(rec)
+
+    def _repair_tail(self) -> None:
+        size = self.log.stat().st_size
+        if size and size > self._offset:
+            with open(self.log, "rb+") as fh:
+                fh.seek(self._offset)
+                rest = fh.read()
+                if b"\n" not in rest:  # a torn write: never committed
+                    fh.truncate(self._offset)
+
+    def _append(self, action: str, **fields: Any) -> dict:
+        self._repair_tail()
+        rec = {"seq": self._seq + 1, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "user": _user(),
+               "action": action, **fields, "prev": self._head}
+        rec["hash"] = sha256_bytes(_canon(rec))
+        line = _canon(rec) + b"\n"
+        fd = os.open(self.log, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._offset += len(line)
+        self._index(rec)
+        return rec
+
+    # ------------------------------------------------------------------ objects
+    def object_path(self, sha: str) -> Path:
+        return self.root / "objects" / "sha256" / sha[:2] / sha[2:]
+
+    def has_object(self, sha: str) -> bool:
+        with self.locked():
+            return sha in self._objects
+
+    def put_object(self, src: str | Path, **meta: Any) -> tuple[str, bool]:
+        """Store one file by content; returns (sha256, added). Same bytes are never stored twice."""
+        data = Path(src).read_bytes()
+        sha = sha256_bytes(data)
+        with self.locked():
+            if sha in self._objects:
+                return sha, False
+            dest = self.object_path(sha)
+            if not (dest.exists() and sha256_bytes(dest.read_bytes()) == sha):
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.chmod(tmp, 0o444)
+                os.replace(tmp, dest)
+            self._append("object.add", sha256=sha, size=len(data), path=str(dest.relative_to(self.root)), **meta)
+            return sha, True
+
+    # ------------------------------------------------------------------ records (sidecars)
+    def history(self, key: str) -> list[dict]:
+        """Audit records of every version of one record key, oldest first."""
+        with self.locked():
+            return list(self._records.get(key, []))
+
+    def read_record(self, key: str, version: Optional[int] = None) -> Optional[dict]:
+        hist = self.history(key)
+        if not hist:
+            return None
+        rec = hist[-1] if version is None else next((h for h in hist if h["version"] == version), None)
+        return json.loads((self.root / rec["path"]).read_text()) if rec else None
+
+    def put_record(self, key: str, content: dict, provenance: dict, *, reason: Optional[str] = None) -> tuple[dict, bool]:
+        """Store a sidecar; a changed content becomes a new version that supersedes the previous one.
+
+        Returns (audit record of the current version, added).
+        """
+        content_sha = sha256_bytes(_canon(content))
+        with self.locked():
+            hist = self._records.get(key, [])
+            if hist and hist[-1]["content_sha256"] == content_sha:
+                return hist[-1], False
+            version = len(hist) + 1
+            supersedes = {"version": hist[-1]["version"], "sha256": hist[-1]["sha256"]} if hist else None
+            doc = {"key": key, "version": version, "supersedes": supersedes, "content": content,
+                   "content_sha256": content_sha, "provenance": provenance}
+            if reason:
+                doc["reason"] = reason
+            data = json.dumps(doc, indent=2, sort_keys=True, default=str).encode() + b"\n"
+            dest = self.root / "records" / key / f"v{version:04d}.json"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, dest)  # an unaudited leftover from a killed run is simply replaced
+            rec = self._append("record.correct" if hist else "record.add", key=key, version=version,
+                               sha256=sha256_bytes(data), content_sha256=content_sha,
+                               path=str(dest.relative_to(self.root)), supersedes=supersedes)
+            return rec, True
+
+    # ------------------------------------------------------------------ verification
+    def verify(self, *, deep: bool = True) -> dict:
+        """Check the hash chain, and (deep) that every object and record file still has its logged hash."""
+        errors: list[str] = []
+        prev, n = GENESIS, 0
+        raw = self.log.read_bytes()
+        lines = raw.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        elif lines and lines[-1]:
+            errors.append("last line is incomplete (torn write)")
+            lines.pop()
+        for i, line in enumerate(lines, 1):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                errors.append(f"line {i}: not JSON")
+                break
+            body = {k: v for k, v in rec.items() if k != "hash"}
+            if rec.get("prev") != prev:
+                errors.append(f"line {i}: chain broken (prev does not match the previous record's hash)")
+            if sha256_bytes(_canon(body)) != rec.get("hash"):
+                errors.append(f"line {i}: record hash mismatch (record altered)")
+            if rec.get("seq") != i:
+                errors.append(f"line {i}: sequence number {rec.get('seq')} (expected {i})")
+            if deep and rec.get("path"):
+                p = self.root / rec["path"]
+                if not p.exists():
+                    errors.append(f"line {i}: {rec['path']} is missing")
+                elif sha256_bytes(p.read_bytes()) != rec["sha256"]:
+                    errors.append(f"line {i}: {rec['path']} content does not match its logged sha256")
+            prev = rec.get("hash")
+            n += 1
+        objects = sum(1 for ln in lines if b'"action":"object.add"' in ln)
+        return {"ok": not errors, "records": n, "objects": objects, "head": prev, "errors": errors}
+
+
+def verify(root: str | Path, *, deep: bool = True) -> dict:
+    """Verify an archive's audit chain (and object/record hashes when ``deep``)."""
+    return Archive(root).verify(deep=deep)
+
+
+# ------------------------------------------------------------------ the step
+
+def _series_entry(doc: Any, uid: str) -> Optional[dict]:
+    """The entry for one series in a classification/adherence/qc result, whatever its exact nesting."""
+    if not isinstance(doc, dict):
+        return None
+    series = doc.get("series")
+    if isinstance(series, dict):
+        return series.get(uid)
+    if isinstance(series, list):
+        for s in series:
+            if isinstance(s, dict) and uid in (s.get("series_uid"), s.get("SeriesInstanceUID"), s.get("series_instance_uid")):
+                return s
+    return None
+
+
+_DEVICE_KEYS = ("device", "reported", "device_reported")
+
+
+def _scrub(obj: Any, drop: tuple[str, ...]) -> Any:
+    if isinstance(obj, dict):
+        return {k: _scrub(v, drop) for k, v in obj.items() if k not in drop}
+    if isinstance(obj, list):
+        return [_scrub(v, drop) for v in obj]
+    return obj
+
+
+def _exam_level(doc: Any, trial=None) -> Optional[dict]:
+    """Exam-level part of a step result. Site-side keys (exam key, paths) stay out of the archive, and so do
+    reported device identities (serial, station) unless the study retains device identity."""
+    if not isinstance(doc, dict):
+        return None
+    drop = ("series", "exam", "exam_key", "out", "files", "path")
+    opts = {getattr(o, "value", o) for o in (trial.deidentify.options if trial is not None and trial.deidentify else [])}
+    if "retain_device_identity" not in opts:
+        drop += _DEVICE_KEYS
+    return _scrub(doc, drop)
+
+
+def _load(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def provenance(trial, step_name: str, params: dict) -> dict:
+    return {"tool": "imtrial", "tool_version": tool_version(), "step": step_name,
+            "study": trial.study.code if trial and trial.study else None,
+            "study_sha256": getattr(trial, "source_sha256", None), "parameters": params,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "user": _user(), "host": socket.gethostname()}
+
+
+def _study_params(trial) -> dict:
+    d = trial.deidentify if trial else None
+    return {"deidentify": {"profile": d.profile.name, "options": [getattr(o, "value", o) for o in d.options],
+                           "overrides": len(d.overrides)} if d else None,
+            "qc": sorted(q.name for q in trial.qc) if trial else [],
+            "protocols": sorted(p.name for p in trial.protocols) if trial else []}
+
+
+@step("archive",
+      inputs=[Param("exam", "directory", "Exam folder with deid/ (de-identified instances)"),
+              Param("results", "directory", "Folder with identity/classification/adherence/qc.json")],
+      outputs=[Param("archive", "directory", "The content-addressed archive (created if absent)")])
+def archive_step(trial, exam, results, archive) -> dict:
+    """Store an exam's de-identified instances and per-series sidecars; idempotent, audited."""
+    import pydicom
+
+    exam, results = Path(exam), Path(results)
+    ident = _load(results / "identity.json") or {}
+    if not ident.get("subject_id"):
+        raise ValueError(f"{results / 'identity.json'}: the exam has no subject (unmatched); nothing to archive")
+    cls, adh, qc = (_load(results / f"{n}.json") for n in ("classification", "adherence", "qc"))
+    deid = exam / "deid"
+    files = sorted(p for p in deid.rglob("*") if p.is_file() and not p.name.startswith(".") and p.suffix != ".json")
+    if not files:
+        raise ValueError(f"{deid}: no de-identified instances to archive")
+    arch = Archive(archive)
+    subject, visit = ident["subject_id"], ident.get("visit") or "unscheduled"
+    by_series: dict[str, list[dict]] = {}
+    study_uid = None
+    added = 0
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        if str(ds.get("PatientIdentityRemoved", "")).upper() != "YES":
+            raise ValueError(f"{f}: PatientIdentityRemoved is not YES; refusing to archive a non-de-identified file")
+        suid = str(ds.SeriesInstanceUID)
+        study_uid = study_uid or str(ds.StudyInstanceUID)
+        sha, was_added = arch.put_object(f, subject=subject, visit=visit, series_uid=suid, sop_uid=str(ds.SOPInstanceUID))
+        added += was_added
+        by_series.setdefault(suid, []).append({"sop_uid": str(ds.SOPInstanceUID), "sha256": sha,
+                                               "instance_number": ds.get("InstanceNumber")})
+    params = _study_params(trial)
+    records = []
+    new_versions = 0
+    for suid, inst in sorted(by_series.items()):
+        inst.sort(key=lambda i: (int(i["instance_number"]) if str(i["instance_number"] or "").isdigit() else 0, i["sop_uid"]))
+        c = _series_entry(cls, suid) or {}
+        content = {"kind": "series", "subject": subject, "visit": visit, "site": ident.get("site"),
+                   "timepoint": ident.get("timepoint"), "study_uid": study_uid, "series_uid": suid,
+                   "protocol": c.get("protocol"), "classification": {k: c.get(k) for k in ("status", "protocol", "candidates")} if c else None,
+                   "adherence": _scrub(_series_entry(adh, suid), ("files", "path")),
+                   "qc": _scrub(_series_entry(qc, suid), ("files", "path")),
+                   "instances": [{"sop_uid": i["sop_uid"], "sha256": i["sha256"]} for i in inst]}
+        rec, new = arch.put_record(f"{subject}/{visit}/series-{suid}", content, provenance(trial, "archive", params))
+        new_versions += new
+        records.append({"key": rec["key"], "version": rec["version"], "new": new})
+    exam_content = {"kind": "exam", "subject": subject, "visit": visit, "site": ident.get("site"),
+                    "device": ident.get("device"), "timepoint": ident.get("timepoint"),
+                    "shifted_date": ident.get("shifted_date"), "in_window": ident.get("in_window"),
+                    "study_uid": study_uid, "series": sorted(by_series),
+                    "adherence": _exam_level(adh, trial), "qc": _exam_level(qc, trial)}
+    rec, new = arch.put_record(f"{subject}/{visit}/exam-{study_uid}", exam_content, provenance(trial, "archive", params))
+    new_versions += new
+    return {"instances": len(files), "objects_added": added, "series": len(by_series),
+            "records": records, "new_record_versions": new_versions}

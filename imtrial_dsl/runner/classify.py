@@ -1,0 +1,236 @@
+"""Series classification: which protocol of the study did each series acquire?
+
+A protocol's match rules are ANDed (``ir.MatchRule``: matches / equals /
+contains / not_matches) and its modality must equal the series' Modality. A
+protocol without match rules matches a series whose SeriesDescription or
+ProtocolName equals the protocol's name (case-insensitive). Each series ends up
+``matched`` (one protocol), ``unmatched`` or ``ambiguous`` (several candidates,
+all listed); unreadable or truncated files are reported, never dropped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Optional
+
+from pydicom.dataset import Dataset
+
+from .. import ir
+from . import dicomio
+from .steps import Param, step
+
+
+@lru_cache(maxsize=1024)
+def _regex(pattern: str) -> re.Pattern:
+    return re.compile(pattern)
+
+
+def rule_matches(rule: ir.MatchRule, ds: Dataset) -> bool:
+    """Does one match rule hold for a header? A missing attribute only satisfies ``not_matches``."""
+    value = dicomio.get_param(ds, rule.attribute)
+    if value is dicomio.MISSING:
+        return rule.op == ir.MatchOp.NOT_MATCHES
+    if rule.op == ir.MatchOp.CONTAINS:
+        want = rule.value.strip()
+        return any(dicomio.text(v) == want for v in dicomio.as_list(value))
+    txt = dicomio.text(value)
+    if rule.op == ir.MatchOp.EQUALS:
+        return txt == rule.value.strip()
+    if rule.op == ir.MatchOp.MATCHES:
+        return _regex(rule.value).search(txt) is not None
+    if rule.op == ir.MatchOp.NOT_MATCHES:
+        return _regex(rule.value).search(txt) is None
+    raise ValueError(f"unknown match operator {rule.op!r}")
+
+
+def protocol_matches(protocol: ir.Protocol, ds: Dataset) -> bool:
+    """All of a protocol's rules hold and the modality agrees."""
+    modality = dicomio.text(dicomio.get_param(ds, "Modality"))
+    if protocol.modality and modality and protocol.modality.upper() != modality.upper():
+        return False
+    if not protocol.match:
+        names = {dicomio.text(dicomio.get_param(ds, k)).lower() for k in ("SeriesDescription", "ProtocolName")}
+        return protocol.name.lower() in names
+    return all(rule_matches(r, ds) for r in protocol.match)
+
+
+def classify_header(trial: ir.Trial, ds: Dataset) -> dict[str, Any]:
+    """``{"status": matched|unmatched|ambiguous, "protocol": name|None, "candidates": [...]}``."""
+    cands = [p.name for p in trial.protocols if protocol_matches(p, ds)]
+    if len(cands) == 1:
+        return {"status": "matched", "protocol": cands[0], "candidates": cands}
+    if not cands:
+        return {"status": "unmatched", "protocol": None, "candidates": []}
+    return {"status": "ambiguous", "protocol": None, "candidates": cands}
+
+
+# --------------------------------------------------------------------------- scanning an exam folder
+
+@dataclass
+class Instance:
+    path: Path
+    header: Dataset
+    instance_number: Optional[int]
+
+
+@dataclass
+class Series:
+    uid: str
+    instances: list[Instance] = field(default_factory=list)
+
+    @property
+    def header(self) -> Dataset:
+        """The representative header (lowest InstanceNumber)."""
+        return self.instances[0].header
+
+
+@dataclass
+class ExamScan:
+    root: Path
+    series: "OrderedDict[str, Series]"
+    problems: list[dict[str, Any]]
+
+
+def scan(folder: str | os.PathLike, *, check_pixels: bool = True) -> ExamScan:
+    """Read every file's header under ``folder`` and group instances by series.
+
+    Files that are not readable DICOM, lack a SeriesInstanceUID, or whose Pixel
+    Data is shorter than declared (``check_pixels``) are listed in ``problems``
+    with a machine-readable ``reason``.
+    """
+    root = Path(folder)
+    series: OrderedDict[str, Series] = OrderedDict()
+    problems: list[dict[str, Any]] = []
+    base = root if root.is_dir() else root.parent
+    for path in dicomio.iter_dicom_files(root):
+        rel = str(path.relative_to(base))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if check_pixels:
+                    ds, complete, detail = dicomio.read_header_checked(path)
+                else:
+                    ds, complete, detail = dicomio.read_header(path), True, "not checked"
+        except Exception as exc:  # pydicom raises many types on garbage input
+            problems.append({"file": rel, "reason": "unreadable", "detail": f"{type(exc).__name__}: {exc}"})
+            continue
+        uid = ds.get("SeriesInstanceUID")
+        if "SOPClassUID" not in ds and "Modality" not in ds:
+            problems.append({"file": rel, "reason": "not_dicom", "detail": "no SOP Class UID or Modality"})
+            continue
+        if not uid:
+            problems.append({"file": rel, "reason": "missing_series_uid", "detail": "no SeriesInstanceUID"})
+            continue
+        if not complete:
+            problems.append({"file": rel, "reason": "truncated", "detail": detail, "series_uid": str(uid)})
+            continue
+        try:
+            inum = int(ds.get("InstanceNumber")) if ds.get("InstanceNumber") not in (None, "") else None
+        except (TypeError, ValueError):
+            inum = None
+        series.setdefault(str(uid), Series(str(uid))).instances.append(Instance(path, ds, inum))
+    for s in series.values():
+        s.instances.sort(key=lambda i: (i.instance_number is None, i.instance_number or 0, str(i.path)))
+    return ExamScan(root=base, series=series, problems=problems)
+
+
+def series_summary(s: Series, root: Path) -> dict[str, Any]:
+    ds = s.header
+    num = dicomio.get_param(ds, "SeriesNumber")
+    return {
+        "series_uid": s.uid,
+        "series_number": num if isinstance(num, int) else None,
+        "series_description": dicomio.text(dicomio.get_param(ds, "SeriesDescription")),
+        "modality": dicomio.text(dicomio.get_param(ds, "Modality")),
+        "sop_class_uid": dicomio.text(dicomio.get_param(ds, "SOPClassUID")),
+        "n_instances": len(s.instances),
+        "n_frames": sum(dicomio.number_of_frames(i.header) for i in s.instances),
+        "files": [str(i.path.relative_to(root)) for i in s.instances],
+    }
+
+
+def classify_scan(trial: ir.Trial, exam_scan: ExamScan, *, expected: Optional[list[str]] = None) -> dict[str, Any]:
+    """Classification of a scanned exam (the content of classification.json).
+
+    ``expected``: protocols the exam's visit should acquire (from identity.json);
+    those without a matching series are listed under ``missing_protocols``.
+    """
+    out_series = []
+    for s in exam_scan.series.values():
+        entry = series_summary(s, exam_scan.root)
+        entry.update(classify_header(trial, s.header))
+        out_series.append(entry)
+    matched = {e["protocol"] for e in out_series if e["status"] == "matched"}
+    device = dicomio.device_identity(next(iter(exam_scan.series.values())).header) if exam_scan.series else {}
+    study_uid = ""
+    if exam_scan.series:
+        study_uid = dicomio.text(dicomio.get_param(next(iter(exam_scan.series.values())).header, "StudyInstanceUID"))
+    result = {
+        "study_instance_uid": study_uid,
+        "device": device,
+        "series": out_series,
+        "problems": exam_scan.problems,
+        "summary": {
+            "series": len(out_series),
+            "matched": sum(e["status"] == "matched" for e in out_series),
+            "unmatched": sum(e["status"] == "unmatched" for e in out_series),
+            "ambiguous": sum(e["status"] == "ambiguous" for e in out_series),
+            "problems": len(exam_scan.problems),
+        },
+    }
+    if expected is not None:
+        result["expected_protocols"] = list(expected)
+        result["missing_protocols"] = [p for p in expected if p not in matched]
+    return result
+
+
+def classify_folder(trial: ir.Trial, folder: str | os.PathLike, *, expected: Optional[list[str]] = None) -> dict[str, Any]:
+    return classify_scan(trial, scan(folder), expected=expected)
+
+
+def expected_protocols(trial: ir.Trial, visit_name: Optional[str]) -> Optional[list[str]]:
+    """Protocols a visit of the schedule acquires (None when the visit is unknown)."""
+    if not visit_name or not trial.schedule:
+        return None
+    visit = next((v for v in trial.schedule.visits if v.name == visit_name), None)
+    return [r.name for r in visit.acquire] if visit else None
+
+
+def _identity_visit(exam: Path, out: Path) -> Optional[str]:
+    for cand in (out.parent / "identity.json", exam / "results" / "identity.json"):
+        if cand.is_file():
+            try:
+                return json.loads(cand.read_text()).get("visit")
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write-temp-then-rename so a killed run never leaves half a result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+@step("classify",
+      inputs=[Param("exam", "directory", "exam folder (uses deid/ if present, else original/)")],
+      outputs=[Param("out", "file", "classification.json")])
+def classify_step(trial: ir.Trial, exam: str, out: str) -> dict:
+    """Match every series of an exam to a protocol of the study (matched / unmatched / ambiguous)."""
+    exam_p, out_p = Path(exam), Path(out)
+    visit = _identity_visit(exam_p, out_p)
+    result = classify_folder(trial, dicomio.exam_instances_dir(exam_p), expected=expected_protocols(trial, visit))
+    result["exam"] = exam_p.name
+    if visit:
+        result["visit"] = visit
+    write_json(out_p, result)
+    return {"out": str(out_p), **result["summary"]}

@@ -1,0 +1,307 @@
+"""Header helpers shared by classify, adherence, QC, synth and the runner.
+
+One entry point, :func:`get_param`, reads an acquisition parameter wherever the
+object keeps it: the top level of a classic image, or the Shared / Per-frame
+Functional Groups of an Enhanced (multi-frame) image, where the same fact may
+live under another keyword (EchoTime is EffectiveEchoTime inside MREchoSequence,
+SequenceName is PulseSequenceName, XRayTubeCurrent is XRayTubeCurrentInmA ...).
+Values come back raw, in DICOM storage units (convert with ``units.from_dicom``).
+"""
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.valuerep import DSdecimal, DSfloat, IS
+
+# Enhanced objects rename some classic attributes; the classic keyword is what
+# protocols are written in, so these are tried (in order) when it is absent.
+ALIASES: dict[str, tuple[str, ...]] = {
+    "EchoTime": ("EffectiveEchoTime",),
+    "SequenceName": ("PulseSequenceName",),
+    "InversionTime": ("InversionTimes",),
+    "XRayTubeCurrent": ("XRayTubeCurrentInmA", "XRayTubeCurrentInuA"),
+    "Exposure": ("ExposureInmAs", "ExposureInuAs"),
+    "ExposureTime": ("ExposureTimeInms",),
+    "SAR": ("SpecificAbsorptionRateValue",),
+    "ImageType": ("FrameType",),
+}
+
+# Functional-group sequences are searched this deep (macro item -> attribute -> one nested level).
+_MAX_DEPTH = 2
+
+UNCOMPRESSED_SYNTAXES = {
+    "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99",
+}
+
+
+class Missing:
+    """Sentinel for an attribute found nowhere (distinct from an empty value)."""
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return "MISSING"
+
+
+MISSING = Missing()
+
+
+def read_header(path: str | os.PathLike, *, specific_tags: Optional[list] = None) -> Dataset:
+    """Header-only read (no pixel data): what classification and adherence need."""
+    return pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=specific_tags)
+
+
+def plain(value: Any) -> Any:
+    """A pydicom value as plain Python: numbers as float/int, multi-values as lists, PN/UID as str."""
+    if isinstance(value, (MultiValue, list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, (DSfloat, DSdecimal)):
+        return float(value)
+    if isinstance(value, IS):
+        return int(value)
+    if isinstance(value, (bytes, bool)) or value is None or type(value) in (int, float, str):
+        return value
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, int):
+        return int(value)
+    return str(value)
+
+
+def _find_in_item(item: Dataset, keywords: tuple[str, ...], depth: int) -> Any:
+    for kw in keywords:
+        if kw in item:
+            elem = item[kw]
+            if elem.VR != "SQ":
+                return elem.value
+    if depth <= 0:
+        return MISSING
+    for elem in item:
+        if elem.VR == "SQ" and elem.value:
+            found = _find_in_item(elem.value[0], keywords, depth - 1)
+            if found is not MISSING:
+                return found
+    return MISSING
+
+
+def _keywords(keyword: str) -> tuple[str, ...]:
+    return (keyword,) + ALIASES.get(keyword, ())
+
+
+def _derived(ds: Dataset, keyword: str, frame: int) -> Any:
+    """Classic attributes that Enhanced MR expresses differently (PS3.3 C.8.13)."""
+    if keyword == "ScanningSequence":
+        eps = get_param(ds, "EchoPulseSequence", frame=frame)
+        if eps is MISSING:
+            return MISSING
+        base = {"GRADIENT": ["GR"], "SPIN": ["SE"], "BOTH": ["SE", "GR"]}.get(str(eps).upper(), [str(eps)])
+        ir = get_param(ds, "InversionRecovery", frame=frame)
+        if isinstance(ir, str) and ir.upper() == "YES":
+            base = base + ["IR"]
+        return base if len(base) > 1 else base[0]
+    if keyword == "InPlanePhaseEncodingDirection":
+        # Enhanced MR: MRFOVGeometrySequence carries it under the same keyword; nothing to derive.
+        return MISSING
+    return MISSING
+
+
+def get_param(ds: Dataset, keyword: str, frame: Optional[int] = None) -> Any:
+    """The raw value of ``keyword`` (classic or Enhanced object), or :data:`MISSING`.
+
+    Search order: top level; Shared Functional Groups; the Per-frame Functional
+    Groups item of ``frame`` (default the first frame); then aliases and values
+    derived from Enhanced MR attributes. Multi-valued values come back as lists.
+    """
+    kws = _keywords(keyword)
+    for kw in kws:
+        if kw in ds:
+            elem = ds[kw]
+            if elem.VR != "SQ" and not (elem.value is None or elem.value == ""):
+                return plain(elem.value)
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        found = _find_in_item(shared[0], kws, _MAX_DEPTH)
+        if found is not MISSING:
+            return plain(found)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame:
+        idx = frame or 0
+        if idx < len(per_frame):
+            found = _find_in_item(per_frame[idx], kws, _MAX_DEPTH)
+            if found is not MISSING:
+                return plain(found)
+    # present-but-empty top-level element counts as present with empty value
+    for kw in kws:
+        if kw in ds and ds[kw].VR != "SQ":
+            return plain(ds[kw].value)
+    return _derived(ds, keyword, frame or 0)
+
+
+def get_param_values(ds: Dataset, keyword: str) -> list[Any]:
+    """Every distinct value of ``keyword`` across frames (one entry for classic objects).
+
+    Per-frame attributes of an Enhanced object (e.g. a multi-echo EffectiveEchoTime)
+    can differ between frames; adherence requires all of them to conform.
+    """
+    first = get_param(ds, keyword)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if not per_frame or len(per_frame) < 2 or _in_top_or_shared(ds, keyword):
+        return [first]
+    out: list[Any] = []
+    for i in range(len(per_frame)):
+        v = get_param(ds, keyword, frame=i)
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def _in_top_or_shared(ds: Dataset, keyword: str) -> bool:
+    kws = _keywords(keyword)
+    if any(kw in ds for kw in kws):
+        return True
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    return bool(shared) and _find_in_item(shared[0], kws, _MAX_DEPTH) is not MISSING
+
+
+def as_list(value: Any) -> list[Any]:
+    """A raw value as a list of its values (a single value becomes a one-element list)."""
+    if value is MISSING or value is None:
+        return []
+    if isinstance(value, list):
+        return value
+    if isinstance(value, str) and "\\" in value:
+        return value.split("\\")
+    return [value]
+
+
+def text(value: Any) -> str:
+    """A raw value as the text DICOM would show (multi-values joined with a backslash)."""
+    if value is MISSING or value is None:
+        return ""
+    if isinstance(value, list):
+        return "\\".join(text(v) for v in value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def device_identity(ds: Dataset) -> dict[str, Any]:
+    """The scanner identity an exam reports (Manufacturer etc.), SoftwareVersions as a list."""
+    sw = get_param(ds, "SoftwareVersions")
+    return {
+        "manufacturer": text(get_param(ds, "Manufacturer")),
+        "model": text(get_param(ds, "ManufacturerModelName")),
+        "serial": text(get_param(ds, "DeviceSerialNumber")),
+        "station": text(get_param(ds, "StationName")),
+        "institution": text(get_param(ds, "InstitutionName")),
+        "software": [str(v).strip() for v in as_list(sw)],
+        "modality": text(get_param(ds, "Modality")),
+    }
+
+
+def number_of_frames(ds: Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def frame_geometry(ds: Dataset) -> list[tuple[Optional[list[float]], Optional[list[float]]]]:
+    """(ImagePositionPatient, ImageOrientationPatient) of every frame of an instance."""
+    n = number_of_frames(ds)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    out = []
+    for i in range(n):
+        pos = get_param(ds, "ImagePositionPatient", frame=i if per_frame else None)
+        ori = get_param(ds, "ImageOrientationPatient", frame=i if per_frame else None)
+        out.append((
+            [float(x) for x in pos] if isinstance(pos, list) and len(pos) == 3 else None,
+            [float(x) for x in ori] if isinstance(ori, list) and len(ori) == 6 else None,
+        ))
+    return out
+
+
+def read_header_checked(path: str | os.PathLike) -> tuple[Dataset, bool, str]:
+    """Header-only read plus a Pixel Data length check, with one open of the file.
+
+    A truncated file still yields a readable header, so completeness is checked
+    from the file itself: pydicom stops right at the (7FE0,0010) element; its
+    declared length is compared with the image geometry and with the bytes that
+    are really there. Compressed (encapsulated) pixel data is not length-checked.
+    Returns (header, complete, detail).
+    """
+    with open(path, "rb") as fp:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+        start = fp.tell()
+        head = fp.read(12)
+        size = os.fstat(fp.fileno()).st_size
+    ok, detail = _pixel_length_ok(ds, head, size - start)
+    return ds, ok, detail
+
+
+def pixel_data_complete(path: str | os.PathLike) -> tuple[bool, str]:
+    """(complete, detail) for one file; see :func:`read_header_checked`."""
+    _, ok, detail = read_header_checked(path)
+    return ok, detail
+
+
+def _pixel_length_ok(ds: Dataset, head: bytes, remaining: int) -> tuple[bool, str]:
+    if "Rows" not in ds or "Columns" not in ds:
+        return True, "no image"
+    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "1.2.840.10008.1.2.1"))
+    if ts not in UNCOMPRESSED_SYNTAXES:
+        return True, "compressed pixel data not length-checked"
+    big = ts == "1.2.840.10008.1.2.2"
+    if head[:4] != struct.pack(">HH" if big else "<HH", 0x7FE0, 0x0010):
+        return False, "no Pixel Data element"
+    if ts != "1.2.840.10008.1.2" and len(head) >= 12:
+        length, header = struct.unpack(">I" if big else "<I", head[8:12])[0], 12
+    elif len(head) >= 8:
+        length, header = struct.unpack("<I", head[4:8])[0], 8
+    else:
+        return False, "file truncated inside the Pixel Data element header"
+    if length == 0xFFFFFFFF:
+        return True, "undefined length"
+    expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+                * int(ds.get("BitsAllocated", 16) or 16) * number_of_frames(ds) + 7) // 8
+    available = remaining - header
+    if length < expected:
+        return False, f"Pixel Data declares {length} bytes, geometry needs {expected}"
+    if available < length:
+        return False, f"file truncated: Pixel Data declares {length} bytes, {max(available, 0)} present"
+    return True, "ok"
+
+
+def iter_dicom_files(root: str | os.PathLike) -> Iterator[Path]:
+    """Every regular file under ``root`` in a stable order (DICOM files often have no extension)."""
+    root = Path(root)
+    if root.is_file():
+        yield root
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.startswith(".") or name.endswith((".json", ".txt", ".csv")):
+                continue
+            yield Path(dirpath) / name
+
+
+def exam_instances_dir(exam: str | os.PathLike) -> Path:
+    """Where an exam folder keeps its instances: ``deid/`` if present, else ``original/``, else itself."""
+    exam = Path(exam)
+    for sub in ("deid", "original"):
+        if (exam / sub).is_dir():
+            return exam / sub
+    return exam
+
+
+def first_present(ds: Dataset, keywords: Iterable[str]) -> Any:
+    for kw in keywords:
+        v = get_param(ds, kw)
+        if v is not MISSING:
+            return v
+    return MISSING

@@ -1,0 +1,436 @@
+"""Step 2, identify: research subject IDs from a persistent registry, site from the device inventory,
+visit/time point from the schedule.
+
+Registry design (site-side, in ``W/state.sqlite``):
+
+* lookup key = ``hmac:`` + HMAC-SHA256(key, trial ␀ issuer ␀ attr=value…) when the study names a key
+  (``identifiers { key env … }``); the trial code is inside the MAC, so one person in two trials gets two
+  unlinkable keys and two independently numbered subject IDs. Without a key the lookup key is
+  ``plain:`` + the identifier (documented; use a key in production).
+* ``identity_audit`` keeps the original identifier ↔ subject ID map the site needs to act on findings;
+  it is never read for lookups and :meth:`State.purge_audit_map` drops it.
+* Assignment runs inside one ``BEGIN IMMEDIATE`` transaction, so concurrent runs cannot hand out a
+  sequence number twice.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import hmac
+import json
+import os
+import re
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from .steps import Param, step
+
+# ----------------------------------------------------------------------------- check digits
+
+_ALNUM = re.compile(r"[0-9A-Za-z]")
+
+
+def _digits(body: str) -> str:
+    """Letters become their ISO 7064 / IBAN values (A=10 … Z=35); separators are ignored."""
+    return "".join(str(int(c, 36)) for c in body if _ALNUM.match(c))
+
+
+def mod97(body: str) -> str:
+    """ISO 7064 MOD 97-10 (as in IBAN): two check digits making ``body+check`` ≡ 1 (mod 97)."""
+    n = int(_digits(body) or "0")
+    return f"{98 - (n * 100) % 97:02d}"
+
+
+def luhn(body: str) -> str:
+    """Luhn (mod 10) check digit over the digit string."""
+    total = 0
+    for i, ch in enumerate(reversed(_digits(body))):
+        d = int(ch)
+        if i % 2 == 0:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return str((10 - total % 10) % 10)
+
+
+def iso7064_mod11_2(body: str) -> str:
+    """ISO 7064 MOD 11-2 (as in ORCID/ISNI): one check character, 0-9 or X."""
+    total = 0
+    for ch in _digits(body):
+        total = (total + int(ch)) * 2
+    r = (12 - total % 11) % 11
+    return "X" if r == 10 else str(r)
+
+
+CHECKS = {"mod97": mod97, "luhn": luhn, "iso7064": iso7064_mod11_2, "mod11": iso7064_mod11_2}
+
+
+def check_digit(body: str, algorithm: str) -> str:
+    try:
+        return CHECKS[algorithm](body)
+    except KeyError:
+        raise ValueError(f"unknown check digit algorithm {algorithm!r}; known: {', '.join(sorted(CHECKS))}") from None
+
+
+def verify_check(subject_id: str, algorithm: str) -> bool:
+    """True when the trailing check digit(s) of ``subject_id`` are right."""
+    width = 2 if algorithm == "mod97" else 1
+    return check_digit(subject_id[:-width], algorithm) == subject_id[-width:]
+
+
+def format_subject_id(fmt: str, *, site: str, seq: int, study: str = "", algorithm: Optional[str] = None) -> str:
+    """Fill ``{site}``, ``{seq:04}``, ``{study}``; ``{check}`` is computed over everything written before it."""
+    head, sep, tail = fmt.partition("{check}")
+    text = head.format(site=site, seq=seq, study=study)
+    if sep:
+        if not algorithm:
+            algorithm = "mod97"
+        text += check_digit(text, algorithm) + tail.format(site=site, seq=seq, study=study)
+    return text
+
+
+# ----------------------------------------------------------------------------- keys and lookup keys
+
+class IdentifyError(Exception):
+    """A problem that stops identification of one exam (reported, never silently skipped)."""
+
+    def __init__(self, code: str, detail: str):
+        self.code, self.detail = code, detail
+        super().__init__(f"{code}: {detail}")
+
+
+def load_key(source) -> Optional[bytes]:
+    """Key bytes from ``KeySource`` (env var or file); None when ``source`` is None. Never logged."""
+    if source is None:
+        return None
+    if source.kind == "env":
+        val = os.environ.get(source.ref)
+        if not val:
+            raise IdentifyError("key_missing", f"environment variable {source.ref} is not set")
+        return val.encode()
+    p = Path(source.ref).expanduser()
+    if not p.is_file():
+        raise IdentifyError("key_missing", f"key file {source.ref} does not exist")
+    data = p.read_bytes().strip()
+    if not data:
+        raise IdentifyError("key_missing", f"key file {source.ref} is empty")
+    return data
+
+
+def source_key(trial_code: str, values: dict[str, Optional[str]], issuer: Optional[str], key: Optional[bytes]) -> str:
+    parts = [trial_code, issuer or ""] + [f"{k}={values.get(k) or ''}" for k in sorted(values)]
+    msg = "\x00".join(parts).encode()
+    if key:
+        return "hmac:" + hmac.new(key, msg, hashlib.sha256).hexdigest()
+    return "plain:" + "\x00".join(parts[1:])
+
+
+# ----------------------------------------------------------------------------- devices
+
+def match_device(trial, device: dict) -> tuple[Optional[Any], Optional[Any], str]:
+    """(site, device, how) from the inventory: by serial, then station, then vendor+model when unique."""
+    from ..vendors import normalize_vendor
+
+    pairs = trial.devices()
+    serial = (device.get("serial") or "").strip()
+    station = (device.get("station") or "").strip()
+    if serial:
+        hits = [(s, d) for s, d in pairs if d.serial and d.serial.strip() == serial]
+        if hits:
+            return hits[0][0], hits[0][1], "serial"
+    if station:
+        hits = [(s, d) for s, d in pairs if d.station and d.station.strip().lower() == station.lower()]
+        if len(hits) == 1:
+            return hits[0][0], hits[0][1], "station"
+    vendor = normalize_vendor(device.get("manufacturer"))
+    model = (device.get("model") or "").strip().lower()
+    if vendor and model:
+        hits = [(s, d) for s, d in pairs if d.vendor == vendor and (d.model or "").strip().lower() == model]
+        if len(hits) == 1:
+            return hits[0][0], hits[0][1], "model"
+    return None, None, "none"
+
+
+# ----------------------------------------------------------------------------- visits
+
+def parse_date(text: Optional[str]) -> Optional[_dt.date]:
+    if not text:
+        return None
+    text = str(text).strip().replace("-", "")[:8]
+    try:
+        return _dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        return None
+
+
+def _window(v) -> tuple[float, float]:
+    lo = v.offset.days - (abs(v.window_before.days) if v.window_before else 0)
+    hi = v.offset.days + (abs(v.window_after.days) if v.window_after else 0)
+    return lo, hi
+
+
+def protocols_present(trial, series: list[dict]) -> set[str]:
+    """Protocols whose SeriesDescription/modality rules a series obviously meets (a hint for screening
+    vs baseline; the classify step does the real classification later)."""
+    found = set()
+    for p in trial.protocols:
+        rules = [r for r in p.match if r.attribute in ("SeriesDescription",)]
+        for s in series:
+            if s.get("modality") and p.modality and s["modality"] != p.modality:
+                continue
+            desc = s.get("description") or ""
+            ok = bool(rules)
+            for r in rules:
+                op = getattr(r.op, "value", r.op)
+                try:
+                    if op == "matches":
+                        ok = ok and re.search(r.value, desc) is not None
+                    elif op == "not_matches":
+                        ok = ok and re.search(r.value, desc) is None
+                    elif op == "equals":
+                        ok = ok and desc == r.value
+                    else:
+                        ok = ok and r.value in desc
+                except re.error:
+                    ok = False
+            if ok:
+                found.add(p.name)
+    return found
+
+
+def assign_visit(trial, exam_date: _dt.date, prior: list[dict], present: set[str]) -> dict:
+    """Visit of one exam given the subject's earlier exams (``[{date, visit, visit_kind}]``).
+
+    First exam: baseline, unless the study has a screening visit — then screening, except when the exam
+    holds a protocol the baseline acquires and screening does not. Later exams: relative to the baseline
+    date (or to screening − its offset while no baseline exists), the visit whose window contains the date;
+    none → the nearest visit, flagged out of window.
+    """
+    sched = trial.schedule
+    visits = list(sched.visits) if sched else []
+    if not visits:
+        return {"visit": "baseline" if not prior else "unscheduled", "visit_kind": "baseline" if not prior else "unscheduled",
+                "days_from_baseline": None, "in_window": True, "anchor": exam_date if not prior else None, "visit_obj": None}
+    screening = next((v for v in visits if v.kind == "screening"), None)
+    baseline = next((v for v in visits if v.kind == "baseline"), None) or \
+        next((v for v in visits if v.offset.days == 0 and v.kind != "screening"), None) or \
+        next(v for v in visits if v.kind != "screening")
+    followups = [v for v in visits if v is not screening and v is not baseline]
+
+    same_day = [p for p in prior if p["date"] == exam_date and p.get("visit")]
+    if same_day:
+        v = next((x for x in visits if x.name == same_day[0]["visit"]), None)
+        return {"visit": same_day[0]["visit"], "visit_kind": same_day[0].get("visit_kind"),
+                "days_from_baseline": same_day[0].get("days_from_baseline"), "in_window": same_day[0].get("in_window", True),
+                "anchor": None, "visit_obj": v, "same_day": True}
+
+    base_prior = [p for p in prior if p.get("visit") == baseline.name]
+    scr_prior = [p for p in prior if screening is not None and p.get("visit") == screening.name]
+    if base_prior:
+        anchor = min(p["date"] for p in base_prior)
+    elif scr_prior:
+        anchor = min(p["date"] for p in scr_prior) - _dt.timedelta(days=screening.offset.days)
+    else:
+        anchor = None
+
+    if anchor is None and not prior:
+        if screening is not None:
+            only_baseline = {r.name for r in baseline.acquire} - {r.name for r in screening.acquire}
+            if not (present & only_baseline):
+                return _result(screening, screening.offset.days, True, exam_date - _dt.timedelta(days=screening.offset.days))
+        return _result(baseline, 0.0, True, exam_date)
+    if anchor is None:  # earlier exams exist but none is screening/baseline: the earliest anchors the schedule
+        anchor = min(p["date"] for p in prior)
+    days = float((exam_date - anchor).days)
+    if not base_prior:
+        lo, hi = _window(baseline)
+        if days < (_window(screening)[1] if screening else lo) and screening is not None and not scr_prior:
+            return _result(screening, days, _window(screening)[0] <= days <= _window(screening)[1], None)
+        if not followups or days <= hi or not any(_window(v)[0] <= days <= _window(v)[1] for v in followups):
+            return _result(baseline, 0.0, lo <= days <= hi, exam_date)
+    cands = [(abs(days - v.offset.days), v) for v in followups if _window(v)[0] <= days <= _window(v)[1]]
+    if cands:
+        return _result(min(cands, key=lambda c: c[0])[1], days, True, None)
+    pool = followups or [baseline]
+    nearest = min(pool, key=lambda v: abs(days - v.offset.days))
+    return _result(nearest, days, False, None)
+
+
+def _result(v, days, in_window, anchor) -> dict:
+    return {"visit": v.name, "visit_kind": v.kind, "days_from_baseline": days, "in_window": bool(in_window),
+            "anchor": anchor, "visit_obj": v}
+
+
+def timepoint_description(v, days) -> str:
+    if v is None:
+        return "unscheduled"
+    unit = v.offset.source_unit or "day"
+    return f"{v.kind} visit {v.name} (target {unit} {v.offset.source_value:g})"
+
+
+# ----------------------------------------------------------------------------- registry
+
+def connect_registry(registry: str | Path) -> sqlite3.Connection:
+    """An autocommit connection to the registry file (schema created when new)."""
+    from .state import SCHEMA
+
+    Path(registry).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(str(registry), timeout=60, isolation_level=None)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA busy_timeout=60000")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(SCHEMA)
+    return db
+
+
+def shifted_date(trial, subject_id: str, exam_date: Optional[_dt.date]) -> Optional[str]:
+    """The exam date as the de-identified data will show it (the de-identification step owns the shift)."""
+    if exam_date is None:
+        return None
+    try:
+        from . import deid
+    except ImportError:
+        return None
+    fn = getattr(deid, "subject_date_shift", None)
+    if fn is None:
+        return None
+    try:
+        shift = fn(trial, subject_id)
+    except Exception:  # a missing key is reported by the deidentify step itself
+        return None
+    if shift is None:  # dates kept as they are (full dates retained) or not kept at all
+        opts = {getattr(o, "value", o) for o in (trial.deidentify.options if trial.deidentify else [])}
+        return exam_date.strftime("%Y%m%d") if "retain_longitudinal_full_dates" in opts else None
+    return (exam_date + _dt.timedelta(days=int(shift))).strftime("%Y%m%d")
+
+
+def identify_exam(trial, exam: dict, db: sqlite3.Connection, *, exam_key: Optional[str] = None) -> dict:
+    """Assign subject, site, device, visit for one exam (exam.json content); writes the registry.
+
+    Returns the identity (no original identifiers) plus ``exam_date`` (real, site-side) and ``warnings``.
+    Raises :class:`IdentifyError` for an exam that cannot be identified.
+    """
+    ids = trial.identifiers
+    code = trial.study.code if trial.study else "TRIAL"
+    attrs = list(ids.source) if ids and ids.source else ["PatientID"]
+    issuer_attr = ids.issuer if ids else "IssuerOfPatientID"
+    patient = exam.get("patient", {})
+    values = {a: (str(patient.get(a)) if patient.get(a) not in (None, "") else None) for a in attrs}
+    if not any(values.values()):
+        raise IdentifyError("no_source_identifier", f"none of {', '.join(attrs)} is present")
+    issuer = str(patient.get(issuer_attr) or "") if issuer_attr else ""
+    key = load_key(ids.key if ids else None)
+    skey = source_key(code, values, issuer, key)
+    exam_key = exam_key or exam["exam_key"]
+    warnings: list[dict] = []
+
+    site, device, how = match_device(trial, exam.get("device", {}))
+    dev = exam.get("device", {})
+    if device is None:
+        warnings.append({"code": "unknown_device", "detail": "device not in the inventory: " + ", ".join(
+            f"{k}={dev.get(k)}" for k in ("manufacturer", "model", "serial", "station") if dev.get(k))})
+    exam_date = parse_date(exam.get("study_date"))
+    if exam_date is None:
+        raise IdentifyError("no_exam_date", "StudyDate/SeriesDate/AcquisitionDate are all missing or invalid")
+    present = protocols_present(trial, exam.get("series", []))
+
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        row = db.execute("SELECT * FROM subjects WHERE trial=? AND source_key=?", (code, skey)).fetchone()
+        if row is None:
+            if site is None:
+                if len(trial.sites) == 1:
+                    site = trial.sites[0]
+                else:
+                    raise IdentifyError("unmatched", "unknown device and unknown subject: no site can be assigned")
+            seq_row = db.execute("SELECT next_seq FROM subject_seq WHERE trial=? AND site=?", (code, site.code)).fetchone()
+            seq = seq_row["next_seq"] if seq_row else 1
+            fmt = ids.subject_format if ids else f"{code}-{{site}}-{{seq:04}}"
+            subject_id = format_subject_id(fmt, site=site.code, seq=seq, study=code, algorithm=ids.check_digit if ids else None)
+            db.execute("INSERT OR REPLACE INTO subject_seq(trial, site, next_seq) VALUES (?, ?, ?)", (code, site.code, seq + 1))
+            db.execute("INSERT INTO subjects(trial, source_key, subject_id, site, seq, created) VALUES (?, ?, ?, ?, ?, ?)",
+                       (code, skey, subject_id, site.code, seq, time.time()))
+            subject_site = site.code
+        else:
+            subject_id, subject_site = row["subject_id"], row["site"]
+            if site is None:
+                site = trial.site(subject_site)
+            elif site.code != subject_site:
+                warnings.append({"code": "site_change", "detail": f"subject enrolled at {subject_site}, exam at {site.code}"})
+        for attr, val in values.items():
+            if val is not None:
+                db.execute("INSERT OR IGNORE INTO identity_audit(trial, subject_id, source_attr, source_value, issuer, "
+                           "exam_key, recorded) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (code, subject_id, attr, val, issuer, exam_key, time.time()))
+        prior_rows = db.execute("SELECT exam_key, exam_date, visit, visit_kind, days_from_baseline, in_window, device "
+                                "FROM exams WHERE trial=? AND subject_id=? AND exam_key != ? AND visit IS NOT NULL",
+                                (code, subject_id, exam_key)).fetchall()
+        prior = [{"date": parse_date(r["exam_date"]), "visit": r["visit"], "visit_kind": r["visit_kind"],
+                  "days_from_baseline": r["days_from_baseline"], "in_window": bool(r["in_window"]), "device": r["device"]}
+                 for r in prior_rows if parse_date(r["exam_date"])]
+        v = assign_visit(trial, exam_date, prior, present)
+        if v["anchor"] is not None and v["visit_kind"] == "baseline":
+            db.execute("UPDATE subjects SET baseline_date=? WHERE trial=? AND source_key=?",
+                       (v["anchor"].strftime("%Y%m%d"), code, skey))
+        if not v["in_window"]:
+            warnings.append({"code": "out_of_window", "detail": f"{v['visit']}: day {v['days_from_baseline']:g} is outside the window"})
+        # software upgrades and the same-device rule are the adherence step's findings (it gets prior_devices)
+        prior_devices = sorted({p["device"] for p in prior if p["device"]})
+        now = time.time()
+        db.execute("INSERT OR IGNORE INTO exams(exam_key, created, updated) VALUES (?, ?, ?)", (exam_key, now, now))
+        db.execute("UPDATE exams SET study_uid=?, trial=?, subject_id=?, site=?, device=?, visit=?, visit_kind=?, "
+                   "exam_date=?, days_from_baseline=?, in_window=?, warnings=?, updated=? WHERE exam_key=?",
+                   (exam.get("study_uid"), code, subject_id, site.code if site else subject_site,
+                    device.id if device else None, v["visit"], v["visit_kind"], exam_date.strftime("%Y%m%d"),
+                    v["days_from_baseline"], int(v["in_window"]), json.dumps(warnings), now, exam_key))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    site_obj = site or trial.site(subject_site)
+    identity = {
+        "trial": code, "subject_id": subject_id, "site": site_obj.code if site_obj else subject_site,
+        "site_name": site_obj.name if site_obj else None, "device": device.id if device else None,
+        "device_match": how, "device_reported": {k: dev.get(k) for k in ("manufacturer", "model", "software", "serial", "station")},
+        "visit": v["visit"], "visit_kind": v["visit_kind"], "timepoint": v["visit"],
+        "timepoint_description": timepoint_description(v["visit_obj"], v["days_from_baseline"]),
+        "days_from_baseline": v["days_from_baseline"], "in_window": v["in_window"],
+        "shifted_date": shifted_date(trial, subject_id, exam_date), "exam_key": exam_key,
+        "prior_devices": prior_devices, "warnings": warnings,
+    }
+    return {"identity": identity, "exam_date": exam_date.strftime("%Y%m%d")}
+
+
+def unmatched_identity(trial, exam: dict, error: IdentifyError) -> dict:
+    code = trial.study.code if trial.study else "TRIAL"
+    return {"trial": code, "subject_id": None, "site": None, "site_name": None, "device": None, "visit": None,
+            "visit_kind": None, "timepoint": None, "timepoint_description": None, "days_from_baseline": None,
+            "in_window": None, "shifted_date": None, "exam_key": exam.get("exam_key"),
+            "warnings": [{"code": error.code, "detail": error.detail}]}
+
+
+@step("identify",
+      inputs=[Param("exam", "directory", "An ingested exam (exam.json + original/)"),
+              Param("registry", "file", "SQLite identity registry (W/state.sqlite)")],
+      outputs=[Param("out", "file", "identity.json (no original identifiers)")])
+def identify(trial, exam, registry, out) -> dict:
+    """Assign the research subject ID, site, device and visit of one exam; write identity.json."""
+    from .ingest import atomic_write_json
+
+    exam_info = json.loads((Path(exam) / "exam.json").read_text())
+    db = connect_registry(registry)
+    try:
+        try:
+            res = identify_exam(trial, exam_info, db)
+            identity = res["identity"]
+        except IdentifyError as err:
+            identity = unmatched_identity(trial, exam_info, err)
+            atomic_write_json(Path(out), identity)
+            return {"ok": False, "error": err.code, "detail": err.detail, "identity": identity}
+    finally:
+        db.close()
+    atomic_write_json(Path(out), identity)
+    return {"ok": True, "identity": identity}

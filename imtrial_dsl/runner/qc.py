@@ -1,0 +1,393 @@
+"""Pixel QC with numpy: built-in metrics over one series' volume.
+
+Metric names and their threshold parameter are those of ``ir.QcCheck.metric``
+(documented in docs/language.md and docs/adherence_qc.md):
+
+============== ================ ==========================================================
+metric         parameter        measured value
+============== ================ ==========================================================
+snr            min              mean foreground signal / noise sigma (background corners;
+                                 MR magnitude corrected for the Rayleigh bias, 0.655)
+ghosting       max              (mean background along phase encoding - mean background
+                                 along frequency encoding) / mean signal
+clipping       max_fraction     fraction of foreground voxels at the largest (or smallest)
+                                 storable value of BitsStored
+dynamic_range  min              bits used: log2(p99.5 - p0.5 of stored values + 1)
+slice_spacing  tolerance        largest deviation (mm) of a slice step from the median step
+missing_slices max              slices missing: gaps in positions along the normal or in
+                                 InstanceNumber
+noise          max              noise sigma inside the object (rescaled units, e.g. HU): robust
+                                 MAD of neighbour differences / sqrt(2), so anatomy does not count
+============== ================ ==========================================================
+
+An unknown metric or parameter is an error value in the result, never an exception.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import pydicom
+
+from .. import ir
+from ..diagnostics import did_you_mean
+from . import dicomio
+from .steps import Param, step
+
+
+@dataclass
+class Volume:
+    """One series as a (slices, rows, columns) array, sorted along the slice normal."""
+
+    data: np.ndarray            # rescaled values (float32)
+    stored: np.ndarray          # stored integer values (for clipping / dynamic range)
+    positions: list[Optional[float]]  # slice position along the normal (mm)
+    instance_numbers: list[Optional[int]]
+    modality: str
+    pe_direction: Optional[str]
+    bits_stored: int
+    signed: bool
+
+
+def _frames(ds: pydicom.Dataset) -> np.ndarray:
+    arr = ds.pixel_array
+    if dicomio.number_of_frames(ds) == 1:
+        arr = arr[np.newaxis, ...]
+    if arr.ndim == 4:  # colour: QC runs on luminance-like mean
+        arr = arr.mean(axis=-1)
+    return arr
+
+
+def _rescale(ds: pydicom.Dataset, frame: int) -> tuple[float, float]:
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") is not None
+    slope = dicomio.get_param(ds, "RescaleSlope", frame=frame if per_frame else None)
+    inter = dicomio.get_param(ds, "RescaleIntercept", frame=frame if per_frame else None)
+    s = float(slope) if isinstance(slope, (int, float)) else 1.0
+    i = float(inter) if isinstance(inter, (int, float)) else 0.0
+    return s, i
+
+
+def load_volume(paths: Sequence[str | Path]) -> Volume:
+    """Read a series' pixel data (classic: one frame per file; Enhanced: all frames of each file)."""
+    slices: list[tuple[tuple, np.ndarray, float, float, Optional[float], Optional[int]]] = []
+    first = None
+    for p in paths:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(p, force=True)
+        if first is None:
+            first = ds
+        arr = _frames(ds)
+        geo = dicomio.frame_geometry(ds)
+        inum = dicomio.get_param(ds, "InstanceNumber")
+        for k in range(arr.shape[0]):
+            pos, ori = geo[k] if k < len(geo) else (None, None)
+            z = None
+            if pos is not None and ori is not None:
+                normal = np.cross(np.array(ori[:3]), np.array(ori[3:]))
+                z = float(np.dot(normal, np.array(pos)))
+            slope, inter = _rescale(ds, k)
+            n = inum * 1000 + k if isinstance(inum, int) and arr.shape[0] > 1 else (inum if isinstance(inum, int) else None)
+            slices.append(((z is None, z or 0.0, n or 0), arr[k], slope, inter, z, n))
+    if first is None:
+        raise ValueError("no instances")
+    slices.sort(key=lambda s: s[0])
+    stored = np.stack([s[1] for s in slices]).astype(np.int64 if np.issubdtype(slices[0][1].dtype, np.integer) else np.float64)
+    data = np.stack([s[1].astype(np.float32) * s[2] + s[3] for s in slices]).astype(np.float32)
+    pe = dicomio.get_param(first, "InPlanePhaseEncodingDirection")
+    return Volume(
+        data=data, stored=stored,
+        positions=[s[4] for s in slices], instance_numbers=[s[5] for s in slices],
+        modality=dicomio.text(dicomio.get_param(first, "Modality")),
+        pe_direction=str(pe).upper() if isinstance(pe, str) and pe else None,
+        bits_stored=int(first.get("BitsStored", 16) or 16),
+        signed=int(first.get("PixelRepresentation", 0) or 0) == 1,
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold on a 1-D array of intensities."""
+    v = values[np.isfinite(values)].ravel()
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        return lo
+    hist, edges = np.histogram(v, bins=bins, range=(lo, hi))
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centers)
+    mu0 = np.divide(m0, w0, out=np.zeros_like(m0, dtype=float), where=w0 > 0)
+    mu1 = np.divide(m0[-1] - m0, w1, out=np.zeros_like(m0, dtype=float), where=w1 > 0)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(centers[int(np.argmax(between))])
+
+
+def foreground(vol: Volume) -> np.ndarray:
+    return vol.data > otsu_threshold(vol.data)
+
+
+def _central_slices(vol: Volume) -> slice:
+    n = vol.data.shape[0]
+    if n < 3:
+        return slice(0, n)
+    return slice(n // 3, n - n // 3)
+
+
+def _corners(shape: tuple[int, int]) -> list[tuple[slice, slice]]:
+    r, c = shape
+    h, w = max(2, r // 8), max(2, c // 8)
+    return [(slice(0, h), slice(0, w)), (slice(0, h), slice(c - w, c)),
+            (slice(r - h, r), slice(0, w)), (slice(r - h, r), slice(c - w, c))]
+
+
+def noise_sigma(vol: Volume, mask: np.ndarray) -> Optional[float]:
+    """Noise sigma from background corners (outside the object); MR magnitude corrected for Rayleigh bias."""
+    sl = _central_slices(vol)
+    d, m = vol.data[sl], mask[sl]
+    vals = []
+    for rs, cs in _corners(d.shape[1:]):
+        block, bm = d[:, rs, cs], m[:, rs, cs]
+        vals.append(block[~bm])
+    bg = np.concatenate([v.ravel() for v in vals]) if vals else np.array([])
+    if bg.size < 8:
+        return None
+    sd = float(bg.std())
+    if vol.modality == "MR":
+        sd /= 0.655  # std of a Rayleigh background is 0.655 sigma (Henkelman 1985)
+    return sd
+
+
+def _bbox(mask2d: np.ndarray) -> Optional[tuple[int, int, int, int]]:
+    rows = np.where(mask2d.any(axis=1))[0]
+    cols = np.where(mask2d.any(axis=0))[0]
+    if rows.size == 0 or cols.size == 0:
+        return None
+    return int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+
+
+# --------------------------------------------------------------------------- metrics
+# Each returns (measured value, detail dict); raise MetricError for a value that cannot be measured.
+
+class MetricError(Exception):
+    pass
+
+
+def m_snr(vol: Volume) -> tuple[float, dict]:
+    mask = foreground(vol)
+    sl = _central_slices(vol)
+    sig = vol.data[sl][mask[sl]]
+    if sig.size == 0:
+        raise MetricError("no foreground signal")
+    sigma = noise_sigma(vol, mask)
+    if not sigma:
+        raise MetricError("no background noise region (object fills the field of view, or noise-free data)")
+    signal = float(sig.mean())
+    return signal / sigma, {"signal": signal, "noise_sigma": sigma}
+
+
+def m_ghosting(vol: Volume) -> tuple[float, dict]:
+    mask = foreground(vol)
+    sl = _central_slices(vol)
+    d, m = vol.data[sl], mask[sl]
+    # the object's box from clearly bright voxels, so ghost replicas (dimmer) do not widen it
+    bright = d > 0.5 * float(np.percentile(d, 99))
+    box = _bbox(bright.any(axis=0))
+    if box is None:
+        raise MetricError("no foreground signal")
+    r0, r1, c0, c1 = box
+    proj = bright.any(axis=0)
+    R, C = proj.shape
+    margin_r, margin_c = max(1, (r1 - r0) // 16), max(1, (c1 - c0) // 16)
+    # ROW: phase encoded along the row direction, ghosts displaced across columns
+    pe = vol.pe_direction or "COL"
+    left = d[:, r0:r1 + 1, 0:max(0, c0 - margin_c)]
+    right = d[:, r0:r1 + 1, min(C, c1 + 1 + margin_c):C]
+    top = d[:, 0:max(0, r0 - margin_r), c0:c1 + 1]
+    bottom = d[:, min(R, r1 + 1 + margin_r):R, c0:c1 + 1]
+    horiz = np.concatenate([left.ravel(), right.ravel()])
+    vert = np.concatenate([top.ravel(), bottom.ravel()])
+    pe_bg, fe_bg = (horiz, vert) if pe == "ROW" else (vert, horiz)
+    if pe_bg.size == 0 or fe_bg.size == 0:
+        raise MetricError("no background on both sides of the object along phase and frequency encoding")
+    signal = float(d[m].mean())
+    ratio = (float(pe_bg.mean()) - float(fe_bg.mean())) / signal
+    return max(0.0, ratio), {"phase_encoding": pe, "assumed_phase_encoding": vol.pe_direction is None,
+                             "pe_background": float(pe_bg.mean()), "fe_background": float(fe_bg.mean()), "signal": signal}
+
+
+def m_clipping(vol: Volume) -> tuple[float, dict]:
+    bits = vol.bits_stored
+    hi = (1 << (bits - 1)) - 1 if vol.signed else (1 << bits) - 1
+    lo = -(1 << (bits - 1)) if vol.signed else None
+    mask = foreground(vol)
+    st = vol.stored[mask] if mask.any() else vol.stored.ravel()
+    clipped = int((st >= hi).sum()) + (int((st <= lo).sum()) if lo is not None else 0)
+    return clipped / max(1, st.size), {"clipped_voxels": clipped, "voxels": int(st.size), "max_storable": hi}
+
+
+def m_dynamic_range(vol: Volume) -> tuple[float, dict]:
+    p_lo, p_hi = np.percentile(vol.stored, [0.5, 99.5])
+    return float(math.log2(max(0.0, float(p_hi - p_lo)) + 1.0)), {"p0_5": float(p_lo), "p99_5": float(p_hi)}
+
+
+def _steps(vol: Volume) -> tuple[np.ndarray, float]:
+    z = [p for p in vol.positions if p is not None]
+    if len(z) < 2:
+        return np.array([]), 0.0
+    diffs = np.diff(np.array(sorted(z)))
+    nominal = float(np.median(diffs))
+    return diffs, nominal
+
+
+def m_slice_spacing(vol: Volume) -> tuple[float, dict]:
+    if any(p is None for p in vol.positions):
+        raise MetricError("slices lack ImagePositionPatient/ImageOrientationPatient")
+    diffs, nominal = _steps(vol)
+    if diffs.size == 0:
+        return 0.0, {"slices": len(vol.positions), "nominal": None}
+    dev = float(np.abs(diffs - nominal).max())
+    return dev, {"nominal_step_mm": nominal, "min_step_mm": float(diffs.min()), "max_step_mm": float(diffs.max())}
+
+
+def m_missing_slices(vol: Volume) -> tuple[float, dict]:
+    by_pos = 0
+    diffs, nominal = _steps(vol)
+    if diffs.size and nominal > 0:
+        by_pos = int(sum(max(0, round(d / nominal) - 1) for d in diffs if d > 1.5 * nominal))
+    nums = sorted({n for n in vol.instance_numbers if n is not None and n < 1000})
+    by_num = int(sum(b - a - 1 for a, b in zip(nums, nums[1:]) if b - a > 1))
+    return float(max(by_pos, by_num)), {"gaps_by_position": by_pos, "gaps_by_instance_number": by_num}
+
+
+def m_noise(vol: Volume) -> tuple[float, dict]:
+    mask = foreground(vol)
+    both = mask[..., 1:] & mask[..., :-1]
+    if both.sum() < 16:
+        raise MetricError("too little foreground to measure noise")
+    # robust to anatomy: MAD of neighbour differences inside the object (tissue edges are outliers), /sqrt(2)
+    diffs = np.diff(vol.data.astype(np.float64), axis=-1)[both]
+    sigma = 1.4826 * float(np.median(np.abs(diffs - np.median(diffs)))) / np.sqrt(2.0)
+    return sigma, {"voxel_pairs": int(both.sum())}
+
+
+# metric -> (function, threshold parameter, direction: value must be >= ('min') or <= ('max') it)
+METRICS: dict[str, tuple[Callable[[Volume], tuple[float, dict]], str, str]] = {
+    "snr": (m_snr, "min", "min"),
+    "ghosting": (m_ghosting, "max", "max"),
+    "clipping": (m_clipping, "max_fraction", "max"),
+    "dynamic_range": (m_dynamic_range, "min", "min"),
+    "slice_spacing": (m_slice_spacing, "tolerance", "max"),
+    "missing_slices": (m_missing_slices, "max", "max"),
+    "noise": (m_noise, "max", "max"),
+}
+
+
+def _threshold(metric: str, v: ir.Value) -> float:
+    if isinstance(v, ir.Quantity):
+        if metric == "clipping" and v.unit == "%":
+            return v.value / 100.0
+        return float(v.value)
+    if isinstance(v, bool):
+        raise ValueError("a threshold is a number")
+    return float(v)
+
+
+def validate_check(check: ir.QcCheck) -> Optional[dict[str, Any]]:
+    """An error value when the check names an unknown metric/parameter or lacks its threshold."""
+    if check.metric not in METRICS:
+        return {"error": f"unknown QC metric '{check.metric}'", "hint": did_you_mean(check.metric, METRICS),
+                "known_metrics": sorted(METRICS)}
+    _, pname, _ = METRICS[check.metric]
+    extra = [p for p in check.params if p != pname]
+    if extra:
+        return {"error": f"metric '{check.metric}' has no parameter '{extra[0]}'", "hint": did_you_mean(extra[0], [pname])}
+    if pname not in check.params:
+        return {"error": f"metric '{check.metric}' needs its threshold '{pname}'"}
+    try:
+        _threshold(check.metric, check.params[pname])
+    except (TypeError, ValueError):
+        return {"error": f"threshold '{pname}' of '{check.name}' is not a number"}
+    return None
+
+
+def run_check(check: ir.QcCheck, vol: Volume) -> dict[str, Any]:
+    """One QC check on one volume: measured value, threshold, ok and verdict (or an error value)."""
+    out: dict[str, Any] = {"check": check.name, "metric": check.metric, "severity": check.severity.value}
+    bad = validate_check(check)
+    if bad:
+        return {**out, "verdict": "error", "ok": False, **bad}
+    func, pname, direction = METRICS[check.metric]
+    thr = _threshold(check.metric, check.params[pname])
+    try:
+        value, detail = func(vol)
+    except MetricError as exc:
+        return {**out, "verdict": "error", "ok": False, "error": str(exc), "threshold": thr, "parameter": pname}
+    ok = value >= thr if direction == "min" else value <= thr
+    verdict = "pass" if ok else ("fail" if check.severity == ir.Significance.ERROR else "warn" if check.severity == ir.Significance.WARNING else "pass")
+    return {**out, "parameter": pname, "threshold": thr, "direction": direction,
+            "measured": round(float(value), 6), "ok": bool(ok), "verdict": verdict, "detail": detail}
+
+
+def series_verdict(results: Sequence[dict[str, Any]]) -> str:
+    """fail > error (could not measure) > warn > pass."""
+    vs = {r["verdict"] for r in results}
+    for v in ("fail", "error", "warn"):
+        if v in vs:
+            return v
+    return "pass"
+
+
+def qc_series(checks: Sequence[ir.QcCheck], paths: Sequence[str | Path]) -> dict[str, Any]:
+    """Run checks on one series (pixel data read once)."""
+    try:
+        vol = load_volume(paths)
+    except Exception as exc:  # undecodable pixel data is a QC result, not a crash
+        res = [{"check": c.name, "metric": c.metric, "severity": c.severity.value, "verdict": "error", "ok": False,
+                "error": f"pixel data unreadable: {type(exc).__name__}: {exc}"} for c in checks]
+        return {"checks": res, "verdict": series_verdict(res) if res else "error"}
+    res = [run_check(c, vol) for c in checks]
+    return {"checks": res, "verdict": series_verdict(res), "shape": list(vol.data.shape)}
+
+
+def qc_exam(trial: ir.Trial, classification: dict[str, Any], root: Path, *, only: Optional[str] = None) -> dict[str, Any]:
+    """QC of every matched series of an exam with the checks bound to its protocol."""
+    series_out = []
+    for entry in classification.get("series", []):
+        if entry.get("status") != "matched":
+            continue
+        proto = trial.protocol(entry["protocol"])
+        if proto is None:
+            continue
+        checks = [c for c in trial.qc_for(proto) if only is None or c.name == only]
+        if not checks:
+            continue
+        r = qc_series(checks, [root / f for f in entry.get("files", [])])
+        r.update({"series_uid": entry["series_uid"], "protocol": proto.name,
+                  "series_description": entry.get("series_description"), "series_number": entry.get("series_number")})
+        series_out.append(r)
+    verdict = series_verdict([{"verdict": s["verdict"]} for s in series_out])
+    return {"series": series_out, "verdict": verdict,
+            "summary": {"series": len(series_out), **{v: sum(s["verdict"] == v for s in series_out) for v in ("pass", "warn", "fail", "error")}}}
+
+
+@step("qc",
+      inputs=[Param("exam", "directory", "exam folder (uses deid/ if present, else original/)"),
+              Param("classification", "file", "classification.json from the classify step"),
+              Param("check", "string", "run only this QC check (default: every check of each protocol)", optional=True)],
+      outputs=[Param("out", "file", "qc.json")])
+def qc_step(trial: ir.Trial, exam: str, classification: str, out: str, check: Optional[str] = None) -> dict:
+    """Pixel QC (snr, ghosting, clipping, dynamic range, slice spacing, missing slices, noise) per matched series."""
+    from .classify import write_json
+
+    cls = json.loads(Path(classification).read_text())
+    result = qc_exam(trial, cls, dicomio.exam_instances_dir(exam), only=check)
+    result["exam"] = Path(exam).name
+    write_json(out, result)
+    return {"out": str(out), "verdict": result["verdict"], **result["summary"]}

@@ -1,0 +1,229 @@
+"""Pipeline state and the site-side identity registry: one SQLite file, ``W/state.sqlite``.
+
+Every write happens in a short transaction so a process killed at any point leaves
+the database consistent; the runner re-derives anything not yet recorded (steps are
+idempotent). Other helpers read through :class:`State` (plain dicts) and may add
+their own tables to the same file (``CREATE TABLE IF NOT EXISTS``).
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+-- every distinct inbox file content (sha256) and what became of it
+CREATE TABLE IF NOT EXISTS files (
+  sha256 TEXT PRIMARY KEY, size INTEGER, status TEXT NOT NULL,      -- ingested | quarantined
+  exam_key TEXT, series_uid TEXT, sop_uid TEXT, stored_path TEXT,   -- relative to the workdir
+  reason TEXT, header TEXT, first_path TEXT, first_seen REAL);
+-- every inbox path seen (a duplicate path points at the same sha256)
+CREATE TABLE IF NOT EXISTS file_sources (
+  rel_path TEXT NOT NULL, sha256 TEXT NOT NULL, seen REAL, PRIMARY KEY (rel_path, sha256));
+CREATE TABLE IF NOT EXISTS exams (
+  exam_key TEXT PRIMARY KEY, study_uid TEXT, trial TEXT, subject_id TEXT, site TEXT, device TEXT,
+  visit TEXT, visit_kind TEXT, exam_date TEXT, shifted_date TEXT, days_from_baseline REAL,
+  in_window INTEGER, status TEXT NOT NULL DEFAULT 'pending',        -- pending | done | failed | unmatched
+  n_series INTEGER DEFAULT 0, n_instances INTEGER DEFAULT 0, warnings TEXT DEFAULT '[]',
+  generation INTEGER DEFAULT 0, created REAL, updated REAL);
+CREATE TABLE IF NOT EXISTS series (
+  exam_key TEXT NOT NULL, series_uid TEXT NOT NULL, series_number INTEGER, description TEXT,
+  modality TEXT, n_instances INTEGER, protocol TEXT, classification TEXT, adherence TEXT, qc TEXT,
+  original_series_uid TEXT,  -- site-side; series_uid is the de-identified UID once deidentify ran
+  PRIMARY KEY (exam_key, series_uid));
+CREATE TABLE IF NOT EXISTS steps (
+  exam_key TEXT NOT NULL, step TEXT NOT NULL, status TEXT NOT NULL,  -- done | failed | skipped
+  generation INTEGER DEFAULT 0, started REAL, finished REAL, detail TEXT,
+  PRIMARY KEY (exam_key, step));
+-- identity registry: lookup key is a keyed hash when the study names a key (see identify.py)
+CREATE TABLE IF NOT EXISTS subjects (
+  trial TEXT NOT NULL, source_key TEXT NOT NULL, subject_id TEXT NOT NULL, site TEXT,
+  seq INTEGER, baseline_date TEXT, anchor_date TEXT, created REAL,
+  PRIMARY KEY (trial, source_key), UNIQUE (trial, subject_id));
+CREATE TABLE IF NOT EXISTS subject_seq (trial TEXT NOT NULL, site TEXT NOT NULL, next_seq INTEGER NOT NULL,
+  PRIMARY KEY (trial, site));
+-- the site's re-identification map (original identifier -> subject); site-side only, purgeable
+CREATE TABLE IF NOT EXISTS identity_audit (
+  trial TEXT NOT NULL, subject_id TEXT NOT NULL, source_attr TEXT, source_value TEXT, issuer TEXT,
+  exam_key TEXT, recorded REAL, PRIMARY KEY (trial, subject_id, source_value, issuer));
+CREATE TABLE IF NOT EXISTS measurements (
+  exam_key TEXT NOT NULL, subject TEXT, visit TEXT, site TEXT, protocol TEXT, analysis TEXT NOT NULL,
+  measurement TEXT NOT NULL, value REAL, unit TEXT, series_uid TEXT, recorded REAL,
+  PRIMARY KEY (exam_key, analysis, measurement));
+CREATE TABLE IF NOT EXISTS runs (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, started REAL, finished REAL, study TEXT, study_sha256 TEXT,
+  inbox TEXT, summary TEXT);
+"""
+
+STEP_ORDER = ("ingest", "identify", "deidentify", "classify", "adherence", "qc", "archive", "analyses")
+
+
+def _loads(text: Optional[str], default: Any = None) -> Any:
+    if text is None or text == "":
+        return default
+    try:
+        return json.loads(text)
+    except ValueError:
+        return default
+
+
+class State:
+    """Read/write access to ``W/state.sqlite`` (the connection is per process; do not share across fork)."""
+
+    def __init__(self, workdir: str | Path, *, create: bool = True):
+        self.workdir = Path(workdir)
+        self.path = self.workdir / "state.sqlite"
+        if not create and not self.path.exists():
+            raise FileNotFoundError(f"no state database in {self.workdir} (run 'imtrial run' first)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA busy_timeout=60000")
+        self._init_schema()
+
+    def _init_schema(self) -> None:
+        self.db.executescript(SCHEMA)
+        self.db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "State":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """An immediate (write-locking) transaction: all or nothing."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        else:
+            self.db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ files
+    def file(self, sha256: str) -> Optional[dict]:
+        row = self.db.execute("SELECT * FROM files WHERE sha256=?", (sha256,)).fetchone()
+        return dict(row) if row else None
+
+    def known_paths(self) -> dict[str, str]:
+        """inbox relative path -> sha256 for every path already seen."""
+        return {r["rel_path"]: r["sha256"] for r in self.db.execute("SELECT rel_path, sha256 FROM file_sources")}
+
+    def files(self, status: Optional[str] = None) -> list[dict]:
+        q, args = "SELECT * FROM files", ()
+        if status:
+            q, args = q + " WHERE status=?", (status,)
+        return [dict(r) for r in self.db.execute(q + " ORDER BY first_seen, sha256", args)]
+
+    def quarantined(self) -> list[dict]:
+        out = []
+        for r in self.files("quarantined"):
+            r["reason"] = _loads(r["reason"], {})
+            out.append(r)
+        return out
+
+    def duplicates(self) -> list[dict]:
+        """Inbox paths whose content was already seen under another path."""
+        rows = self.db.execute(
+            "SELECT s.rel_path, s.sha256, f.first_path FROM file_sources s JOIN files f USING (sha256) "
+            "WHERE s.rel_path != f.first_path ORDER BY s.rel_path")
+        return [dict(r) for r in rows]
+
+    # ------------------------------------------------------------------ exams
+    def exams(self, status: Optional[str] = None) -> list[dict]:
+        q, args = "SELECT * FROM exams", ()
+        if status:
+            q, args = q + " WHERE status=?", (status,)
+        return [self._exam(r) for r in self.db.execute(q + " ORDER BY exam_date, exam_key", args)]
+
+    def exam(self, exam_key: str) -> Optional[dict]:
+        row = self.db.execute("SELECT * FROM exams WHERE exam_key=?", (exam_key,)).fetchone()
+        return self._exam(row) if row else None
+
+    def _exam(self, row: sqlite3.Row) -> dict:
+        d = dict(row)
+        d["warnings"] = _loads(d.get("warnings"), [])
+        d["in_window"] = None if d["in_window"] is None else bool(d["in_window"])
+        d["series"] = self.series(d["exam_key"])
+        d["steps"] = self.steps(d["exam_key"])
+        return d
+
+    def series(self, exam_key: str) -> list[dict]:
+        rows = self.db.execute("SELECT * FROM series WHERE exam_key=? ORDER BY series_number, series_uid", (exam_key,))
+        out = []
+        for r in rows:
+            d = dict(r)
+            for k in ("classification", "adherence", "qc"):
+                d[k] = _loads(d[k])
+            out.append(d)
+        return out
+
+    def steps(self, exam_key: str) -> dict[str, dict]:
+        rows = self.db.execute("SELECT * FROM steps WHERE exam_key=?", (exam_key,))
+        out = {r["step"]: {**dict(r), "detail": _loads(r["detail"], {})} for r in rows}
+        return dict(sorted(out.items(), key=lambda kv: STEP_ORDER.index(kv[0]) if kv[0] in STEP_ORDER else 99))
+
+    def subject_exams(self, trial: str, subject_id: str) -> list[dict]:
+        rows = self.db.execute("SELECT exam_key FROM exams WHERE trial=? AND subject_id=? ORDER BY exam_date, exam_key",
+                               (trial, subject_id))
+        return [self.exam(r["exam_key"]) for r in rows]
+
+    def upsert_exam(self, exam_key: str, **fields: Any) -> None:
+        now = time.time()
+        if "warnings" in fields and not isinstance(fields["warnings"], str):
+            fields["warnings"] = json.dumps(fields["warnings"], sort_keys=True)
+        with self.tx() as db:
+            db.execute("INSERT OR IGNORE INTO exams(exam_key, created, updated) VALUES (?, ?, ?)", (exam_key, now, now))
+            if fields:
+                cols = ", ".join(f"{k}=?" for k in fields)
+                db.execute(f"UPDATE exams SET {cols}, updated=? WHERE exam_key=?", (*fields.values(), now, exam_key))
+
+    def set_step(self, exam_key: str, step: str, status: str, detail: Any = None,
+                 started: Optional[float] = None, generation: int = 0) -> None:
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO steps(exam_key, step, status, generation, started, finished, detail) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (exam_key, step, status, generation, started, time.time(), json.dumps(detail, default=str)))
+
+    # ------------------------------------------------------------------ registry
+    def subjects(self, trial: Optional[str] = None) -> list[dict]:
+        q, args = "SELECT trial, subject_id, site, seq, baseline_date, anchor_date, created FROM subjects", ()
+        if trial:
+            q, args = q + " WHERE trial=?", (trial,)
+        return [dict(r) for r in self.db.execute(q + " ORDER BY trial, subject_id", args)]
+
+    def audit_map(self, trial: Optional[str] = None) -> list[dict]:
+        """The site's re-identification map (original identifiers): site-side use only."""
+        q, args = "SELECT * FROM identity_audit", ()
+        if trial:
+            q, args = q + " WHERE trial=?", (trial,)
+        return [dict(r) for r in self.db.execute(q + " ORDER BY trial, subject_id", args)]
+
+    def purge_audit_map(self, trial: Optional[str] = None) -> int:
+        """Drop the re-identification map (lookups keep working through the keyed hash)."""
+        with self.tx() as db:
+            cur = db.execute("DELETE FROM identity_audit" + (" WHERE trial=?" if trial else ""), (trial,) if trial else ())
+            return cur.rowcount
+
+    # ------------------------------------------------------------------ measurements
+    def measurements(self) -> list[dict]:
+        rows = self.db.execute("SELECT subject, visit, site, protocol, analysis, measurement, value, unit, exam_key, "
+                               "series_uid FROM measurements ORDER BY subject, visit, protocol, analysis, measurement")
+        return [dict(r) for r in rows]
+
+    def runs(self) -> list[dict]:
+        return [{**dict(r), "summary": _loads(r["summary"], {})} for r in self.db.execute("SELECT * FROM runs ORDER BY id")]

@@ -1,0 +1,1 @@
+"""Small real analysis programs used by the example studies."""

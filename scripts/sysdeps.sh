@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Install the system tools the tests need (Debian/Ubuntu), if missing: graphviz (dot),
+# poppler-utils (pdftoppm), dicom3tools (dciodvfy). Idempotent; needs root or sudo.
+set -eu
+missing=()
+command -v dot >/dev/null      || missing+=(graphviz)
+command -v pdftoppm >/dev/null || missing+=(poppler-utils)
+command -v dciodvfy >/dev/null || missing+=(dicom3tools)
+[ ${#missing[@]} -eq 0 ] && exit 0
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+if ! command -v apt-get >/dev/null; then
+  echo "sysdeps: please install: ${missing[*]}" >&2; exit 1
+fi
+echo "sysdeps: installing ${missing[*]}" >&2
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -1,0 +1,1 @@
+"""Test data for the operations tests (tests/test_ops_*.py)."""

@@ -1,0 +1,184 @@
+"""Checker tests: bad scenarios as data, clean examples, and the match-set decision procedure.
+
+``tests/scenarios/<name>.imtrial`` holds a study with mistakes; ``<name>.expected``
+holds the exact diagnostics (``line:col: severity: message``; a diagnostic from
+another file is prefixed with that file's base name). Regenerate an expectation only
+after reading the new output: ``PYTHONPATH=. .venv/bin/python tests/test_checker.py NAME``.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from imtrial_dsl.compiler import compile_file  # noqa: E402
+from imtrial_dsl.matchsets import Term, common_string  # noqa: E402
+
+SCENARIOS = ROOT / "tests" / "scenarios"
+CASES = sorted(SCENARIOS.glob("*.imtrial"))
+EXAMPLES = sorted((ROOT / "examples").glob("*.imtrial"))
+
+
+def diagnostic_lines(path: Path) -> list[str]:
+    res = compile_file(path)
+    out = []
+    for d in res.diagnostics:
+        s = d.span
+        where = f"{s.line}:{s.col}" if s else "0:0"
+        if s and Path(s.file).resolve() != path.resolve():
+            where = f"{Path(s.file).name}:{where}"
+        out.append(f"{where}: {d.severity.value}: {d.message}")
+    return out
+
+
+@pytest.mark.parametrize("path", CASES, ids=lambda p: p.stem)
+def test_scenario(path: Path) -> None:
+    expected = path.with_suffix(".expected").read_text(encoding="utf-8").splitlines()
+    assert diagnostic_lines(path) == expected
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_examples_check_clean(path: Path) -> None:
+    res = compile_file(path)
+    assert [str(d) for d in res.diagnostics] == []
+    assert res.ok and res.graph is not None
+
+
+def _documented_codes() -> set[str]:
+    text = (ROOT / "docs" / "diagnostics.md").read_text(encoding="utf-8")
+    return set(re.findall(r"^\| ([EW][34]\d\d) \|", text, re.M))
+
+
+def _ir_only_trial():
+    """Mistakes the lowering already stops in source text (so no scenario can reach the checker's
+    copy of the check), built directly as IR: the checker must still catch them."""
+    from imtrial_dsl import ir
+    from imtrial_dsl.diagnostics import Span
+
+    def sp(line: int) -> Span:
+        return Span(file="built.imtrial", line=line, col=1, end_line=line, end_col=2)
+
+    return ir.Trial(
+        protocols=[ir.Protocol(name="T1w", modality="MR", span=sp(1), match=[
+            ir.MatchRule(attribute="SeriesDescription", op=ir.MatchOp.MATCHES, value="(?i)t1w(", span=sp(2))])],
+        deidentify=ir.Deidentify(profile=ir.Ref(name="p", span=sp(3)), span=sp(3),
+                                 date_shift_min=ir.Days(days=-1, source_value=-1, span=sp(4)),
+                                 date_shift_max=ir.Days(days=-365, source_value=-365, span=sp(4))),
+        deid_profiles=[ir.DeidProfile(name="p", span=sp(5))],
+    )
+
+
+def test_checker_on_ir_built_in_python() -> None:
+    from imtrial_dsl.checker import check
+
+    got = [f"{d.code} {d.span.line}: {d.message}" for d in check(_ir_only_trial())]
+    assert got == [
+        'E408 2: invalid regular expression "(?i)t1w(": missing ), unterminated subpattern',
+        "E402 4: empty date shift range -1 .. -365 d",
+    ]
+
+
+def test_every_checker_code_is_documented_and_exercised() -> None:
+    from imtrial_dsl.checker import check
+
+    documented = _documented_codes()
+    source = (ROOT / "imtrial_dsl" / "checker.py").read_text(encoding="utf-8")
+    emitted = set(re.findall(r'"([EW][34]\d\d)"', source))
+    assert emitted == documented, "codes in checker.py and docs/diagnostics.md differ"
+    seen = {d.code for d in check(_ir_only_trial())}
+    for path in CASES:
+        seen |= {d.code for d in compile_file(path).diagnostics}
+    missing = documented - seen
+    assert not missing, f"no scenario exercises {sorted(missing)}"
+
+
+def test_every_diagnostic_has_span_message_hint() -> None:
+    for path in CASES:
+        for d in compile_file(path).diagnostics:
+            if d.code[1] in "34":  # the checker's own
+                assert d.span is not None and d.span.line > 0, d
+                assert d.message and d.hint, d
+
+
+# --------------------------------------------------------------------------- match sets
+
+# (terms, witness expected?) -- terms as (pattern, mode, negated)
+MATCH_CASES = [
+    ([("(?i)mprage|t1w|t1_3d", "full", False), ("(?i)flair", "search", False)], False),
+    ([("(?i)t1.*gd", "full", False), ("(?i)t1", "search", False)], True),
+    ([("^t1$", "full", False), ("t1", "search", False)], True),
+    ([("^ab$", "search", False), ("c", "search", False)], False),
+    ([("x", "search", False), ("y", "search", False)], True),
+    ([("(?i)t1", "search", False), ("1", "search", True)], False),
+    ([("(?i)^T1_\\w+\\d{2}", "full", False), ("gd", "search", True)], True),
+    ([("[^a-z]+", "full", False), ("\\d", "search", False)], True),
+    ([("T1", "equal", False), ("(?i)^t1$", "search", False)], True),
+    ([("T1", "equal", False), ("^t1$", "search", False)], False),
+    ([("a{3}", "full", False), ("aaaa", "search", False)], False),
+    ([("a{2,5}", "full", False), ("aaaa", "search", False)], True),
+    ([("(?i:ab)c", "full", False), ("ABc", "equal", False)], True),
+    ([("(?i:ab)c", "full", False), ("ABC", "equal", False)], False),
+    ([("\\Aab\\Z", "search", False), ("b$", "search", False)], True),
+    ([("flair", "search", False), ("(?i)t2", "search", True), ("^3D", "search", False)], True),
+]
+
+
+@pytest.mark.parametrize("terms,sat", MATCH_CASES, ids=[str(i) for i in range(len(MATCH_CASES))])
+def test_common_string_table(terms, sat) -> None:
+    ts = [Term(p, m, n) for p, m, n in terms]
+    res = common_string(ts)
+    assert res.decided
+    assert (res.witness is not None) == sat
+    if sat:
+        assert all(t.holds(res.witness) for t in ts)
+
+
+_ATOMS = ["a", "b", "1", "[ab]", "[^a]", ".", "\\d", "\\w", "_", "A"]
+
+
+def _regex_strategy():
+    atom = st.sampled_from(_ATOMS)
+
+    def extend(inner):
+        return st.one_of(
+            st.tuples(inner, inner).map(lambda t: t[0] + t[1]),
+            st.tuples(inner, inner).map(lambda t: f"(?:{t[0]}|{t[1]})"),
+            st.tuples(inner, st.sampled_from(["*", "+", "?", "{1,2}", "{2}"])).map(lambda t: f"(?:{t[0]}){t[1]}"),
+        )
+
+    body = st.recursive(atom, extend, max_leaves=5)
+    return st.tuples(st.sampled_from(["", "^", "(?i)"]), body, st.sampled_from(["", "$"])).map("".join)
+
+
+_BRUTE = ["".join(p) for n in range(0, 5) for p in itertools.product("aAb1_", repeat=n)]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(_regex_strategy(), st.sampled_from(["search", "full"]), st.booleans()), min_size=1, max_size=3))
+def test_common_string_agrees_with_brute_force(raw) -> None:
+    terms = [Term(p, m, n) for p, m, n in raw]
+    res = common_string(terms)
+    brute = next((s for s in _BRUTE if all(t.holds(s) for t in terms)), None)
+    if res.witness is not None:
+        assert all(t.holds(res.witness) for t in terms)
+    else:
+        assert brute is None, f"missed witness {brute!r}"
+        assert res.decided or any("\\b" in p for p, _, _ in raw)
+    if brute is not None:
+        assert res.witness is not None and len(res.witness) <= len(brute)
+
+
+if __name__ == "__main__":  # regenerate one expectation after reading it
+    for name in sys.argv[1:]:
+        p = SCENARIOS / f"{name}.imtrial"
+        lines = diagnostic_lines(p)
+        print("\n".join(lines))
+        p.with_suffix(".expected").write_text("\n".join(lines) + ("\n" if lines else ""), encoding="utf-8")

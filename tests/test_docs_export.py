@@ -1,0 +1,191 @@
+"""The imaging documents (charter, site manual): golden Markdown, well-formed HTML with the graph, a non-blank PDF.
+
+Regenerate the golden files with ``IMTRIAL_UPDATE_GOLDEN=1``.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imtrial_dsl import ir
+from imtrial_dsl.compiler import compile_file
+from imtrial_dsl.exporters import docs
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.imtrial"))
+GOLDEN = ROOT / "tests" / "golden" / "docs"
+UPDATE = os.environ.get("IMTRIAL_UPDATE_GOLDEN") == "1"
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    out = {}
+    for path in EXAMPLES:
+        res = compile_file(path)
+        assert res.ok, "\n".join(str(d) for d in res.diagnostics)
+        out[path.stem] = (res.trial, res.graph)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rendered(compiled, tmp_path_factory):
+    """Markdown and HTML of every example, exported once."""
+    out = {}
+    for stem, (trial, graph) in compiled.items():
+        d = tmp_path_factory.mktemp(stem)
+        files = docs.export(trial, graph, d, formats=("md", "html"))
+        out[stem] = {p.name: p for p in files}
+    return out
+
+
+def test_examples_exist():
+    names = {p.stem for p in EXAMPLES}
+    assert {"amyloid_mri", "oncology_ct", "phantom_qualification"} <= names
+
+
+@pytest.mark.parametrize("stem", [p.stem for p in EXAMPLES])
+@pytest.mark.parametrize("kind", list(docs.DOCUMENTS))
+def test_markdown_matches_golden(rendered, stem, kind):
+    text = rendered[stem][f"{kind}.md"].read_text(encoding="utf-8")
+    golden = GOLDEN / stem / f"{kind}.md"
+    if UPDATE:
+        golden.parent.mkdir(parents=True, exist_ok=True)
+        golden.write_text(text, encoding="utf-8")
+    assert golden.exists(), f"missing golden {golden}; run with IMTRIAL_UPDATE_GOLDEN=1"
+    assert text == golden.read_text(encoding="utf-8")
+
+
+def test_output_is_reproducible(compiled, tmp_path):
+    trial, graph = compiled["amyloid_mri"]
+    a = docs.export(trial, graph, tmp_path / "a", formats=("md", "html"))
+    b = docs.export(trial, graph, tmp_path / "b", formats=("md", "html"))
+    assert [p.name for p in a] == [p.name for p in b]
+    for pa, pb in zip(a, b):
+        assert pa.read_bytes() == pb.read_bytes(), pa.name
+
+
+@pytest.mark.parametrize("stem", [p.stem for p in EXAMPLES])
+def test_every_document_carries_version_and_sha(compiled, rendered, stem):
+    trial, _ = compiled[stem]
+    assert trial.source_sha256 and re.fullmatch(r"[0-9a-f]{64}", trial.source_sha256)
+    for name, path in rendered[stem].items():
+        if name == docs.GRAPH_FILE:
+            continue
+        text = path.read_text(encoding="utf-8")
+        assert trial.source_sha256 in text, name
+        assert trial.study.version in text, name
+
+
+@pytest.mark.parametrize("stem", [p.stem for p in EXAMPLES])
+def test_charter_covers_the_whole_study(compiled, rendered, stem):
+    """Every declared name of the study appears in the charter (derived from the IR, not listed by hand)."""
+    trial, graph = compiled[stem]
+    text = rendered[stem]["charter.md"].read_text(encoding="utf-8")
+    names = [p.name for p in trial.protocols]
+    names += [v.name for v in trial.schedule.visits]
+    names += [d.id for _, d in trial.devices()] + [s.code for s in trial.sites]
+    names += [q.name for q in trial.qc] + [a.name for a in trial.analyses]
+    names += [m.name for a in trial.analyses for m in a.measurements]
+    names += [t.name for t in trial.transfers] + [r.name for r in trial.roles] + [r.name for r in trial.reports]
+    names += [e.name for e in trial.study.endpoints] + [o.value for o in trial.deidentify.options]
+    names += [c.name for s in trial.sites for c in s.contacts]
+    names += [str(n) for n in graph.nodes]
+    missing = [n for n in names if n not in text]
+    assert not missing
+    for p in trial.protocols:
+        for v in p.variants:
+            assert f"**Variant: {docs.md(docs.variant_label(v))}**" in text
+        for c in p.constraints:
+            assert docs.code(docs.parameter_name(c)) in text
+
+
+@pytest.mark.parametrize("stem", [p.stem for p in EXAMPLES])
+def test_site_manual_has_effective_parameters_per_device(compiled, rendered, stem):
+    """Each scanner's card lists exactly the constraints that apply to it (base overridden by its variant)."""
+    trial, _ = compiled[stem]
+    text = rendered[stem]["site_manual.md"].read_text(encoding="utf-8")
+    sections = re.split(r"^### ", text, flags=re.M)
+    for site, dev in trial.devices():
+        card = next(s for s in sections if s.startswith(f"{site.code} / {dev.id} "))
+        for p in trial.protocols:
+            if p.modality != dev.modality:
+                continue
+            eff, variant = ir.effective_constraints(p, dev.vendor, dev.software, dev.model)
+            block = card.split(f"#### `{p.name}`", 1)[1].split("#### ", 1)[0].split("\n## ", 1)[0]
+            assert f"Parameter set: {docs.md(docs.variant_label(variant))}." in block
+            rows = [ln for ln in block.splitlines() if ln.startswith("| `")]
+            assert [r.split("|")[1].strip() for r in rows] == [docs.code(docs.parameter_name(c)) for c in eff]
+
+
+def test_deidentification_is_stated_in_words(compiled, rendered):
+    trial, _ = compiled["amyloid_mri"]
+    text = rendered["amyloid_mri"]["charter.md"].read_text(encoding="utf-8")
+    lo, hi = trial.deidentify.date_shift_min.days, trial.deidentify.date_shift_max.days
+    assert (f"Dates are shifted by a per-subject offset between {docs.plural(abs(hi), 'day')} and "
+            f"{docs.plural(abs(lo), 'day')} into the past") in text
+    assert "intervals between visits are" in text
+    profile = trial.profile(trial.deidentify.profile.name)
+    assert f"The profile lists {len(profile.rules)} attributes" in text
+    for o in trial.deidentify.overrides:
+        assert docs.override_text(o) in text
+
+
+def test_html_is_well_formed_and_embeds_the_graph(rendered):
+    for stem, files in rendered.items():
+        for kind in docs.DOCUMENTS:
+            page = files[f"{kind}.html"].read_text(encoding="utf-8")
+            assert page.startswith("<!DOCTYPE html>")
+            root = ET.fromstring(page.split("\n", 1)[1])  # XHTML-compatible: parse as XML
+            assert root.tag == "html"
+            ids = [e.get("id") for e in root.iter() if e.get("id")]
+            for href in re.findall(r'href="#([^"]+)"', page):
+                assert href in ids, (stem, kind, href)
+        charter = files["charter.html"].read_text(encoding="utf-8")
+        root = ET.fromstring(charter.split("\n", 1)[1])
+        svgs = [e for e in root.iter() if e.tag == "{http://www.w3.org/2000/svg}svg"]
+        assert len(svgs) == 1, stem
+        assert 'src="graph.svg"' not in charter
+        svg_text = files[docs.GRAPH_FILE].read_text(encoding="utf-8")
+        assert "<svg" in svg_text and "ingest" in svg_text.lower()
+
+
+def test_without_graph_the_charter_says_so(compiled, tmp_path):
+    trial, _ = compiled["oncology_ct"]
+    files = docs.export(trial, None, tmp_path, formats=("md",))
+    assert docs.GRAPH_FILE not in {p.name for p in files}
+    text = (tmp_path / "charter.md").read_text(encoding="utf-8")
+    assert "> The dependency graph is not included: no graph was given to the document exporter." in text
+
+
+def test_secret_key_never_reaches_output(compiled, tmp_path, monkeypatch):
+    secret = "s3cr3t-key-value-that-must-not-leak"
+    monkeypatch.setenv("IMTRIAL_KEY", secret)
+    monkeypatch.setenv("CENTRAL_TOKEN", secret)
+    trial, graph = compiled["amyloid_mri"]
+    for p in docs.export(trial, graph, tmp_path, formats=("md", "html")):
+        assert secret not in p.read_text(encoding="utf-8")
+
+
+def test_pdf_first_page_is_not_blank(compiled, tmp_path):
+    from PIL import Image
+
+    trial, graph = compiled["amyloid_mri"]
+    files = docs.export(trial, graph, tmp_path, formats=("pdf",), documents=("charter",))
+    pdf = tmp_path / "charter.pdf"
+    assert pdf in files and pdf.read_bytes().startswith(b"%PDF-")
+    subprocess.run(["pdftoppm", "-r", "40", "-f", "1", "-l", "1", "-png", str(pdf), str(tmp_path / "p")], check=True)
+    png = next(tmp_path.glob("p-*1.png"))
+    img = np.asarray(Image.open(png).convert("L"), dtype=float)
+    ink = (img < 200).mean()
+    assert 0.02 < ink < 0.5, ink          # text on the page, not a solid block
+    rows_with_ink = (img < 200).any(axis=1).mean()
+    assert rows_with_ink > 0.3, rows_with_ink  # spread over the page, not one line
+    text = subprocess.run(["pdftotext", "-f", "1", "-l", "1", str(pdf), "-"], capture_output=True, text=True, check=True)
+    assert "Imaging Charter" in text.stdout and trial.study.code in text.stdout
+    assert trial.source_sha256[:12] in text.stdout

@@ -1,0 +1,412 @@
+"""E-protocol exporter/importer: DICOM DPP + vendor-neutral JSON + scanner card.
+
+Inputs are data: ``tests/golden/eprotocol/input_trial.json`` (an IR covering every constraint
+kind, CT/XA/MR, model/software variants) and every study in ``examples/``. Goldens are the JSON
+documents; regenerate with ``IMTRIAL_UPDATE_GOLDEN=1``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import jsonschema
+import pydicom
+import pytest
+
+from imtrial_dsl import ir
+from imtrial_dsl.exporters import eprotocol as ep
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = Path(__file__).resolve().parent / "golden" / "eprotocol"
+EXAMPLES = sorted((ROOT / "examples").glob("*.imtrial"))
+UPDATE = os.environ.get("IMTRIAL_UPDATE_GOLDEN") == "1"
+
+ENUM_CONSTRAINT_TYPES = {"RANGE_INCL", "RANGE_EXCL", "GREATER_OR_EQUAL", "LESS_OR_EQUAL", "GREATER_THAN", "LESS_THAN",
+                         "EQUAL", "MEMBER_OF", "NOT_MEMBER_OF", "MEMBER_OF_CID", "UNCONSTRAINED"}  # PS3.3 Table 10.25-1
+ONE_VALUE = {"GREATER_OR_EQUAL", "LESS_OR_EQUAL", "GREATER_THAN", "LESS_THAN", "EQUAL", "MEMBER_OF_CID"}
+UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def fixture_trial() -> ir.Trial:
+    return ir.Trial.model_validate_json((GOLDEN / "input_trial.json").read_text())
+
+
+def load_example(path: Path) -> ir.Trial:
+    """Parse + lower (with imports): exporters need the IR, not the checker's verdict."""
+    from imtrial_dsl.loader import load
+
+    trial, diags, _ = load(str(path))
+    errors = [d for d in diags if d.severity.value == "error"]
+    assert trial is not None and not errors, "\n".join(str(d) for d in errors)
+    return trial
+
+
+@pytest.fixture(scope="module")
+def fixture_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ep_fixture")
+    trial = fixture_trial()
+    return trial, ep.export(trial, None, out)
+
+
+def _by_suffix(paths, suffix):
+    return [p for p in paths if p.suffix == suffix and not p.name.endswith(".schema.json")]
+
+
+def _strip(protocols):
+    return {p.name: ir.strip_spans(p) for p in protocols}
+
+
+# --------------------------------------------------------------------------- round trips
+
+def test_round_trip_json_fixture(fixture_export):
+    trial, paths = fixture_export
+    assert _strip(ep.import_files(_by_suffix(paths, ".json"))) == _strip(trial.protocols)
+
+
+def test_round_trip_dicom_fixture(fixture_export):
+    trial, paths = fixture_export
+    dpp = [p for p in trial.protocols if p.modality in ep.DPP_MODALITIES]
+    assert {p.modality for p in dpp} == {"CT", "XA"}
+    assert _strip(ep.import_files(_by_suffix(paths, ".dcm"))) == _strip(dpp)
+
+
+def test_import_single_base_file_is_the_base_protocol(fixture_export):
+    trial, paths = fixture_export
+    for proto in trial.protocols:
+        for suffix in (".json", ".dcm") if proto.modality in ep.DPP_MODALITIES else (".json",):
+            base = next(p for p in _by_suffix(paths, suffix) if p.stem.endswith(f"_{proto.name}_base"))
+            got = ep.import_file(base)
+            want = proto.model_copy(update={"variants": []})
+            assert ir.strip_spans(got) == ir.strip_spans(want), base.name
+
+
+def test_import_single_variant_file_gives_effective_constraints(fixture_export):
+    trial, paths = fixture_export
+    proto = trial.protocol("CT_CAP")
+    canon = next(p for p in _by_suffix(paths, ".dcm") if p.stem.endswith("_CT_CAP_Canon"))
+    got = ep.import_file(canon)
+    variant = next(v for v in proto.variants if v.vendor == "Canon")
+    effective, best = ir.effective_constraints(proto, "TOSHIBA", "V8.9", "Aquilion ONE")
+    assert best is variant
+    assert [ir.strip_spans(c) for c in got.constraints + got.variants[0].constraints] == [ir.strip_spans(c) for c in effective]
+    assert ir.strip_spans(got.variants[0]) == ir.strip_spans(variant)
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_round_trip_examples(example, tmp_path):
+    trial = load_example(example)
+    paths = ep.export(trial, None, tmp_path)
+    assert _strip(ep.import_files(_by_suffix(paths, ".json"))) == _strip(trial.protocols)
+    dpp = [p for p in trial.protocols if p.modality in ep.DPP_MODALITIES]
+    assert _strip(ep.import_files(_by_suffix(paths, ".dcm"))) == _strip(dpp)
+    for doc in _by_suffix(paths, ".json"):
+        jsonschema.validate(json.loads(doc.read_text()), ep.schema())
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_protocol_to_source_reparses(example):
+    """Imported protocols printed as .imtrial source lower back to the same IR."""
+    from imtrial_dsl.loader import load_text
+
+    trial = load_example(example)
+    src = "\n".join(ep.protocol_to_source(p) for p in trial.protocols)
+    got, diags, _ = load_text(src, "roundtrip.imtrial")
+    assert got is not None and not [d for d in diags if d.severity.value == "error"], "\n".join(map(str, diags))
+    assert _strip(got.protocols) == _strip(trial.protocols)
+
+
+# --------------------------------------------------------------------------- DICOM object
+
+def test_dpp_objects_are_valid_per_standard_tables(fixture_export):
+    trial, paths = fixture_export
+    dcms = _by_suffix(paths, ".dcm")
+    assert len(dcms) == sum(1 + len(p.variants) for p in trial.protocols if p.modality in ep.DPP_MODALITIES)
+    table = ep.dpp_modules()["iods"]
+    for modality, iod in table.items():
+        assert {m["id"] for m in iod["modules"]} <= set(ep.MODULE_EVIDENCE), "a module without evidence attributes"
+    uids = set()
+    for path in dcms:
+        ds = pydicom.dcmread(path)
+        modality = ds.EquipmentModality
+        assert ds.SOPClassUID == table[modality]["sop_class_uid"]
+        assert ds.file_meta.MediaStorageSOPClassUID == ds.SOPClassUID
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        assert UID_RE.match(ds.SOPInstanceUID) and len(ds.SOPInstanceUID) <= 64
+        uids.add(ds.SOPInstanceUID)
+        assert ep.missing_modules(ds, modality) == []
+        assert ds.ProtocolName and ds.PotentialScheduledProtocolCodeSequence[0].CodingSchemeDesignator.startswith("99")
+        assert ds.ClinicalTrialProtocolID == "ONC02"
+        assert ds.OtherClinicalTrialProtocolIDsSequence[0].ClinicalTrialProtocolID == "NCT09999998"
+        for it in ds.ModelSpecificationSequence:
+            assert it.Manufacturer
+        for seq in ("AcquisitionProtocolElementSpecificationSequence", "ReconstructionProtocolElementSpecificationSequence"):
+            for element in ds.get(seq, []):
+                assert element.ProtocolElementNumber == 1
+                for item in element.ParametersSpecificationSequence:
+                    _check_constraint_item(item)
+    assert len(uids) == len(dcms)
+
+
+def _check_constraint_item(item):
+    from pydicom.datadict import dictionary_VM, dictionary_VR
+
+    ctype = item.ConstraintType
+    assert ctype in ENUM_CONSTRAINT_TYPES
+    assert item.ConstraintViolationSignificance in {"FAILURE", "WARNING", "INFORMATIVE"}
+    assert item.ModifiableConstraintFlag in {"YES", "NO"}
+    tag = int(item.SelectorAttribute)
+    assert item.SelectorAttributeVR == dictionary_VR(tag).split(" or ")[0]
+    values = item.get("ConstraintValueSequence", [])
+    if ctype == "UNCONSTRAINED":
+        assert not values
+        return
+    if ctype in ONE_VALUE:
+        assert len(values) == 1
+    elif ctype.startswith("RANGE"):
+        assert len(values) == 2
+        lo, hi = (v[f"Selector{item.SelectorAttributeVR}Value"].value for v in values)
+        assert float(lo) <= float(hi)
+    else:
+        assert len(values) >= 1
+    for v in values:
+        assert f"Selector{item.SelectorAttributeVR}Value" in v
+    vm = dictionary_VM(tag)
+    if item.SelectorValueNumber:
+        assert vm != "1", "Selector Value Number on a single-valued attribute"
+
+
+def test_equal_with_tolerance_encoding(fixture_export):
+    """EQUAL ± tol is RANGE_INCL [nominal-tol, nominal+tol] + Recommended Default Value = nominal, in DICOM units."""
+    _, paths = fixture_export
+    ds = pydicom.dcmread(next(p for p in _by_suffix(paths, ".dcm") if p.stem.endswith("_CT_CAP_base")))
+    items = {it.SelectorAttributeKeyword: it for el in ds.AcquisitionProtocolElementSpecificationSequence
+             for it in el.ParametersSpecificationSequence}
+    kvp = items["KVP"]
+    assert kvp.ConstraintType == "RANGE_INCL"
+    assert [float(v.SelectorDSValue) for v in kvp.ConstraintValueSequence] == [110.0, 130.0]
+    assert float(kvp.RecommendedDefaultValueSequence[0].SelectorDSValue) == 120.0
+    rev = items["RevolutionTime"]  # canonical ms, stored in s: 500 ms ± 10% -> 0.45 .. 0.55 s
+    assert [v.SelectorFDValue for v in rev.ConstraintValueSequence] == pytest.approx([0.45, 0.55])
+    assert items["ImageType"].ConstraintType == "NOT_MEMBER_OF"
+    assert items["ContrastBolusAgent"].ConstraintType == "UNCONSTRAINED"
+    assert items["ContrastBolusAgent"].ConstraintViolationSignificance == "WARNING"
+    assert items["XRayTubeCurrent"].ModifiableConstraintFlag == "YES"
+    assert items["SpiralPitchFactor"].ConstraintViolationSignificance == "INFORMATIVE"
+    recon = {it.SelectorAttributeKeyword for el in ds.ReconstructionProtocolElementSpecificationSequence
+             for it in el.ParametersSpecificationSequence}
+    assert recon == {"SliceThickness", "PixelSpacing"}
+    pix = next(it for el in ds.ReconstructionProtocolElementSpecificationSequence
+               for it in el.ParametersSpecificationSequence if it.SelectorAttributeKeyword == "PixelSpacing")
+    assert pix.SelectorValueNumber == 1  # IR index 0 -> first value
+
+
+def test_standard_only_import(fixture_export, tmp_path):
+    """Without the imtrial private data a DPP still reads as the nearest IR the standard can express."""
+    _, paths = fixture_export
+    src = next(p for p in _by_suffix(paths, ".dcm") if p.stem.endswith("_CT_CAP_base"))
+    ds = pydicom.dcmread(src)
+    ds.remove_private_tags()
+    out = tmp_path / "plain.dcm"
+    ds.save_as(out, enforce_file_format=True)
+    got = ep.import_file(out)
+    by_kw = {c.keyword: c for c in got.constraints}
+    assert got.name == "CT_CAP" and got.title == "CT chest/abdomen/pelvis" and got.modality == "CT"
+    assert got.preparation == ["Fast for 4 hours.", "Arms up."]
+    assert by_kw["KVP"].kind == ir.ConstraintKind.RANGE_INCL
+    assert [v.value for v in by_kw["KVP"].values] == [110.0, 130.0]
+    assert by_kw["RevolutionTime"].values[0].value == pytest.approx(450.0) and by_kw["RevolutionTime"].values[0].unit == "ms"
+    assert by_kw["ImageType"].kind == ir.ConstraintKind.NOT_EQUAL and by_kw["ImageType"].values == ["LOCALIZER"]
+    assert "ContrastBolusAgent" not in by_kw  # UNCONSTRAINED carries no constraint
+    assert by_kw["XRayTubeCurrent"].modifiable and by_kw["XRayTubeCurrent"].significance == ir.Significance.WARNING
+    assert by_kw["PixelSpacing"].index == 0
+    assert got.variants == []
+
+
+def test_tampered_constraint_type_is_rejected(fixture_export, tmp_path):
+    _, paths = fixture_export
+    ds = pydicom.dcmread(next(p for p in _by_suffix(paths, ".dcm") if p.stem.endswith("_CT_CAP_base")))
+    ds.AcquisitionProtocolElementSpecificationSequence[0].ParametersSpecificationSequence[0].ConstraintType = "EQUAL"
+    out = tmp_path / "bad.dcm"
+    ds.save_as(out, enforce_file_format=True)
+    with pytest.raises(ValueError, match="disagrees"):
+        ep.import_file(out)
+
+
+def test_outputs_are_deterministic(tmp_path):
+    trial = fixture_trial()
+    a = ep.export(trial, None, tmp_path / "a")
+    b = ep.export(trial, None, tmp_path / "b")
+    assert [p.name for p in a] == [p.name for p in b]
+    for x, y in zip(a, b):
+        assert x.read_bytes() == y.read_bytes(), x.name
+
+
+def test_targets_follow_effective_variant_selection():
+    trial = fixture_trial()
+    got = {t.label: sorted(d.id for _, d in t.devices) for t in ep.targets(trial, trial.protocol("CT_CAP"))}
+    assert got == {"base": ["XX_CT1"], "Siemens": [], "Siemens-VA4x": ["HOU_CT2"], "Canon": ["OSA_CT1"],
+                   "Siemens-SOMATOMForce-VBx": ["HOU_CT1"]}
+
+
+def test_mr_gets_no_dicom_object(fixture_export):
+    _, paths = fixture_export
+    assert not [p for p in paths if "_T1w_" in p.name and p.suffix == ".dcm"]
+    assert [p.name for p in paths if "_T1w_" in p.name] == ["ONC02_T1w_base.json", "ONC02_T1w_base.html"]
+
+
+# --------------------------------------------------------------------------- JSON + goldens
+
+def test_json_validates_against_published_schema(fixture_export):
+    _, paths = fixture_export
+    schema = ep.schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    for doc in _by_suffix(paths, ".json"):
+        jsonschema.validate(json.loads(doc.read_text()), schema)
+    shipped = next(p for p in paths if p.name == ep.SCHEMA_FILE)
+    assert json.loads(shipped.read_text()) == schema
+
+
+def test_schema_rejects_malformed_documents(fixture_export):
+    _, paths = fixture_export
+    doc = json.loads(next(p for p in _by_suffix(paths, ".json") if p.stem.endswith("_CT_CAP_base")).read_text())
+    for mutate in (lambda d: d.update(format="imtrial-eprotocol/2"),
+                   lambda d: d["parameters"][0].update(constraint="APPROX"),
+                   lambda d: d["parameters"][1].update(values=[d["parameters"][1]["values"][0]]),  # range with 1 value
+                   lambda d: d["parameters"][0].update(significance="fatal")):
+        bad = json.loads(json.dumps(doc))
+        mutate(bad)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, ep.schema())
+
+
+def _golden_compare(paths, folder: Path):
+    docs = {p.name: p.read_text() for p in _by_suffix(paths, ".json")}
+    if UPDATE:
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("*.json"):
+            old.unlink()
+        for name, text in docs.items():
+            (folder / name).write_text(text)
+    assert sorted(docs) == sorted(p.name for p in folder.glob("*.json"))
+    for name, text in docs.items():
+        assert text == (folder / name).read_text(), f"{name} differs from golden (IMTRIAL_UPDATE_GOLDEN=1 to accept)"
+
+
+def test_golden_fixture(fixture_export):
+    _, paths = fixture_export
+    _golden_compare(paths, GOLDEN / "fixture")
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_golden_examples(example, tmp_path):
+    paths = ep.export(load_example(example), None, tmp_path)
+    _golden_compare(paths, GOLDEN / example.stem)
+
+
+def test_json_content_reads_for_people(fixture_export):
+    _, paths = fixture_export
+    doc = json.loads(next(p for p in _by_suffix(paths, ".json") if p.stem.endswith("_T1w_base")).read_text())
+    by_kw = {p["keyword"]: p for p in doc["parameters"]}
+    assert by_kw["RepetitionTime"]["requirement"] == "2.3 s ± 1% (2277 ms – 2323 ms)"
+    assert by_kw["ImagingFrequency"]["dicom"] == {"constraint_type": "RANGE_INCL", "values": [127.69, 127.79],
+                                                  "recommended_default": 127.74, "unit": "MHz", "vr": "DS"}
+    assert by_kw["ScanningSequence"]["requirement"] == 'one of "GR", "IR", "GR\\IR"'
+
+
+# --------------------------------------------------------------------------- scanner card
+
+def test_scanner_card_content(fixture_export):
+    trial, paths = fixture_export
+    html = next(p for p in paths if p.name == "ONC02_CT_CAP_Canon.html").read_text()
+    assert "Aquilion ONE" in html and "TOSHIBA" in html
+    assert "Fast for 4 hours." in html and "IV contrast" in html
+    assert "one of &#34;FC08&#34;, &#34;FC13&#34;" in html
+    assert "between 50 kV" not in html and "between 50 mA and 500 mA (inclusive)" in html
+    assert "CTDIvol" in html and "Not required on these scanners: CTDIvol" in html
+    assert "SeriesDescription matches /(?i)venous|portal/" in html
+    assert "Series description: <span class=\"mono\"><b>venous</b></span>" in html
+    assert "MUST: deviation" in html and "SHOULD: note it" in html
+
+
+def test_scanner_card_fits_one_page(fixture_export):
+    import weasyprint
+
+    _, paths = fixture_export
+    for name in ("ONC02_CT_CAP_Siemens-SOMATOMForce-VBx.html", "ONC02_XA_TACE_base.html"):
+        html = next(p for p in paths if p.name == name).read_text()
+        doc = weasyprint.HTML(string=html).render()
+        assert len(doc.pages) == 1, name
+
+
+MAX_BYTES = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "PN": 64, "UI": 64, "ST": 1024, "LT": 10240, "DS": 16, "IS": 12}
+
+
+def _vr_problems(ds) -> list[str]:
+    from pydicom import config
+    from pydicom.valuerep import validate_value
+
+    problems = []
+
+    def visit(dataset, elem):
+        if elem.VR == "SQ" or elem.tag.is_private or elem.value is None:
+            return
+        values = elem.value if elem.VM > 1 else [elem.value]
+        for v in values:
+            if elem.VR in ("DS", "IS"):  # validate the text as written, not the parsed number
+                v = getattr(v, "original_string", None) or str(v)
+            try:
+                validate_value(elem.VR, v, config.RAISE)
+            except ValueError as exc:
+                problems.append(f"{elem.tag} {elem.keyword}: {exc}")
+            if isinstance(v, str) and elem.VR in MAX_BYTES and len(v.encode("utf-8")) > MAX_BYTES[elem.VR]:
+                problems.append(f"{elem.tag} {elem.keyword}: {len(v.encode('utf-8'))} bytes > {MAX_BYTES[elem.VR]}")
+
+    ds.walk(visit)
+    return problems
+
+
+def _dciodvfy_vr_errors(path: Path) -> list[str]:
+    """VR/VM errors reported by dicom3tools' dciodvfy (its 2022 build has no DPP IOD, see docs/eprotocol.md)."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("dciodvfy")
+    if exe is None:
+        return []
+    out = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (out.stdout + out.stderr).splitlines()
+            if line.startswith("Error") and "Information Object Not found" not in line]
+
+
+@pytest.mark.parametrize("source", ["fixture"] + [p.stem for p in EXAMPLES])
+def test_dpp_values_valid_for_their_vr(source, tmp_path):
+    trial = fixture_trial() if source == "fixture" else load_example(ROOT / "examples" / f"{source}.imtrial")
+    paths = _by_suffix(ep.export(trial, None, tmp_path), ".dcm")
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        assert _vr_problems(ds) == [], path.name
+        assert _dciodvfy_vr_errors(path) == [], path.name
+
+
+def test_unencodable_constraint_is_a_diagnostic_and_nothing_is_written(tmp_path):
+    from imtrial_dsl.diagnostics import CompileErrors, Span
+
+    trial = fixture_trial()
+    bad = ir.Constraint(keyword="NotADicomKeyword", kind=ir.ConstraintKind.EQUAL, values=["x"],
+                        span=Span(file="s.imtrial", line=7, col=3))
+    trial.protocol("CT_CAP").constraints.append(bad)
+    with pytest.raises(CompileErrors) as exc:
+        ep.export(trial, None, tmp_path / "out")
+    [d] = exc.value.diagnostics
+    assert str(d.span) == "s.imtrial:7:3" and "'NotADicomKeyword' is not a DICOM keyword" in d.message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"{}", b'{"format": "imtrial-eprotocol/1"}', b"\x00" * 200, b"not json"])
+def test_malformed_input_is_a_value_error(content, tmp_path):
+    path = tmp_path / "in.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError):
+        ep.import_file(path)

@@ -1,0 +1,112 @@
+"""Ingest: every inbox file is either grouped into an exam or quarantined with a reason; nothing lost."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from imtrial_dsl.runner.ingest import check_dataset, exam_key_for, ingest, list_inbox
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def inbox(tmp_path: Path) -> Path:
+    """Real pydicom test files, plus damaged ones of every kind ingest must catch."""
+    box = tmp_path / "inbox"
+    (box / "good").mkdir(parents=True)
+    (box / "bad").mkdir()
+    mr = Path(get_testdata_file("MR_small.dcm"))
+    ct = Path(get_testdata_file("CT_small.dcm"))
+    (box / "good" / "mr.dcm").write_bytes(mr.read_bytes())
+    (box / "good" / "ct.dcm").write_bytes(ct.read_bytes())
+    (box / "good" / "mr_copy_same_bytes.dcm").write_bytes(mr.read_bytes())          # duplicate content
+    ds = pydicom.dcmread(mr)
+    second = copy.deepcopy(ds)                                                          # 2nd instance, same series
+    second.SOPInstanceUID = ds.SOPInstanceUID + ".2"
+    second.InstanceNumber = 2
+    second.save_as(box / "good" / "mr_2.dcm")
+    (box / "bad" / "truncated_pydicom.dcm").write_bytes(Path(get_testdata_file("MR_truncated.dcm")).read_bytes())
+    data = mr.read_bytes()
+    (box / "bad" / "cut.dcm").write_bytes(data[: len(data) - 3000])                    # pixel data cut short
+    (box / "bad" / "notes.txt").write_text("this is not DICOM\n")
+    (box / "bad" / "empty.dcm").write_bytes(b"")
+    nosop = copy.deepcopy(ds)
+    del nosop.SOPInstanceUID
+    nosop.save_as(box / "bad" / "no_sop.dcm", enforce_file_format=False)
+    (box / ".hidden").write_bytes(b"\x00\x01junk")                                     # hidden files are not skipped
+    return box
+
+
+def test_ingest_groups_quarantines_and_loses_nothing(tmp_path: Path, inbox: Path):
+    before = _tree_digest(inbox)
+    out, q = tmp_path / "exams", tmp_path / "quarantine"
+    res = ingest(None, inbox=str(inbox), out=str(out), quarantine=str(q))
+
+    # the inbox is left untouched without --move
+    assert _tree_digest(inbox) == before
+
+    reasons = {item["path"]: item["reason"] for item in res["quarantined"]}
+    assert reasons == {
+        "bad/truncated_pydicom.dcm": "truncated",
+        "bad/cut.dcm": "truncated",
+        "bad/notes.txt": "not_dicom",
+        "bad/empty.dcm": "empty",
+        "bad/no_sop.dcm": "missing_essentials",
+        ".hidden": "not_dicom",
+    }
+    for item in res["quarantined"]:
+        qdir = q / item["sha256"]
+        reason = json.loads((qdir / "reason.json").read_text())
+        assert reason["reason"] == item["reason"] and reason["original_path"] == item["path"] and reason["detail"]
+        assert hashlib.sha256((qdir / "file").read_bytes()).hexdigest() == item["sha256"]
+    missing = json.loads((q / next(i["sha256"] for i in res["quarantined"] if i["path"] == "bad/no_sop.dcm")
+                          / "reason.json").read_text())
+    assert missing["missing"] == ["SOPInstanceUID"]
+
+    # duplicates are recorded, not stored twice
+    assert res["duplicates"] == [{"path": "good/mr_copy_same_bytes.dcm", "of": "good/mr.dcm"}]
+
+    # good files grouped by study -> exam, series; every inbox file accounted for exactly once
+    mr_uid = str(pydicom.dcmread(get_testdata_file("MR_small.dcm")).StudyInstanceUID)
+    ct_uid = str(pydicom.dcmread(get_testdata_file("CT_small.dcm")).StudyInstanceUID)
+    assert sorted(res["exams"]) == sorted({exam_key_for(mr_uid), exam_key_for(ct_uid)})
+    mr_exam = json.loads((out / exam_key_for(mr_uid) / "exam.json").read_text())
+    assert mr_exam["study_uid"] == mr_uid and mr_exam["n_instances"] == 2
+    assert len(mr_exam["series"]) == 1 and len(mr_exam["series"][0]["files"]) == 2
+    assert mr_exam["device"]["manufacturer"] == "TOSHIBA_MEC" and mr_exam["patient"]["PatientID"] == "4MR1"
+    stored = list(out.rglob("*.dcm"))
+    assert len(stored) == 3
+    accounted = res["instances"] + len(res["quarantined"]) + len(res["duplicates"])
+    assert accounted == len(list_inbox(inbox))
+
+
+def test_ingest_is_idempotent_and_move_empties_inbox(tmp_path: Path, inbox: Path):
+    out, q = tmp_path / "exams", tmp_path / "quarantine"
+    ingest(None, inbox=str(inbox), out=str(out), quarantine=str(q))
+    first = _tree_digest(out)
+    res = ingest(None, inbox=str(inbox), out=str(out), quarantine=str(q), move=True)
+    assert _tree_digest(out) == first            # same content placed under the same names
+    assert res["instances"] == 3
+    assert list_inbox(inbox) == []
+
+
+def test_check_dataset_reads_header_facts():
+    data = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    res = check_dataset(data, ["PatientID", "IssuerOfPatientID"])
+    assert res["ok"]
+    h = res["header"]
+    assert h["modality"] == "CT" and h["study_date"] and h["sop_class"] == "1.2.840.10008.5.1.4.1.1.2"
+    assert set(h["patient"]) == {"PatientID", "IssuerOfPatientID"}
+
+
+def test_exam_key_is_stable():
+    assert exam_key_for("1.2.3") == hashlib.sha256(b"1.2.3").hexdigest()[:16]

@@ -1,0 +1,137 @@
+"""Inventory exporter: sites/devices/contacts CSV + sortable HTML. Goldens: IMTRIAL_UPDATE_GOLDEN=1."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from imtrial_dsl import ir
+from imtrial_dsl.exporters import inventory as inv
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = Path(__file__).resolve().parent / "golden" / "inventory"
+EXAMPLES = sorted((ROOT / "examples").glob("*.imtrial"))
+UPDATE = os.environ.get("IMTRIAL_UPDATE_GOLDEN") == "1"
+
+
+def fixture_trial() -> ir.Trial:
+    return ir.Trial.model_validate_json((ROOT / "tests" / "golden" / "eprotocol" / "input_trial.json").read_text())
+
+
+def load_example(path: Path) -> ir.Trial:
+    """Parse + lower (with imports): exporters need the IR, not the checker's verdict."""
+    from imtrial_dsl.loader import load
+
+    trial, diags, _ = load(str(path))
+    errors = [d for d in diags if d.severity.value == "error"]
+    assert trial is not None and not errors, "\n".join(str(d) for d in errors)
+    return trial
+
+
+class _Tables(HTMLParser):
+    """Collects the cell texts and classes of each table by id."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self._cur, self._row, self._cell, self.classes = {}, None, None, None, {}
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self._cur = a.get("id")
+            self.tables[self._cur] = []
+        elif tag == "tr" and self._cur:
+            self._row = []
+            self.tables[self._cur].append(self._row)
+        elif tag in ("td", "th") and self._row is not None:
+            self._cell = []
+            if a.get("class"):
+                self.classes.setdefault(self._cur, []).append(a["class"])
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self._row.append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "table":
+            self._cur = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _golden_compare(paths, folder: Path):
+    docs = {p.name: p.read_text() for p in paths if p.suffix == ".csv"}
+    if UPDATE:
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("*.csv"):
+            old.unlink()
+        for name, text in docs.items():
+            (folder / name).write_text(text)
+    assert sorted(docs) == sorted(p.name for p in folder.glob("*.csv"))
+    for name, text in docs.items():
+        assert text == (folder / name).read_text(), f"{name} differs from golden (IMTRIAL_UPDATE_GOLDEN=1 to accept)"
+
+
+def test_fixture_files_and_golden(tmp_path):
+    paths = inv.export(fixture_trial(), None, tmp_path)
+    assert [p.name for p in paths] == ["ONC02_sites.csv", "ONC02_devices.csv", "ONC02_contacts.csv", "ONC02_inventory.html"]
+    _golden_compare(paths, GOLDEN / "fixture")
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_examples_golden(example, tmp_path):
+    trial = load_example(example)
+    paths = inv.export(trial, None, tmp_path)
+    _golden_compare(paths, GOLDEN / example.stem)
+    sites = list(csv.DictReader(io.StringIO(paths[0].read_text())))
+    assert [s["site"] for s in sites] == [s.code for s in trial.sites]
+    devices = list(csv.DictReader(io.StringIO(paths[1].read_text())))
+    assert len(devices) == len(trial.devices())
+
+
+def test_csv_matches_ir(tmp_path):
+    trial = fixture_trial()
+    paths = inv.export(trial, None, tmp_path)
+    sites = {r["site"]: r for r in csv.DictReader(io.StringIO(paths[0].read_text()))}
+    assert list(sites) == ["HOU", "OSA", "XX", "LYO"]
+    assert sites["HOU"]["irb_status"] == "approved" and sites["HOU"]["irb_reference"] == "IRB-1"
+    assert sites["HOU"]["ready"] == "yes" and sites["HOU"]["issues"] == ""
+    # OSA: IRB pending and nobody to call about imaging
+    assert sites["OSA"]["issues"] == "IRB pending; no imaging contact"
+    assert sites["XX"]["issues"] == "IRB pending; no imaging contact"
+    # LYO: expired IRB; has XA and MR but no CT while the schedule acquires CT_CAP
+    assert sites["LYO"]["issues"] == "IRB expired; no CT device"
+    assert sites["LYO"]["irb_expires"] == "2026-01-01" and sites["LYO"]["modalities"] == "MR XA"
+    devices = {r["device"]: r for r in csv.DictReader(io.StringIO(paths[1].read_text()))}
+    mr = devices["LYO_MR1"]
+    assert (mr["manufacturer"], mr["vendor"], mr["field_strength"], mr["coils"], mr["research_agreement"]) == \
+        ("GE MEDICAL SYSTEMS", "GE", "3 T", "48HNU; AIR", "yes")
+    contacts = list(csv.DictReader(io.StringIO(paths[2].read_text())))
+    assert {"site": "LYO", "role": "physicist", "name": "P. Durand", "email": "durand@chu.example",
+            "phone": "+33 4 00 00 00 00"} in contacts
+
+
+def test_html_tables_and_irb_status(tmp_path):
+    trial = fixture_trial()
+    html = inv.export(trial, None, tmp_path)[-1].read_text()
+    parser = _Tables()
+    parser.feed(html)
+    assert set(parser.tables) == {"sites", "devices", "contacts"}
+    assert len(parser.tables["sites"]) == 1 + len(trial.sites)
+    assert len(parser.tables["devices"]) == 1 + len(trial.devices())
+    assert parser.tables["sites"][0][:4] == ["site", "name", "timezone", "irb status"]
+    assert {"irb-approved", "irb-pending", "irb-expired", "ready-yes", "ready-no"} <= set(parser.classes["sites"])
+    assert 'addEventListener("click"' in html and 'mailto:durand@chu.example' in html
+    assert "4 sites · 6 devices · 2 contacts · 1 IRB approved · 1 ready for subjects" in " ".join(html.split())
+
+
+def test_deterministic(tmp_path):
+    trial = fixture_trial()
+    a = inv.export(trial, None, tmp_path / "a")
+    b = inv.export(trial, None, tmp_path / "b")
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
