@@ -7,6 +7,7 @@ Goal: < 0.5 s on the 2-core development machine.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -87,6 +88,24 @@ def main() -> int:
           f"{len(res.diagnostics)} warnings")
     print(f"compile_text: first run {first:.3f} s, best of {args.runs}: {min(times):.3f} s "
           f"(median {sorted(times)[len(times) // 2]:.3f} s)")
+    from imtrial_dsl.checker import check
+    from imtrial_dsl.graph import build_graph
+    from imtrial_dsl.loader import load_text
+
+    stages = {"load (parse+lower+imports)": [], "check": [], "graph": []}
+    for _ in range(args.runs):
+        t0 = time.perf_counter()
+        trial, _d, _s = load_text(text, name)
+        t1 = time.perf_counter()
+        check(trial)
+        t2 = time.perf_counter()
+        build_graph(trial)
+        t3 = time.perf_counter()
+        for key, dt in zip(stages, (t1 - t0, t2 - t1, t3 - t2)):
+            stages[key].append(dt)
+    print("stages, best of runs: " + ", ".join(f"{k} {min(v):.3f} s" for k, v in stages.items()))
+    if os.name == "posix":
+        print(f"load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (timings scale with it)")
     if args.profile:
         import cProfile
         import pstats

@@ -7,11 +7,14 @@ templates stay declarative. Markdown is the single source of each document: the
 HTML is that Markdown rendered (markdown-it) inside a print layout, and the PDF is
 the HTML rendered by WeasyPrint. Outputs carry the study version and the sha256
 of the study source, and no timestamps, so they are reproducible byte for byte
-(Markdown, HTML) and golden-testable.
+(Markdown, HTML, SVG and PDF) and golden-testable.
 """
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -19,7 +22,7 @@ from typing import Any, Iterable, Optional
 import jinja2
 
 from imtrial_dsl import __version__, ir
-from imtrial_dsl.units import DICOM_UNITS
+from imtrial_dsl.diagnostics import CompileErrors, Diagnostic
 
 TEMPLATES = Path(__file__).resolve().parent / "templates" / "docs"
 
@@ -208,7 +211,6 @@ def constraint_row(c: ir.Constraint, origin: str = "") -> dict:
         "modifiable": "yes" if c.modifiable else "no",
         "origin": origin,
         "note": c.note or "",
-        "dicom_unit": DICOM_UNITS.get(c.keyword, ("", ""))[1],
     }
 
 
@@ -362,6 +364,19 @@ def uid_sentence(d: ir.Deidentify) -> str:
         return "UIDs are kept as acquired."
     return ("Every UID is replaced by a new UID computed from the original with the study key, so the same original UID "
             "always becomes the same new UID and references between images, series and studies stay consistent.")
+
+
+def key_uses(d: ir.Deidentify) -> list[str]:
+    """What the study key is used for under these options (for the sentence about the key)."""
+    opts = {o.value for o in d.options}
+    uses = []
+    if "retain_longitudinal_modified_dates" in opts:
+        uses.append("per-subject date shifts")
+    if "retain_uids" not in opts:
+        uses.append("UID replacement")
+    if any(o.action == "hash" for o in d.overrides):
+        uses.append("keyed hashes of attribute values")
+    return uses
 
 
 def action_summary(profile: Optional[ir.DeidProfile]) -> list[dict]:
@@ -593,6 +608,7 @@ def _deid(trial: ir.Trial) -> Optional[dict]:
         "overrides": [override_text(o) for o in d.overrides],
         "regions": regions,
         "key": key_text(d.key),
+        "key_uses": join_words(key_uses(d)),
         "quarantine_burned_in": d.quarantine_burned_in,
     }
 
@@ -797,7 +813,11 @@ def _markdown_it():
     def heading_open(self, tokens, idx, options, env):
         tok = tokens[idx]
         title = tokens[idx + 1].content if idx + 1 < len(tokens) else ""
-        tok.attrSet("id", slug(title))
+        seen = env.setdefault("ids", {})
+        base = slug(title)
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        tok.attrSet("id", base if n == 0 else f"{base}-{n}")  # GitHub's rule for repeated headings
         return self.renderToken(tokens, idx, options, env)
 
     def image(self, tokens, idx, options, env):
@@ -843,24 +863,73 @@ def _css_string(text: str) -> jinja2.utils.markupsafe.Markup:
 
 
 def render_pdf(html_text: str, out: Path, base_url: Path) -> Path:
+    """PDF through WeasyPrint, byte-reproducible.
+
+    The embedded font subsets carry a 'modified' timestamp (fontTools takes the current
+    time unless SOURCE_DATE_EPOCH is set), which would make every PDF differ; pin it.
+    """
     from weasyprint import HTML
 
-    HTML(string=html_text, base_url=str(base_url)).write_pdf(str(out))
+    saved = os.environ.get("SOURCE_DATE_EPOCH")
+    if saved is None:
+        os.environ["SOURCE_DATE_EPOCH"] = "0"
+    try:
+        HTML(string=html_text, base_url=str(base_url)).write_pdf(str(out))
+    finally:
+        if saved is None:
+            os.environ.pop("SOURCE_DATE_EPOCH", None)
     return out
 
 
 # ---------------------------------------------------------------------------- graph picture
 
+ROW = 3  # nodes per row of a wide rank in the picture
+
+
+def _dot_quote(s: str) -> str:
+    return '"' + str(s).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def layout_dot(graph) -> str:
+    """The graph module's DOT with layout hints for a portrait page.
+
+    Parallel siblings (the QC checks after adherence, the analyses, one qualification per
+    device) would all sit on one rank and make the picture too wide to read on A4; invisible
+    edges fold each such group into rows of ``ROW``. Only the drawing changes, not the graph.
+    """
+    from imtrial_dsl.graph import to_dot
+
+    dot = to_dot(graph).rstrip()
+    groups: dict[str, list[str]] = {}
+    for n in sorted(graph.nodes, key=str):
+        prefix = str(n).split(":", 1)[0] if ":" in str(n) else None
+        if prefix in ("qc", "analysis", "qualify"):
+            groups.setdefault(prefix, []).append(str(n))
+    hints = []
+    for members in groups.values():
+        for i in range(len(members) - ROW):
+            hints.append(f"  {_dot_quote(members[i])} -> {_dot_quote(members[i + ROW])} [style=invis];")
+    if not hints:
+        return dot + "\n"
+    assert dot.endswith("}")
+    return dot[:-1] + "\n".join(hints) + "\n}\n"
+
+
 def graph_svg(graph) -> tuple[Optional[str], Optional[str]]:
     """(SVG text, None), or (None, reason) when the picture cannot be drawn (no graph, no graphviz)."""
     if graph is None:
         return None, "no dependency graph was given to the document exporter"
-    from imtrial_dsl.graph import render_image
-
-    data, diag = render_image(graph, "svg")
-    if data is None:
-        return None, diag.message if diag is not None else "the graph could not be drawn"
-    return data.decode("utf-8"), None
+    exe = shutil.which("dot")
+    if exe is None:
+        return None, "graphviz 'dot' is not installed, so the picture could not be drawn"
+    try:
+        proc = subprocess.run([exe, "-Tsvg"], input=layout_dot(graph).encode(), capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"graphviz 'dot' failed: {exc}"
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip().splitlines()
+        return None, f"graphviz 'dot' failed: {err[-1] if err else proc.returncode}"
+    return proc.stdout.decode("utf-8"), None
 
 
 # ---------------------------------------------------------------------------- entry point
@@ -871,6 +940,8 @@ def export(trial: ir.Trial, graph=None, out_dir: Path | str = ".", *, formats: I
 
     Files: ``charter.{md,html,pdf}``, ``site_manual.{md,html,pdf}`` and ``graph.svg`` (when a
     graph is given and graphviz is installed; otherwise the charter says why there is no picture).
+    Raises :class:`CompileErrors` (E611) after writing the other formats when PDF was asked for
+    but WeasyPrint cannot be loaded.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -879,6 +950,9 @@ def export(trial: ir.Trial, graph=None, out_dir: Path | str = ".", *, formats: I
     svg, why_not = graph_svg(graph)
     if doc.graph is not None:
         doc.graph["missing"] = why_not
+    problems: list[Diagnostic] = []
+    if "pdf" in formats and not _weasyprint_available(problems):
+        formats = tuple(f for f in formats if f != "pdf")
     written: list[Path] = []
     if svg is not None:
         p = out / GRAPH_FILE
@@ -898,4 +972,19 @@ def export(trial: ir.Trial, graph=None, out_dir: Path | str = ".", *, formats: I
                 written.append(p)
             if "pdf" in formats:
                 written.append(render_pdf(page, out / f"{kind}.pdf", out))
+    if problems:
+        raise CompileErrors(problems)
     return written
+
+
+def _weasyprint_available(problems: list[Diagnostic]) -> bool:
+    """WeasyPrint is an optional extra; without it the other formats are still written."""
+    try:
+        import weasyprint  # noqa: F401
+    except (ImportError, OSError) as exc:  # OSError: the Pango/HarfBuzz system libraries are missing
+        problems.append(Diagnostic(
+            code="E611", message=f"PDF documents not written: WeasyPrint cannot be loaded ({exc.__class__.__name__}: {exc})",
+            hint="install the 'docs' extra (pip install 'imtrial[docs]') and WeasyPrint's system libraries; "
+                 "the Markdown and HTML documents were written"))
+        return False
+    return True

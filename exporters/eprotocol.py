@@ -25,7 +25,6 @@ from typing import Any, Iterable, Optional, Sequence
 
 from imtrial_dsl import __version__, ir, units
 from imtrial_dsl.diagnostics import CompileErrors, ImtrialError
-from imtrial_dsl.vendors import normalize_vendor
 
 FORMAT = "imtrial-eprotocol/1"
 SCHEMA_FILE = "imtrial-eprotocol-1.schema.json"
@@ -70,6 +69,14 @@ RECONSTRUCTION_KEYWORDS = frozenset({
     "ReconstructionPixelSpacing", "ReconstructionAlgorithm", "ReconstructionInterval", "ConvolutionKernel",
     "ConvolutionKernelGroup", "ImageFilter", "Rows", "Columns", "ReconstructionAngle", "ReconstructionTargetCenterPatient",
 })
+
+# Selectors address attributes of the *performed* protocol (PS3.3 C.34.9: "only Attributes defined in
+# Table C.34.10-1 ... may be specified"), i.e. inside its protocol element sequences; Table C.34.9-2
+# shows the addressing: Selector Sequence Pointer (0018,9920) with Items = element number, and KVP one
+# level deeper in CT X-Ray Details Sequence (0018,9325) (first beam).
+ACQ_ELEMENT_SEQ = 0x00189920     # Acquisition Protocol Element Sequence
+RECON_ELEMENT_SEQ = 0x00189934   # Reconstruction Protocol Element Sequence
+NESTED_IN_ELEMENT = {"CT": {"KVP": 0x00189325}}  # keyword -> sequence inside the element item
 
 _NUMERIC_VRS = {"DS", "IS", "FD", "FL", "US", "UL", "SS", "SL", "UV", "SV"}
 _SINGLE_VALUED_VRS = {"ST", "LT", "UT", "UR"}
@@ -294,7 +301,7 @@ def constraint_to_json(c: ir.Constraint, origin: str) -> dict:
     tag, vr, name = _dicom_info(c.keyword)
     dvals, default = _dicom_values(c)
     if vr in _INTEGER_VRS:
-        dvals = _integer_bounds(c, dvals)
+        dvals = _clamp(vr, _integer_bounds(c.kind, dvals))
     d = {
         "keyword": c.keyword,
         "name": name,
@@ -374,19 +381,13 @@ def series_naming(p: ir.Protocol) -> dict:
     """What to call the series: the match rules and a name that satisfies them, if one is obvious."""
     rules = [{"attribute": m.attribute, "op": m.op.value, "value": m.value, "text": _rule_text(m)} for m in p.match]
     desc_rules = [m for m in p.match if m.attribute in ("SeriesDescription", "ProtocolName")]
-    suggestion = None
-    for cand in [p.name, p.title, p.name.upper(), p.name.lower()] + [_regex_alternatives(m.value) for m in desc_rules]:
-        if isinstance(cand, list):
-            cands = cand
-        else:
-            cands = [cand]
-        for s in cands:
-            if s and all(_rule_ok(m, s) for m in desc_rules):
-                suggestion = s
-                break
-        if suggestion:
-            break
-    return {"rules": rules, "suggested_series_description": suggestion if desc_rules else None}
+    if not desc_rules:
+        return {"rules": rules, "suggested_series_description": None}
+    candidates = [p.name, p.title, p.name.upper(), p.name.lower()]
+    for m in desc_rules:  # plain alternatives of the regexes, e.g. 'mprage' from '(?i)mprage|t1w'
+        candidates += _regex_alternatives(m.value)
+    suggestion = next((c for c in candidates if c and all(_rule_ok(m, c) for m in desc_rules)), None)
+    return {"rules": rules, "suggested_series_description": suggestion}
 
 
 def _regex_alternatives(pattern: str) -> list[str]:
@@ -456,10 +457,9 @@ def _code(value: str, meaning: str, scheme: str = LOCAL_SCHEME):
 _INTEGER_VRS = {"IS", "US", "UL", "SS", "SL", "UV", "SV"}
 
 
-def _integer_bounds(c: ir.Constraint, values: list[Any]) -> list[Any]:
+def _integer_bounds(k: ir.ConstraintKind, values: list[Any]) -> list[Any]:
     """Integer-VR attributes hold integers: round each bound in the direction that keeps its meaning
     (x >= 7.5 is x >= 8 for integers); EQUAL/SET_OF round to nearest (a fraction can never match)."""
-    k = c.kind
     up = {ir.ConstraintKind.GREATER_OR_EQUAL, ir.ConstraintKind.GREATER_THAN}
     down = {ir.ConstraintKind.LESS_OR_EQUAL, ir.ConstraintKind.LESS_THAN}
     out = []
@@ -473,6 +473,16 @@ def _integer_bounds(c: ir.Constraint, values: list[Any]) -> list[Any]:
         else:
             out.append(float(round(v)))
     return out
+
+
+_INT_LIMITS = {"US": (0, 2**16 - 1), "SS": (-2**15, 2**15 - 1), "UL": (0, 2**32 - 1), "SL": (-2**31, 2**31 - 1),
+               "UV": (0, 2**64 - 1), "SV": (-2**63, 2**63 - 1), "IS": (-2**31, 2**31 - 1)}
+
+
+def _clamp(vr: str, values: list[Any]) -> list[Any]:
+    """Bounds outside what the VR can hold say nothing more than the VR's own limit (Rows >= -1 is Rows >= 0)."""
+    lo, hi = _INT_LIMITS[vr]
+    return [min(max(v, float(lo)), float(hi)) if isinstance(v, float) else v for v in values]
 
 
 def _selector_value_item(vr: str, value: Any):
@@ -517,7 +527,8 @@ def _read_private_json(ds, element: int) -> Optional[dict]:
     return json.loads(value)
 
 
-def _constraint_item(c: ir.Constraint, origin: str, pos: int):
+def _constraint_item(c: ir.Constraint, origin: str, pos: int, element_seq: int = ACQ_ELEMENT_SEQ,
+                     element_number: int = 1, modality: str = "CT"):
     from pydicom.dataset import Dataset
 
     tag, vr, name = _dicom_info(c.keyword)
@@ -526,10 +537,13 @@ def _constraint_item(c: ir.Constraint, origin: str, pos: int):
     if vr == "SQ":
         raise ImtrialError(c, f"'{c.keyword}' is a sequence; constraints on sequences have no DPP encoding")
     exact, default = _dicom_values(c)
-    dvals = _integer_bounds(c, exact) if vr in _INTEGER_VRS else exact
+    dvals = _clamp(vr, _integer_bounds(c.kind, exact)) if vr in _INTEGER_VRS else exact
     item = Dataset()
     item.SelectorAttribute = tag
     item.SelectorValueNumber = 0 if c.index is None else c.index + 1
+    nested = NESTED_IN_ELEMENT.get(modality, {}).get(c.keyword) if element_seq == ACQ_ELEMENT_SEQ else None
+    item.SelectorSequencePointer = [element_seq] + ([nested] if nested else [])
+    item.SelectorSequencePointerItems = [element_number] + ([1] if nested else [])
     item.SelectorAttributeVR = vr
     item.SelectorAttributeName = _lo(name)
     item.SelectorAttributeKeyword = _lo(c.keyword)
@@ -537,7 +551,8 @@ def _constraint_item(c: ir.Constraint, origin: str, pos: int):
     if dvals:
         item.ConstraintValueSequence = [_selector_value_item(vr, v) for v in dvals]
     if default is not None:
-        item.RecommendedDefaultValueSequence = [_selector_value_item(vr, default)]
+        written = _clamp(vr, [float(round(default))])[0] if vr in _INTEGER_VRS else default
+        item.RecommendedDefaultValueSequence = [_selector_value_item(vr, written)]
     item.ConstraintViolationSignificance = _SIGNIFICANCE[c.significance]
     item.ModifiableConstraintFlag = "YES" if c.modifiable else "NO"
     # What the standard cannot say: the IR kind, how values were written, the tolerance, a regex.
@@ -552,6 +567,8 @@ def _constraint_item(c: ir.Constraint, origin: str, pos: int):
     }
     if dvals != exact:  # the integer VR could not hold the bound as written
         extras["exact"] = exact
+    if default is not None and vr in _INTEGER_VRS and isinstance(default, float) and _clamp(vr, [float(round(default))]) != [default]:
+        extras["exact_default"] = default
     if c.kind == ir.ConstraintKind.MATCHES:
         extras["regex"] = str(c.values[0])
     _private_json(item, 0x01, extras)
@@ -617,10 +634,23 @@ def to_dicom(trial: ir.Trial, t: Target):
             it.InstructionPerformedFlag = "N"
             items.append(it)
         ds.InstructionSequence = items
-    # General Defined Acquisition / Reconstruction
+    # General Defined Acquisition / Reconstruction. PS3.3 C.34.9: one item per attribute and addressing
+    # (read here per value index, so PixelSpacing[0] and PixelSpacing[1] may both be constrained).
+    seen: dict[tuple[str, Optional[int]], ir.Constraint] = {}
+    for c, _ in t.constraints:
+        key = (c.keyword, c.index)
+        if key in seen:
+            first = seen[key]
+            raise ImtrialError(c, f"{c.keyword} is constrained twice in protocol {p.name}; a DICOM Defined Procedure "
+                                  f"Protocol allows one constraint per attribute",
+                               f"combine them into one constraint (e.g. a range 'in low .. high'); first one at {first.span}")
+        seen[key] = c
     acq, rec = [], []
     for pos, (c, origin) in enumerate(t.constraints):
-        (rec if c.keyword in RECONSTRUCTION_KEYWORDS else acq).append(_constraint_item(c, origin, pos))
+        if c.keyword in RECONSTRUCTION_KEYWORDS:
+            rec.append(_constraint_item(c, origin, pos, RECON_ELEMENT_SEQ, 1, p.modality))
+        else:
+            acq.append(_constraint_item(c, origin, pos, ACQ_ELEMENT_SEQ, 1, p.modality))
     a = Dataset()
     a.ProtocolElementNumber = 1
     if acq:
@@ -863,10 +893,15 @@ def _constraint_from_item(item) -> tuple[Optional[ir.Constraint], str, int]:
         values: list[Any] = [extras["regex"]]
     elif kind == ir.ConstraintKind.EQUAL and extras.get("tolerance"):
         values = default[:1]
+        if "exact_default" in extras and values and vr in _INTEGER_VRS:
+            if _clamp(vr, [float(round(extras["exact_default"]))])[0] != float(values[0]):
+                raise ValueError(f"{keyword}: private exact default {extras['exact_default']} disagrees with {values[0]}")
+            values = [extras["exact_default"]]
     else:
         values = raw
-    if "exact" in extras and len(extras["exact"]) == len(values):
-        if any(abs(float(a) - float(b)) > 1.0 for a, b in zip(extras["exact"], values)):
+    if "exact" in extras and len(extras["exact"]) == len(values) and vr in _INTEGER_VRS:
+        expected = _clamp(vr, _integer_bounds(kind, [float(x) for x in extras["exact"]]))
+        if expected != [float(x) for x in values]:
             raise ValueError(f"{keyword}: private exact bounds {extras['exact']} disagree with {values}")
         values = extras["exact"]
     metas = extras.get("values") or [{} for _ in values]
@@ -893,6 +928,12 @@ def _quantity_from_dicom(keyword: str, v: float, meta: dict) -> ir.Quantity:
     if unit is None:
         unit = units.CANONICAL.get(dimension, "")
     value = _round12(units.from_dicom(v, keyword)) if dim_unit and dim_unit[0] == dimension else v
+    sv, su = meta.get("source_value"), meta.get("source_unit")
+    if sv is not None and su is not None and (su == "" or su in units.UNITS):
+        # the canonical value is derived from what the author wrote (as lowering does), bit for bit
+        derived = units.to_canonical(float(sv), su)[0]
+        if math.isclose(derived, value, rel_tol=1e-9, abs_tol=1e-12):
+            value = derived
     return ir.Quantity(value=value, unit=unit, dimension=dimension, source_value=meta.get("source_value"),
                        source_unit=meta.get("source_unit"))
 

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Optional, get_args
 
 from . import ir, units
 from .diagnostics import Diagnostic, Severity, Span, did_you_mean
-from .matchsets import Term, common_string
+from .matchsets import Term, alphabet_for, common_string
 from .vendors import software_matches
 
 # Built-in QC metrics: parameter -> allowed dimensions of its value. Kept here (not imported
@@ -38,6 +38,9 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _TAG = re.compile(r"\(([0-9A-Fa-fx]{4}),([0-9A-Fa-fx]{4})\)\Z")
 _DEID_OPTIONS = [o.value for o in ir.DeidOption]
 
+# ImageType value 1 is ORIGINAL or DERIVED, value 2 PRIMARY or SECONDARY (PS3.3 C.7.6.1.1.2).
+_EXCLUSIVE_IMAGE_TYPE = ({"ORIGINAL", "DERIVED"}, {"PRIMARY", "SECONDARY"})
+_MODES = {"has": (), "search": ("search", "full"), "full": ("full",), "equal": ("equal",), "not": ("search",)}
 _keyword_cache: Optional[dict[str, Any]] = None
 
 
@@ -433,13 +436,14 @@ class _Checker:
     def variants(self, p: ir.Protocol, devices: list[tuple[ir.Site, ir.Device]]) -> None:
         mod = p.modality.upper()
         same_mod = [(s, d) for s, d in devices if d.modality.upper() == mod]
+        kinds = {(d.vendor, d.software, d.model) for _, d in same_mod}
         for var in p.variants:
-            hit = [
-                d for _, d in same_mod
-                if d.vendor == var.vendor
-                and (not var.model or (d.model or "").lower() == var.model.lower())
-                and software_matches(var.software, d.software)
-            ]
+            hit = any(
+                vendor == var.vendor
+                and (not var.model or (model or "").lower() == var.model.lower())
+                and software_matches(var.software, software)
+                for vendor, software, model in kinds
+            )
             if not hit:
                 desc = " ".join(x for x in (var.vendor, f'model "{var.model}"' if var.model else "",
                                             f'software "{var.software}"' if var.software else "") if x)
@@ -449,9 +453,12 @@ class _Checker:
         if not p.variants:
             return
         uncovered = []
+        covered: dict[tuple, bool] = {}  # many devices share vendor/software/model
         for s, d in same_mod:
-            _, var = ir.effective_constraints(p, d.vendor, d.software, d.model)
-            if var is None:
+            key = (d.vendor, d.software, (d.model or "").lower())
+            if key not in covered:
+                covered[key] = ir.effective_constraints(p, d.vendor, d.software, d.model)[1] is not None
+            if not covered[key]:
                 uncovered.append((s, d))
         vendors_with_variant = {v.vendor for v in p.variants}
         uncovered_vendors = {d.vendor for _, d in uncovered}
@@ -474,8 +481,9 @@ class _Checker:
     def _alternatives(p: ir.Protocol) -> list[dict[str, list[tuple[str, str]]]]:
         """The protocol's selection rules as alternatives of per-attribute rule lists (op, value).
 
-        Ops: 'search', 'equal', 'not'. 'has' rules (multi-valued) are always satisfiable together and
-        are left out. A protocol without rules is selected by its own name (see the classifier).
+        Ops: 'search', 'equal', 'not', 'has'. 'has' rules (multi-valued) are satisfiable together,
+        except ImageType value 1 / value 2 pairs (ORIGINAL vs DERIVED, PRIMARY vs SECONDARY).
+        A protocol without rules is selected by its own name (see the classifier).
         """
         if not p.match:
             # Selected by name; a typical series carries the name in SeriesDescription. (The classifier
@@ -490,16 +498,23 @@ class _Checker:
                 rules[r.attribute].append(("not", r.value))
             elif r.op == ir.MatchOp.EQUALS:
                 rules[r.attribute].append(("equal", r.value.strip()))
+            elif r.op == ir.MatchOp.CONTAINS:
+                rules[r.attribute].append(("has", r.value.strip().upper()))
         return [dict(rules)]
 
-    @staticmethod
-    def _typical_witness(a: dict, b: dict) -> tuple[Optional[dict[str, str]], bool]:
+    def _typical_witness(self, a: dict, b: dict) -> tuple[Optional[dict[str, str]], bool]:
         """A series typical of rule set ``a`` (some attribute value that one of a's patterns matches in full)
         that also satisfies ``b``: (witness per attribute or None, decided)."""
         witness: dict[str, str] = {}
-        decided = True
         for attr in sorted(set(a) | set(b)):
-            ra, rb = a.get(attr, []), b.get(attr, [])
+            decided = True  # per attribute: one attribute proven disjoint decides the pair
+            has = {v for op, v in a.get(attr, []) + b.get(attr, []) if op == "has"}
+            if attr == "ImageType" and any(pair <= has for pair in _EXCLUSIVE_IMAGE_TYPE):
+                return None, True
+            ra = [r for r in a.get(attr, []) if r[0] != "has"]
+            rb = [r for r in b.get(attr, []) if r[0] != "has"]
+            if not ra and not rb:
+                continue
             positives = [i for i, (op, _) in enumerate(ra) if op in ("search", "equal", "full")]
             choices = positives or [None]
             found = None
@@ -512,7 +527,7 @@ class _Checker:
                         terms.append(Term(val, "search", negated=True))
                     else:
                         terms.append(Term(val, "equal" if op == "equal" else ("full" if op == "full" else "search")))
-                res = common_string(terms)
+                res = common_string(terms, self.alphabet)
                 if res.witness is not None:
                     found = res.witness
                     break
@@ -529,6 +544,9 @@ class _Checker:
         for p in self.t.protocols:
             if id(p) not in broken:
                 by_mod[p.modality.upper()].append(p)
+        patterns = [(val, mode) for p in self.t.protocols if id(p) not in broken for alt in self._alternatives(p)
+                    for rules in alt.values() for op, val in rules for mode in _MODES[op]]
+        self.alphabet = alphabet_for(patterns)
         for group in by_mod.values():
             alts = [self._alternatives(p) for p in group]
             for j in range(len(group)):

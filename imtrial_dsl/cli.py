@@ -184,7 +184,6 @@ def cmd_compile(args) -> int:
 
 def cmd_fmt(args) -> int:
     from .fmt import format_source
-    from .parser import parse
 
     if args.check and args.write:
         raise UsageError("--check and --write exclude each other")
@@ -198,12 +197,6 @@ def cmd_fmt(args) -> int:
             rc = EXIT_INPUT
             continue
         text = Path(path).read_text(encoding="utf-8", errors="replace")
-        _tree, diags = parse(text, path)
-        errors = [d for d in diags if d.severity == Severity.ERROR]
-        if errors:
-            print_diagnostics(errors, {path: text})
-            rc = EXIT_INPUT
-            continue
         try:
             new = format_source(text, path)
         except CompileErrors as exc:
@@ -331,8 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="OUT")
     p.set_defaults(func=cmd_schema)
 
-    p = sub.add_parser("export", help="export a study (targets: " + (", ".join(export_targets()) or "none") + ")")
-    p.add_argument("target", metavar="TARGET")
+    targets = ", ".join(export_targets()) or "none"
+    p = sub.add_parser("export", help=f"export a study (targets: {targets})")
+    p.add_argument("target", metavar="TARGET", help=f"one of: {targets}")
     p.add_argument("file", metavar="FILE")
     p.add_argument("-o", "--output", metavar="DIR", required=True)
     p.set_defaults(func=cmd_export)

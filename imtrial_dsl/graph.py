@@ -34,7 +34,10 @@ def _node(g: nx.DiGraph, nid: str, kind: str, step: str, scope: str, ref: Option
 
 
 def _qc_protocols(trial: ir.Trial, q: ir.QcCheck) -> list[str]:
-    return [p.name for p in trial.protocols if q in trial.qc_for(p)]
+    """The protocols ``q`` applies to: the rule of ``Trial.qc_for``, without its model comparisons."""
+    names = {t.name for t in q.targets}
+    return [p.name for p in trial.protocols
+            if p.name in names or (q.modality and q.modality == p.modality and not q.targets)]
 
 
 def build_graph(trial: ir.Trial) -> nx.DiGraph:

@@ -67,6 +67,9 @@ class Nfa:
         self.accept = 0
         self.sticky_accept = False  # accept state loops on every char (search mode)
         self._step: dict = {}
+        self._moves: dict = {}
+        self._initial: Optional[frozenset] = None
+        self.live: frozenset = frozenset()
         self._acc: dict = {}
 
     def new(self) -> int:
@@ -221,16 +224,45 @@ class Nfa:
                     stack.append(t)
         return frozenset(seen)
 
+    def finish(self) -> None:
+        """Compute ``live``: states from which acceptance is reachable without a '^' edge."""
+        rev: list[list[int]] = [[] for _ in self.eps]
+        for s in range(len(self.eps)):
+            for t in self.eps[s] + self.eol[s] + [t for _, t in self.chars[s]]:
+                rev[t].append(s)
+        live = {self.accept}
+        stack = [self.accept]
+        while stack:
+            t = stack.pop()
+            for s in rev[t]:
+                if s not in live:
+                    live.add(s)
+                    stack.append(s)
+        self.live = frozenset(live)
+
     def initial(self) -> frozenset:
-        return self.closure([self.start], True)
+        if self._initial is None:
+            self._initial = self.closure([self.start], True)
+        return self._initial
 
     def step(self, S: frozenset, ch: str) -> frozenset:
         key = (S, ch)
         hit = self._step.get(key)
         if hit is None:
             nxt = [t for s in S for pred, t in self.chars[s] if pred(ch)]
-            hit = self.closure(nxt, False) if nxt else frozenset()
+            # states that can no longer reach acceptance (e.g. before a '^' we are past) are dropped,
+            # so an anchored pattern's automaton dies as soon as the text diverges
+            hit = (self.closure(nxt, False) & self.live) if nxt else frozenset()
             self._step[key] = hit
+        return hit
+
+    def moves(self, S: frozenset, alphabet: str) -> list[tuple[str, frozenset]]:
+        """(char, next state) for every char of ``alphabet`` that leads somewhere (memoized)."""
+        key = (S, alphabet)
+        hit = self._moves.get(key)
+        if hit is None:
+            hit = [(ch, T) for ch in alphabet for T in (self.step(S, ch),) if T]
+            self._moves[key] = hit
         return hit
 
     def accepting(self, S: frozenset, at_start: bool = False) -> bool:
@@ -280,6 +312,7 @@ def compile_nfa(pattern: str, mode: str) -> Nfa:
         n.start = a
         n.accept = b
     n.eps[b].append(n.accept) if b != n.accept else None
+    n.finish()
     if len(_CACHE) > 4096:
         _CACHE.clear()
     _CACHE[key] = n
@@ -316,16 +349,31 @@ class Result:
     approximate: bool = field(default=False)
 
 
-def common_string(terms: list[Term]) -> Result:
-    """Find a shortest string satisfying all terms, or prove there is none."""
+def alphabet_for(patterns: list[tuple[str, str]]) -> str:
+    """A representative alphabet for (pattern, mode) pairs; pass it to many :func:`common_string`
+    calls over those patterns so their automata share memoized transitions."""
+    chars = set(_FIXED_ALPHABET)
+    for pattern, mode in patterns:
+        chars |= compile_nfa(pattern, mode).alphabet
+    return "".join(sorted(ch for ch in chars if ch.isprintable()))
+
+
+def common_string(terms: list[Term], alphabet: Optional[str] = None) -> Result:
+    """Find a shortest string satisfying all terms, or prove there is none.
+
+    ``alphabet`` (from :func:`alphabet_for`) must cover every pattern among ``terms``.
+    """
     if not terms:
         return Result("")
     # most selective first, so most product steps die at the first component
     terms = sorted(terms, key=lambda t: (t.negated, t.mode == "search"))
     nfas = [compile_nfa(t.pattern, t.mode) for t in terms]
     approx = any(n.approx for n in nfas)
-    alphabet = sorted(ch for ch in set(_FIXED_ALPHABET).union(*(n.alphabet for n in nfas)) if ch.isprintable())
+    if alphabet is None:
+        alphabet = alphabet_for([(t.pattern, t.mode) for t in terms])
     neg = [t.negated for t in terms]
+    lead, rest = nfas[0], list(zip(nfas[1:], neg[1:]))
+    lead_positive = not neg[0]
 
     def dead(state) -> bool:
         for n, S, ng in zip(nfas, state, neg):
@@ -351,9 +399,10 @@ def common_string(terms: list[Term]) -> Result:
             if all(t.holds(w) for t in terms):
                 return Result(w, True, approx)
             undecided = True  # an over-approximated candidate: keep looking
-        for ch in alphabet:
-            parts = []
-            for n, S, ng in zip(nfas, state, neg):
+        firsts = lead.moves(state[0], alphabet) if lead_positive else [(ch, lead.step(state[0], ch)) for ch in alphabet]
+        for ch, T0 in firsts:
+            parts = [T0]
+            for (n, ng), S in zip(rest, state[1:]):
                 T = n.step(S, ch)
                 if not ng and not T:
                     break

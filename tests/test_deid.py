@@ -124,6 +124,7 @@ def test_overrides_win_over_the_profile():
     assert ops[D.parse_tag("ReferringPhysicianName")][0] == D.EMPTY
     assert eng.plan.shift_dates and eng.plan.dates_state == "MODIFIED"
     assert [c for c, _ in eng.plan.method_codes] == ["113100", "113105", "113107", "113108"]
+    assert eng.plan.method_text.split("\\") == [CID7050[c] for c in ("113100", "113105", "113107", "113108")]
 
 
 # --------------------------------------------------------------------------- action codes on data
@@ -299,6 +300,7 @@ def test_overrides_hash_and_research_identifiers():
     assert out.ClinicalTrialTimePointDescription == "Baseline visit"
     codes = [(i.CodeValue, i.CodingSchemeDesignator, i.CodeMeaning) for i in out.DeidentificationMethodCodeSequence]
     assert codes == [("113100", "DCM", CID7050["113100"])]
+    assert out.DeidentificationMethod == CID7050["113100"]
 
 
 def test_cid7050_table_is_complete():
@@ -429,3 +431,19 @@ def test_clean_graphics_keeps_overlay_only_with_region_blanked():
     after = after.reshape(rows, cols)
     assert not after[: rows // 2].any() and np.array_equal(after[rows // 2:], before[rows // 2:])
     assert "113103" in [i.CodeValue for i in with_region.DeidentificationMethodCodeSequence]
+
+
+def test_docs_example_loads_and_runs(monkeypatch):
+    from imtrial_dsl.loader import load_text
+
+    doc = (ROOT / "docs" / "deidentification.md").read_text()
+    block = doc.split("```imtrial\n", 1)[1].split("```", 1)[0]
+    trial, diags, _ = load_text(block, str(ROOT / "docs" / "example.imtrial"))
+    assert not [d for d in diags if d.severity.value == "error"], diags
+    monkeypatch.setenv("IMTRIAL_KEY", "doc-key")
+    eng = D.Deidentifier(trial, D.resolve_key(trial))
+    res, out, _ = roundtrip(eng, get_testdata_file("US1_UNCR.dcm"))
+    assert res.pixel_cleaned and not out.pixel_array[:40].any()
+    assert out.ClinicalTrialProtocolID == "DEID01"
+    assert [i.CodeValue for i in out.DeidentificationMethodCodeSequence] == ["113100", "113101", "113105", "113107",
+                                                                               "113108"]

@@ -90,7 +90,8 @@ def test_charter_covers_the_whole_study(compiled, rendered, stem):
     names = [p.name for p in trial.protocols]
     names += [v.name for v in trial.schedule.visits]
     names += [d.id for _, d in trial.devices()] + [s.code for s in trial.sites]
-    names += [q.name for q in trial.qc] + [a.name for a in trial.analyses]
+    applies = [q for q in trial.qc if any(q in trial.qc_for(p) for p in trial.protocols)]
+    names += [q.name for q in applies] + [a.name for a in trial.analyses]
     names += [m.name for a in trial.analyses for m in a.measurements]
     names += [t.name for t in trial.transfers] + [r.name for r in trial.roles] + [r.name for r in trial.reports]
     names += [e.name for e in trial.study.endpoints] + [o.value for o in trial.deidentify.options]
@@ -98,6 +99,10 @@ def test_charter_covers_the_whole_study(compiled, rendered, stem):
     names += [str(n) for n in graph.nodes]
     missing = [n for n in names if n not in text]
     assert not missing
+    # a modality-wide check for a modality the study does not use is left out
+    for q in trial.qc:
+        if q not in applies:
+            assert f"| {docs.code(q.name)} |" not in text
     for p in trial.protocols:
         for v in p.variants:
             assert f"**Variant: {docs.md(docs.variant_label(v))}**" in text
@@ -144,6 +149,7 @@ def test_html_is_well_formed_and_embeds_the_graph(rendered):
             root = ET.fromstring(page.split("\n", 1)[1])  # XHTML-compatible: parse as XML
             assert root.tag == "html"
             ids = [e.get("id") for e in root.iter() if e.get("id")]
+            assert len(ids) == len(set(ids)), (stem, kind)
             for href in re.findall(r'href="#([^"]+)"', page):
                 assert href in ids, (stem, kind, href)
         charter = files["charter.html"].read_text(encoding="utf-8")
@@ -189,3 +195,56 @@ def test_pdf_first_page_is_not_blank(compiled, tmp_path):
     text = subprocess.run(["pdftotext", "-f", "1", "-l", "1", str(pdf), "-"], capture_output=True, text=True, check=True)
     assert "Imaging Charter" in text.stdout and trial.study.code in text.stdout
     assert trial.source_sha256[:12] in text.stdout
+
+
+def test_python_example_in_docs_runs(tmp_path, monkeypatch, capsys):
+    """The Python example of docs/documents.md works and prints what its comment says."""
+    text = (ROOT / "docs" / "documents.md").read_text(encoding="utf-8")
+    block = re.search(r"```python\n(.*?)```", text, flags=re.S).group(1)
+    expected = re.search(r"# (\[.*\])", block).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block.replace('"examples/', f'"{ROOT}/examples/'), "documents.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == expected
+    assert (tmp_path / "out" / "onc-docs" / "site_manual.html").exists()
+
+
+@pytest.mark.slow  # two full WeasyPrint renders: ~5 s idle, up to ~25 s on a loaded machine
+def test_pdf_is_byte_reproducible(compiled, tmp_path):
+    trial, graph = compiled["phantom_qualification"]
+    a = docs.export(trial, graph, tmp_path / "a", formats=("pdf",), documents=("site_manual",))
+    b = docs.export(trial, graph, tmp_path / "b", formats=("pdf",), documents=("site_manual",))
+    assert a[-1].read_bytes() == b[-1].read_bytes()  # no timestamps anywhere, font subsets included
+
+
+def test_minimal_study_says_what_is_not_defined(tmp_path):
+    """A study with almost nothing declared still gives complete documents that say what is missing."""
+    from imtrial_dsl.compiler import compile_text
+
+    src = ('study MIN "Minimal study" { version "0.1" }\n'
+           'protocol T1 modality MR "T1" { match SeriesDescription ~ "t1"  EchoTime < 10 ms }\n')
+    res = compile_text(src, "min.imtrial")
+    assert res.ok, res.diagnostics
+    docs.export(res.trial, res.graph, tmp_path, formats=("md", "html"))
+    charter = (tmp_path / "charter.md").read_text(encoding="utf-8")
+    for sentence in ("The study description has no visit schedule.",
+                     "The study description does not de-identify images.",
+                     "The study description requires no qualification examination.",
+                     "| `EchoTime` | Echo Time (0018,0081) | < 10 ms |"):
+        assert sentence in charter
+    manual = (tmp_path / "site_manual.md").read_text(encoding="utf-8")
+    assert "The study does not de-identify images." in manual
+
+
+def test_missing_weasyprint_is_a_diagnostic_not_a_crash(compiled, tmp_path, monkeypatch):
+    """Without the optional PDF renderer the other formats are written and E611 says why PDF is not."""
+    import sys
+
+    from imtrial_dsl.diagnostics import CompileErrors
+
+    monkeypatch.setitem(sys.modules, "weasyprint", None)  # makes 'import weasyprint' raise ImportError
+    trial, graph = compiled["oncology_ct"]
+    with pytest.raises(CompileErrors) as exc:
+        docs.export(trial, graph, tmp_path)
+    assert [d.code for d in exc.value.diagnostics] == ["E611"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["charter.html", "charter.md", "graph.svg", "site_manual.html", "site_manual.md"]

@@ -200,6 +200,11 @@ def test_equal_with_tolerance_encoding(fixture_export):
     pix = next(it for el in ds.ReconstructionProtocolElementSpecificationSequence
                for it in el.ParametersSpecificationSequence if it.SelectorAttributeKeyword == "PixelSpacing")
     assert pix.SelectorValueNumber == 1  # IR index 0 -> first value
+    # addressing inside the performed protocol (PS3.3 Table C.34.9-2)
+    assert [int(x) for x in kvp.SelectorSequencePointer] == [0x00189920, 0x00189325]
+    assert [int(x) for x in kvp.SelectorSequencePointerItems] == [1, 1]
+    assert int(items["CTDIvol"].SelectorSequencePointer) == 0x00189920
+    assert int(pix.SelectorSequencePointer) == 0x00189934 and int(pix.SelectorSequencePointerItems) == 1
 
 
 def test_standard_only_import(fixture_export, tmp_path):
@@ -410,3 +415,121 @@ def test_malformed_input_is_a_value_error(content, tmp_path):
     path.write_bytes(content)
     with pytest.raises(ValueError):
         ep.import_file(path)
+
+
+def _blocks(md: str, lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", md, flags=re.S)
+
+
+@pytest.mark.parametrize("doc", ["eprotocol.md", "inventory.md"])
+def test_docs_examples_run(doc, tmp_path, monkeypatch):
+    """The Python examples in the docs run as written (from a folder that has examples/)."""
+    md = (ROOT / "docs" / doc).read_text()
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    monkeypatch.chdir(tmp_path)
+    blocks = _blocks(md, "python")
+    assert blocks
+    for code in blocks:
+        exec(compile(code, f"docs/{doc}", "exec"), {})
+
+
+def test_docs_embed_the_published_schema_and_real_output(tmp_path):
+    md = (ROOT / "docs" / "eprotocol.md").read_text()
+    assert json.loads(_blocks(md, "json")[0]) == ep.schema()
+    from imtrial_dsl.exporters import inventory
+
+    inv_md = (ROOT / "docs" / "inventory.md").read_text()
+    paths = inventory.export(load_example(ROOT / "examples" / "amyloid_mri.imtrial"), None, tmp_path)
+    shown = [b for b in _blocks(inv_md, "") if b.startswith("site,")][0]
+    assert shown == paths[0].read_text()
+
+
+# --------------------------------------------------------------------------- property: any constraint round-trips
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from imtrial_dsl import units  # noqa: E402
+
+# keyword -> unit to write values in (covers DS/IS/FD/US VRs and unit conversion to s / MHz)
+_NUMERIC = {"KVP": "kV", "XRayTubeCurrent": "mA", "CTDIvol": "mGy", "SliceThickness": "mm", "RevolutionTime": "ms",
+            "SpiralPitchFactor": "", "ImagingFrequency": "MHz", "Rows": "", "PixelSpacing": "mm", "CineRate": ""}
+_STRINGS = {"ConvolutionKernel": ["B30f", "FC13", "STANDARD"], "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
+            "ScanningSequence": ["GR", "IR", "GR\\IR"]}
+
+
+def _q(v: float, unit: str) -> ir.Quantity:
+    c, cu, dim = units.to_canonical(v, unit)
+    return ir.Quantity(value=c, unit=cu, dimension=dim, source_value=v, source_unit=unit)
+
+
+# integers, halves (fractional bounds on integer-VR attributes) and 2-decimal values
+_nums = st.one_of(st.integers(0, 5000).map(float), st.integers(0, 5000).map(lambda i: i + 0.5),
+                  st.decimals(min_value=0, max_value=5000, places=2, allow_nan=False).map(float))
+
+
+@st.composite
+def _constraint(draw):
+    sig = draw(st.sampled_from(list(ir.Significance)))
+    mod = draw(st.booleans())
+    note = draw(st.none() | st.text(alphabet="abc xyz", min_size=1, max_size=12))
+    if draw(st.booleans()):
+        kw = draw(st.sampled_from(sorted(_STRINGS)))
+        kind = draw(st.sampled_from([ir.ConstraintKind.EQUAL, ir.ConstraintKind.NOT_EQUAL, ir.ConstraintKind.SET_OF,
+                                     ir.ConstraintKind.MATCHES]))
+        pool = _STRINGS[kw]
+        vals = (draw(st.lists(st.sampled_from(pool), min_size=1, max_size=3, unique=True)) if kind == ir.ConstraintKind.SET_OF
+                else ["^(?i)b\\d+f"] if kind == ir.ConstraintKind.MATCHES else [draw(st.sampled_from(pool))])
+        return ir.Constraint(keyword=kw, kind=kind, values=vals, significance=sig, modifiable=mod, note=note)
+    kw = draw(st.sampled_from(sorted(_NUMERIC)))
+    unit = _NUMERIC[kw]
+    kind = draw(st.sampled_from([k for k in ir.ConstraintKind if k != ir.ConstraintKind.MATCHES]))
+    if kind in (ir.ConstraintKind.RANGE_INCL, ir.ConstraintKind.RANGE_EXCL):
+        a, b = sorted([draw(_nums), draw(_nums)])
+        vals = [_q(a, unit), _q(b, unit)]
+    elif kind == ir.ConstraintKind.SET_OF:
+        vals = [_q(v, unit) for v in draw(st.lists(_nums, min_size=1, max_size=3, unique=True))]
+    else:
+        vals = [_q(draw(_nums), unit)]
+    tol = None
+    if kind == ir.ConstraintKind.EQUAL and draw(st.booleans()):
+        rel = draw(st.booleans())
+        t = float(draw(st.decimals(min_value=0, max_value=20, places=1)))
+        tol = ir.Tolerance(value=t, relative=True, source_value=t, source_unit="%") if rel else \
+            ir.Tolerance(value=_q(t, unit).value, source_value=t, source_unit=unit)
+    index = draw(st.sampled_from([None, 0, 1])) if kw == "PixelSpacing" else None
+    return ir.Constraint(keyword=kw, kind=kind, values=vals, tolerance=tol, significance=sig, modifiable=mod,
+                         index=index, note=note)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(base=st.lists(_constraint(), max_size=6, unique_by=lambda c: (c.keyword, c.index)),
+       extra=st.lists(_constraint(), max_size=3, unique_by=lambda c: (c.keyword, c.index)), remove_first=st.booleans())
+def test_property_any_protocol_round_trips(base, extra, remove_first, tmp_path_factory):
+    variant = ir.Variant(vendor="GE", vendor_text="GE", constraints=extra,
+                         remove=[base[0].keyword] if (remove_first and base and base[0].keyword not in {c.keyword for c in extra}) else [])
+    proto = ir.Protocol(name="P", modality="CT", constraints=base, variants=[variant])
+    trial = ir.Trial(study=ir.StudyInfo(code="S", title="t"), protocols=[proto])
+    out = tmp_path_factory.mktemp("prop")
+    paths = ep.export(trial, None, out)
+    want = ir.strip_spans(proto)
+    for suffix in (".json", ".dcm"):
+        [got] = ep.import_files(_by_suffix(paths, suffix))
+        assert ir.strip_spans(got) == want, suffix
+
+
+def test_same_attribute_twice_is_a_diagnostic_for_dicom(tmp_path):
+    """PS3.3 C.34.9: the same attribute may not be constrained twice with the same addressing."""
+    from imtrial_dsl.diagnostics import CompileErrors, Span
+
+    trial = fixture_trial()
+    cap = trial.protocol("CT_CAP")
+    cap.constraints.append(ir.Constraint(keyword="CTDIvol", kind=ir.ConstraintKind.GREATER_THAN, values=[_q(1, "mGy")],
+                                         span=Span(file="s.imtrial", line=9, col=3)))
+    with pytest.raises(CompileErrors) as exc:
+        ep.export(trial, None, tmp_path / "out")
+    assert {str(d.span) for d in exc.value.diagnostics} == {"s.imtrial:9:3"}
+    assert "CTDIvol is constrained twice" in exc.value.diagnostics[0].message
+    # different values of one multi-valued attribute are fine
+    cap.constraints.pop()
+    cap.constraints.append(ir.Constraint(keyword="PixelSpacing", kind=ir.ConstraintKind.LESS_THAN, values=[_q(1, "mm")], index=1))
+    ep.export(trial, None, tmp_path / "ok")

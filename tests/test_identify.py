@@ -196,6 +196,13 @@ def test_screening_rule_uses_content_and_windows(db):
     # a first exam with baseline-only protocols is the baseline even in a study with screening
     other = idf.identify_exam(t, exam("P2", "20250105", "e4"), db)["identity"]
     assert other["visit"] == "baseline"
+    # screening is judged against its window once the baseline exists: 29 days before is inside -42..-28
+    row = db.execute("SELECT in_window, days_from_baseline FROM exams WHERE exam_key='e1'").fetchone()
+    assert (row["in_window"], row["days_from_baseline"]) == (1, -29)
+    idf.identify_exam(t, exam("P3", "20250101", "e5", series=("flair_3d",)), db)
+    idf.identify_exam(t, exam("P3", "20250301", "e6"), db)          # 59 days later: screening was too early
+    row = db.execute("SELECT in_window, warnings FROM exams WHERE exam_key='e5'").fetchone()
+    assert row["in_window"] == 0 and "out_of_window" in row["warnings"]
 
 
 def test_identify_step_writes_identity_without_original_identifiers(tmp_path, monkeypatch):

@@ -110,3 +110,25 @@ def test_check_dataset_reads_header_facts():
 
 def test_exam_key_is_stable():
     assert exam_key_for("1.2.3") == hashlib.sha256(b"1.2.3").hexdigest()[:16]
+
+
+def test_runner_ingest_records_every_path_and_move_deletes_only_recorded_files(tmp_path: Path, inbox: Path):
+    from imtrial_dsl.runner.run import ingest_inbox
+    from imtrial_dsl.runner.state import State
+
+    n_paths = len(list_inbox(inbox))
+    digests = set(_tree_digest(inbox).values())
+    res = ingest_inbox(None, inbox, tmp_path / "w", move=True, progress=False)
+    assert res["new_paths"] == n_paths and res["ingested"] == 3 and res["quarantined"] == 6 and res["duplicates"] == 1
+    assert list_inbox(inbox) == []                                   # moved: the workdir now holds everything
+    st = State(tmp_path / "w")
+    assert len(st.known_paths()) == n_paths
+    assert {f["sha256"] for f in st.files()} == digests
+    stored = {f["sha256"]: (tmp_path / "w" / f["stored_path"]) if f["status"] == "quarantined"
+              else (tmp_path / "w" / "exams" / f["exam_key"] / f["stored_path"]) for f in st.files()}
+    assert all(hashlib.sha256(p.read_bytes()).hexdigest() == sha for sha, p in stored.items())
+    assert [d["rel_path"] for d in st.duplicates()] == ["good/mr_copy_same_bytes.dcm"]
+    assert {e["exam_key"] for e in st.exams()} == set(res["exams_touched"])
+    st.close()
+    again = ingest_inbox(None, inbox, tmp_path / "w", progress=False)
+    assert again["new_paths"] == 0 and again["exams_touched"] == []

@@ -284,3 +284,14 @@ def test_docs_examples_lower_cleanly(tmp_path):
     for i, block in enumerate(blocks):
         trial, diags, _ = load_text(block, f"language.md#{i}", base_dir=ROOT)
         assert diags == [], (block, [str(d) for d in diags])
+
+
+def test_whole_stdlib_imported_together_checks_without_errors():
+    from imtrial_dsl.compiler import compile_text
+
+    src = "".join(f'import "{f}"\n' for f in stdlib_files())
+    result = compile_text(src, "all_stdlib.imtrial")
+    errors = [str(d) for d in result.diagnostics if d.severity.value == "error"]
+    assert errors == []
+    names = {p.name for p in result.trial.protocols}
+    assert {"ADNI3_T1_MPRAGE", "ACR_T1", "ACR_T2", "ACR_LOCALIZER", "CT_CHEST_RECIST"} <= names

@@ -130,3 +130,23 @@ def test_ics_folding_and_escaping():
     assert all(len(l.encode()) <= 75 for l in text.split("\r\n"))
     back = ics.parse(text)[0]
     assert back["SUMMARY"].startswith("Visite m12\\; sujet\\, «AMY01") and back["DESCRIPTION"] == "line1\\nline2"
+
+
+def test_calendar_reads_back_with_an_independent_parser(tmp_path):
+    """The .ics is checked by the `icalendar` package (an RFC 5545 implementation we do not use to write it)."""
+    import icalendar
+
+    out = tmp_path / "out"
+    run_reminders(trial(), study_data(), tmp_path / "w", AS_OF, dry_run=True, out_dir=out)
+    cal = icalendar.Calendar.from_ical((out / "visit_windows_all.ics").read_bytes())
+    assert str(cal["VERSION"]) == "2.0" and str(cal["PRODID"]) == ics.PRODID
+    events = {str(e["UID"]): e for e in cal.walk("VEVENT")}
+    tok = events["AMY01-TOK-0001-baseline.AMY01@imtrial"]
+    assert tok.decoded("DTSTART") == date(2027, 4, 13) and tok.decoded("DTEND") == date(2027, 4, 28)
+    (alarm,) = tok.walk("VALARM")
+    assert alarm.decoded("TRIGGER").days == -7
+    # every window still to come, and none that is received or closed
+    assert sorted(events) == sorted([
+        "AMY01-BOS-0001-m24.AMY01@imtrial", "AMY01-BOS-0002-m24.AMY01@imtrial", "AMY01-LYN-0001-m24.AMY01@imtrial",
+        "AMY01-LYN-0002-m12.AMY01@imtrial", "AMY01-LYN-0002-m24.AMY01@imtrial", "AMY01-TOK-0001-baseline.AMY01@imtrial",
+        "AMY01-TOK-0001-m12.AMY01@imtrial", "AMY01-TOK-0001-m24.AMY01@imtrial"])

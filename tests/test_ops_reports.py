@@ -6,6 +6,7 @@ from xml.etree import ElementTree
 
 import pytest
 
+from imtrial_dsl import ir
 from imtrial_dsl.ops import reports
 from ops_data.data import AS_OF, study_data
 from ops_data.trial import trial
@@ -59,6 +60,9 @@ def test_per_exam_pipeline_and_analyses(out):
     assert rows["bos1m12"]["window"] == "received_out_of_window" and rows["bos1m12"]["adherence_fail"] == "1"
     assert rows["lyn2base"]["step_identify"] == "done" and rows["lyn2base"]["step_deidentify"] == "pending"
     assert rows["bos1base"]["arm"] == "placebo"  # central is not blinded
+    # no qualification decision recorded in this workdir: qualification protocols are flagged per exam
+    assert rows["bos1base"]["device_unqualified"] == "FLAIR: not_assessed; T1w: not_assessed"
+    assert rows["bos1m12"]["device_unqualified"] == "T1w: not_assessed"
 
 
 def test_upgrade_is_reported(out):
@@ -135,3 +139,17 @@ def test_unknown_role_or_site_is_an_error(tmp_path):
         reports.generate(trial(), study_data(), tmp_path, AS_OF, role="nurse")
     with pytest.raises(ValueError, match="unknown site 'XXX'"):
         reports.generate(trial(), study_data(), tmp_path, AS_OF, site="XXX")
+
+
+def test_hiding_exam_dates_removes_every_date(tmp_path):
+    """Reports built from a site-side workdir hold real dates; a role can hide them everywhere."""
+    t = trial()
+    t.roles.append(ir.Role(name="monitor", kind="monitor", hide=["exam_date"]))
+    files = reports.generate(t, study_data(), tmp_path, AS_OF, role="monitor", workdir=tmp_path / "w")
+    dates = {e.exam_date.isoformat() for e in study_data().exams} | {"2027-04-20", "2026-03-01"}
+    for p in files["monitor"]:
+        text = p.read_text()
+        assert not any(d in text for d in dates), p.name
+    visits = {(r["subject_id"], r["visit"]): r for r in csv.DictReader(open(tmp_path / "monitor" / "visits.csv"))}
+    assert "opens" not in visits[("AMY01-BOS-0001", "m12")]
+    assert visits[("AMY01-BOS-0001", "m12")]["days_from_target"] == "45"   # intervals stay visible

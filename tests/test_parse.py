@@ -127,10 +127,10 @@ def test_never_raises(text):
 def test_never_raises_on_truncations_and_splices():
     rng = random.Random(1234)
     tokens = EXAMPLE.split(" ")
-    for cut in range(0, len(EXAMPLE), 97):
+    for cut in range(0, len(EXAMPLE), 211):
         tree, diags = parse(EXAMPLE[:cut], "x")
         assert (tree is None) == bool(diags)
-    for _ in range(150):
+    for _ in range(60):
         t = list(tokens)
         for _ in range(3):
             i, j = rng.randrange(len(t)), rng.randrange(len(t))
@@ -139,7 +139,7 @@ def test_never_raises_on_truncations_and_splices():
         assert (tree is None) == bool(diags)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.sampled_from(list('{}[]()"#;,.=<>!~±%-+/\\\n abcxyzAZ09_') + ["protocol ", "site ", "visit "]),
                 max_size=120).map("".join))
 def test_never_raises_hypothesis(text):

@@ -24,7 +24,6 @@ from imtrial_dsl import ir
 from .model import ExamRecord, StudyData
 
 STATUSES = ("upcoming", "window_open", "overdue", "received_in_window", "received_out_of_window")
-PENDING = ("upcoming", "window_open", "overdue")
 
 
 @dataclass

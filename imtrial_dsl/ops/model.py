@@ -13,7 +13,7 @@ import sqlite3
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 STATE_FILE = "state.sqlite"
 

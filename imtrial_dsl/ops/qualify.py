@@ -118,7 +118,7 @@ def check_folder(trial: ir.Trial, device: ir.Device, folder: str | Path) -> tupl
 
     Uses the runner's own step cores, so a qualification exam is judged exactly as a subject exam.
     """
-    from imtrial_dsl.runner import adherence, classify, dicomio  # later stage importing earlier ones
+    from imtrial_dsl.runner import adherence, classify  # the runner's step cores
 
     scan = classify.scan(folder)
     cls = classify.classify_scan(trial, scan)
@@ -139,7 +139,7 @@ def check_folder(trial: ir.Trial, device: ir.Device, folder: str | Path) -> tupl
         uid = entry["series_uid"]
         a = adh_by_series.get(uid)
         q = qc_by_series.get(uid, {})
-        probs = [f"{r['keyword']}: {r.get('actual_text', r.get('actual'))} (expected {r.get('expected_text', r.get('expected'))})"
+        probs = [f"{r.get('parameter', r.get('keyword'))}: {r.get('actual_text', r.get('actual'))} (expected {r.get('expected_text', r.get('expected'))})"
                  for r in (a or {}).get("parameters", []) if not r.get("ok", True) and r.get("significance") == "error"]
         probs += q.get("problems", [])
         if entry.get("status") == "ambiguous":

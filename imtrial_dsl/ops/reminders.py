@@ -228,6 +228,16 @@ def _email(msg: Message, sender: str) -> EmailMessage:
     return em
 
 
+def _smtp_connect(smtp: tuple[str, int]) -> smtplib.SMTP:
+    """Plain SMTP; with ``$IMTRIAL_SMTP_USER`` set, STARTTLS then login with ``$IMTRIAL_SMTP_PASSWORD``."""
+    conn = smtplib.SMTP(smtp[0], smtp[1], timeout=30)
+    user = os.environ.get("IMTRIAL_SMTP_USER")
+    if user:
+        conn.starttls()
+        conn.login(user, os.environ.get("IMTRIAL_SMTP_PASSWORD", ""))
+    return conn
+
+
 def run_reminders(trial: ir.Trial, data: StudyData, workdir: str | Path, as_of: date, *,
                   dry_run: bool = False, smtp: Optional[tuple[str, int]] = None, sender: str = "imtrial@localhost",
                   out_dir: str | Path | None = None, central_emails: list[str] | None = None) -> ReminderRun:
@@ -279,7 +289,7 @@ def run_reminders(trial: ir.Trial, data: StudyData, workdir: str | Path, as_of: 
                 em = _email(m, sender)
                 if smtp:
                     if smtp_conn is None:
-                        smtp_conn = smtplib.SMTP(smtp[0], smtp[1], timeout=30)
+                        smtp_conn = _smtp_connect(smtp)
                     smtp_conn.send_message(em)
                     m.status, channel = "sent", "smtp"
                 elif outbox is not None:

@@ -21,14 +21,14 @@ import json
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from imtrial_dsl import ir
 
 from . import svg
-from .expected import PENDING, VisitStatus, expected_vs_received
+from .expected import VisitStatus, expected_vs_received
 from .model import ExamRecord, StudyData
 from .qualify import device_table
 from .upgrades import record_upgrades, scan_upgrades
@@ -81,7 +81,8 @@ def reader_code(trial: ir.Trial, subject_id: str) -> str:
     return "R-" + hashlib.sha256(f"{code}\0{subject_id}".encode()).hexdigest()[:10].upper()
 
 
-def _exam_row(trial: ir.Trial, e: ExamRecord, visit_status: dict[tuple[str, str], VisitStatus], arm: Optional[str]) -> dict:
+def _exam_row(trial: ir.Trial, e: ExamRecord, visit_status: dict[tuple[str, str], VisitStatus], arm: Optional[str],
+              qual: dict[tuple[str, str], str]) -> dict:
     steps = {s: e.steps.get(s, "pending") for s in PIPELINE}
     present = {s.protocol for s in e.series if s.protocol}
     applicable = [a.name for a in trial.analyses
@@ -101,6 +102,10 @@ def _exam_row(trial: ir.Trial, e: ExamRecord, visit_status: dict[tuple[str, str]
         **{f"step_{k}": v for k, v in steps.items()},
         "analyses_done": ", ".join(done),
         "analyses_remaining": ", ".join(a for a in applicable if a not in done),
+        "analyses_failed": ", ".join(a for a in applicable if e.analyses.get(a) == "failed"),
+        # protocols acquired on a device not (or no longer) qualified for them
+        "device_unqualified": "; ".join(f"{p}: {qual[(e.device or '', p)]}" for p in sorted(present)
+                                        if qual.get((e.device or "", p), "qualified") != "qualified"),
         "arm": arm or "",
     }
 
@@ -112,9 +117,10 @@ def build(trial: ir.Trial, data: StudyData, aud: Audience, as_of: date, workdir:
     hidden = aud.hidden
     sites = [s for s in trial.sites if aud.site is None or s.code == aud.site]
     site_codes = {s.code for s in sites}
-    subjects = {k: v for k, v in data.subjects().items() if v in site_codes}
-    data = StudyData([e for e in data.exams if e.site in site_codes],
-                     {k: v for k, v in data.enrollments.items() if v.site in site_codes})
+    # as of a date: exams acquired later do not exist yet (qualification status is always the current one)
+    data = StudyData([e for e in data.exams if e.site in site_codes and (e.exam_date is None or e.exam_date <= as_of)],
+                     {k: v for k, v in data.enrollments.items() if v.site in site_codes and v.enrolled_on <= as_of})
+    subjects = data.subjects()
     statuses = expected_vs_received(trial, data, as_of)
     vmap = {(s.subject_id, s.visit): s for s in statuses}
     day0 = {s.subject_id: s.day0 for s in statuses}
@@ -160,7 +166,8 @@ def build(trial: ir.Trial, data: StudyData, aud: Audience, as_of: date, workdir:
             "qualification": "; ".join(f"{q['protocol']}: {q['status']}" for q in qual_rows if q["device"] == d.id),
         })
 
-    exam_rows = [_exam_row(trial, e, vmap, arms.get(e.subject_id or "")) for e in
+    qual = {(q["device"], q["protocol"]): q["status"] for q in qual_rows}
+    exam_rows = [_exam_row(trial, e, vmap, arms.get(e.subject_id or ""), qual) for e in
                  sorted(data.exams, key=lambda e: (e.site or "", e.subject_id or "", e.exam_date or date.max, e.exam_key))]
     visit_rows = []
     for v in statuses:
@@ -221,6 +228,9 @@ def _redact(trial: ir.Trial, m: dict, hidden: frozenset[str], show_arm: bool) ->
                     r.pop(k, None)
         for r in m["exams"]:
             r.pop("exam_date", None)
+        for u in m["upgrades"]:
+            u.pop("exam_date", None)
+        m["enrollment"] = {}  # enrolment dates are baseline exam dates
     if mask_subjects:
         # exam keys and devices would let a reader re-link rows to sites through other reports
         for r in m["exams"]:
@@ -242,7 +252,8 @@ def _csv(rows: list[dict]) -> str:
 def charts(m: dict) -> dict[str, str]:
     out = {}
     series = {k: [(date.fromisoformat(d), n) for d, n in v] for k, v in m["enrollment"].items()}
-    out["enrollment"] = svg.step_chart("Subjects enrolled over time" + (" per site" if len(series) > 1 else ""), series)
+    out["enrollment"] = svg.step_chart("Subjects enrolled over time" + (" per site" if len(series) > 1 else ""), series,
+                                       until=date.fromisoformat(m["as_of"]))
     if m["sites"]:
         cats = [r["site"] for r in m["sites"]]
         out["by_site"] = svg.bar_chart("Adherence and QC pass rate by site", cats,

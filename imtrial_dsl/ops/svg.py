@@ -30,12 +30,13 @@ def empty(title: str, note: str = "no data yet", width: int = 480, height: int =
     return _frame(width, height, title, [f'<text x="{width / 2:.0f}" y="50" text-anchor="middle" fill="#666">{escape(note)}</text>'])
 
 
-def step_chart(title: str, series: dict[str, list[tuple[date, int]]], width: int = 640, height: int = 300) -> str:
-    """Cumulative counts over time, one step line per series (e.g. enrolment per site)."""
+def step_chart(title: str, series: dict[str, list[tuple[date, int]]], width: int = 640, height: int = 300,
+               until: Optional[date] = None) -> str:
+    """Cumulative counts over time, one step line per series (e.g. enrolment per site), drawn up to ``until``."""
     pts = [d for s in series.values() for d, _ in s]
     if not pts:
         return empty(title, width=width)
-    d0, d1 = min(pts), max(pts)
+    d0, d1 = min(pts), max(pts + ([until] if until else []))
     span = max((d1 - d0).days, 1)
     ymax = max(max((v for _, v in s), default=0) for s in series.values()) or 1
     left, right, top, bottom = 48, 130, 28, 36
@@ -74,7 +75,7 @@ def bar_chart(title: str, categories: list[str], groups: dict[str, list[Optional
     """Grouped bars of rates in [0, 1] per category (e.g. adherence and QC pass rate per site); None = no data."""
     if not categories:
         return empty(title, width=width)
-    left, right, top, bottom = 48, 130, 28, 48
+    left, right, top, bottom = 48, 130, 40, 48
     pw, ph = width - left - right, height - top - bottom
     body = [f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#333"/>']
     for pct in (0, 25, 50, 75, 100):
@@ -83,9 +84,9 @@ def bar_chart(title: str, categories: list[str], groups: dict[str, list[Optional
                     f'<text x="{left - 6}" y="{_f(yy + 4)}" text-anchor="end">{pct}%</text>')
     slot = pw / len(categories)
     names = list(groups)
-    bw = slot * 0.8 / max(len(names), 1)
+    bw = min(slot * 0.8 / max(len(names), 1), 48.0)
     for ci, cat in enumerate(categories):
-        cx = left + slot * ci + slot * 0.1
+        cx = left + slot * ci + (slot - bw * len(names)) / 2
         for gi, g in enumerate(names):
             v = groups[g][ci]
             bx = cx + gi * bw
@@ -96,7 +97,7 @@ def bar_chart(title: str, categories: list[str], groups: dict[str, list[Optional
             body.append(f'<rect x="{_f(bx)}" y="{_f(top + ph - h)}" width="{_f(bw - 2)}" height="{_f(h)}" '
                         f'fill="{PALETTE[gi % len(PALETTE)]}"><title>{escape(cat)} {escape(g)}: {v:.0%}</title></rect>'
                         f'<text x="{_f(bx + bw / 2)}" y="{_f(top + ph - h - 3)}" text-anchor="middle" font-size="9">{v:.0%}</text>')
-        body.append(f'<text x="{_f(cx + slot * 0.4)}" y="{top + ph + 16}" text-anchor="middle">{escape(cat)}</text>')
+        body.append(f'<text x="{_f(left + slot * (ci + 0.5))}" y="{top + ph + 16}" text-anchor="middle">{escape(cat)}</text>')
     for gi, g in enumerate(names):
         ly = top + 12 + 16 * gi
         body.append(f'<rect x="{left + pw + 12}" y="{ly - 8}" width="10" height="10" fill="{PALETTE[gi % len(PALETTE)]}"/>'

@@ -24,6 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
 from .. import ir, units
@@ -256,32 +257,54 @@ def select_constraints(protocol: ir.Protocol, ident: dict[str, Any]) -> tuple[li
                                     ident.get("software") or None, ident.get("model") or None)
 
 
+def _constraint_tags(constraints: Sequence[ir.Constraint]) -> tuple[int, ...]:
+    tags = []
+    for c in constraints:
+        for kw in dicomio._keywords(c.keyword):
+            t = tag_for_keyword(kw)
+            if t is not None:
+                tags.append(t)
+    return tuple(tags)
+
+
+def _fingerprint(ds: Dataset, tags: tuple[int, ...]) -> Optional[tuple]:
+    """Undecoded values of the constrained elements of a classic instance (None for Enhanced objects,
+    whose values live in functional groups and are read through get_param)."""
+    if dicomio.has_functional_groups(ds):
+        return None
+    return tuple(dicomio.raw_bytes(ds, t) for t in tags)
+
+
 def check_series(protocol: ir.Protocol, headers: Sequence[Dataset], ident: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Adherence of one series (all its instances) to a protocol.
 
-    Instances with identical parameter values are evaluated once: a series whose
-    instances agree costs one evaluation, one that drifts is reported per value.
+    Instances whose constrained elements carry identical bytes are evaluated once: a
+    series whose instances agree costs one evaluation, one that drifts is reported per value.
     """
     if not headers:
         raise ValueError("a series has at least one instance")
     ident = ident or dicomio.device_identity(headers[0])
     constraints, variant = select_constraints(protocol, ident)
+    tags = _constraint_tags(constraints)
+    groups: dict[Any, list[Dataset]] = {}
+    for i, ds in enumerate(headers):
+        fp = _fingerprint(ds, tags)
+        groups.setdefault(fp if fp is not None else ("enhanced", i), []).append(ds)
+    reps = [(g[0], len(g)) for g in groups.values()]
     rows = []
     for c in constraints:
         distinct: list[Any] = []
-        keys: set[str] = set()
-        failing = 0
-        for ds in headers:
-            for raw in dicomio.get_param_values(ds, c.keyword):
-                key = repr(raw)
-                if key not in keys:
-                    keys.add(key)
+        per_rep: list[tuple[list[Any], int]] = []
+        for ds, count in reps:
+            vals = dicomio.get_param_values(ds, c.keyword)
+            per_rep.append((vals, count))
+            for raw in vals:
+                if raw not in distinct:
                     distinct.append(raw)
         row = evaluate_constraint(c, distinct)
         if not row["ok"] and len(headers) > 1:
-            bad = {repr(r) for r in distinct if not evaluate_value(c, r)[0]}
-            failing = sum(any(repr(r) in bad for r in dicomio.get_param_values(ds, c.keyword)) for ds in headers)
-            row["instances_failing"] = failing
+            bad = [r for r in distinct if not evaluate_value(c, r)[0]]
+            row["instances_failing"] = sum(count for vals, count in per_rep if any(v in bad for v in vals))
         rows.append(row)
     return {
         "protocol": protocol.name,
@@ -289,6 +312,7 @@ def check_series(protocol: ir.Protocol, headers: Sequence[Dataset], ident: Optio
         "verdict": verdict_of(rows),
         "parameters": rows,
         "n_instances": len(headers),
+        "distinct_parameter_sets": len(groups),
     }
 
 

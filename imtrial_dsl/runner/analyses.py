@@ -158,18 +158,24 @@ def _baseline_output(exam: Path, ident: dict, analysis) -> str:
 
 def run_one(trial, analysis, exam: Path, results: Path, out: Path, done: dict[str, dict]) -> dict:
     """Run one analysis for one exam; ``done`` holds earlier analyses' results (for chained inputs)."""
+    exam, results, out = Path(exam).resolve(), Path(results).resolve(), Path(out).resolve()
     cls = _load(results / "classification.json")
     adh, qc = _load(results / "adherence.json"), _load(results / "qc.json")
     ident = _load(results / "identity.json") or {}
     adir = out / analysis.name
     paths: dict[str, str] = {}
     protocols, series_used = [], {}
-    for inp in analysis.inputs:
+    chosen = {}
+    for inp in analysis.inputs:  # every input must be there before anything is prepared
         if inp.protocol is not None:
             s = choose_series(inp.protocol.name, cls, adh, qc)
             if s is None:
                 return {"analysis": analysis.name, "status": "skipped",
                         "reason": f"no series of protocol {inp.protocol.name} in this exam"}
+            chosen[inp.name] = s
+    for inp in analysis.inputs:
+        if inp.protocol is not None:
+            s = chosen[inp.name]
             base = exam / "deid" if (exam / "deid").is_dir() else exam
             files = [(base / f) if (base / f).exists() else (exam / f) for f in s.get("files", [])]
             files = [f for f in files if f.exists()]

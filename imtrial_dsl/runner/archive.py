@@ -110,7 +110,7 @@ class Archive:
                 if b"\n" not in rest:  # a torn write: never committed
                     fh.truncate(self._offset)
 
-    def _append(self, action: str, **fields: Any) -> dict:
+    def _append(self, action: str, *, sync: bool = True, **fields: Any) -> dict:
         self._repair_tail()
         rec = {"seq": self._seq + 1, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "user": _user(),
                "action": action, **fields, "prev": self._head}
@@ -119,7 +119,8 @@ class Archive:
         fd = os.open(self.log, os.O_WRONLY | os.O_APPEND)
         try:
             os.write(fd, line)
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         self._offset += len(line)
@@ -153,6 +154,34 @@ class Archive:
                 os.replace(tmp, dest)
             self._append("object.add", sha256=sha, size=len(data), path=str(dest.relative_to(self.root)), **meta)
             return sha, True
+
+    def put_objects(self, items: list[tuple[str | Path, dict]]) -> list[tuple[str, bool]]:
+        """Store many files at once: all bytes are written and flushed to disk (one ``os.sync``) before
+        their audit records are appended, so the log never names an object that a power cut could lose."""
+        data = [(Path(src).read_bytes(), meta) for src, meta in items]
+        out: list[tuple[str, bool]] = []
+        with self.locked():
+            todo = []
+            for blob, meta in data:
+                sha = sha256_bytes(blob)
+                if sha in self._objects or any(sha == t[0] for t in todo):
+                    out.append((sha, False))
+                    continue
+                dest = self.object_path(sha)
+                if not (dest.exists() and dest.stat().st_size == len(blob) and sha256_bytes(dest.read_bytes()) == sha):
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+                    tmp.write_bytes(blob)
+                    os.chmod(tmp, 0o444)
+                    os.replace(tmp, dest)
+                todo.append((sha, len(blob), dest, meta))
+                out.append((sha, True))
+            if todo:
+                os.sync()
+                for i, (sha, size, dest, meta) in enumerate(todo):
+                    self._append("object.add", sync=(i == len(todo) - 1), sha256=sha, size=size,
+                                 path=str(dest.relative_to(self.root)), **meta)
+        return out
 
     # ------------------------------------------------------------------ records (sidecars)
     def history(self, key: str) -> list[dict]:
@@ -253,7 +282,7 @@ def _series_entry(doc: Any, uid: str) -> Optional[dict]:
     return None
 
 
-_DEVICE_KEYS = ("device", "reported", "device_reported")
+_DEVICE_KEYS = ("device", "reported")
 
 
 def _scrub(obj: Any, drop: tuple[str, ...]) -> Any:
@@ -262,6 +291,30 @@ def _scrub(obj: Any, drop: tuple[str, ...]) -> Any:
     if isinstance(obj, list):
         return [_scrub(v, drop) for v in obj]
     return obj
+
+
+def _redact(obj: Any, secrets: list[str]) -> Any:
+    """Replace device serials/stations inside free text (e.g. a finding's message) when they must not leave."""
+    if not secrets:
+        return obj
+    if isinstance(obj, dict):
+        return {k: _redact(v, secrets) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_redact(v, secrets) for v in obj]
+    if isinstance(obj, str):
+        for sec in secrets:
+            obj = obj.replace(sec, "[removed]")
+    return obj
+
+
+def _device_secrets(trial, exam: Path) -> list[str]:
+    """Serial and station of the acquiring device (site-side exam.json), unless the study retains them."""
+    opts = {getattr(o, "value", o) for o in (trial.deidentify.options if trial is not None and trial.deidentify else [])}
+    if "retain_device_identity" in opts:
+        return []
+    rep = (_load(exam / "exam.json") or {}).get("device") or {}
+    vals = [str(rep.get(k) or "").strip() for k in ("serial", "station")]
+    return sorted({v for v in vals if len(v) >= 3}, key=len, reverse=True)
 
 
 def _exam_level(doc: Any, trial=None) -> Optional[dict]:
@@ -312,25 +365,31 @@ def archive_step(trial, exam, results, archive) -> dict:
         raise ValueError(f"{results / 'identity.json'}: the exam has no subject (unmatched); nothing to archive")
     cls, adh, qc = (_load(results / f"{n}.json") for n in ("classification", "adherence", "qc"))
     deid = exam / "deid"
+    if not deid.is_dir():
+        raise ValueError(f"{deid} does not exist: run the deidentify step first")
     files = sorted(p for p in deid.rglob("*") if p.is_file() and not p.name.startswith(".") and p.suffix != ".json")
-    if not files:
-        raise ValueError(f"{deid}: no de-identified instances to archive")
+    if not files:  # e.g. every instance was refused by de-identification (quarantined, reported there)
+        return {"instances": 0, "objects_added": 0, "series": 0, "records": [], "new_record_versions": 0,
+                "note": "no de-identified instances in this exam"}
     arch = Archive(archive)
     subject, visit = ident["subject_id"], ident.get("visit") or "unscheduled"
     by_series: dict[str, list[dict]] = {}
     study_uid = None
     added = 0
+    items, heads = [], []
     for f in files:
         ds = pydicom.dcmread(f, stop_before_pixels=True)
         if str(ds.get("PatientIdentityRemoved", "")).upper() != "YES":
             raise ValueError(f"{f}: PatientIdentityRemoved is not YES; refusing to archive a non-de-identified file")
         suid = str(ds.SeriesInstanceUID)
         study_uid = study_uid or str(ds.StudyInstanceUID)
-        sha, was_added = arch.put_object(f, subject=subject, visit=visit, series_uid=suid, sop_uid=str(ds.SOPInstanceUID))
+        items.append((f, {"subject": subject, "visit": visit, "series_uid": suid, "sop_uid": str(ds.SOPInstanceUID)}))
+        heads.append((suid, str(ds.SOPInstanceUID), ds.get("InstanceNumber")))
+    for (sha, was_added), (suid, sop, inum) in zip(arch.put_objects(items), heads):
         added += was_added
-        by_series.setdefault(suid, []).append({"sop_uid": str(ds.SOPInstanceUID), "sha256": sha,
-                                               "instance_number": ds.get("InstanceNumber")})
+        by_series.setdefault(suid, []).append({"sop_uid": sop, "sha256": sha, "instance_number": inum})
     params = _study_params(trial)
+    secrets = _device_secrets(trial, exam)
     records = []
     new_versions = 0
     for suid, inst in sorted(by_series.items()):
@@ -342,6 +401,7 @@ def archive_step(trial, exam, results, archive) -> dict:
                    "adherence": _scrub(_series_entry(adh, suid), ("files", "path")),
                    "qc": _scrub(_series_entry(qc, suid), ("files", "path")),
                    "instances": [{"sop_uid": i["sop_uid"], "sha256": i["sha256"]} for i in inst]}
+        content = _redact(content, secrets)
         rec, new = arch.put_record(f"{subject}/{visit}/series-{suid}", content, provenance(trial, "archive", params))
         new_versions += new
         records.append({"key": rec["key"], "version": rec["version"], "new": new})
@@ -350,7 +410,28 @@ def archive_step(trial, exam, results, archive) -> dict:
                     "shifted_date": ident.get("shifted_date"), "in_window": ident.get("in_window"),
                     "study_uid": study_uid, "series": sorted(by_series),
                     "adherence": _exam_level(adh, trial), "qc": _exam_level(qc, trial)}
-    rec, new = arch.put_record(f"{subject}/{visit}/exam-{study_uid}", exam_content, provenance(trial, "archive", params))
+    rec, new = arch.put_record(f"{subject}/{visit}/exam-{study_uid}", _redact(exam_content, secrets),
+                               provenance(trial, "archive", params))
     new_versions += new
     return {"instances": len(files), "objects_added": added, "series": len(by_series),
             "records": records, "new_record_versions": new_versions}
+
+
+@step("archive-all",
+      inputs=[Param("exams", "directory", "Folder of processed exams (each with deid/ and results/)")],
+      outputs=[Param("archive", "directory", "The content-addressed archive (created if absent)")])
+def archive_all(trial, exams, archive) -> dict:
+    """Archive every identified exam of a folder (for CWL); unmatched exams are listed, not archived."""
+    done, skipped = [], []
+    root = Path(exams)
+    arch_path = Path(archive).resolve()
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and p.resolve() != arch_path):
+        ident = _load(d / "results" / "identity.json")
+        if ident is None:
+            continue  # not an exam folder
+        if not ident.get("subject_id"):
+            skipped.append({"exam": d.name, "reason": "unmatched"})
+            continue
+        res = archive_step(trial, exam=str(d), results=str(d / "results"), archive=str(archive))
+        done.append({"exam": d.name, "instances": res["instances"], "objects_added": res["objects_added"]})
+    return {"archived": done, "skipped": skipped, "objects_added": sum(r["objects_added"] for r in done)}

@@ -50,6 +50,13 @@ def cmd_run(args) -> int:
     if not Path(args.inbox).is_dir():
         print(f"imtrial run: inbox {args.inbox} is not a directory", file=sys.stderr)
         return 2
+    from .run import preflight
+
+    problems = preflight(trial)
+    if problems:
+        for p in problems:
+            print(f"imtrial run: {p}", file=sys.stderr)
+        return 1
     progress = False if args.no_progress else None
     log = (lambda s: print(s, file=sys.stderr)) if args.verbose else (lambda s: None)
     try:
@@ -171,8 +178,10 @@ def cmd_synth(args) -> int:
         return 1
     trial = load_trial(args.study)
     fn = synth.synthesize
-    offered = {"subjects_per_site": args.subjects, "seed": args.seed, "phi": args.phi, "small": args.small,
-               "deviations": [d for d in (args.deviations or "").split(",") if d], "enhanced": args.enhanced}
+    offered = {"subjects_per_site": args.subjects, "seed": args.seed, "phi": args.phi, "small": args.small or None,
+               "size": args.size, "deviations": [d for d in (args.deviations or "").split(",") if d] or None,
+               "enhanced": args.enhanced, "visits": [v for v in (args.visits or "").split(",") if v] or None,
+               "start_date": args.start_date}
     params = inspect.signature(fn).parameters
     accepts_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in offered.items() if v is not None and (accepts_any or k in params)}
@@ -244,9 +253,13 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--deviations", metavar="LIST", help="comma-separated: param_off, wrong_device, missing_visit, "
                                                         "ghosting, corrupt_file, unknown_device, software_upgrade")
-    p.add_argument("--phi", action="store_true", help="plant PHI in the headers")
-    p.add_argument("--small", action="store_true", help="small images (fast)")
-    p.add_argument("--enhanced", action="store_true", default=None, help="write some series as Enhanced MR")
+    p.add_argument("--phi", dest="phi", action="store_true", default=None, help="plant PHI in the headers (default)")
+    p.add_argument("--no-phi", dest="phi", action="store_false", help="no planted PHI")
+    p.add_argument("--small", action="store_true", help="small images (fast; same as --size small)")
+    p.add_argument("--size", choices=["small", "medium", "full"], help="image size")
+    p.add_argument("--enhanced", action="store_true", default=None, help="write MR series as Enhanced MR (multi-frame)")
+    p.add_argument("--visits", metavar="LIST", help="comma-separated schedule visits to generate")
+    p.add_argument("--start-date", metavar="YYYY-MM-DD", help="first baseline date")
     p.set_defaults(func=cmd_synth)
 
     p = subparsers.add_parser("verify", help="verify the archive's hash-chained audit log and object hashes")

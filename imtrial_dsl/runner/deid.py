@@ -18,7 +18,8 @@ Choices where the standard leaves room (documented in ``docs/deidentification.md
 - An overlay group (60xx) whose Overlay Data is removed is removed as a whole; under Clean Graphics an overlay
   is kept only when a study pixel region matches the image (the region is blanked in the overlay too).
   Retired curve groups (50xx) are always removed.
-- All group-length elements (gggg,0000) are dropped; the File Meta Information and preamble are rebuilt.
+- All group-length elements (gggg,0000) and stray command/file-meta elements in the body are dropped; the
+  File Meta Information and preamble are rebuilt.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import json
 import os
 import re
 import sqlite3
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -94,14 +95,15 @@ _IDENTIFIER_KEYWORDS = ("PatientID", "OtherPatientIDs", "AccessionNumber", "Issu
 _IDENTIFIER_TAGS = frozenset(tag_for_keyword(k) for k in _IDENTIFIER_KEYWORDS)
 _PN_TAGS = frozenset(t for t, e in DicomDictionary.items() if e[0] == "PN")
 _TOKEN_TAGS = _IDENTIFIER_TAGS | _PN_TAGS
-_SCRUB_PATTERNS = [
-    re.compile(r"\b\d{4}[-/.]\d{1,2}[-/.]\d{1,2}\b"),            # ISO-like dates
-    re.compile(r"\b\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}\b"),          # d/m/y dates
-    re.compile(r"\b(?:19|20)\d{6}(?:\d{2,6})?\b"),                # DICOM DA/DT
-    re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"),                  # e-mail
-    re.compile(r"\+?\d[\d ()-]{7,}\d"),                           # phone numbers
-    re.compile(r"\b\d{5,}\b"),                                   # long numbers (IDs, MRNs)
-]
+_SCRUB = re.compile("|".join([
+    r"\b\d{4}[-/.]\d{1,2}[-/.]\d{1,2}\b",            # ISO-like dates
+    r"\b\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}\b",          # d/m/y dates
+    r"\b(?:19|20)\d{6}(?:\d{2,6})?\b",                # DICOM DA/DT
+    r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+",                  # e-mail
+    r"\+?\d[\d ()-]{7,}\d",                           # phone numbers
+    r"\b\d{5,}\b",                                   # long numbers (IDs, MRNs)
+]))
+_SPACES = re.compile(r"\s{2,}")
 
 
 def parse_tag(text: str) -> int:
@@ -129,7 +131,7 @@ class Plan:
     """A compiled de-identification plan (tag -> (op, arg)) plus group rules and method codes."""
 
     ops: dict[int, tuple[int, Any]]
-    curve_op: int                       # 50xx: DEL or KEEP (clean_graphics)
+    curve_op: int                       # 50xx: always DEL (retired curves)
     overlay_op: int                     # 60xx (whole group): DEL or KEEP (clean_graphics)
     private_op: int                     # DEL, or KEEP for the safe-private list
     options: frozenset[str]
@@ -137,7 +139,6 @@ class Plan:
     dates_state: str                    # LongitudinalTemporalInformationModified value
     method_codes: list[tuple[str, str]]
     method_text: str
-    explain: dict[str, str] = field(default_factory=dict)
 
     def action_for(self, tag: int) -> str:
         """Human-readable operation for a tag (docs, tests)."""
@@ -200,8 +201,9 @@ def compile_plan(profile: ir.DeidProfile, deid: Optional[ir.Deidentify] = None) 
     for opt in sorted(options, key=lambda o: OPTION_CODES.get(o, "999999")):
         if opt in OPTION_CODES and OPTION_CODES[opt] != CLEAN_PIXEL_DATA_CODE:
             codes.append((OPTION_CODES[opt], CID7050[OPTION_CODES[opt]]))
-    text = "PS3.15 E.1 Basic Profile" + (" + " + ",".join(c for c, _ in codes[1:]) if len(codes) > 1 else "")
-    return Plan(ops, curve_op, overlay_op, private_op, options, shift, dates_state, codes, text[:64])
+    # DeidentificationMethod is LO 1-n: one value (<= 64 chars) per code, mirroring the code sequence
+    text = "\\".join(meaning[:64] for _, meaning in codes)
+    return Plan(ops, curve_op, overlay_op, private_op, options, shift, dates_state, codes, text)
 
 
 def _compile_action(tag: int, action: str, opt: Optional[str]) -> tuple[int, Any]:
@@ -357,30 +359,63 @@ def shift_datetime(value: str, days: int) -> str:
     return "\\".join(out)
 
 
-def clean_text(text: str, tokens: Iterable[str]) -> str:
-    """Remove known identifiers (this instance's names/IDs) and identifier-shaped substrings."""
-    s = text
-    for tok in sorted(set(tokens), key=len, reverse=True):
-        if len(tok) >= 2:
-            s = re.sub(re.escape(tok), "", s, flags=re.IGNORECASE)
-    for pat in _SCRUB_PATTERNS:
-        s = pat.sub("", s)
-    return re.sub(r"\s{2,}", " ", s).strip(" ^-_,;:/")
+def identifier_tokens(tokens: Iterable[str]) -> tuple[str, ...]:
+    """Lower-cased identifiers to remove from free text, longest first (so 'Doe^Jane' goes before 'Doe')."""
+    return tuple(sorted({t.lower() for t in tokens if len(t) >= 2}, key=len, reverse=True))
+
+
+def _remove_tokens(text: str, tokens: tuple[str, ...]) -> str:
+    low = text.lower()
+    if len(low) != len(text):                   # case mapping changed the length: fall back to a regex
+        for t in tokens:
+            text = re.sub(re.escape(t), "", text, flags=re.IGNORECASE)
+        return text
+    for t in tokens:
+        i = low.find(t)
+        while i >= 0:
+            text, low = text[:i] + text[i + len(t):], low[:i] + low[i + len(t):]
+            i = low.find(t, i)
+    return text
+
+
+def clean_text(text: str, tokens: Iterable[str] = ()) -> str:
+    """Remove known identifiers (this instance's names/IDs, case-insensitive) and identifier-shaped substrings."""
+    toks = tokens if isinstance(tokens, tuple) else identifier_tokens(tokens)
+    s = _remove_tokens(text, toks) if toks else text
+    s = _SCRUB.sub("", s)
+    return _SPACES.sub(" ", s).strip(" ^-_,;:/")
 
 
 def _identifier_tokens(ds: Dataset) -> list[str]:
     toks: list[str] = []
     for tag in [t for t in ds._dict if t in _TOKEN_TAGS]:
-            try:
-                val = ds[tag].value
-            except Exception:
-                continue
-            vals = val if isinstance(val, (list, tuple)) or type(val).__name__ == "MultiValue" else [val]
-            for v in vals:
-                s = str(v or "")
-                toks.append(s.strip())
-                toks.extend(t for t in re.split(r"[\s^=,]+", s) if len(t) >= 3)
+        try:
+            vals = _text_values(ds, tag, _elem_vr(ds._dict[tag], tag))
+        except Exception:
+            continue
+        for s in vals:
+            toks.append(s.strip())
+            toks.extend(t for t in _TOKEN_SPLIT.split(s) if len(t) >= 3)
     return [t for t in toks if t]
+
+
+_TOKEN_SPLIT = re.compile(r"[\s^=,]+")
+_SINGLE_VALUED_TEXT = frozenset({"LT", "ST", "UT", "UR"})
+
+
+def _text_values(ds: Dataset, tag: int, vr: str) -> list[str]:
+    """A text element's values as str; ASCII raw bytes are decoded directly, anything else via pydicom."""
+    elem = ds._dict[tag]
+    v = elem.value
+    if isinstance(v, (bytes, bytearray)) and bytes(v).isascii():
+        text = bytes(v).decode("ascii").rstrip("\x00 ")
+        return [text] if vr in _SINGLE_VALUED_TEXT else [x.strip() for x in text.split("\\")]
+    val = ds[tag].value
+    if val is None:
+        return [""]
+    if isinstance(val, (list, tuple)) or type(val).__name__ == "MultiValue":
+        return [str(x) for x in val]
+    return [str(val)]
 
 
 # --------------------------------------------------------------------------- the engine
@@ -416,6 +451,7 @@ class Deidentifier:
         self.pseudo = Pseudonymizer(key, lo, hi)
         self._safe_private = {(c.upper(), g, e) for (c, g, e) in SAFE_PRIVATE}
         self._override_tags = frozenset(parse_tag(o.attribute) for o in deid.overrides)
+        self._changes = 0
         self._needs_tokens = any(op[0] in (CLEAN, SEQ_CLEAN) for op in plan.ops.values()) or plan.overlay_op == KEEP
 
     # -- per dataset ---------------------------------------------------------------------------
@@ -432,7 +468,7 @@ class Deidentifier:
         self._implicit = bool(enc[0]) if enc[0] is not None else False
         self._little = bool(enc[1]) if enc[1] is not None else True
         if self._needs_tokens:
-            ctx._tokens = _identifier_tokens(ds)      # before any identifier is removed
+            ctx._tokens = identifier_tokens(_identifier_tokens(ds))   # before any identifier is removed
         self._walk(ds, ctx, 0)
         if ctx.overlays:
             self._clean_overlays(ds, ctx.overlays)
@@ -451,14 +487,14 @@ class Deidentifier:
                 group = tag >> 16
                 if group & 1:
                     self._private(ds, tag)
-                elif not tag & 0xFFFF:
-                    del d[tag]                                    # group length: stale after edits
+                elif not tag & 0xFFFF or group in (0x0000, 0x0002):
+                    self._del(d, tag)       # group lengths go stale; command/file-meta groups do not belong here
                 elif 0x5000 <= group <= 0x50FF:
                     if self.plan.curve_op == DEL:
-                        del d[tag]
+                        self._del(d, tag)
                 elif 0x6000 <= group <= 0x60FF:
                     if self.plan.overlay_op == DEL:
-                        del d[tag]
+                        self._del(d, tag)
                     elif (tag & 0xFFFF) == 0x3000:
                         ctx.overlays.append(tag)
                     elif _elem_vr(d[tag], tag) in _TEXT_VRS:
@@ -477,7 +513,7 @@ class Deidentifier:
             if code == KEEP:
                 continue
             if code == DEL:
-                del d[tag]
+                self._del(d, tag)
                 continue
             elem = d[tag]
             if code == UID:
@@ -516,9 +552,14 @@ class Deidentifier:
                     old = _raw_text(elem)
                 self._set(d, tag, vr, self.pseudo.hash_text(old, vr) if old else None)
 
+    def _del(self, d: dict, tag: int) -> None:
+        del d[tag]
+        self._changes += 1
+
     def _set(self, d: dict, tag: int, vr: str, value: Any) -> None:
         """Store a new value; ASCII strings become raw elements (written as-is, no re-encoding)."""
         tag = BaseTag(tag)
+        self._changes += 1
         if value is None or value == "":
             d[tag] = RawDataElement(tag, vr, 0, b"", 0, self._implicit, self._little, True, False)
             return
@@ -547,15 +588,19 @@ class Deidentifier:
         return None
 
     def _recurse(self, ds: Dataset, tag: int, ctx: "_Ctx", mode: int) -> None:
+        raw = ds._dict[tag]
+        before = self._changes
         try:
             seq = ds[tag].value
         except Exception:
-            del ds._dict[tag]                                       # unparseable sequence: drop, never leak
+            self._del(ds._dict, tag)                                # unparseable sequence: drop, never leak
             return
         if isinstance(seq, Sequence) or isinstance(seq, list):
             for item in seq:
                 if isinstance(item, Dataset):
                     self._walk(item, ctx, mode)
+        if self._changes == before and isinstance(raw, RawDataElement):
+            ds._dict[tag] = raw                                     # untouched: write the original bytes as they were
 
     def _shift(self, d: dict, tag: int, elem, vr: str, ctx: "_Ctx") -> None:
         if not self.plan.shift_dates:
@@ -571,24 +616,24 @@ class Deidentifier:
         self._set(d, tag, vr, new or None)
 
     def _clean(self, ds: Dataset, tag: int, ctx: "_Ctx") -> None:
+        vr = _elem_vr(ds._dict[tag], tag)
         try:
-            elem = ds[tag]
-            val = elem.value
+            vals = _text_values(ds, tag, vr)
         except Exception:
-            del ds._dict[tag]
+            self._del(ds._dict, tag)
             return
-        if val is None or val == "":
+        if not any(vals):
             return
         toks = ctx.tokens(ds)
-        vals = list(val) if isinstance(val, (list, tuple)) or type(val).__name__ == "MultiValue" else [val]
-        cleaned = [clean_text(str(v), toks) for v in vals]
-        new = cleaned[0] if len(cleaned) == 1 else cleaned
-        self._set(ds._dict, tag, elem.VR, new if new != "" else None)
+        cleaned = [clean_text(v, toks) for v in vals]
+        if cleaned != vals:
+            new = cleaned[0] if len(cleaned) == 1 else cleaned
+            self._set(ds._dict, tag, vr, new if new != "" else None)
 
     def _private(self, ds: Dataset, tag: int) -> None:
         d = ds._dict
         if self.plan.private_op == DEL:
-            del d[tag]
+            self._del(d, tag)
             return
         elem_lo = tag & 0xFFFF
         group = tag >> 16
@@ -596,25 +641,27 @@ class Deidentifier:
             # private creator: kept only if one of its elements is on the safe list
             creator = _raw_text(d[tag]).upper()
             if not any(c == creator and g == group for (c, g, _) in self._safe_private):
-                del d[tag]
+                self._del(d, tag)
             return
         block = elem_lo >> 8
         if block < 0x10:
-            del d[tag]
+            self._del(d, tag)
             return
         ctag = (group << 16) | block
         creator = _raw_text(d[ctag]).upper() if ctag in d else ""
         if (creator, group, elem_lo & 0xFF) not in self._safe_private:
-            del d[tag]
+            self._del(d, tag)
 
     # -- burned-in annotation ------------------------------------------------------------------
     def _burned_in(self, ds: Dataset) -> Optional[InstanceResult]:
-        if 0x7FE00010 not in ds._dict:
+        d = ds._dict
+        if 0x7FE00010 not in d:
             return None
-        flag = str(ds.get("BurnedInAnnotation", "") or "").upper()
-        modality = str(ds.get("Modality", "") or "").upper()
-        image_type = [str(x).upper() for x in (ds.get("ImageType") or [])] if "ImageType" in ds else []
-        sop_class = str(ds.get("SOPClassUID", "") or "")
+        raw = lambda tag: _raw_text(d[tag]).upper() if tag in d else ""   # noqa: E731 - ASCII VRs, no conversion
+        flag = raw(0x00280301)                                      # BurnedInAnnotation
+        modality = raw(0x00080060)
+        image_type = raw(0x00080008).split("\\")
+        sop_class = raw(0x00080016)
         if flag == "YES":
             why = "BurnedInAnnotation is YES"
         elif flag == "NO":
@@ -729,6 +776,7 @@ class Deidentifier:
         codes = list(plan.method_codes)
         if pixel_cleaned:
             codes = sorted(codes + [(CLEAN_PIXEL_DATA_CODE, CID7050[CLEAN_PIXEL_DATA_CODE])])
+            self._set(d, 0x00120063, "LO", "\\".join(m[:64] for _, m in codes))
         items = []
         for value, meaning in codes:
             it = Dataset()
@@ -820,14 +868,12 @@ class _Ctx:
     def __init__(self, engine: Deidentifier, subject: str):
         self.engine = engine
         self.subject = subject
-        self._tokens: Optional[list[str]] = None
+        self._tokens: Optional[tuple[str, ...]] = None
         self._offset: Optional[int] = None
         self.overlays: list[int] = []
 
-    def tokens(self, ds: Dataset) -> list[str]:
-        if self._tokens is None:
-            self._tokens = _identifier_tokens(ds)
-        return self._tokens
+    def tokens(self, ds: Dataset) -> tuple[str, ...]:
+        return self._tokens or ()
 
     def offset(self) -> int:
         if self._offset is None:
@@ -942,7 +988,7 @@ def deidentify_exam(trial: ir.Trial, exam: Path, identity: dict, out: Path, quar
     if registry and subject:
         code = trial.study.code if trial.study else ""
         n_audit = store_audit(Path(registry), code, exam.name, audit_entries(engine, subject))
-    return {"step": "deidentify", "files": len(files), "written": written, "quarantined": quarantined,
+    return {"step": "deidentify", "engine": ENGINE_VERSION, "files": len(files), "written": written, "quarantined": quarantined,
             "pixel_cleaned": pixel_cleaned, "burned_in_passed_unchecked": passed_burned,
             "profile": trial.deidentify.profile.name if trial.deidentify else None,
             "method_codes": [c for c, _ in engine.plan.method_codes], "dates": engine.plan.dates_state,

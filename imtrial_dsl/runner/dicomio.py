@@ -50,6 +50,57 @@ class Missing:
 MISSING = Missing()
 
 
+def raw_bytes(ds: Dataset, tag: int) -> Any:
+    """The element's undecoded value (bytes) when pydicom has not converted it yet, else its value.
+
+    Comparing these is a cheap way to see that two instances carry the same value without
+    paying for value conversion.
+    """
+    try:  # Dataset._dict: skips get_item's tag normalisation on this per-instance hot path
+        elem = ds._dict.get(tag)
+    except AttributeError:
+        elem = ds.get_item(tag)
+    if elem is None:
+        return None
+    v = elem.value
+    return v if isinstance(v, (bytes, str, int, float)) or v is None else repr(v)
+
+
+def raw_text(ds: Dataset, tag: int) -> str:
+    """A short text element (UI, CS, IS, LO ...) without value conversion; '' when absent."""
+    v = raw_bytes(ds, tag)
+    if v is None:
+        return ""
+    if isinstance(v, bytes):
+        return v.decode("ascii", "replace").strip(" \x00")
+    return str(v).strip()
+
+
+def raw_uint(ds: Dataset, tag: int, default: int) -> int:
+    """A US/UL/IS element as int without a Dataset attribute lookup."""
+    elem = ds.get_item(tag)
+    if elem is None or elem.value in (None, b"", ""):
+        return default
+    v = elem.value
+    if isinstance(v, bytes):
+        if elem.VR in ("US", "SS") and len(v) >= 2:
+            return struct.unpack("<H" if ds.is_little_endian in (True, None) else ">H", v[:2])[0]
+        if elem.VR in ("UL", "SL") and len(v) >= 4:
+            return struct.unpack("<I" if ds.is_little_endian in (True, None) else ">I", v[:4])[0]
+        try:
+            return int(v.decode("ascii").strip(" \x00") or default)
+        except ValueError:
+            return default
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return default
+
+
+def has_functional_groups(ds: Dataset) -> bool:
+    return raw_bytes(ds, 0x52009229) is not None or raw_bytes(ds, 0x52009230) is not None
+
+
 def read_header(path: str | os.PathLike, *, specific_tags: Optional[list] = None) -> Dataset:
     """Header-only read (no pixel data): what classification and adherence need."""
     return pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=specific_tags)
@@ -250,9 +301,12 @@ def pixel_data_complete(path: str | os.PathLike) -> tuple[bool, str]:
 
 
 def _pixel_length_ok(ds: Dataset, head: bytes, remaining: int) -> tuple[bool, str]:
-    if "Rows" not in ds or "Columns" not in ds:
+    rows, cols = raw_uint(ds, 0x00280010, 0), raw_uint(ds, 0x00280011, 0)
+    if not rows or not cols:
         return True, "no image"
-    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "1.2.840.10008.1.2.1"))
+    meta = getattr(ds, "file_meta", None)
+    ts = raw_text(meta, 0x00020010) if meta is not None else ""
+    ts = ts or "1.2.840.10008.1.2.1"
     if ts not in UNCOMPRESSED_SYNTAXES:
         return True, "compressed pixel data not length-checked"
     big = ts == "1.2.840.10008.1.2.2"
@@ -266,8 +320,8 @@ def _pixel_length_ok(ds: Dataset, head: bytes, remaining: int) -> tuple[bool, st
         return False, "file truncated inside the Pixel Data element header"
     if length == 0xFFFFFFFF:
         return True, "undefined length"
-    expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
-                * int(ds.get("BitsAllocated", 16) or 16) * number_of_frames(ds) + 7) // 8
+    frames = max(1, raw_uint(ds, 0x00280008, 1))
+    expected = (rows * cols * raw_uint(ds, 0x00280002, 1) * raw_uint(ds, 0x00280100, 16) * frames + 7) // 8
     available = remaining - header
     if length < expected:
         return False, f"Pixel Data declares {length} bytes, geometry needs {expected}"

@@ -250,7 +250,13 @@ def assign_visit(trial, exam_date: _dt.date, prior: list[dict], present: set[str
         if days < (_window(screening)[1] if screening else lo) and screening is not None and not scr_prior:
             return _result(screening, days, _window(screening)[0] <= days <= _window(screening)[1], None)
         if not followups or days <= hi or not any(_window(v)[0] <= days <= _window(v)[1] for v in followups):
-            return _result(baseline, 0.0, lo <= days <= hi, exam_date)
+            res = _result(baseline, 0.0, True, exam_date)  # the baseline is day 0 by definition
+            if scr_prior:  # now the screening exams can be judged against their window
+                res["retro"] = [{"date": p["date"], "visit": screening.name,
+                                 "days": float((p["date"] - exam_date).days),
+                                 "in_window": _window(screening)[0] <= (p["date"] - exam_date).days <= _window(screening)[1]}
+                                for p in scr_prior]
+            return res
     cands = [(abs(days - v.offset.days), v) for v in followups if _window(v)[0] <= days <= _window(v)[1]]
     if cands:
         return _result(min(cands, key=lambda c: c[0])[1], days, True, None)
@@ -332,6 +338,9 @@ def identify_exam(trial, exam: dict, db: sqlite3.Connection, *, exam_key: Option
     if device is None:
         warnings.append({"code": "unknown_device", "detail": "device not in the inventory: " + ", ".join(
             f"{k}={dev.get(k)}" for k in ("manufacturer", "model", "serial", "station") if dev.get(k))})
+    if exam.get("devices_differ"):
+        warnings.append({"code": "multiple_devices", "detail": "the study's instances report more than one device; "
+                                                               "the first series' device was used"})
     exam_date = parse_date(exam.get("study_date"))
     if exam_date is None:
         raise IdentifyError("no_exam_date", "StudyDate/SeriesDate/AcquisitionDate are all missing or invalid")
@@ -375,6 +384,16 @@ def identify_exam(trial, exam: dict, db: sqlite3.Connection, *, exam_key: Option
         if v["anchor"] is not None and v["visit_kind"] == "baseline":
             db.execute("UPDATE subjects SET baseline_date=? WHERE trial=? AND source_key=?",
                        (v["anchor"].strftime("%Y%m%d"), code, skey))
+        for r in v.get("retro", []):  # screening exams judged against the baseline that now exists
+            rows = db.execute("SELECT exam_key, warnings FROM exams WHERE trial=? AND subject_id=? AND exam_date=? AND visit=?",
+                              (code, subject_id, r["date"].strftime("%Y%m%d"), r["visit"])).fetchall()
+            for row in rows:
+                ws = [w for w in json.loads(row["warnings"] or "[]") if w.get("code") != "out_of_window"]
+                if not r["in_window"]:
+                    ws.append({"code": "out_of_window", "detail": f"{r['visit']}: day {r['days']:g} relative to the "
+                                                                  f"baseline is outside the window"})
+                db.execute("UPDATE exams SET days_from_baseline=?, in_window=?, warnings=? WHERE exam_key=?",
+                           (r["days"], int(r["in_window"]), json.dumps(ws), row["exam_key"]))
         if not v["in_window"]:
             warnings.append({"code": "out_of_window", "detail": f"{v['visit']}: day {v['days_from_baseline']:g} is outside the window"})
         # software upgrades and the same-device rule are the adherence step's findings (it gets prior_devices)
@@ -383,19 +402,20 @@ def identify_exam(trial, exam: dict, db: sqlite3.Connection, *, exam_key: Option
         db.execute("INSERT OR IGNORE INTO exams(exam_key, created, updated) VALUES (?, ?, ?)", (exam_key, now, now))
         db.execute("UPDATE exams SET study_uid=?, trial=?, subject_id=?, site=?, device=?, visit=?, visit_kind=?, "
                    "exam_date=?, days_from_baseline=?, in_window=?, warnings=?, updated=? WHERE exam_key=?",
-                   (exam.get("study_uid"), code, subject_id, site.code if site else subject_site,
+                   (exam.get("study_uid"), code, subject_id, subject_site,
                     device.id if device else None, v["visit"], v["visit_kind"], exam_date.strftime("%Y%m%d"),
                     v["days_from_baseline"], int(v["in_window"]), json.dumps(warnings), now, exam_key))
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
         raise
-    site_obj = site or trial.site(subject_site)
+    # the subject's site is where it was enrolled; an exam elsewhere keeps it (and says where it was acquired)
+    site_obj = trial.site(subject_site)
     identity = {
         "trial": code, "subject_id": subject_id, "site": site_obj.code if site_obj else subject_site,
-        "site_name": site_obj.name if site_obj else None, "device": device.id if device else None,
-        "device_match": how, "device_reported": {k: dev.get(k) for k in ("manufacturer", "model", "software", "serial", "station")},
-        "visit": v["visit"], "visit_kind": v["visit_kind"], "timepoint": v["visit"],
+        "site_name": site_obj.name if site_obj else None, "exam_site": site.code if site else None,
+        "device": device.id if device else None,
+        "device_match": how, "visit": v["visit"], "visit_kind": v["visit_kind"], "timepoint": v["visit"],
         "timepoint_description": timepoint_description(v["visit_obj"], v["days_from_baseline"]),
         "days_from_baseline": v["days_from_baseline"], "in_window": v["in_window"],
         "shifted_date": shifted_date(trial, subject_id, exam_date), "exam_key": exam_key,
@@ -434,3 +454,56 @@ def identify(trial, exam, registry, out) -> dict:
         db.close()
     atomic_write_json(Path(out), identity)
     return {"ok": True, "identity": identity}
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Copy a folder, hard-linking files where possible (exam folders can be large)."""
+    import shutil
+
+    def link(s, d):
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, copy_function=link)
+
+
+@step("identify-all",
+      inputs=[Param("exams", "directory", "Folder of ingested exams (<exam_key>/exam.json …)"),
+              Param("registry", "file", "Existing identity registry to continue (SQLite)", optional=True)],
+      outputs=[Param("out", "directory", "Copies of the exams, each with results/identity.json"),
+               Param("registry_out", "file", "The updated registry (SQLite)")])
+def identify_all(trial, exams, out, registry_out, registry=None) -> dict:
+    """Identify every exam of a folder serially, in exam-date order (for CWL: one registry, one writer)."""
+    import shutil
+
+    from .ingest import atomic_write_json
+
+    exams, out, reg = Path(exams), Path(out), Path(registry_out)
+    out.mkdir(parents=True, exist_ok=True)
+    if registry and Path(registry).resolve() != reg.resolve():
+        shutil.copy2(registry, reg)
+    infos = []
+    for d in sorted(p for p in exams.iterdir() if (p / "exam.json").is_file()):
+        infos.append((json.loads((d / "exam.json").read_text()), d))
+    infos.sort(key=lambda t: (t[0].get("study_date") or "", t[0]["exam_key"]))
+    db = connect_registry(reg)
+    results = []
+    try:
+        for info, d in infos:
+            dst = out / d.name
+            _link_tree(d, dst)
+            try:
+                identity = identify_exam(trial, info, db, exam_key=d.name)["identity"]
+                results.append({"exam": d.name, "subject_id": identity["subject_id"], "visit": identity["visit"]})
+            except IdentifyError as err:
+                identity = unmatched_identity(trial, info, err)
+                results.append({"exam": d.name, "error": err.code, "detail": err.detail})
+            atomic_write_json(dst / "results" / "identity.json", identity)
+    finally:
+        db.close()
+    return {"exams": results, "identified": sum(1 for r in results if "error" not in r),
+            "unmatched": [r for r in results if "error" in r]}

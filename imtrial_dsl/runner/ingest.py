@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -43,14 +42,19 @@ def series_dir_for(series_uid: str) -> str:
     return hashlib.sha256(series_uid.encode()).hexdigest()[:16]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write-temp-then-rename, so a reader (or a re-run after kill -9) never sees half a file."""
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = False) -> None:
+    """Write-temp-then-rename, so a reader (or a re-run after kill -9) never sees half a file.
+
+    ``durable`` also fsyncs (survives power loss, not only a killed process); the runner asks for it
+    when the inbox copy is about to be deleted (``--move``).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
@@ -149,7 +153,7 @@ def sha256_file(path: Path) -> str:
 
 def ingest_one(src: str | Path, rel: str, out: str | Path, quarantine: str | Path,
                source_attrs: Iterable[str] = ("PatientID", "IssuerOfPatientID"),
-               known: Optional[dict] = None) -> dict:
+               known: Optional[dict] = None, durable: bool = False) -> dict:
     """Inspect one inbox file and place it (idempotently); returns a record for the state DB.
 
     ``known`` maps sha256 -> an earlier record: content already placed is not copied again.
@@ -167,7 +171,7 @@ def ingest_one(src: str | Path, rel: str, out: str | Path, quarantine: str | Pat
                   "sha256": sha}
         if "missing" in res:
             reason["missing"] = res["missing"]
-        atomic_write_bytes(qdir / "file", data)
+        atomic_write_bytes(qdir / "file", data, durable=durable)
         atomic_write_json(qdir / "reason.json", reason)
         return {**rec, "status": "quarantined", "reason": reason, "stored_path": str(qdir / "file")}
     h = res["header"]
@@ -175,7 +179,7 @@ def ingest_one(src: str | Path, rel: str, out: str | Path, quarantine: str | Pat
     rel_store = f"original/{series_dir_for(h['series_uid'])}/{sha}.dcm"
     dest = Path(out) / key / rel_store
     if not (dest.exists() and dest.stat().st_size == len(data)):
-        atomic_write_bytes(dest, data)
+        atomic_write_bytes(dest, data, durable=durable)
     return {**rec, "status": "ingested", "exam_key": key, "series_uid": h["series_uid"], "sop_uid": h["sop_uid"],
             "stored_path": rel_store, "header": h}
 
@@ -241,7 +245,7 @@ def ingest(trial, inbox, out, quarantine, move: bool = False) -> dict:
     by_exam: dict[str, list[dict]] = {}
     quarantined, duplicates = [], []
     for path, rel in list_inbox(inbox):
-        rec = ingest_one(path, rel, out, quarantine, attrs, known=seen)
+        rec = ingest_one(path, rel, out, quarantine, attrs, known=seen, durable=move)
         if rec["status"] == "duplicate":
             duplicates.append({"path": rel, "of": rec["of"]})
             continue

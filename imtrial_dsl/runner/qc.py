@@ -192,17 +192,35 @@ def m_snr(vol: Volume) -> tuple[float, dict]:
     return signal / sigma, {"signal": signal, "noise_sigma": sigma}
 
 
+def _object_run(profile: np.ndarray, frac: float = 0.5) -> tuple[int, int]:
+    """Indices [lo, hi] of the contiguous run around the profile's peak that stays above frac * peak."""
+    if profile.size == 0 or not np.isfinite(profile).all() or profile.max() <= 0:
+        return 0, -1
+    peak = int(np.argmax(profile))
+    thr = frac * float(profile[peak])
+    lo = peak
+    while lo > 0 and profile[lo - 1] > thr:
+        lo -= 1
+    hi = peak
+    while hi < profile.size - 1 and profile[hi + 1] > thr:
+        hi += 1
+    # the run covers the object's core (chord above half its maximum); extend it to the object's edge
+    grow = max(1, (hi - lo + 1) // 10)
+    return max(0, lo - grow), min(profile.size - 1, hi + grow)
+
+
 def m_ghosting(vol: Volume) -> tuple[float, dict]:
     mask = foreground(vol)
     sl = _central_slices(vol)
     d, m = vol.data[sl], mask[sl]
-    # the object's box from clearly bright voxels, so ghost replicas (dimmer) do not widen it
-    bright = d > 0.5 * float(np.percentile(d, 99))
-    box = _bbox(bright.any(axis=0))
-    if box is None:
+    # the object's extent per axis: the run around the peak of the mean-intensity profile, widened
+    # by a margin; dimmer ghost replicas beside the object do not join it
+    img = d.mean(axis=0)
+    r0, r1 = _object_run(img.mean(axis=1))
+    c0, c1 = _object_run(img.mean(axis=0))
+    if r1 < r0 or c1 < c0:
         raise MetricError("no foreground signal")
-    r0, r1, c0, c1 = box
-    proj = bright.any(axis=0)
+    proj = img
     R, C = proj.shape
     margin_r, margin_c = max(1, (r1 - r0) // 16), max(1, (c1 - c0) // 16)
     # ROW: phase encoded along the row direction, ghosts displaced across columns

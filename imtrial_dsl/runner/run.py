@@ -132,7 +132,7 @@ def ingest_inbox(trial, inbox: Path, workdir: Path, *, jobs: int = 1, move: bool
         pending.clear()
 
     bar = _progress(len(todo), "ingest", progress)
-    args = [(str(p), rel, str(L["exams"]), str(L["quarantine"]), attrs) for p, rel in todo]
+    args = [(str(p), rel, str(L["exams"]), str(L["quarantine"]), attrs, None, move) for p, rel in todo]
     if pool is not None and len(args) > 1:
         futs = [pool.submit(ingest_one, *a) for a in args]
         for f in as_completed(futs):
@@ -149,7 +149,7 @@ def ingest_inbox(trial, inbox: Path, workdir: Path, *, jobs: int = 1, move: bool
     flush()
     bar.close()
     # exam.json for every exam that got files in this run, and for any left without one by a killed run
-    for row in st.db.execute("SELECT exam_key FROM exams"):
+    for row in st.db.execute("SELECT exam_key FROM exams").fetchall():
         key = row["exam_key"]
         if key in touched or not (L["exams"] / key / "exam.json").exists():
             recs = [{"sha256": r["sha256"], "stored_path": r["stored_path"], "header": json.loads(r["header"])}
@@ -237,6 +237,11 @@ def _short(detail: Any) -> Any:
     return detail
 
 
+def process_subject(trial, workdir: str, exams: list[tuple[str, list[str], list[str]]]) -> list[dict]:
+    """One subject's pending exams, in date order (each item: exam key, steps done, prior device ids)."""
+    return [process_exam(trial, workdir, k, d, p) for k, d, p in exams]
+
+
 def process_exam(trial, workdir: str, exam_key: str, done: list[str], prior_devices: list[str]) -> dict:
     """Run the remaining per-exam steps of one exam (in a worker process); records each step as it ends."""
     from .state import State
@@ -265,7 +270,7 @@ def process_exam(trial, workdir: str, exam_key: str, done: list[str], prior_devi
                 break
             st.set_step(exam_key, name, "done", _short(detail), started=t0)
             result["steps"][name] = "done"
-        _record_exam(st, exam_key, R, result)
+        _record_exam(st, exam_key, R, result, trial)
     finally:
         st.close()
         lock.close()
@@ -340,7 +345,28 @@ def _load(p: Path) -> Any:
         return None
 
 
-def _record_exam(st, exam_key: str, R: Path, result: dict) -> None:
+def _qualification_warning(trial, st, exam: dict, cls: Any) -> Optional[dict]:
+    """Exams whose device is not qualified for a protocol that needs qualification (ops' decisions)."""
+    q = getattr(trial, "qualification", None)
+    ident = _load(st.workdir / "exams" / exam["exam_key"] / "results" / "identity.json") or {}
+    site, device = ident.get("exam_site") or exam.get("site"), exam.get("device")
+    if not q or not q.protocols or not device or not isinstance(cls, dict):
+        return None
+    try:
+        from ..ops.qualify import is_qualified
+    except ImportError:  # the operations package is optional
+        return None
+    needed = {r.name for r in q.protocols}
+    present = sorted({s.get("protocol") for s in cls.get("series", []) if s.get("protocol") in needed})
+    code = trial.study.code if trial.study else None
+    missing = [p for p in present if not is_qualified(st.workdir, site, device, p, trial=code)]
+    if not missing:
+        return None
+    return {"code": "unqualified_device", "detail": f"{device} is not qualified for {', '.join(missing)}",
+            "source": "qualification"}
+
+
+def _record_exam(st, exam_key: str, R: Path, result: dict, trial=None) -> None:
     """Copy per-series verdicts into the state DB and set the exam's status."""
     from .archive import _series_entry
 
@@ -350,8 +376,12 @@ def _record_exam(st, exam_key: str, R: Path, result: dict) -> None:
                  "severity": f.get("severity")} for f in ((adh or {}).get("findings", []) if isinstance(adh, dict) else [])]
     codes = {f["code"] for f in findings}
     # identify's own warnings, minus those the adherence step reports in more detail (e.g. unknown_device)
-    warnings = [w for w in exam.get("warnings", []) if w.get("source") != "adherence" and w.get("code") not in codes]
+    warnings = [w for w in exam.get("warnings", []) if w.get("source") not in ("adherence", "qualification")
+                and w.get("code") not in codes]
     warnings += findings
+    qual = _qualification_warning(trial, st, exam, cls) if trial is not None and exam else None
+    if qual:
+        warnings.append(qual)
     has_audit = st.db.execute("SELECT 1 FROM sqlite_master WHERE name='deid_audit'").fetchone() is not None
     with st.tx() as db:
         cls_series = (cls or {}).get("series", []) if isinstance(cls, dict) else []
@@ -378,14 +408,26 @@ def _record_exam(st, exam_key: str, R: Path, result: dict) -> None:
 
 # ----------------------------------------------------------------------------- the whole run
 
+def preflight(trial) -> list[str]:
+    """Problems that would fail every exam (e.g. a key the study names but the environment lacks)."""
+    from .identify import IdentifyError, load_key
+
+    problems = []
+    for what, src in (("identifiers", trial.identifiers.key if trial.identifiers else None),
+                      ("deidentify", trial.deidentify.key if trial.deidentify else None)):
+        try:
+            load_key(src)
+        except IdentifyError as err:
+            problems.append(f"{what}: {err.detail}")
+    return sorted(set(problems))
+
+
 def run_study(trial, *, inbox: str | Path, workdir: str | Path, jobs: int = 1, move: bool = False,
               progress: Optional[bool] = None, log: Callable[[str], None] = lambda s: None) -> dict:
     """Run everything that is not done yet; returns the summary (also stored in the ``runs`` table)."""
-    from .analyses import write_table
-    from .state import State
-
     load_all()
-    workdir = Path(workdir)
+    workdir = Path(workdir).resolve()  # analyses run in their own cwd: every path they get is absolute
+    inbox = Path(inbox).resolve()
     L = layout(workdir)
     for k in ("exams", "quarantine", "archive"):
         L[k].mkdir(parents=True, exist_ok=True)
@@ -415,26 +457,31 @@ def _run_locked(trial, inbox, workdir: Path, L: dict, jobs: int, move: bool, pro
         log(f"ingest: {ing['ingested']} new instance(s), {ing['quarantined']} quarantined, {ing['duplicates']} duplicate(s)")
         idn = identify_pending(trial, workdir)
         st = State(workdir)
-        todo = []
+        # one task per subject, its exams in date order: a follow-up's analyses may read the baseline's
+        # outputs; different subjects are independent and run in parallel
+        by_subject: dict[tuple, list] = {}
         for e in st.exams():
             if e["status"] in ("done", "unmatched") or e["steps"].get("identify", {}).get("status") != "done":
                 continue
             done = [s for s, v in e["steps"].items() if v["status"] == "done"]
             prior = sorted({p["device"] for p in st.subject_exams(e["trial"], e["subject_id"])
                             if p["exam_key"] != e["exam_key"] and p["device"] and (p["exam_date"] or "") <= (e["exam_date"] or "")})
-            todo.append((e["exam_key"], done, prior))
+            by_subject.setdefault((e["trial"], e["subject_id"]), []).append((e["exam_key"], done, prior))
         st.close()
-        results = []
-        bar = _progress(len(todo), "exams", progress)
-        if pool is not None and len(todo) > 1:
-            futs = [pool.submit(process_exam, trial, str(workdir), k, d, p) for k, d, p in todo]
+        tasks = list(by_subject.values())
+        results: list[dict] = []
+        bar = _progress(sum(len(t) for t in tasks), "exams", progress)
+        if pool is not None and len(tasks) > 1:
+            futs = [pool.submit(process_subject, trial, str(workdir), t) for t in tasks]
             for f in as_completed(futs):
-                results.append(f.result())
-                bar.update(1)
+                res = f.result()
+                results.extend(res)
+                bar.update(len(res))
         else:
-            for k, d, p in todo:
-                results.append(process_exam(trial, str(workdir), k, d, p))
-                bar.update(1)
+            for t in tasks:
+                res = process_subject(trial, str(workdir), t)
+                results.extend(res)
+                bar.update(len(res))
         bar.close()
     finally:
         if pool is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import uuid
 import json
 import os
 import random
@@ -27,8 +28,8 @@ import numpy as np
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DSequence
-from pydicom.uid import (CTImageStorage, EnhancedMRImageStorage, ExplicitVRLittleEndian, MRImageStorage,
-                         generate_uid)
+from pydicom.uid import (PYDICOM_IMPLEMENTATION_UID, CTImageStorage, EnhancedMRImageStorage, ExplicitVRLittleEndian,
+                         MRImageStorage)
 
 from .. import ir, units
 from ..vendors import normalize_vendor
@@ -486,8 +487,12 @@ def _seed_int(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "big")
 
 
+_UID_NAMESPACE = uuid.UUID("6f1c8d4e-0a57-5b7e-9d0e-1a2b3c4d5e6f")
+
+
 def _uid(*parts: Any) -> str:
-    return generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts])
+    """A deterministic UUID-derived UID (2.25.<uuid5>, ISO/IEC 9834-8); same parts, same UID."""
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, '|'.join(map(str, parts))).int}"
 
 
 def _set(ds: Dataset, keyword: str, value: Any) -> None:
@@ -583,7 +588,7 @@ def _file_meta(sop_class: str, sop_uid: str) -> FileMetaDataset:
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = "1.2.826.0.1.3680043.10.1421.1"  # fixed: byte-identical output per seed
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = "IMTRIAL_SYNTH"
     return meta
 
@@ -938,7 +943,7 @@ def synthesize(trial: ir.Trial, out_dir: str | os.PathLike, *, subjects_per_site
         e, sp = pref[rng.randrange(len(pref))]
         used.add(id(e))
         clean.remove(e)
-        sp.ghost = 0.35
+        sp.ghost = 0.25
         manifest_devs.append({"type": "ghosting", **where(e), "protocol": sp.protocol.name, "series_uid": sp.uid,
                               "amplitude": sp.ghost, "detect": "qc:ghosting"})
     for _ in range(planned.get("corrupt_file", 0)):

@@ -7,7 +7,7 @@ soft-tissue density inside the aerated lung (LUNG: > −300 HU surrounded by air
 have a longest in-plane diameter ≥ 10 mm. Up to 5 targets (largest first) are summed (``sum_diameters``).
 ``new_lesions`` compares with the baseline read when the runner provides one (``IMTRIAL_BASELINE_OUTPUT``,
 the same analysis' output file of the subject's baseline exam): measurable lesions now minus at baseline,
-not below 0; at the baseline visit it is 0 by definition; otherwise it is not reported.
+not below 0; at screening/baseline it is 0 by definition; otherwise it is not reported.
 A demo read, not a radiologist's.
 """
 from __future__ import annotations
@@ -58,8 +58,8 @@ def main() -> None:
               "measurable_lesions": len(found), "diameters_mm": targets}
     visit_kind = os.environ.get("IMTRIAL_VISIT_KIND", "")
     prior = os.environ.get("IMTRIAL_BASELINE_OUTPUT")
-    if visit_kind == "baseline":
-        result["new_lesions"] = {"value": 0, "unit": "count", "comparison": "baseline visit"}
+    if visit_kind in ("baseline", "screening"):  # pre-treatment scans define the baseline burden
+        result["new_lesions"] = {"value": 0, "unit": "count", "comparison": f"{visit_kind} visit (no earlier reference)"}
     elif prior and os.path.isfile(prior):
         base = json.load(open(prior))
         result["new_lesions"] = {"value": max(0, len(found) - int(base.get("measurable_lesions", 0))), "unit": "count",

@@ -7,8 +7,6 @@ the segmentation is the bright class of a two-class Otsu split of the volume.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from ._image import load_series, otsu, usage, write_result
 
 
