@@ -756,6 +756,7 @@ def missing_modules(ds, modality: str) -> list[str]:
 
 # --------------------------------------------------------------------------- scanner card
 
+@lru_cache(maxsize=1)
 def _template_env():
     import jinja2
 

@@ -175,6 +175,9 @@ class Lowerer:
         if value is None or unit is None:
             return None
         cv, cu, dim = to_canonical(value, unit)
+        if not math.isfinite(cv):
+            self.error("E203", tree, f"{num_tok} {unit} is out of range")
+            return None
         return ir.Quantity(span=self.span(tree), value=cv, unit=cu, dimension=dim, source_value=value,
                            source_unit=unit if unit else None)
 
@@ -190,6 +193,9 @@ class Lowerer:
         if value is None or unit is None:
             return None
         d = value * CALENDAR[unit]
+        if not math.isfinite(d):
+            self.error("E203", where, f"{num_tok} {unit} is out of range")
+            return None
         if absolute:
             d, value = abs(d), abs(value)
         return ir.Days(span=self.span(where), days=d, source_value=value, source_unit=unit)

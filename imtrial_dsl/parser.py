@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections import OrderedDict
 from functools import lru_cache
 from typing import Optional
 
@@ -43,6 +44,7 @@ _TERMINAL_WORDS = {
 }
 
 _local = threading.local()
+_CACHE_LOCK = threading.Lock()
 
 
 def _comment_sink(tok: Token) -> Token:
@@ -323,6 +325,13 @@ def _keyword_types(lark: Lark) -> dict:
     return _keyword_types_cached(id(lark), lark)
 
 
+# Recently parsed texts: stdlib imports (the 621-rule PS3.15 table) are re-parsed on every
+# load otherwise. Trees are never mutated downstream, so sharing them is safe.
+_CACHE: "OrderedDict[tuple[str, str], tuple[Optional[Tree], list[Diagnostic]]]" = OrderedDict()
+_CACHE_SIZE = 32
+_CACHE_MIN_CHARS = 2000  # small texts parse faster than they hash-and-compare
+
+
 def parse(text, filename: str = "<string>") -> tuple[Optional[Tree], list[Diagnostic]]:
     """Parse ``text``; return (tree or None, diagnostics). Never raises."""
     if isinstance(text, (bytes, bytearray)):
@@ -331,6 +340,23 @@ def parse(text, filename: str = "<string>") -> tuple[Optional[Tree], list[Diagno
         text = str(text)
     if text.startswith("\ufeff"):
         text = " " + text[1:]  # keep columns stable
+    if len(text) < _CACHE_MIN_CHARS:
+        return _parse(text, filename)
+    key = (filename, text)
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            _CACHE.move_to_end(key)
+            return hit[0], list(hit[1])
+    result = _parse(text, filename)
+    with _CACHE_LOCK:
+        _CACHE[key] = result
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return result[0], list(result[1])
+
+
+def _parse(text: str, filename: str) -> tuple[Optional[Tree], list[Diagnostic]]:
     try:
         lark = get_lark()
     except Exception as exc:  # grammar missing/broken: still a value, not a crash

@@ -111,3 +111,14 @@ def test_classify_step_reads_identity_visit(amy, tmp_path):
     out = json.loads((exam / "results" / "classification.json").read_text())
     assert summary["matched"] == 3 and out["visit"] == "m12" and out["missing_protocols"] == []
     assert all(not f.startswith("/") for s in out["series"] for f in s["files"])
+
+
+@pytest.mark.parametrize("name,complete", [("MR_small.dcm", True), ("MR_small_implicit.dcm", True),
+                                           ("MR_small_bigendian.dcm", True), ("MR_small_expb.dcm", True),
+                                           ("emri_small.dcm", True), ("CT_small.dcm", True),
+                                           ("MR_truncated.dcm", False), ("MR_small_RLE.dcm", True)])
+def test_pixel_length_check_across_transfer_syntaxes(name, complete):
+    ds, ok, detail = dicomio.read_header_checked(get_testdata_file(name))
+    assert ok is complete, detail
+    assert dicomio.raw_uint(ds, 0x00280010, 0) == int(ds.Rows)
+    assert dicomio.raw_text(ds, 0x0020000E) == str(ds.SeriesInstanceUID)

@@ -501,7 +501,7 @@ def _constraint(draw):
                          index=index, note=note)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(base=st.lists(_constraint(), max_size=6, unique_by=lambda c: (c.keyword, c.index)),
        extra=st.lists(_constraint(), max_size=3, unique_by=lambda c: (c.keyword, c.index)), remove_first=st.booleans())
 def test_property_any_protocol_round_trips(base, extra, remove_first, tmp_path_factory):

@@ -145,6 +145,11 @@ LOWER_ERRORS = [
     ('study X { }\nstudy Y { }', [(2, 1, "E205", "duplicate 'study'")]),
     ('deid_profile p { rule (0008,0050) AccessionNumber "A" K/Z }', [(1, 55, "E212", "unknown action code 'K/Z'")]),
     ('site S { device D { modality MR vendor GE field 3 mm } }', [(1, 49, "E202", "field strength needs a field unit")]),
+    ('schedule { visit v at month 1e307 }', [(1, 23, "E203", "out of range")]),
+    ('protocol A modality MR { EchoTime = 1e308 s }', [(1, 37, "E203", "out of range")]),
+    ('analysis a { run "   " }', [(1, 18, "E208", "empty command")]),
+    ('deidentify using p { blank 10, 0, 5, 5 }', [(1, 22, "E209", "empty pixel region")]),
+    ('transfer t dicom ae "A" ae "B"', [(1, 25, "E205", "duplicate 'ae'")]),
 ]
 
 
@@ -232,6 +237,14 @@ def test_errors_in_imported_file_carry_its_name(tmp_path):
     _trial, diags, sources = load(main)
     assert [d.code for d in diags] == ["E201"] and diags[0].span.file in sources
     assert diags[0].span.file.endswith("lib.imtrial")
+
+
+def test_syntax_error_in_imported_file(tmp_path):
+    write(tmp_path, "lib.imtrial", "protocl P modality MR { }\n")
+    main = write(tmp_path, "s.imtrial", 'import "lib.imtrial"\nrole r kind central\n')
+    trial, diags, sources = load(main)
+    assert [(d.code, d.span.line) for d in diags] == [("E103", 1)] and diags[0].span.file.endswith("lib.imtrial")
+    assert trial.roles[0].name == "r"
 
 
 def test_unreadable_and_non_utf8(tmp_path):

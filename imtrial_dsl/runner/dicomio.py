@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 import pydicom
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import DSdecimal, DSfloat, IS
@@ -77,23 +78,30 @@ def raw_text(ds: Dataset, tag: int) -> str:
 
 
 def raw_uint(ds: Dataset, tag: int, default: int) -> int:
-    """A US/UL/IS element as int without a Dataset attribute lookup."""
+    """A US/UL/IS element as int without value conversion (implicit VR: VR from the dictionary)."""
     elem = ds.get_item(tag)
     if elem is None or elem.value in (None, b"", ""):
         return default
     v = elem.value
     if isinstance(v, bytes):
-        if elem.VR in ("US", "SS") and len(v) >= 2:
-            return struct.unpack("<H" if ds.is_little_endian in (True, None) else ">H", v[:2])[0]
-        if elem.VR in ("UL", "SL") and len(v) >= 4:
-            return struct.unpack("<I" if ds.is_little_endian in (True, None) else ">I", v[:4])[0]
+        vr = elem.VR
+        if vr in (None, "UN"):
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                vr = "UN"
+        little = getattr(elem, "is_little_endian", True) is not False
+        if vr in ("US", "SS") and len(v) >= 2:
+            return struct.unpack("<H" if little else ">H", v[:2])[0]
+        if vr in ("UL", "SL") and len(v) >= 4:
+            return struct.unpack("<I" if little else ">I", v[:4])[0]
         try:
             return int(v.decode("ascii").strip(" \x00") or default)
-        except ValueError:
+        except (ValueError, UnicodeDecodeError):
             return default
     try:
-        return int(v)
-    except (TypeError, ValueError):
+        return int(v[0] if isinstance(v, (list, MultiValue)) else v)
+    except (TypeError, ValueError, IndexError):
         return default
 
 
