@@ -3,8 +3,8 @@ classify + adherence, and of mrQA on the same folder, side by side in one run.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_adherence.py [--files 5000] [--corpus DIR] [--no-mrqa]
 
-The corpus is synthesized from examples/amyloid_mri.imtrial (small images, so the run measures
-header work rather than disk bandwidth) unless --corpus points at an existing folder. The page
+The corpus is synthesized from examples/amyloid_mri.imtrial (128x128 images, 48 slices per series;
+headers are what is read, pixel data is skipped) unless --corpus points at an existing folder. The page
 cache is warmed first so every contender reads from memory. mrQA (``pip install mrQA``) runs as its
 own CLI on the same folder; its time includes interpreter start-up and report writing.
 """
@@ -52,11 +52,12 @@ def bench_ours(trial, root: Path, exams: list[Path]) -> tuple[float, dict]:
     t = time.perf_counter()
     verdicts = {"pass": 0, "warn": 0, "fail": 0}
     summary = {"series": 0, "matched": 0, "problems": 0, "exams": 0, "findings": 0}
+    tags = adherence.study_tags(trial)
     for folder in exams:
-        scan = classify.scan(folder)
+        # one header kept per distinct parameter set; the others are fingerprinted and dropped
+        scan = classify.scan(folder, keep_headers=False, fingerprint_tags=tags)
         cls = classify.classify_scan(trial, scan)
-        headers = {uid: [i.header for i in s.instances] for uid, s in scan.series.items()}
-        res = adherence.check_exam(trial, cls, headers)
+        res = adherence.check_exam(trial, cls, scan.series)
         for s in res["series"]:
             verdicts[s["verdict"]] += 1
         summary["series"] += len(cls["series"])
@@ -93,6 +94,8 @@ def main(argv=None) -> int:
     ap.add_argument("--files", type=int, default=5000, help="minimum corpus size (synthesized)")
     ap.add_argument("--corpus", type=Path, help="existing folder to use instead of synthesizing")
     ap.add_argument("--study", type=Path, default=ROOT / "examples" / "amyloid_mri.imtrial")
+    ap.add_argument("--size", default="medium", choices=sorted(synth.SIZES),
+                    help="synthetic image size: medium = 128x128, 48 slices per series (default); small = 32x32, 12")
     ap.add_argument("--no-mrqa", action="store_true")
     ap.add_argument("--rounds", type=int, default=5, help="alternating timing rounds (best of each is kept)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -105,10 +108,11 @@ def main(argv=None) -> int:
             root = args.corpus
         else:
             root = work / "corpus"
-            # per subject: screening FLAIR + 3 visits x 3 series, 12 slices each = 120 files; 3 sites
-            per_site = max(1, -(-args.files // (3 * 120)))
+            # per subject: screening FLAIR + 3 visits x 3 series = 10 series; 3 sites
+            slices = synth.SIZES[args.size][1] or 160
+            per_site = max(1, -(-args.files // (3 * 10 * slices)))
             t = time.perf_counter()
-            m = synth.synthesize(trial, root, subjects_per_site=per_site, seed=1, small=True,
+            m = synth.synthesize(trial, root, subjects_per_site=per_site, seed=1, size=args.size,
                                  deviations=["param_off", "software_upgrade", "wrong_device", "unknown_device"])
             print(f"synthesized {m['files']} files in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         paths = files_of(root)

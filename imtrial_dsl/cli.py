@@ -20,7 +20,7 @@ from . import __version__
 from .diagnostics import CompileErrors, Diagnostic, Severity, render
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
-EXTENSION_MODULES = ("imtrial_dsl.runner.commands", "imtrial_dsl.ops.commands")
+EXTENSION_MODULES = ("imtrial_dsl.runner.commands", "imtrial_dsl.runner.transfer", "imtrial_dsl.ops.commands")
 
 _color_mode = "auto"
 

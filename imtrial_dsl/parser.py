@@ -334,6 +334,7 @@ _CACHE_MIN_CHARS = 2000  # small texts parse faster than they hash-and-compare
 
 def parse(text, filename: str = "<string>") -> tuple[Optional[Tree], list[Diagnostic]]:
     """Parse ``text``; return (tree or None, diagnostics). Never raises."""
+    filename = str(filename) if filename else "<string>"
     if isinstance(text, (bytes, bytearray)):
         text = bytes(text).decode("utf-8", errors="replace")
     elif not isinstance(text, str):

@@ -316,3 +316,24 @@ def test_steps_write_results(amy, conformant, tmp_path):
                      check="t1_snr")
     q = json.loads((res / "qc.json").read_text())
     assert {c["check"] for s in q["series"] for c in s["checks"]} == {"t1_snr"}
+
+
+def test_fingerprinted_scan_gives_the_same_results(amy, deviant):
+    """scan(keep_headers=False) keeps one header per distinct parameter set; results must not change."""
+    root, m = deviant
+    tags = adherence.study_tags(amy)
+    for e in m["exams"]:
+        folder = root / e["dir"]
+        full = classify.classify_folder(amy, folder)
+        lean_scan = classify.scan(folder, keep_headers=False, fingerprint_tags=tags)
+        lean = classify.classify_scan(amy, lean_scan)
+        assert lean == full
+        kept = sum(i.header is not None for s in lean_scan.series.values() for i in s.instances)
+        assert kept == len(lean_scan.series)  # synthetic series are uniform: one header each
+        a = adherence.check_exam(amy, full, adherence.headers_for(full, folder))
+        b = adherence.check_exam(amy, lean, lean_scan.series)
+        for sa, sb in zip(a["series"], b["series"]):
+            sb = {k: v for k, v in sb.items() if k != "distinct_parameter_sets"}
+            sa = {k: v for k, v in sa.items() if k != "distinct_parameter_sets"}
+            assert sa == sb
+        assert a["verdict"] == b["verdict"] and a["findings"] == b["findings"]

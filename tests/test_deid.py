@@ -99,7 +99,7 @@ def test_generated_profile_has_every_table_row():
     ("StudyDate", ["retain_longitudinal_full_dates", "retain_longitudinal_modified_dates"], D.KEEP),
     ("SOPInstanceUID", [], D.UID),                                 # U
     ("SOPInstanceUID", ["retain_uids"], D.KEEP),
-    ("InstitutionName", [], D.DUMMY),                              # X/Z/D -> D (conformant for Type 1)
+    ("InstitutionName", [], D.EMPTY),                              # X/Z/D -> Z (no fake device/site identity)
     ("InstitutionName", ["retain_institution_identity"], D.KEEP),
     ("AcquisitionDate", [], D.EMPTY),                              # X/Z -> Z
     ("ContentDate", [], D.DUMMY),                                  # Z/D -> D
@@ -154,14 +154,15 @@ def test_action_X_Z_D_K_U():
     eng = engine(BASIC)
     ds = _run(eng, _ds_with(AccessionNumber="ACC777", PatientBirthDate="19500101", InstitutionName="Boston General",
                             PerformingPhysicianName="Who^Doctor", Modality="MR",
-                            FrameOfReferenceUID="1.2.3.4.5.6", StationName="BOSMR1"))
+                            FrameOfReferenceUID="1.2.3.4.5.6", StationName="BOSMR1", ProtocolName="T1 Doe"))
     assert "AccessionNumber" in ds and ds.AccessionNumber == ""                      # Z
     assert "PatientBirthDate" in ds and ds.PatientBirthDate == ""                    # Z
-    assert ds.InstitutionName == "ANONYMIZED"                                        # X/Z/D -> D
+    assert "InstitutionName" in ds and ds.InstitutionName == ""                      # X/Z/D -> Z
     assert "PerformingPhysicianName" not in ds                                       # X
     assert ds.Modality == "MR"                                                       # not in the table: kept
     assert ds.FrameOfReferenceUID.startswith("2.25.") and ds.FrameOfReferenceUID != "1.2.3.4.5.6"   # U
-    assert ds.StationName == "ANONYMIZED"                                            # X/Z/D -> D
+    assert "StationName" in ds and ds.StationName == ""                              # X/Z/D -> Z
+    assert ds.ProtocolName == "ANONYMIZED"                                           # X/D -> D
     assert ds.PatientIdentityRemoved == "YES"
     assert ds.LongitudinalTemporalInformationModified == "REMOVED"
 

@@ -41,14 +41,19 @@ def _log_lines(work: Path) -> int:
     return p.read_bytes().count(b"\n") if p.exists() else 0
 
 
-# Kill points, in pipeline order: each is a condition on the workdir that the running process reaches.
+def _files(work: Path, pattern: str) -> int:
+    return sum(1 for _ in (work / "exams").glob(pattern)) if (work / "exams").exists() else 0
+
+
+# Kill points, in pipeline order: a progress measure and how far past its value at the start of the run
+# it must get before the SIGKILL (so each run is killed while doing new work, not on leftovers).
 KILL_POINTS = [
-    ("mid-ingest", lambda w: any((w / "exams").glob("*/original/*/*.dcm"))),
-    ("after identify", lambda w: _count(w / "state.sqlite", "SELECT COUNT(*) FROM steps WHERE step='identify'") >= 1),
-    ("mid-deidentify", lambda w: any((w / "exams").glob("*/deid.partial/*")) or any((w / "exams").glob("*/deid/*"))),
-    ("mid-archive", lambda w: _log_lines(w) >= 5),
-    ("mid-analyses", lambda w: any((w / "exams").glob("*/analyses/*/inputs"))),
-    ("late", lambda w: _count(w / "state.sqlite", "SELECT COUNT(*) FROM steps WHERE step='analyses'") >= 1),
+    ("mid-ingest", lambda w: _files(w, "*/original/*/*.dcm"), 5),
+    ("after identify", lambda w: _count(w / "state.sqlite", "SELECT COUNT(*) FROM steps WHERE step='identify'"), 1),
+    ("mid-deidentify", lambda w: _files(w, "*/deid.partial/*") + _files(w, "*/deid/*"), 3),
+    ("mid-archive", _log_lines, 5),
+    ("mid-analyses", lambda w: _files(w, "*/analyses/*/inputs"), 1),
+    ("late", lambda w: _count(w / "state.sqlite", "SELECT COUNT(*) FROM steps WHERE step='analyses'"), 1),
 ]
 
 
@@ -59,17 +64,20 @@ def _start(study: str, inbox: str, work: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
 
 
-def _kill_when(proc: subprocess.Popen, cond, work: Path, timeout: float = 90) -> bool:
-    """SIGKILL the run's whole process group once ``cond(work)`` holds; False if the run ended first."""
+def _kill_when(proc: subprocess.Popen, measure, delta: int, work: Path, timeout: float = 90) -> bool:
+    """SIGKILL the run's whole process group once ``measure(work)`` grew by ``delta`` during this run;
+    False if the run ended first."""
+    start = measure(work)
     t0 = time.time()
     while time.time() - t0 < timeout:
         if proc.poll() is not None:
             return False
-        if cond(work):
+        if measure(work) >= start + delta:
             os.killpg(proc.pid, signal.SIGKILL)
+            print(f"  progress measure {start} -> {measure(work)}", end=" ")
             proc.wait()
             return True
-        time.sleep(0.01)
+        time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     raise AssertionError("the run neither finished nor reached the kill point")
@@ -81,10 +89,10 @@ def test_kill_9_at_every_phase_then_resume(tmp_path):
     assert len(inbox_files) == 40
     work = tmp_path / "work"
     killed = []
-    for name, cond in KILL_POINTS:
+    for name, measure, delta in KILL_POINTS:
         t0 = time.time()
         proc = _start(m["study"], m["inbox"], work)
-        if _kill_when(proc, cond, work):
+        if _kill_when(proc, measure, delta, work):
             killed.append(name)
         print(f"{name}: {'killed' if killed and killed[-1] == name else 'finished first'} after {time.time() - t0:.1f} s")
     assert len(killed) >= 4, f"too few kill points were reached: {killed}"

@@ -286,3 +286,17 @@ def test_demo_tools_measure_what_was_built_into_the_image():
     assert 100 < otsu(vol) < 500
     found, sizes = count_lesions.count(vol, bright=True)
     assert found == len(centres) and sizes == [27, 27, 27]
+
+
+def test_a_missing_step_or_key_fails_loudly(mini, monkeypatch, capsys):
+    from imtrial_dsl.runner import run as runmod
+
+    with pytest.raises(runmod.StepMissing, match="'no_such_step' is not registered"):
+        runmod.call_step("no_such_step", mini["trial"], {})
+    monkeypatch.delenv("IMTRIAL_KEY")
+    assert runmod.preflight(mini["trial"]) == ["deidentify: environment variable IMTRIAL_KEY is not set",
+                                                "identifiers: environment variable IMTRIAL_KEY is not set"]
+    assert commands.main(["run", mini["m"]["study"], "--inbox", mini["m"]["inbox"], "--workdir",
+                          str(mini["base"] / "nokey")]) == 1
+    assert "IMTRIAL_KEY is not set" in capsys.readouterr().err
+    assert not (mini["base"] / "nokey").exists()

@@ -257,40 +257,61 @@ def select_constraints(protocol: ir.Protocol, ident: dict[str, Any]) -> tuple[li
                                     ident.get("software") or None, ident.get("model") or None)
 
 
-def _constraint_tags(constraints: Sequence[ir.Constraint]) -> tuple[int, ...]:
-    tags = []
+def _constraint_tags(constraints: Iterable[ir.Constraint]) -> tuple[int, ...]:
+    tags: set[int] = set()
     for c in constraints:
         for kw in dicomio._keywords(c.keyword):
             t = tag_for_keyword(kw)
             if t is not None:
-                tags.append(t)
-    return tuple(tags)
+                tags.add(t)
+    return tuple(sorted(tags))
 
 
-def _fingerprint(ds: Dataset, tags: tuple[int, ...]) -> Optional[tuple]:
-    """Undecoded values of the constrained elements of a classic instance (None for Enhanced objects,
-    whose values live in functional groups and are read through get_param)."""
-    if dicomio.has_functional_groups(ds):
-        return None
-    return tuple(dicomio.raw_bytes(ds, t) for t in tags)
+def study_tags(trial: ir.Trial) -> tuple[int, ...]:
+    """Every element any protocol or variant of the study constrains (for ``classify.scan`` fingerprints)."""
+    cons = [c for p in trial.protocols for c in list(p.constraints) + [c for v in p.variants for c in v.constraints]]
+    derived_from = (0x00189008, 0x00189009)  # EchoPulseSequence, InversionRecovery (ScanningSequence of Enhanced MR)
+    return tuple(sorted(set(_constraint_tags(cons)) | set(derived_from)))
 
 
-def check_series(protocol: ir.Protocol, headers: Sequence[Dataset], ident: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Adherence of one series (all its instances) to a protocol.
-
-    Instances whose constrained elements carry identical bytes are evaluated once: a
-    series whose instances agree costs one evaluation, one that drifts is reported per value.
-    """
-    if not headers:
-        raise ValueError("a series has at least one instance")
-    ident = ident or dicomio.device_identity(headers[0])
-    constraints, variant = select_constraints(protocol, ident)
-    tags = _constraint_tags(constraints)
+def _groups(headers: Sequence[Dataset], tags: tuple[int, ...]) -> list[tuple[Dataset, int]]:
+    """(representative header, instance count) per distinct fingerprint; Enhanced objects stand alone."""
     groups: dict[Any, list[Dataset]] = {}
     for i, ds in enumerate(headers):
-        fp = _fingerprint(ds, tags)
+        fp = dicomio.fingerprint(ds, tags)
         groups.setdefault(fp if fp is not None else ("enhanced", i), []).append(ds)
-    reps = [(g[0], len(g)) for g in groups.values()]
+    return [(g[0], len(g)) for g in groups.values()]
+
+
+def _instance_groups(series: Any) -> list[tuple[Dataset, int]]:
+    """The same from a ``classify.Series`` scanned with ``keep_headers=False``."""
+    counts: dict[Any, int] = {}
+    for inst in series.instances:
+        if inst.fingerprint is not None:
+            counts[inst.fingerprint] = counts.get(inst.fingerprint, 0) + 1
+    return [(inst.header, counts[inst.fingerprint] if inst.fingerprint is not None else 1)
+            for inst in series.instances if inst.header is not None]
+
+
+def check_series(protocol: ir.Protocol, headers: Sequence[Dataset] | Any, ident: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Adherence of one series (all its instances) to a protocol.
+
+    ``headers``: the instances' datasets, or a ``classify.Series`` from a scan. Instances whose
+    constrained elements carry identical bytes are evaluated once: a series whose instances
+    agree costs one evaluation, one that drifts is reported per value.
+    """
+    from_scan = hasattr(headers, "instances")
+    first = headers.header if from_scan else (headers[0] if headers else None)
+    if first is None:
+        raise ValueError("a series has at least one instance")
+    ident = ident or dicomio.device_identity(first)
+    constraints, variant = select_constraints(protocol, ident)
+    if from_scan:
+        reps = _instance_groups(headers)
+        n = len(headers.instances)
+    else:
+        reps = _groups(headers, _constraint_tags(constraints))
+        n = len(headers)
     rows = []
     for c in constraints:
         distinct: list[Any] = []
@@ -302,7 +323,7 @@ def check_series(protocol: ir.Protocol, headers: Sequence[Dataset], ident: Optio
                 if raw not in distinct:
                     distinct.append(raw)
         row = evaluate_constraint(c, distinct)
-        if not row["ok"] and len(headers) > 1:
+        if not row["ok"] and n > 1:
             bad = [r for r in distinct if not evaluate_value(c, r)[0]]
             row["instances_failing"] = sum(count for vals, count in per_rep if any(v in bad for v in vals))
         rows.append(row)
@@ -311,8 +332,8 @@ def check_series(protocol: ir.Protocol, headers: Sequence[Dataset], ident: Optio
         "variant": _variant_info(variant),
         "verdict": verdict_of(rows),
         "parameters": rows,
-        "n_instances": len(headers),
-        "distinct_parameter_sets": len(groups),
+        "n_instances": n,
+        "distinct_parameter_sets": len(reps),
     }
 
 
@@ -419,10 +440,15 @@ def same_device_finding(trial: ir.Trial, device_id: Optional[str], prior_device_
 
 # --------------------------------------------------------------------------- exams
 
-def check_exam(trial: ir.Trial, classification: dict[str, Any], headers_by_series: dict[str, Sequence[Dataset]], *,
+def check_exam(trial: ir.Trial, classification: dict[str, Any], headers_by_series: dict[str, Any], *,
                prior_devices: Optional[Iterable[str]] = None) -> dict[str, Any]:
-    """Adherence of one exam: per matched series, plus device/software/same-device findings."""
-    first = next((h[0] for h in headers_by_series.values() if h), None)
+    """Adherence of one exam: per matched series, plus device/software/same-device findings.
+
+    ``headers_by_series``: series UID -> the instances' datasets, or the ``classify.Series`` of a
+    scan (``classify.scan(..., keep_headers=False, fingerprint_tags=study_tags(trial))`` keeps one
+    header per distinct parameter set, which is what large folders want).
+    """
+    first = next((h.header if hasattr(h, "instances") else h[0] for h in headers_by_series.values() if h), None)
     ident = dicomio.device_identity(first) if first is not None else dict(classification.get("device") or {})
     hit, findings = device_findings(trial, ident) if ident else (None, [])
     sd = same_device_finding(trial, hit["device"] if hit else None, prior_devices or [])
@@ -436,7 +462,7 @@ def check_exam(trial: ir.Trial, classification: dict[str, Any], headers_by_serie
         headers = headers_by_series.get(entry["series_uid"]) or []
         if proto is None or not headers:
             continue
-        res = check_series(proto, headers, dicomio.device_identity(headers[0]))
+        res = check_series(proto, headers, dicomio.device_identity(headers.header if hasattr(headers, "instances") else headers[0]))
         res.update({"series_uid": entry["series_uid"], "series_number": entry.get("series_number"),
                     "series_description": entry.get("series_description")})
         series_out.append(res)

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from pydicom.dataset import Dataset
 
@@ -75,15 +75,21 @@ def classify_header(trial: ir.Trial, ds: Dataset) -> dict[str, Any]:
 
 @dataclass
 class Instance:
+    """One file of a series. ``header`` is None when the scan kept only a fingerprint
+    (``keep_headers=False``): then an earlier instance with the same ``fingerprint`` holds it."""
+
     path: Path
-    header: Dataset
+    header: Optional[Dataset]
     instance_number: Optional[int]
+    frames: int = 1
+    fingerprint: Optional[tuple] = None
 
 
 @dataclass
 class Series:
     uid: str
     instances: list[Instance] = field(default_factory=list)
+    _seen: set = field(default_factory=set, repr=False)
 
     @property
     def header(self) -> Dataset:
@@ -98,56 +104,80 @@ class ExamScan:
     problems: list[dict[str, Any]]
 
 
-def scan(folder: str | os.PathLike, *, check_pixels: bool = True) -> ExamScan:
+def scan(folder: str | os.PathLike, *, check_pixels: bool = True, keep_headers: bool = True,
+         fingerprint_tags: Optional[Sequence[int]] = None) -> ExamScan:
     """Read every file's header under ``folder`` and group instances by series.
 
     Files that are not readable DICOM, lack a SeriesInstanceUID, or whose Pixel
     Data is shorter than declared (``check_pixels``) are listed in ``problems``
-    with a machine-readable ``reason``.
+    with a machine-readable ``reason``. With ``keep_headers=False`` only the first
+    header of each series and of each distinct ``fingerprint_tags`` value set is kept
+    (the others get ``header=None``): retaining thousands of datasets costs more than
+    reading them, and adherence needs one header per distinct parameter set.
     """
     # Thousands of retained headers make every cyclic-GC pass walk them all (quadratic time);
     # headers hold no reference cycles that need collecting while we read, so pause the collector.
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _scan(Path(folder), check_pixels)
+        return _scan(Path(folder), check_pixels, keep_headers, tuple(fingerprint_tags or ()))
     finally:
         if was_enabled:
             gc.enable()
 
 
-def _scan(root: Path, check_pixels: bool) -> "ExamScan":
+def _scan(root: Path, check_pixels: bool, keep_headers: bool, fp_tags: tuple[int, ...]) -> "ExamScan":
     series: OrderedDict[str, Series] = OrderedDict()
     problems: list[dict[str, Any]] = []
     base = root if root.is_dir() else root.parent
-    for path in dicomio.iter_dicom_files(root):
-        rel = str(path.relative_to(base))
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                if check_pixels:
-                    ds, complete, detail = dicomio.read_header_checked(path)
-                else:
-                    ds, complete, detail = dicomio.read_header(path), True, "not checked"
-        except Exception as exc:  # pydicom raises many types on garbage input
-            problems.append({"file": rel, "reason": "unreadable", "detail": f"{type(exc).__name__}: {exc}"})
-            continue
-        # raw accessors: this loop runs once per file, so it avoids pydicom's value conversion
-        uid = dicomio.raw_text(ds, 0x0020000E)
-        if ds.get_item(0x00080016) is None and ds.get_item(0x00080060) is None:
-            problems.append({"file": rel, "reason": "not_dicom", "detail": "no SOP Class UID or Modality"})
-            continue
-        if not uid:
-            problems.append({"file": rel, "reason": "missing_series_uid", "detail": "no SeriesInstanceUID"})
-            continue
-        if not complete:
-            problems.append({"file": rel, "reason": "truncated", "detail": detail, "series_uid": uid})
-            continue
-        inum = dicomio.raw_uint(ds, 0x00200013, -1)
-        series.setdefault(uid, Series(uid)).instances.append(Instance(path, ds, inum if inum >= 0 else None))
+    prefix = len(str(base).rstrip(os.sep)) + 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for path in dicomio.iter_dicom_files(root):
+            _scan_one(path, str(path)[prefix:], series, problems, check_pixels, keep_headers, fp_tags)
     for s in series.values():
         s.instances.sort(key=lambda i: (i.instance_number is None, i.instance_number or 0, str(i.path)))
+        head = s.instances[0]
+        if head.header is None:  # after sorting, the series' representative must carry a header
+            holder = next(i for i in s.instances if i.header is not None and i.fingerprint == head.fingerprint)
+            head.header, holder.header = holder.header, None
     return ExamScan(root=base, series=series, problems=problems)
+
+
+def _scan_one(path: Path, rel: str, series: "OrderedDict[str, Series]", problems: list, check_pixels: bool,
+              keep_headers: bool, fp_tags: tuple[int, ...]) -> None:
+    try:
+        if check_pixels:
+            ds, complete, detail = dicomio.read_header_checked(path)
+        else:
+            ds, complete, detail = dicomio.read_header(path), True, "not checked"
+    except Exception as exc:  # pydicom raises many types on garbage input
+        problems.append({"file": rel, "reason": "unreadable", "detail": f"{type(exc).__name__}: {exc}"})
+        return
+    # raw accessors: this loop runs once per file, so it avoids pydicom's value conversion
+    uid = dicomio.raw_text(ds, 0x0020000E)
+    if dicomio.raw_bytes(ds, 0x00080016) is None and dicomio.raw_bytes(ds, 0x00080060) is None:
+        problems.append({"file": rel, "reason": "not_dicom", "detail": "no SOP Class UID or Modality"})
+        return
+    if not uid:
+        problems.append({"file": rel, "reason": "missing_series_uid", "detail": "no SeriesInstanceUID"})
+        return
+    if not complete:
+        problems.append({"file": rel, "reason": "truncated", "detail": detail, "series_uid": uid})
+        return
+    inum = dicomio.raw_uint(ds, 0x00200013, -1)
+    frames = max(1, dicomio.raw_uint(ds, 0x00280008, 1))
+    ser = series.get(uid)
+    if ser is None:
+        ser = series[uid] = Series(uid)
+    fp = None
+    if not keep_headers:
+        fp = dicomio.fingerprint(ds, fp_tags)
+        if ser.instances and fp is not None and fp in ser._seen:
+            ds = None
+        elif fp is not None:
+            ser._seen.add(fp)
+    ser.instances.append(Instance(path, ds, inum if inum >= 0 else None, frames, fp))
 
 
 def series_summary(s: Series, root: Path) -> dict[str, Any]:
@@ -160,7 +190,7 @@ def series_summary(s: Series, root: Path) -> dict[str, Any]:
         "modality": dicomio.text(dicomio.get_param(ds, "Modality")),
         "sop_class_uid": dicomio.text(dicomio.get_param(ds, "SOPClassUID")),
         "n_instances": len(s.instances),
-        "n_frames": sum(dicomio.number_of_frames(i.header) for i in s.instances),
+        "n_frames": sum(i.frames for i in s.instances),
         "files": [str(i.path.relative_to(root)) for i in s.instances],
     }
 

@@ -7,9 +7,10 @@ elements stay as pydicom raw elements and are written back byte-for-byte.
 
 Choices where the standard leaves room (documented in ``docs/deidentification.md``):
 
-- Conformance alternatives (``X/Z``, ``X/D``, ``X/Z/D``, ``Z/D``, ``X/Z/U*``) resolve to the alternative
-  that keeps every IOD conformant without knowing its module tables: ``X/Z`` -> Z, ``X/D``/``X/Z/D``/``Z/D``
-  -> D, ``X/Z/U*`` -> keep the sequence and remap the UIDs inside. Z and D values carry no information.
+- Conformance alternatives (``X/Z``, ``X/D``, ``X/Z/D``, ``Z/D``, ``X/Z/U*``) resolve without per-IOD module
+  tables: ``X/Z`` -> Z, ``X/D`` and ``Z/D`` -> D, ``X/Z/D`` -> Z (a dummy device serial or station name would
+  look like another real device to device matching), ``X/Z/U*`` -> keep the sequence and remap the UIDs inside.
+  Z and D values carry no information.
 - When several selected options change one attribute, the more protective action wins
   (X > Z > D > U > C > K), except that Retain Longitudinal Full Dates beats Modified Dates.
 - Sequences: K/U/D/C recurse into every item with the same plan; D on a sequence additionally replaces
@@ -71,7 +72,9 @@ _OP_NAMES = ["keep", "remove", "empty", "dummy", "uid", "shift", "clean", "ae_ps
              "recurse", "recurse_strict", "recurse_clean", "empty_sequence"]
 
 _PROTECTIVE = {"X": 5, "Z": 4, "D": 3, "U": 2, "C": 1, "K": 0}
-_RESOLVE = {"X/Z": "Z", "X/D": "D", "X/Z/D": "D", "Z/D": "D", "X/Z/U*": "U*"}
+# X/Z/D -> Z, not D: a dummy serial/station/institution reads like a different real device to anything that
+# matches devices downstream (adherence does); zero length is conformant wherever the attribute is Type 2 or 3.
+_RESOLVE = {"X/Z": "Z", "X/D": "D", "X/Z/D": "Z", "Z/D": "D", "X/Z/U*": "U*"}
 _TEXT_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "PN"})
 _FREE_TEXT_VRS = frozenset({"ST", "LT", "UT", "UC", "PN"})
 _DATE_VRS = frozenset({"DA", "DT", "TM"})

@@ -67,6 +67,13 @@ def raw_bytes(ds: Dataset, tag: int) -> Any:
     return v if isinstance(v, (bytes, str, int, float)) or v is None else repr(v)
 
 
+def _elem(ds: Dataset, tag: int) -> Any:
+    try:
+        return ds._dict.get(tag)
+    except AttributeError:
+        return ds.get_item(tag)
+
+
 def raw_text(ds: Dataset, tag: int) -> str:
     """A short text element (UI, CS, IS, LO ...) without value conversion; '' when absent."""
     v = raw_bytes(ds, tag)
@@ -79,7 +86,7 @@ def raw_text(ds: Dataset, tag: int) -> str:
 
 def raw_uint(ds: Dataset, tag: int, default: int) -> int:
     """A US/UL/IS element as int without value conversion (implicit VR: VR from the dictionary)."""
-    elem = ds.get_item(tag)
+    elem = _elem(ds, tag)
     if elem is None or elem.value in (None, b"", ""):
         return default
     v = elem.value
@@ -103,6 +110,14 @@ def raw_uint(ds: Dataset, tag: int, default: int) -> int:
         return int(v[0] if isinstance(v, (list, MultiValue)) else v)
     except (TypeError, ValueError, IndexError):
         return default
+
+
+def fingerprint(ds: Dataset, tags: tuple[int, ...]) -> Optional[tuple]:
+    """Undecoded values of ``tags`` of a classic instance (None for Enhanced objects, whose
+    values live in functional groups): equal fingerprints mean equal parameter values."""
+    if has_functional_groups(ds):
+        return None
+    return tuple(raw_bytes(ds, t) for t in tags)
 
 
 def has_functional_groups(ds: Dataset) -> bool:
