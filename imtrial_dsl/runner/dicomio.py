@@ -115,9 +115,21 @@ def raw_uint(ds: Dataset, tag: int, default: int) -> int:
 def fingerprint(ds: Dataset, tags: tuple[int, ...]) -> Optional[tuple]:
     """Undecoded values of ``tags`` of a classic instance (None for Enhanced objects, whose
     values live in functional groups): equal fingerprints mean equal parameter values."""
-    if has_functional_groups(ds):
+    try:
+        d = ds._dict  # per-instance hot path: plain dict lookups, no tag normalisation
+    except AttributeError:
+        return None if has_functional_groups(ds) else tuple(raw_bytes(ds, t) for t in tags)
+    if 0x52009229 in d or 0x52009230 in d:
         return None
-    return tuple(raw_bytes(ds, t) for t in tags)
+    out = []
+    for t in tags:
+        e = d.get(t)
+        if e is None:
+            out.append(None)
+        else:
+            v = e.value
+            out.append(v if type(v) in (bytes, str, int, float) else repr(v))
+    return tuple(out)
 
 
 def has_functional_groups(ds: Dataset) -> bool:
@@ -359,12 +371,13 @@ def iter_dicom_files(root: str | os.PathLike) -> Iterator[Path]:
     if root.is_file():
         yield root
         return
+    join = os.path.join
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
             if name.startswith(".") or name.endswith((".json", ".txt", ".csv")):
                 continue
-            yield Path(dirpath) / name
+            yield Path(join(dirpath, name))
 
 
 def exam_instances_dir(exam: str | os.PathLike) -> Path:
