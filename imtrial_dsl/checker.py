@@ -14,19 +14,9 @@ from typing import Any, Iterable, Optional, get_args
 from . import ir, units
 from .diagnostics import Diagnostic, Severity, Span, did_you_mean
 from .matchsets import Term, alphabet_for, common_string
+from .qc_metrics import QC_METRICS
 from .vendors import software_matches
 
-# Built-in QC metrics: parameter -> allowed dimensions of its value. Kept here (not imported
-# from the runner) because checking comes before running; the QC step implements exactly these.
-QC_METRICS: dict[str, dict[str, set[str]]] = {
-    "snr": {"min": {"none"}},
-    "ghosting": {"max": {"none", "percent"}},
-    "clipping": {"max_fraction": {"none", "percent"}},
-    "dynamic_range": {"min": {"none"}},
-    "slice_spacing": {"tolerance": {"length", "none"}},
-    "missing_slices": {"max": {"none", "count"}},
-    "noise": {"max": {"none"}},
-}
 
 SUBJECT_FIELDS = {"site", "seq", "check", "study"}
 NUMERIC_VRS = {"DS", "IS", "US", "SS", "UL", "SL", "FL", "FD", "UV", "SV", "OF", "OD"}
@@ -713,20 +703,21 @@ class _Checker:
                 self.error("E312", q, f"unknown QC metric '{q.metric}'",
                            did_you_mean(q.metric, QC_METRICS) or f"metrics: {', '.join(QC_METRICS)}")
                 continue
+            allowed = {spec.param: spec.dimensions}
             for name, val in q.params.items():
-                if name not in spec:
+                if name not in allowed:
                     self.error("E313", q, f"unknown parameter '{name}' of QC metric {q.metric}",
-                               did_you_mean(name, spec) or f"{q.metric} takes: {', '.join(spec)}")
+                               did_you_mean(name, allowed) or f"{q.metric} takes: {', '.join(allowed)}")
                     continue
                 if not isinstance(val, ir.Quantity) or isinstance(val, bool):
                     self.error("E314", q, f"parameter {name} of {q.metric} must be a number, not {_vtext(val)}",
                                f"write e.g. {q.metric}({name} = 0.1)")
-                elif val.dimension not in spec[name]:
-                    want = " or ".join(sorted(d if d != "none" else "a plain number" for d in spec[name]))
+                elif val.dimension not in allowed[name]:
+                    want = " or ".join(sorted(d if d != "none" else "a plain number" for d in allowed[name]))
                     self.error("E401", val, f"unit mismatch: {q.metric}({name}) takes {want}, not '{val.text()}'",
                                f"write e.g. {q.metric}({name} = {val.source_value if val.source_value is not None else val.value:g})"
-                               if "none" in spec[name] else "use a matching unit")
-            for name in spec:
+                               if "none" in allowed[name] else "use a matching unit")
+            for name in allowed:
                 if name not in q.params:
                     self.error("E314", q, f"QC metric {q.metric} needs parameter '{name}'", f"write {q.metric}({name} = …)")
 

@@ -168,3 +168,9 @@ def test_unreadable_pixels_are_error_values(tmp_path):
     shutil.copy(get_testdata_file("MR_truncated.dcm"), tmp_path / "t.dcm")
     r = qc.qc_series([_check("snr", "min", 5)], [tmp_path / "t.dcm"])
     assert r["verdict"] == "error" and "unreadable" in r["checks"][0]["error"]
+
+
+def test_runner_implements_exactly_the_languages_metrics():
+    from imtrial_dsl.qc_metrics import QC_METRICS
+
+    assert set(qc.FUNCS) == set(QC_METRICS)

@@ -36,6 +36,7 @@ import pydicom
 
 from .. import ir
 from ..diagnostics import did_you_mean
+from ..qc_metrics import QC_METRICS
 from . import dicomio
 from .steps import Param, step
 
@@ -295,15 +296,13 @@ def m_noise(vol: Volume) -> tuple[float, dict]:
     return sigma, {"voxel_pairs": int(both.sum())}
 
 
-# metric -> (function, threshold parameter, direction: value must be >= ('min') or <= ('max') it)
+# metric -> its implementation; names, thresholds and directions are the core's table (qc_metrics).
+FUNCS: dict[str, Callable[[Volume], tuple[float, dict]]] = {
+    "snr": m_snr, "ghosting": m_ghosting, "clipping": m_clipping, "dynamic_range": m_dynamic_range,
+    "slice_spacing": m_slice_spacing, "missing_slices": m_missing_slices, "noise": m_noise,
+}
 METRICS: dict[str, tuple[Callable[[Volume], tuple[float, dict]], str, str]] = {
-    "snr": (m_snr, "min", "min"),
-    "ghosting": (m_ghosting, "max", "max"),
-    "clipping": (m_clipping, "max_fraction", "max"),
-    "dynamic_range": (m_dynamic_range, "min", "min"),
-    "slice_spacing": (m_slice_spacing, "tolerance", "max"),
-    "missing_slices": (m_missing_slices, "max", "max"),
-    "noise": (m_noise, "max", "max"),
+    name: (FUNCS[name], spec.param, spec.direction) for name, spec in QC_METRICS.items()
 }
 
 
