@@ -221,3 +221,28 @@ def test_identify_step_writes_identity_without_original_identifiers(tmp_path, mo
     con = sqlite3.connect(tmp_path / "state.sqlite")
     assert con.execute("SELECT exam_date FROM exams WHERE exam_key='e1'").fetchone()[0] == "20250110"
     con.close()
+
+
+def test_first_exam_uses_the_next_exam_date_when_content_cannot_tell(db):
+    # screening acquires the same protocols as baseline: content cannot tell them apart
+    t = trial_for(screening="visit screening screening at day -28 window -14 .. +0 d acquire T1w, FLAIR")
+    d = idf.parse_date
+    # next exam ~a year later: this one is the baseline (a screening would precede the baseline by 21..49 days)
+    a = idf.identify_exam(t, exam("P1", "20250110", "e1"), db, later=[d("20260115")])["identity"]
+    assert a["visit"] == "baseline"
+    # next exam 30 days later: screening then baseline
+    b = idf.identify_exam(t, exam("P2", "20250110", "e2"), db, later=[d("20250209")])["identity"]
+    assert b["visit"] == "screening"
+    assert idf.identify_exam(t, exam("P2", "20250209", "e3"), db)["identity"]["visit"] == "baseline"
+    # nothing else known: the documented default, screening
+    c = idf.identify_exam(t, exam("P3", "20250110", "e4"), db)["identity"]
+    assert c["visit"] == "screening"
+
+
+def test_later_exam_dates_groups_by_person():
+    t = trial_for()
+    exams = [exam("P1", "20250110", "a"), exam("P1", "20260110", "b"), exam("P2", "20250111", "c"),
+             exam("P1", "20250301", "d", issuer="OTHER")]
+    later = idf.later_exam_dates(t, exams)
+    assert later["a"] == [idf.parse_date("20260110")] and later["b"] == [idf.parse_date("20250110")]
+    assert later["c"] == [] and later["d"] == []

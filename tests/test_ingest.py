@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pydicom
@@ -132,3 +133,29 @@ def test_runner_ingest_records_every_path_and_move_deletes_only_recorded_files(t
     st.close()
     again = ingest_inbox(None, inbox, tmp_path / "w", progress=False)
     assert again["new_paths"] == 0 and again["exams_touched"] == []
+
+
+def test_same_names_in_another_inbox_or_changed_content_are_not_skipped(tmp_path: Path):
+    """Sites reuse file names (IM0001.dcm …): only a path whose size and mtime are unchanged counts as seen."""
+    from imtrial_dsl.runner.run import ingest_inbox
+
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    for n, box in enumerate(("in1", "in2")):
+        other = copy.deepcopy(ds)
+        other.SOPInstanceUID = f"{ds.SOPInstanceUID}.{n + 7}"
+        (tmp_path / box).mkdir()
+        other.save_as(tmp_path / box / "IM0001.dcm")
+    w = tmp_path / "w"
+    assert ingest_inbox(None, tmp_path / "in1", w, progress=False)["ingested"] == 1
+    assert ingest_inbox(None, tmp_path / "in2", w, progress=False)["ingested"] == 1      # same name, other inbox
+    assert ingest_inbox(None, tmp_path / "in2", w, progress=False)["new_paths"] == 0     # unchanged: not re-read
+    changed = copy.deepcopy(ds)
+    changed.SOPInstanceUID = f"{ds.SOPInstanceUID}.99"
+    changed.save_as(tmp_path / "in2" / "IM0001.dcm")
+    os.utime(tmp_path / "in2" / "IM0001.dcm", ns=(1, 1))                                 # a different mtime for sure
+    assert ingest_inbox(None, tmp_path / "in2", w, progress=False)["ingested"] == 1      # replaced content: ingested
+    from imtrial_dsl.runner.state import State
+
+    st = State(w)
+    assert len(st.files("ingested")) == 3 and st.duplicates() == []
+    st.close()

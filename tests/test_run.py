@@ -209,12 +209,9 @@ def test_steps_chained_as_the_cwl_workflow_does_give_the_same_archive(mini, tmp_
     assert list(csv.DictReader(open(w / "m.csv"))) == local_rows
 
 
-@pytest.mark.slow
 def test_synthetic_multisite_corpus_reports_every_injected_deviation(tmp_path):
-    """The amyloid example, 3 sites x 3 vendors, with deviations injected by `synth`: each is reported.
-
-    About 30-60 s on a shared 2-core machine (synth + a full run), hence slow.
-    """
+    """The amyloid example, 3 sites x 3 vendors, with deviations injected by `synth`: each is reported
+    (about 5 s on an idle 2-core machine, 30-40 s when it is busy)."""
     from imtrial_dsl.runner.synth import synthesize
 
     os.environ["IMTRIAL_KEY"] = KEY

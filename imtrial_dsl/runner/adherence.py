@@ -441,7 +441,7 @@ def same_device_finding(trial: ir.Trial, device_id: Optional[str], prior_device_
 # --------------------------------------------------------------------------- exams
 
 def check_exam(trial: ir.Trial, classification: dict[str, Any], headers_by_series: dict[str, Any], *,
-               prior_devices: Optional[Iterable[str]] = None) -> dict[str, Any]:
+               prior_devices: Optional[Iterable[str]] = None, device: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Adherence of one exam: per matched series, plus device/software/same-device findings.
 
     ``headers_by_series``: series UID -> the instances' datasets, or the ``classify.Series`` of a
@@ -449,7 +449,10 @@ def check_exam(trial: ir.Trial, classification: dict[str, Any], headers_by_serie
     header per distinct parameter set, which is what large folders want).
     """
     first = next((h.header if hasattr(h, "instances") else h[0] for h in headers_by_series.values() if h), None)
-    ident = dicomio.device_identity(first) if first is not None else dict(classification.get("device") or {})
+    if device:  # the original headers' identity (site-side exam.json): de-identified headers may lack it
+        ident = device
+    else:
+        ident = dicomio.device_identity(first) if first is not None else dict(classification.get("device") or {})
     hit, findings = device_findings(trial, ident) if ident else (None, [])
     sd = same_device_finding(trial, hit["device"] if hit else None, prior_devices or [])
     if sd:
@@ -462,7 +465,7 @@ def check_exam(trial: ir.Trial, classification: dict[str, Any], headers_by_serie
         headers = headers_by_series.get(entry["series_uid"]) or []
         if proto is None or not headers:
             continue
-        res = check_series(proto, headers, dicomio.device_identity(headers.header if hasattr(headers, "instances") else headers[0]))
+        res = check_series(proto, headers, device or dicomio.device_identity(headers.header if hasattr(headers, "instances") else headers[0]))
         res.update({"series_uid": entry["series_uid"], "series_number": entry.get("series_number"),
                     "series_description": entry.get("series_description")})
         series_out.append(res)
@@ -559,6 +562,20 @@ def visit_findings(trial: ir.Trial, exam_dates: Sequence[_dt.date], as_of: _dt.d
 
 # --------------------------------------------------------------------------- step
 
+def _exam_json_device(exam: str) -> Optional[dict[str, Any]]:
+    """Device identity ingest recorded from the ORIGINAL headers (exam/exam.json), or None."""
+    p = Path(exam) / "exam.json"
+    if not p.is_file():
+        return None
+    try:
+        dev = dict(json.loads(p.read_text()).get("device") or {})
+    except (OSError, ValueError):
+        return None
+    sw = dev.get("software")
+    dev["software"] = [str(v).strip() for v in (sw if isinstance(sw, list) else str(sw).split("\\") if sw else [])]
+    return {k: ("" if v is None else v) for k, v in dev.items()} if dev else None
+
+
 @step("adherence",
       inputs=[Param("exam", "directory", "exam folder (uses deid/ if present, else original/)"),
               Param("classification", "file", "classification.json from the classify step"),
@@ -571,7 +588,7 @@ def adherence_step(trial: ir.Trial, exam: str, classification: str, out: str, pr
     cls = json.loads(Path(classification).read_text())
     root = dicomio.exam_instances_dir(exam)
     prior = [p.strip() for p in (prior_devices or "").split(",") if p.strip()]
-    result = check_exam(trial, cls, headers_for(cls, root), prior_devices=prior)
+    result = check_exam(trial, cls, headers_for(cls, root), prior_devices=prior, device=_exam_json_device(exam))
     result["exam"] = Path(exam).name
     write_json(out, result)
     return {"out": str(out), "verdict": result["verdict"], **result["summary"]}

@@ -201,11 +201,14 @@ def protocols_present(trial, series: list[dict]) -> set[str]:
     return found
 
 
-def assign_visit(trial, exam_date: _dt.date, prior: list[dict], present: set[str]) -> dict:
+def assign_visit(trial, exam_date: _dt.date, prior: list[dict], present: set[str],
+                 later: Optional[list[_dt.date]] = None) -> dict:
     """Visit of one exam given the subject's earlier exams (``[{date, visit, visit_kind}]``).
 
     First exam: baseline, unless the study has a screening visit — then screening, except when the exam
-    holds a protocol the baseline acquires and screening does not. Later exams: relative to the baseline
+    holds a protocol the baseline acquires and screening does not, or when the subject's next known exam
+    (``later``: dates of exams waiting in the same run) is as far away as a follow-up from a baseline and
+    not as close as a baseline from a screening. Later exams: relative to the baseline
     date (or to screening − its offset while no baseline exists), the visit whose window contains the date;
     none → the nearest visit, flagged out of window.
     """
@@ -239,7 +242,7 @@ def assign_visit(trial, exam_date: _dt.date, prior: list[dict], present: set[str
     if anchor is None and not prior:
         if screening is not None:
             only_baseline = {r.name for r in baseline.acquire} - {r.name for r in screening.acquire}
-            if not (present & only_baseline):
+            if not (present & only_baseline) and not _looks_like_baseline(exam_date, later, screening, baseline, followups):
                 return _result(screening, screening.offset.days, True, exam_date - _dt.timedelta(days=screening.offset.days))
         return _result(baseline, 0.0, True, exam_date)
     if anchor is None:  # earlier exams exist but none is screening/baseline: the earliest anchors the schedule
@@ -263,6 +266,19 @@ def assign_visit(trial, exam_date: _dt.date, prior: list[dict], present: set[str
     pool = followups or [baseline]
     nearest = min(pool, key=lambda v: abs(days - v.offset.days))
     return _result(nearest, days, False, None)
+
+
+def _looks_like_baseline(exam_date: _dt.date, later: Optional[list[_dt.date]], screening, baseline, followups) -> bool:
+    """The next exam's distance fits baseline→follow-up but not screening→baseline."""
+    nxt = sorted(d for d in (later or []) if d > exam_date)
+    if not nxt:
+        return False
+    gap = (nxt[0] - exam_date).days
+    s_lo, s_hi = _window(screening)
+    b_lo, b_hi = _window(baseline)
+    fits_screening = (b_lo - s_hi) <= gap <= (b_hi - s_lo)  # baseline date minus screening date
+    fits_followup = any(_window(v)[0] <= gap <= _window(v)[1] for v in followups)
+    return fits_followup and not fits_screening
 
 
 def _result(v, days, in_window, anchor) -> dict:
@@ -313,7 +329,8 @@ def shifted_date(trial, subject_id: str, exam_date: Optional[_dt.date]) -> Optio
     return (exam_date + _dt.timedelta(days=int(shift))).strftime("%Y%m%d")
 
 
-def identify_exam(trial, exam: dict, db: sqlite3.Connection, *, exam_key: Optional[str] = None) -> dict:
+def identify_exam(trial, exam: dict, db: sqlite3.Connection, *, exam_key: Optional[str] = None,
+                  later: Optional[list[_dt.date]] = None) -> dict:
     """Assign subject, site, device, visit for one exam (exam.json content); writes the registry.
 
     Returns the identity (no original identifiers) plus ``exam_date`` (real, site-side) and ``warnings``.
@@ -336,8 +353,9 @@ def identify_exam(trial, exam: dict, db: sqlite3.Connection, *, exam_key: Option
     site, device, how = match_device(trial, exam.get("device", {}))
     dev = exam.get("device", {})
     if device is None:
+        # serial/station stay in the site-side exam.json: identity.json carries no original identifiers
         warnings.append({"code": "unknown_device", "detail": "device not in the inventory: " + ", ".join(
-            f"{k}={dev.get(k)}" for k in ("manufacturer", "model", "serial", "station") if dev.get(k))})
+            f"{k}={dev.get(k)}" for k in ("manufacturer", "model") if dev.get(k))})
     if exam.get("devices_differ"):
         warnings.append({"code": "multiple_devices", "detail": "the study's instances report more than one device; "
                                                                "the first series' device was used"})
@@ -380,7 +398,7 @@ def identify_exam(trial, exam: dict, db: sqlite3.Connection, *, exam_key: Option
         prior = [{"date": parse_date(r["exam_date"]), "visit": r["visit"], "visit_kind": r["visit_kind"],
                   "days_from_baseline": r["days_from_baseline"], "in_window": bool(r["in_window"]), "device": r["device"]}
                  for r in prior_rows if parse_date(r["exam_date"])]
-        v = assign_visit(trial, exam_date, prior, present)
+        v = assign_visit(trial, exam_date, prior, present, later)
         if v["anchor"] is not None and v["visit_kind"] == "baseline":
             db.execute("UPDATE subjects SET baseline_date=? WHERE trial=? AND source_key=?",
                        (v["anchor"].strftime("%Y%m%d"), code, skey))
@@ -422,6 +440,24 @@ def identify_exam(trial, exam: dict, db: sqlite3.Connection, *, exam_key: Option
         "prior_devices": prior_devices, "warnings": warnings,
     }
     return {"identity": identity, "exam_date": exam_date.strftime("%Y%m%d")}
+
+
+def later_exam_dates(trial, exams: list[dict]) -> dict[str, list[_dt.date]]:
+    """exam_key -> dates of the same person's other exams in this batch (matched on the source identifiers)."""
+    ids = trial.identifiers
+    attrs = list(ids.source) if ids and ids.source else ["PatientID"]
+    issuer_attr = ids.issuer if ids else "IssuerOfPatientID"
+    groups: dict[tuple, list[tuple[str, Optional[_dt.date]]]] = {}
+    for e in exams:
+        pat = e.get("patient", {})
+        key = tuple(str(pat.get(a) or "") for a in attrs) + (str(pat.get(issuer_attr) or "") if issuer_attr else "",)
+        if any(key[:-1]):
+            groups.setdefault(key, []).append((e["exam_key"], parse_date(e.get("study_date"))))
+    out: dict[str, list[_dt.date]] = {}
+    for members in groups.values():
+        for k, _ in members:
+            out[k] = [d for kk, d in members if kk != k and d is not None]
+    return out
 
 
 def unmatched_identity(trial, exam: dict, error: IdentifyError) -> dict:
@@ -490,6 +526,7 @@ def identify_all(trial, exams, out, registry_out, registry=None) -> dict:
     for d in sorted(p for p in exams.iterdir() if (p / "exam.json").is_file()):
         infos.append((json.loads((d / "exam.json").read_text()), d))
     infos.sort(key=lambda t: (t[0].get("study_date") or "", t[0]["exam_key"]))
+    later = later_exam_dates(trial, [i for i, _ in infos])
     db = connect_registry(reg)
     results = []
     try:
@@ -497,7 +534,7 @@ def identify_all(trial, exams, out, registry_out, registry=None) -> dict:
             dst = out / d.name
             _link_tree(d, dst)
             try:
-                identity = identify_exam(trial, info, db, exam_key=d.name)["identity"]
+                identity = identify_exam(trial, info, db, exam_key=d.name, later=later.get(d.name))["identity"]
                 results.append({"exam": d.name, "subject_id": identity["subject_id"], "visit": identity["visit"]})
             except IdentifyError as err:
                 identity = unmatched_identity(trial, info, err)

@@ -32,8 +32,17 @@ class RunLocked(RuntimeError):
     """Another ``imtrial run`` holds this workdir."""
 
 
+def _quiet_pydicom() -> None:
+    """pydicom warns for every out-of-spec value it reads (e.g. an over-long SH); in a run over thousands of
+    files that drowns the summary, and such values are judged by the adherence step, not by the reader."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+
+
 def _die_with_parent() -> None:
     """Pool initializer: a worker must not outlive a killed run (it would race the next run)."""
+    _quiet_pydicom()
     try:
         import ctypes
         import signal
@@ -85,10 +94,17 @@ def ingest_inbox(trial, inbox: Path, workdir: Path, *, jobs: int = 1, move: bool
 
     L = layout(workdir)
     st = State(workdir)
-    known = st.known_paths()
-    todo = [(p, rel) for p, rel in list_inbox(inbox) if rel not in known]
+    inbox = Path(inbox).resolve()
+    known = st.known_paths(inbox)
+    todo, stats = [], {}
+    for p, rel in list_inbox(inbox):
+        stt = p.stat()
+        stats[rel] = (stt.st_size, stt.st_mtime_ns)
+        k = known.get(rel)
+        if k is None or (k["size"], k["mtime_ns"]) != stats[rel]:  # new, or changed under the same name
+            todo.append((p, rel))
     attrs = source_attrs_for(trial)
-    counts = {"seen": len(known) + len(todo), "new_paths": len(todo), "ingested": 0, "quarantined": 0, "duplicates": 0}
+    counts = {"seen": len(stats), "new_paths": len(todo), "ingested": 0, "quarantined": 0, "duplicates": 0}
     touched: set[str] = set()
     pending: list[dict] = []
     moved: list[Path] = []
@@ -100,24 +116,25 @@ def ingest_inbox(trial, inbox: Path, workdir: Path, *, jobs: int = 1, move: bool
         with st.tx() as db:
             for rec in pending:
                 row = db.execute("SELECT status, exam_key FROM files WHERE sha256=?", (rec["sha256"],)).fetchone()
-                db.execute("INSERT OR IGNORE INTO file_sources(rel_path, sha256, seen) VALUES (?, ?, ?)",
-                           (rec["rel_path"], rec["sha256"], now))
+                size, mtime = stats.get(rec["rel_path"], (rec["size"], None))
+                db.execute("INSERT OR REPLACE INTO file_sources(inbox, rel_path, sha256, size, mtime_ns, seen) "
+                           "VALUES (?, ?, ?, ?, ?, ?)", (str(inbox), rec["rel_path"], rec["sha256"], size, mtime, now))
                 if row is not None:
                     counts["duplicates"] += 1
                     continue
                 if rec["status"] == "quarantined":
                     counts["quarantined"] += 1
-                    db.execute("INSERT INTO files(sha256, size, status, stored_path, reason, first_path, first_seen) "
-                               "VALUES (?, ?, 'quarantined', ?, ?, ?, ?)",
+                    db.execute("INSERT INTO files(sha256, size, status, stored_path, reason, first_inbox, first_path, "
+                               "first_seen) VALUES (?, ?, 'quarantined', ?, ?, ?, ?, ?)",
                                (rec["sha256"], rec["size"], str(Path(rec["stored_path"]).relative_to(L["workdir"])),
-                                json.dumps(rec["reason"]), rec["rel_path"], now))
+                                json.dumps(rec["reason"]), str(inbox), rec["rel_path"], now))
                     continue
                 counts["ingested"] += 1
                 key = rec["exam_key"]
                 db.execute("INSERT INTO files(sha256, size, status, exam_key, series_uid, sop_uid, stored_path, header, "
-                           "first_path, first_seen) VALUES (?, ?, 'ingested', ?, ?, ?, ?, ?, ?, ?)",
+                           "first_inbox, first_path, first_seen) VALUES (?, ?, 'ingested', ?, ?, ?, ?, ?, ?, ?, ?)",
                            (rec["sha256"], rec["size"], key, rec["series_uid"], rec["sop_uid"], rec["stored_path"],
-                            json.dumps(rec["header"]), rec["rel_path"], now))
+                            json.dumps(rec["header"]), str(inbox), rec["rel_path"], now))
                 # new content for an exam: everything after ingest must be redone for it
                 db.execute("INSERT OR IGNORE INTO exams(exam_key, study_uid, created, updated) VALUES (?, ?, ?, ?)",
                            (key, rec["header"]["study_uid"], now, now))
@@ -175,7 +192,7 @@ def ingest_inbox(trial, inbox: Path, workdir: Path, *, jobs: int = 1, move: bool
 
 def identify_pending(trial, workdir: Path) -> dict:
     """Identify every exam that is not identified yet (serial: one registry, one sequence per site)."""
-    from .identify import IdentifyError, identify_exam, unmatched_identity
+    from .identify import IdentifyError, identify_exam, later_exam_dates, unmatched_identity
     from .ingest import atomic_write_json
     from .state import State
 
@@ -190,12 +207,13 @@ def identify_pending(trial, workdir: Path) -> dict:
         if p.exists():
             exams.append(json.loads(p.read_text()))
     exams.sort(key=lambda e: (e.get("study_date") or "", e["exam_key"]))  # baselines before follow-ups
+    later = later_exam_dates(trial, exams)
     for exam in exams:
         key = exam["exam_key"]
         ident_path = L["exams"] / key / "results" / "identity.json"
         t0 = time.time()
         try:
-            res = identify_exam(trial, exam, st.db, exam_key=key)
+            res = identify_exam(trial, exam, st.db, exam_key=key, later=later.get(key))
         except IdentifyError as err:
             atomic_write_json(ident_path, unmatched_identity(trial, exam, err))
             status = "unmatched" if err.code in ("unmatched", "no_source_identifier") else "failed"
@@ -426,6 +444,7 @@ def run_study(trial, *, inbox: str | Path, workdir: str | Path, jobs: int = 1, m
               progress: Optional[bool] = None, log: Callable[[str], None] = lambda s: None) -> dict:
     """Run everything that is not done yet; returns the summary (also stored in the ``runs`` table)."""
     load_all()
+    _quiet_pydicom()
     workdir = Path(workdir).resolve()  # analyses run in their own cwd: every path they get is absolute
     inbox = Path(inbox).resolve()
     L = layout(workdir)
@@ -441,9 +460,27 @@ def run_study(trial, *, inbox: str | Path, workdir: str | Path, jobs: int = 1, m
         run_lock.close()
 
 
+def _sweep_temp(workdir: Path) -> int:
+    """Remove half-written temp files a killed run left behind (safe: we hold the workdir's run lock)."""
+    n = 0
+    for sub in ("exams", "quarantine", "archive"):
+        for p in (workdir / sub).rglob(".*.tmp"):
+            if p.is_file():
+                p.unlink()
+                n += 1
+    for p in (workdir / "exams").glob("*/deid.partial"):
+        shutil.rmtree(p, ignore_errors=True)
+        n += 1
+    return n
+
+
 def _run_locked(trial, inbox, workdir: Path, L: dict, jobs: int, move: bool, progress, log, started: float) -> dict:
     from .analyses import write_table
     from .state import State
+
+    swept = _sweep_temp(workdir)
+    if swept:
+        log(f"removed {swept} temporary file(s) left by an interrupted run")
 
     st = State(workdir)
     with st.tx() as db:

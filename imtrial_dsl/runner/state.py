@@ -22,10 +22,11 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS files (
   sha256 TEXT PRIMARY KEY, size INTEGER, status TEXT NOT NULL,      -- ingested | quarantined
   exam_key TEXT, series_uid TEXT, sop_uid TEXT, stored_path TEXT,   -- relative to the workdir
-  reason TEXT, header TEXT, first_path TEXT, first_seen REAL);
--- every inbox path seen (a duplicate path points at the same sha256)
+  reason TEXT, header TEXT, first_inbox TEXT, first_path TEXT, first_seen REAL);
+-- every inbox path seen (a duplicate path points at the same sha256); size+mtime tell a changed file
 CREATE TABLE IF NOT EXISTS file_sources (
-  rel_path TEXT NOT NULL, sha256 TEXT NOT NULL, seen REAL, PRIMARY KEY (rel_path, sha256));
+  inbox TEXT NOT NULL, rel_path TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER, mtime_ns INTEGER, seen REAL,
+  PRIMARY KEY (inbox, rel_path, sha256));
 CREATE TABLE IF NOT EXISTS exams (
   exam_key TEXT PRIMARY KEY, study_uid TEXT, trial TEXT, subject_id TEXT, site TEXT, device TEXT,
   visit TEXT, visit_kind TEXT, exam_date TEXT, shifted_date TEXT, days_from_baseline REAL,
@@ -119,9 +120,12 @@ class State:
         row = self.db.execute("SELECT * FROM files WHERE sha256=?", (sha256,)).fetchone()
         return dict(row) if row else None
 
-    def known_paths(self) -> dict[str, str]:
-        """inbox relative path -> sha256 for every path already seen."""
-        return {r["rel_path"]: r["sha256"] for r in self.db.execute("SELECT rel_path, sha256 FROM file_sources")}
+    def known_paths(self, inbox: Optional[str | Path] = None) -> dict[str, dict]:
+        """Relative path -> {sha256, size, mtime_ns} of the latest sighting, for one inbox (absolute path) or all."""
+        q, args = "SELECT rel_path, sha256, size, mtime_ns FROM file_sources", ()
+        if inbox is not None:
+            q, args = q + " WHERE inbox=?", (str(Path(inbox).resolve()),)
+        return {r["rel_path"]: dict(r) for r in self.db.execute(q + " ORDER BY seen", args)}
 
     def files(self, status: Optional[str] = None) -> list[dict]:
         q, args = "SELECT * FROM files", ()
@@ -139,8 +143,8 @@ class State:
     def duplicates(self) -> list[dict]:
         """Inbox paths whose content was already seen under another path."""
         rows = self.db.execute(
-            "SELECT s.rel_path, s.sha256, f.first_path FROM file_sources s JOIN files f USING (sha256) "
-            "WHERE s.rel_path != f.first_path ORDER BY s.rel_path")
+            "SELECT s.inbox, s.rel_path, s.sha256, f.first_inbox, f.first_path FROM file_sources s JOIN files f USING (sha256) "
+            "WHERE s.rel_path != f.first_path OR s.inbox != f.first_inbox ORDER BY s.inbox, s.rel_path")
         return [dict(r) for r in rows]
 
     # ------------------------------------------------------------------ exams
