@@ -13,6 +13,7 @@ exactly once and loses nothing.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -488,7 +489,10 @@ def _run_locked(trial, inbox, workdir: Path, L: dict, jobs: int, move: bool, pro
                          (started, trial.source_file, trial.source_sha256, str(inbox)))
         run_id = cur.lastrowid
     st.close()
-    pool = ProcessPoolExecutor(max_workers=jobs, initializer=_die_with_parent) if jobs > 1 else None
+    # spawn, not fork: a forked worker inherits the parent's open SQLite file descriptors, and closing
+    # them in the child drops the parent's POSIX locks, which corrupts the state database.
+    pool = (ProcessPoolExecutor(max_workers=jobs, initializer=_die_with_parent,
+                                mp_context=multiprocessing.get_context("spawn")) if jobs > 1 else None)
     try:
         ing = ingest_inbox(trial, Path(inbox), workdir, jobs=jobs, move=move, progress=progress, pool=pool)
         log(f"ingest: {ing['ingested']} new instance(s), {ing['quarantined']} quarantined, {ing['duplicates']} duplicate(s)")

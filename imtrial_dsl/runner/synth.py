@@ -197,6 +197,10 @@ def add_noise(clean: np.ndarray, rng: np.random.Generator, contrast: str) -> np.
 def _regex_example(pattern: str) -> Optional[str]:
     """A string that ``re.search``-matches a simple pattern (first alternative, literals kept)."""
     p = re.sub(r"^\(\?[a-zA-Z]+\)", "", pattern)
+    # innermost groups first: each becomes its first alternative
+    inner = re.compile(r"(?<!\\)\((?:\?:)?([^()]*)(?<!\\)\)")
+    while inner.search(p):
+        p = inner.sub(lambda m: m.group(1).split("|")[0], p)
     depth, cut = 0, len(p)
     for i, ch in enumerate(p):
         if ch == "(" and (i == 0 or p[i - 1] != "\\"):
@@ -225,6 +229,28 @@ def _dicom(c: ir.Constraint, canonical: float) -> float:
 
 def _num(v: ir.Value) -> float:
     return float(v.value) if isinstance(v, ir.Quantity) else float(v)
+
+
+_INTEGER_VRS = {"IS", "US", "SS", "UL", "SL", "UV", "SV"}
+
+
+def _integral(c: ir.Constraint, raw: Any) -> Any:
+    """Integer-valued attributes (IS, US, …) get the nearest integer that still satisfies ``c``."""
+    from pydicom.datadict import dictionary_VR
+    from .adherence import evaluate_value
+
+    try:
+        vr = dictionary_VR(c.keyword)
+    except KeyError:
+        return raw
+    if vr not in _INTEGER_VRS or not isinstance(raw, (int, float)):
+        return raw
+    import math
+
+    for cand in (round(raw), math.floor(raw), math.ceil(raw)):
+        if evaluate_value(c, int(cand))[0]:
+            return int(cand)
+    return int(round(raw))
 
 
 def satisfying_value(c: ir.Constraint, default: Any = dicomio.MISSING) -> Any:
@@ -256,7 +282,7 @@ def satisfying_value(c: ir.Constraint, default: Any = dicomio.MISSING) -> Any:
         x = n[0] * 1.2 + 1
     else:
         x = n[0]
-    raw = _dicom(c, x)
+    raw = _integral(c, _dicom(c, x))
     if c.index is not None or isinstance(default, list):
         base = list(default) if isinstance(default, list) else [raw] * (c.index + 1)
         if c.index is None:
@@ -897,9 +923,17 @@ def synthesize(trial: ir.Trial, out_dir: str | os.PathLike, *, subjects_per_site
     exams = [e for e in exams if id(e) not in missing]
 
     # header values and identities, now that every exam has its device
+    # a visit acquired on two modalities (e.g. MR and CT phantoms) is two studies in two folders
+    n_mod: dict[tuple[str, str], int] = {}
     for e in exams:
-        e.study_uid = _uid(seed, "study", e.subject["site"], e.subject["patient_id"], e.visit.name)
-        e.dir = f"{e.subject['site']}/{e.subject['patient_id']}/{e.date.strftime('%Y%m%d')}_{e.visit.name}"
+        k = (e.subject["patient_id"], e.visit.name)
+        n_mod[k] = n_mod.get(k, 0) + 1
+    for e in exams:
+        multi = n_mod[(e.subject["patient_id"], e.visit.name)] > 1
+        tag = (e.device.modality,) if multi else ()
+        e.study_uid = _uid(seed, "study", e.subject["site"], e.subject["patient_id"], e.visit.name, *tag)
+        e.dir = (f"{e.subject['site']}/{e.subject['patient_id']}/{e.date.strftime('%Y%m%d')}_{e.visit.name}"
+                 + (f"_{e.device.modality}" if multi else ""))
         for i, sp in enumerate(e.series, start=1):
             sp.number = i * 100 + 1 if e.device.vendor == "Philips" else i + 1
             sp.params, unsat = header_params(sp.protocol, e.device)
