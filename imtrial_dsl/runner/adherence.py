@@ -587,6 +587,10 @@ def adherence_step(trial: ir.Trial, exam: str, classification: str, out: str, pr
 
     cls = json.loads(Path(classification).read_text())
     root = dicomio.exam_instances_dir(exam)
+    if prior_devices is None:  # engines without the state DB (CWL): identify recorded the earlier exams' devices
+        ident_p = Path(exam) / "results" / "identity.json"
+        ident = json.loads(ident_p.read_text()) if ident_p.exists() else {}
+        prior_devices = ",".join(ident.get("prior_devices") or [])
     prior = [p.strip() for p in (prior_devices or "").split(",") if p.strip()]
     result = check_exam(trial, cls, headers_for(cls, root), prior_devices=prior, device=_exam_json_device(exam))
     result["exam"] = Path(exam).name

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..diagnostics import ImtrialError
+
 
 def load_trial(path: str | Path):
     """A checked Trial from a ``.imtrial`` file (diagnostics printed, SystemExit(1) on errors) or IR JSON."""
@@ -110,7 +112,13 @@ def cmd_step(args) -> int:
     trial = load_trial(ns.study)
     kwargs = {p.name: getattr(ns, p.name) for p in spec.inputs + spec.outputs
               if getattr(ns, p.name) is not None and not (p.kind == "bool" and p.optional and getattr(ns, p.name) is False)}
-    result = spec.func(trial, **kwargs)
+    try:
+        result = spec.func(trial, **kwargs)
+    except ImtrialError as err:  # bad input or configuration (e.g. a missing key): a diagnostic, not a crash
+        from ..diagnostics import render
+
+        print(render([err.diagnostic], {}), file=sys.stderr)
+        return 1
     text = json.dumps(result, indent=2, sort_keys=True, default=str)
     if ns.json_out:
         Path(ns.json_out).write_text(text + "\n")
