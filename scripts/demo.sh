@@ -16,7 +16,8 @@ echo "== imtrial synth (2 subjects per site, deviations injected, PHI planted)"
 imtrial synth "$STUDY" --out "$OUT/inbox" --subjects 2 --small --seed 42 \
   --deviations param_off,wrong_device,missing_visit,ghosting,corrupt_file,software_upgrade >/dev/null
 echo "== imtrial run"
-imtrial run "$STUDY" --inbox "$OUT/inbox" --workdir "$OUT/work" --jobs 2 || true
+imtrial run "$STUDY" --inbox "$OUT/inbox" --workdir "$OUT/work" --jobs 2
+imtrial verify --workdir "$OUT/work"
 echo "== exports"
 imtrial export docs "$STUDY" -o "$OUT/docs" >/dev/null
 imtrial export cwl "$STUDY" -o "$OUT/cwl" >/dev/null

@@ -606,7 +606,9 @@ def format_summary(s: dict) -> str:
     ]
     if s["warnings"]:
         lines.append(f"warnings     {kv(s['warnings'])}")
-        for w in s["warning_list"][:20]:
+        # rare findings first: one software upgrade must not hide behind twenty routine ones
+        ranked = sorted(s["warning_list"], key=lambda w: s["warnings"].get(w.get("code"), 0))
+        for w in ranked[:20]:
             lines.append(f"  - {w.get('subject') or w['exam_key']} {w.get('visit') or ''}: {w.get('code')}: {w.get('detail', '')}")
         if len(s["warning_list"]) > 20:
             lines.append(f"  … {len(s['warning_list']) - 20} more (imtrial status --workdir W)")
