@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from imtrial_dsl import __version__, ir, units
+from imtrial_dsl import __version__, ir, source, units
 from imtrial_dsl.diagnostics import CompileErrors, ImtrialError
 
 FORMAT = "imtrial-eprotocol/1"
@@ -1031,93 +1031,33 @@ def import_files(paths: Iterable[Path | str]) -> list[ir.Protocol]:
 
 # --------------------------------------------------------------------------- .imtrial source
 
-def _src_str(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _src_value(v: ir.Value) -> str:
-    if isinstance(v, ir.Quantity):
-        return v.text()
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    return _src_str(v)
-
-
-def _src_constraint(c: ir.Constraint) -> str:
-    lhs = c.keyword + (f"[{c.index}]" if c.index is not None else "")
-    k, vals = c.kind, c.values
-    if k == ir.ConstraintKind.EQUAL:
-        rhs = f"= {_src_value(vals[0])}"
-        if c.tolerance is not None:
-            t = c.tolerance
-            if t.relative:
-                rhs += f" ± {t.value:g}%"
-            else:
-                tv = t.source_value if t.source_value is not None else t.value
-                tu = t.source_unit if t.source_unit is not None else (vals[0].unit if isinstance(vals[0], ir.Quantity) else "")
-                rhs += f" ± {tv:g} {tu}".rstrip()
-    elif k == ir.ConstraintKind.NOT_EQUAL:
-        rhs = f"!= {_src_value(vals[0])}"
-    elif k == ir.ConstraintKind.RANGE_INCL:
-        rhs = f"in {_range_text(vals)}"
-    elif k == ir.ConstraintKind.RANGE_EXCL:
-        rhs = f"in {_range_text(vals)} exclusive"
-    elif k == ir.ConstraintKind.SET_OF:
-        rhs = "in {" + ", ".join(_src_value(v) for v in vals) + "}"
-    elif k == ir.ConstraintKind.MATCHES:
-        rhs = f"~ {_src_str(str(vals[0]))}"
-    else:
-        op = {ir.ConstraintKind.GREATER_OR_EQUAL: ">=", ir.ConstraintKind.LESS_OR_EQUAL: "<=",
-              ir.ConstraintKind.GREATER_THAN: ">", ir.ConstraintKind.LESS_THAN: "<"}[k]
-        rhs = f"{op} {_src_value(vals[0])}"
-    tail = ""
-    if c.significance != ir.Significance.ERROR:
-        tail += f"   severity {c.significance.value}"
-    if c.modifiable:
-        tail += "   modifiable"
-    if c.note:
-        tail += f"   note {_src_str(c.note)}"
-    return f"{lhs} {rhs}{tail}"
-
-
-def _range_text(vals: Sequence[ir.Value]) -> str:
-    lo, hi = vals[0], vals[1]
-    if isinstance(lo, ir.Quantity) and isinstance(hi, ir.Quantity):
-        lu = lo.source_unit if lo.source_unit is not None else lo.unit
-        hu = hi.source_unit if hi.source_unit is not None else hi.unit
-        lv = lo.source_value if lo.source_value is not None else lo.value
-        if lu == hu:
-            return f"{lv:g} .. {hi.text()}"
-    return f"{_src_value(lo)} .. {_src_value(hi)}"
-
-
 def protocol_to_source(protocol: ir.Protocol) -> str:
     """The protocol in ``.imtrial`` syntax (the style of examples/amyloid_mri.imtrial)."""
     p = protocol
-    head = f"protocol {p.name} modality {p.modality}" + (f" {_src_str(p.title)}" if p.title else "") + " {"
+    head = f"protocol {p.name} modality {p.modality}" + (f" {source.quote(p.title)}" if p.title else "") + " {"
     lines = [head]
     if p.body_part:
-        lines.append(f"  body_part {_src_str(p.body_part)}")
+        lines.append(f"  body_part {source.quote(p.body_part)}")
     if p.contrast:
-        lines.append(f"  contrast {_src_str(p.contrast)}")
+        lines.append(f"  contrast {source.quote(p.contrast)}")
     for text in p.preparation:
-        lines.append(f"  prepare {_src_str(text)}")
+        lines.append(f"  prepare {source.quote(text)}")
     for note in p.notes:
-        lines.append(f"  remark {_src_str(note)}")
+        lines.append(f"  remark {source.quote(note)}")
     ops = {ir.MatchOp.MATCHES: "~", ir.MatchOp.EQUALS: "=", ir.MatchOp.CONTAINS: "has", ir.MatchOp.NOT_MATCHES: "!~"}
     for m in p.match:
-        lines.append(f"  match {m.attribute} {ops[m.op]} {_src_str(m.value)}")
+        lines.append(f"  match {m.attribute} {ops[m.op]} {source.quote(m.value)}")
     for c in p.constraints:
-        lines.append(f"  {_src_constraint(c)}")
+        lines.append(f"  {source.constraint(c)}")
     for v in p.variants:
         vh = f"  variant {_src_vendor(v)}"
         if v.model:
-            vh += f" model {_src_str(v.model)}"
+            vh += f" model {source.quote(v.model)}"
         if v.software:
-            vh += f" software {_src_str(v.software)}"
+            vh += f" software {source.quote(v.software)}"
         lines.append(vh + " {")
         for c in v.constraints:
-            lines.append(f"    {_src_constraint(c)}")
+            lines.append(f"    {source.constraint(c)}")
         for r in v.remove:
             lines.append(f"    remove {r}")
         lines.append("  }")
@@ -1127,4 +1067,4 @@ def protocol_to_source(protocol: ir.Protocol) -> str:
 
 def _src_vendor(v: ir.Variant) -> str:
     text = v.vendor_text or v.vendor
-    return text if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", text) else _src_str(text)
+    return text if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", text) else source.quote(text)

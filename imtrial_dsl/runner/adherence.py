@@ -27,7 +27,7 @@ from typing import Any, Iterable, Optional, Sequence
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
-from .. import ir, units
+from .. import ir, source, units
 from ..vendors import normalize_vendor, software_matches
 from . import dicomio
 from .steps import Param, step
@@ -42,43 +42,9 @@ def _regex(pattern: str) -> re.Pattern:
 
 # --------------------------------------------------------------------------- constraint text
 
-def _value_text(v: ir.Value) -> str:
-    if isinstance(v, ir.Quantity):
-        return v.text()
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    return f'"{v}"'
-
-
 def expected_text(c: ir.Constraint) -> str:
     """Human text of a constraint, e.g. ``= 2300 ms ± 1%`` or ``in 2 .. 3.5 ms``."""
-    vals = c.values
-    k = c.kind
-    if k == ir.ConstraintKind.EQUAL:
-        s = f"= {_value_text(vals[0])}"
-        if c.tolerance:
-            t = c.tolerance
-            if t.relative:
-                s += f" ± {t.value:g}%"
-            else:
-                tv = t.source_value if t.source_value is not None else t.value
-                tu = t.source_unit if t.source_unit is not None else (vals[0].unit if isinstance(vals[0], ir.Quantity) else "")
-                s += f" ± {tv:g} {tu}".rstrip()
-        return s
-    if k in (ir.ConstraintKind.RANGE_INCL, ir.ConstraintKind.RANGE_EXCL):
-        lo, hi = vals[0], vals[1]
-        lo_t = f"{lo.source_value if lo.source_value is not None else lo.value:g}" if isinstance(lo, ir.Quantity) else _value_text(lo)
-        s = f"in {lo_t} .. {_value_text(hi)}"
-        return s + (" (exclusive)" if k == ir.ConstraintKind.RANGE_EXCL else "")
-    ops = {ir.ConstraintKind.GREATER_OR_EQUAL: ">=", ir.ConstraintKind.LESS_OR_EQUAL: "<=",
-           ir.ConstraintKind.GREATER_THAN: ">", ir.ConstraintKind.LESS_THAN: "<", ir.ConstraintKind.NOT_EQUAL: "!="}
-    if k in ops:
-        return f"{ops[k]} {_value_text(vals[0])}"
-    if k == ir.ConstraintKind.SET_OF:
-        return "in {" + ", ".join(_value_text(v) for v in vals) + "}"
-    if k == ir.ConstraintKind.MATCHES:
-        return f"~ {_value_text(vals[0])}"
-    return f"{k.value} {vals}"
+    return source.rhs(c, q=source.plain_quote, exclusive="(exclusive)")
 
 
 # --------------------------------------------------------------------------- evaluation
