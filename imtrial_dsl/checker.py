@@ -646,6 +646,26 @@ class _Checker:
             elif ov.action != "keep" and action == "K" and via:
                 self.warning("W403", ov, f"'{ov.action} {attr}' contradicts option {via}, which retains {attr}",
                              f"drop the override, or drop the option {via}")
+        if prof is not None:
+            self.match_attributes_survive(prof, by_kw, chosen, {ov.attribute for ov in d.overrides if ov.action == "keep"})
+
+    def match_attributes_survive(self, prof: ir.DeidProfile, by_kw: dict, chosen: list[str], kept: set[str]) -> None:
+        """Series are classified on de-identified headers: a match rule must read an attribute that survives."""
+        seen = set()
+        for p in self.t.protocols:
+            for m in p.match:
+                rule = by_kw.get(m.attribute)
+                if rule is None or m.attribute in kept or (p.name, m.attribute) in seen:
+                    continue
+                action, via = _effective_action(rule, chosen)
+                if action in ("K", "C"):  # kept, or kept with identifying text cleaned out
+                    continue
+                seen.add((p.name, m.attribute))
+                cleaning = [o for o, a in rule.options.items() if a in ("K", "C")]
+                self.warning("W407", m, f"protocol {p.name} matches on {m.attribute}, which de-identification removes "
+                             f"(profile {prof.name}, action {action}); series are classified after de-identification",
+                             f"choose the option {cleaning[0]}, or add 'keep {m.attribute}'" if cleaning
+                             else f"add 'keep {m.attribute}' or match on another attribute")
 
     def key(self, key: Optional[ir.KeySource], what: str) -> None:
         if key is None:

@@ -316,7 +316,7 @@ def test_missing_key_is_a_clear_error(monkeypatch):
     t = make_trial(BASIC)
     with pytest.raises(D.DeidKeyError) as e:
         D.resolve_key(t)
-    assert KEY_ENV in e.value.diagnostic.message and e.value.diagnostic.code == "E602"
+    assert KEY_ENV in e.value.diagnostic.message and e.value.diagnostic.code == "E702"
     assert e.value.diagnostic.span is not None
     with pytest.raises(D.DeidKeyError):
         D.subject_date_shift(make_trial(EXAMPLE), "S1")

@@ -57,11 +57,11 @@ IMPLEMENTATION_VERSION_NAME = "IMTRIAL_DEID_1"
 
 
 class DeidError(ImtrialError):
-    code = "E601"
+    code = "E701"
 
 
 class DeidKeyError(DeidError):
-    code = "E602"
+    code = "E702"
 
 
 # --------------------------------------------------------------------------- operations
