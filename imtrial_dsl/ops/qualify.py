@@ -23,10 +23,9 @@ from imtrial_dsl import ir
 
 from .model import connect, norm_verdict
 
-STATUS_QUALIFIED = "qualified"
-STATUS_NOT = "not_qualified"
-STATUS_REQUALIFY = "requalification_needed"
-STATUS_NONE = "not_assessed"
+from ..runner.qualification import (  # the ledger's reading side is the runner's: it flags exams with it
+    STATUS_NONE, STATUS_NOT, STATUS_QUALIFIED, STATUS_REQUALIFY, is_qualified, latest_decision, open_flags, status_from,
+)
 
 
 @dataclass
@@ -186,41 +185,13 @@ def record(workdir: str | Path, res: QualificationResult) -> None:
         con.close()
 
 
-def latest_decision(con: sqlite3.Connection, trial: Optional[str], site: str, device: str, protocol: str) -> Optional[dict]:
-    q = "SELECT * FROM ops_qualifications WHERE site=? AND device=? AND protocol=?"
-    args: tuple = (site, device, protocol)
-    if trial:
-        q, args = q + " AND trial=?", args + (trial,)
-    row = con.execute(q + " ORDER BY id DESC LIMIT 1", args).fetchone()
-    return dict(row) if row else None
-
-
-def _open_flags(con: sqlite3.Connection, trial: Optional[str], site: str, device: str, protocol: str) -> list[dict]:
-    q = "SELECT * FROM ops_requalification WHERE site=? AND device=? AND protocol=? AND resolved_by IS NULL"
-    args: tuple = (site, device, protocol)
-    if trial:
-        q, args = q + " AND trial=?", args + (trial,)
-    return [dict(r) for r in con.execute(q + " ORDER BY software", args)]
-
-
 def status(workdir: str | Path, site: str, device: str, protocol: str, trial: Optional[str] = None) -> tuple[str, Optional[dict], list[dict]]:
     """(status, latest decision, open re-qualification flags) for one device and protocol."""
     con = connect(workdir)
     try:
-        dec = latest_decision(con, trial, site, device, protocol)
-        flags = _open_flags(con, trial, site, device, protocol)
+        return status_from(con, site, device, protocol, trial)
     finally:
         con.close()
-    if dec is None:
-        return STATUS_NONE, None, flags
-    if not dec["qualified"]:
-        return STATUS_NOT, dec, flags
-    return (STATUS_REQUALIFY if flags else STATUS_QUALIFIED), dec, flags
-
-
-def is_qualified(workdir: str | Path, site: str, device: str, protocol: str, trial: Optional[str] = None) -> bool:
-    """True when the device's latest decision for the protocol is positive and no upgrade since requires re-qualification."""
-    return status(workdir, site, device, protocol, trial)[0] == STATUS_QUALIFIED
 
 
 def device_table(trial: ir.Trial, workdir: Optional[str | Path], sites: Optional[set[str]] = None) -> list[dict]:

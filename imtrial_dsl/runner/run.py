@@ -365,16 +365,13 @@ def _load(p: Path) -> Any:
 
 
 def _qualification_warning(trial, st, exam: dict, cls: Any) -> Optional[dict]:
-    """Exams whose device is not qualified for a protocol that needs qualification (ops' decisions)."""
+    """Exams whose device is not qualified for a protocol that needs qualification (decisions of imtrial qualify)."""
     q = getattr(trial, "qualification", None)
     ident = _load(st.workdir / "exams" / exam["exam_key"] / "results" / "identity.json") or {}
     site, device = ident.get("exam_site") or exam.get("site"), exam.get("device")
     if not q or not q.protocols or not device or not isinstance(cls, dict):
         return None
-    try:
-        from ..ops.qualify import is_qualified
-    except ImportError:  # the operations package is optional
-        return None
+    from .qualification import is_qualified
     needed = {r.name for r in q.protocols}
     present = sorted({s.get("protocol") for s in cls.get("series", []) if s.get("protocol") in needed})
     code = trial.study.code if trial.study else None
