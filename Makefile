@@ -21,7 +21,7 @@ venv: $(VENV)/.installed
 sysdeps:
 	@scripts/sysdeps.sh
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.installed sysdeps
 	@scripts/demo.sh $(STUDY) $(DEMO)
 
 test: $(VENV)/.installed sysdeps
