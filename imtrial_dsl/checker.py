@@ -6,6 +6,7 @@ for a well-typed IR; it only reads the IR, never the syntax tree.
 """
 from __future__ import annotations
 
+import json
 import re
 import string
 from collections import defaultdict
@@ -31,28 +32,23 @@ _DEID_OPTIONS = [o.value for o in ir.DeidOption]
 # ImageType value 1 is ORIGINAL or DERIVED, value 2 PRIMARY or SECONDARY (PS3.3 C.7.6.1.1.2).
 _EXCLUSIVE_IMAGE_TYPE = ({"ORIGINAL", "DERIVED"}, {"PRIMARY", "SECONDARY"})
 _MODES = {"has": (), "search": ("search", "full"), "full": ("full",), "equal": ("equal",), "not": ("search",)}
-_keyword_cache: Optional[dict[str, Any]] = None
+_keyword_cache: Optional[dict[str, list]] = None
 
 
-def _dicom_keywords() -> dict[str, Any]:
+def _dicom_keywords() -> dict[str, list]:
+    """DICOM keyword -> [tag, VR], from the generated table (scripts/gen_dicom_keywords.py)."""
     global _keyword_cache
     if _keyword_cache is None:
-        from pydicom.datadict import keyword_dict
+        from importlib import resources
 
-        _keyword_cache = dict(keyword_dict)
+        text = resources.files("imtrial_dsl").joinpath("data/dicom_keywords.json").read_text()
+        _keyword_cache = json.loads(text)["keywords"]
     return _keyword_cache
 
 
 def _vr(keyword: str) -> Optional[str]:
-    from pydicom.datadict import dictionary_VR
-
-    tag = _dicom_keywords().get(keyword)
-    if tag is None:
-        return None
-    try:
-        return dictionary_VR(tag)
-    except KeyError:
-        return None
+    entry = _dicom_keywords().get(keyword)
+    return entry[1] if entry else None
 
 
 # --------------------------------------------------------------------------- text of IR values for messages
