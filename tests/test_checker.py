@@ -182,3 +182,13 @@ if __name__ == "__main__":  # regenerate one expectation after reading it
         lines = diagnostic_lines(p)
         print("\n".join(lines))
         p.with_suffix(".expected").write_text("\n".join(lines) + ("\n" if lines else ""), encoding="utf-8")
+
+
+def test_generated_dicom_keyword_table_matches_pydicom():
+    """imtrial_dsl/data/dicom_keywords.json is pydicom's PS3.6 dictionary (regenerate: scripts/gen_dicom_keywords.py)."""
+    from pydicom.datadict import DicomDictionary
+
+    from imtrial_dsl.checker import _dicom_keywords
+
+    expected = {e[4]: [tag, e[0]] for tag, e in DicomDictionary.items() if e[4]}
+    assert _dicom_keywords() == expected
