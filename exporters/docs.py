@@ -482,7 +482,8 @@ def _study(trial: ir.Trial) -> dict:
 
 def _protocol_view(trial: ir.Trial, p: ir.Protocol) -> dict:
     variants = []
-    for v in p.variants:
+    base_on, on_variant = trial.variant_devices(p)
+    for v, v_devices in zip(p.variants, on_variant):
         base = {c.keyword: c for c in p.constraints}
         changes = []
         for c in v.constraints:
@@ -492,18 +493,9 @@ def _protocol_view(trial: ir.Trial, p: ir.Protocol) -> dict:
             changes.append(row)
         removed = [{"keyword": k, "label": attribute_label(k),
                     "base": requirement_text(base[k]) if k in base else "not constrained"} for k in v.remove]
-        devices = []
-        for site, d in trial.devices():
-            if d.modality != p.modality:
-                continue
-            _, chosen = ir.effective_constraints(p, d.vendor, d.software, d.model)
-            if chosen is v:
-                devices.append(f"{d.id} ({site.code})")
+        devices = [f"{d.id} ({site.code})" for site, d in v_devices]
         variants.append({"label": variant_label(v), "changes": changes, "removed": removed, "devices": devices})
-    base_devices = []
-    for site, d in trial.devices():
-        if d.modality == p.modality and ir.effective_constraints(p, d.vendor, d.software, d.model)[1] is None:
-            base_devices.append(f"{d.id} ({site.code})")
+    base_devices = [f"{d.id} ({site.code})" for site, d in base_on]
     return {
         "name": p.name,
         "title": p.title,

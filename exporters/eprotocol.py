@@ -155,16 +155,7 @@ def _variant_label(v: ir.Variant) -> str:
 
 def targets(trial: ir.Trial, protocol: ir.Protocol) -> list[Target]:
     """The base protocol plus one target per variant, each with the inventory devices it applies to."""
-    covered: dict[int, list] = {i: [] for i in range(len(protocol.variants))}
-    base_devices = []
-    for site, dev in trial.devices():
-        if dev.modality != protocol.modality:
-            continue
-        _, best = ir.effective_constraints(protocol, dev.vendor, dev.software, dev.model)
-        if best is None:
-            base_devices.append((site, dev))
-        else:
-            covered[next(i for i, v in enumerate(protocol.variants) if v is best)].append((site, dev))
+    base_devices, covered = trial.variant_devices(protocol)
     out = [Target(protocol, None, None, base_devices, "base")]
     seen = {"base"}
     for i, v in enumerate(protocol.variants):

@@ -473,6 +473,21 @@ class Trial(Node):
     def profile(self, name: str) -> Optional[DeidProfile]:
         return next((p for p in self.deid_profiles if p.name == name), None)
 
+    def variant_devices(self, protocol: Protocol) -> tuple[list[tuple[Site, Device]], list[list[tuple[Site, Device]]]]:
+        """Inventory devices of the protocol's modality by the variant that applies to them:
+        (devices on the base constraints, one list per variant in declaration order)."""
+        base: list[tuple[Site, Device]] = []
+        per_variant: list[list[tuple[Site, Device]]] = [[] for _ in protocol.variants]
+        for site, dev in self.devices():
+            if dev.modality != protocol.modality:
+                continue
+            _, chosen = effective_constraints(protocol, dev.vendor, dev.software, dev.model)
+            if chosen is None:
+                base.append((site, dev))
+            else:
+                per_variant[next(i for i, v in enumerate(protocol.variants) if v is chosen)].append((site, dev))
+        return base, per_variant
+
     def qc_for(self, protocol: Protocol) -> list[QcCheck]:
         """QC checks that apply to a protocol: bound by name, or by modality."""
         return [
