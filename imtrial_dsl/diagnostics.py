@@ -52,25 +52,36 @@ class Diagnostic(BaseModel):
 
 
 class ImtrialError(Exception):
-    """An error that takes its location from an IR/syntax node (anything with ``.span``)."""
+    """The root of every error imtrial raises on purpose: it carries a :class:`Diagnostic`.
+
+    ``ImtrialError(node_or_span, message, hint)`` for a problem at a place in the study (anything
+    with ``.span``); ``ImtrialError(message, code=..., hint=...)`` for one that has no source
+    position (a missing key, a locked workdir). The library raises; only the CLI renders.
+    """
 
     code = "E000"
     severity = Severity.ERROR
 
-    def __init__(self, node_or_span, message: str, hint: Optional[str] = None):
-        span = node_or_span if isinstance(node_or_span, Span) or node_or_span is None else getattr(node_or_span, "span", None)
-        self.diagnostic = Diagnostic(
-            severity=self.severity, code=self.code, message=message, span=span, hint=hint
-        )
+    def __init__(self, node_or_message, message: Optional[str] = None, hint: Optional[str] = None, *,
+                 code: Optional[str] = None):
+        if message is None:
+            node, message = None, str(node_or_message)
+        else:
+            node = node_or_message
+        span = node if isinstance(node, Span) or node is None else getattr(node, "span", None)
+        if code is not None:
+            self.code = code
+        self.diagnostic = Diagnostic(severity=self.severity, code=self.code, message=message, span=span, hint=hint)
         super().__init__(str(self.diagnostic))
 
 
-class CompileErrors(Exception):
-    """Raised by entry points that want all diagnostics at once."""
+class CompileErrors(ImtrialError):
+    """Several diagnostics at once (a study that does not compile), sorted by position."""
 
     def __init__(self, diagnostics: Sequence[Diagnostic]):
         self.diagnostics = sorted(diagnostics, key=Diagnostic.sort_key)
-        super().__init__("\n".join(str(d) for d in self.diagnostics))
+        self.diagnostic = self.diagnostics[0] if self.diagnostics else Diagnostic(message="no diagnostics")
+        Exception.__init__(self, "\n".join(str(d) for d in self.diagnostics))
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> Optional[str]:

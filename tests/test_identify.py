@@ -9,7 +9,7 @@ import pytest
 
 from imtrial_dsl.compiler import compile_text
 from imtrial_dsl.runner import identify as idf
-from imtrial_dsl.runner.state import State
+from imtrial_dsl.store import Store as State
 
 STUDY = """
 study {code} "Identify test study" {{ sponsor "tests" }}

@@ -115,7 +115,7 @@ def test_exam_key_is_stable():
 
 def test_runner_ingest_records_every_path_and_move_deletes_only_recorded_files(tmp_path: Path, inbox: Path):
     from imtrial_dsl.runner.run import ingest_inbox
-    from imtrial_dsl.runner.state import State
+    from imtrial_dsl.store import Store as State
 
     n_paths = len(list_inbox(inbox))
     digests = set(_tree_digest(inbox).values())
@@ -154,7 +154,7 @@ def test_same_names_in_another_inbox_or_changed_content_are_not_skipped(tmp_path
     changed.save_as(tmp_path / "in2" / "IM0001.dcm")
     os.utime(tmp_path / "in2" / "IM0001.dcm", ns=(1, 1))                                 # a different mtime for sure
     assert ingest_inbox(None, tmp_path / "in2", w, progress=False)["ingested"] == 1      # replaced content: ingested
-    from imtrial_dsl.runner.state import State
+    from imtrial_dsl.store import Store as State
 
     st = State(w)
     assert len(st.files("ingested")) == 3 and st.duplicates() == []

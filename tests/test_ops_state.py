@@ -6,7 +6,7 @@ import pytest
 
 from imtrial_dsl import cli
 from imtrial_dsl.ops.model import load_study_data
-from imtrial_dsl.runner.state import State
+from imtrial_dsl.store import Store as State
 
 STUDY = "examples/amyloid_mri.imtrial"
 

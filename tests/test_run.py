@@ -14,7 +14,7 @@ from imtrial_dsl.compiler import compile_file
 from imtrial_dsl.runner import commands
 from imtrial_dsl.runner.archive import verify
 from imtrial_dsl.runner.run import run_study
-from imtrial_dsl.runner.state import State
+from imtrial_dsl.store import Store as State
 from imtrial_dsl.tools import volume
 from imtrial_dsl.tools.minicorpus import make_corpus
 

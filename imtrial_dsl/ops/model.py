@@ -3,7 +3,7 @@
 Operations work on a small plain model (:class:`StudyData`) rather than on the runner's
 SQLite schema directly, so expected-vs-received, reminders and reports can be tested on
 hand-built data and stay stable if the runner's schema evolves. :func:`load_study_data`
-adapts the runner's read API (``imtrial_dsl.runner.state.State``) to this model.
+adapts the runner's read API (``imtrial_dsl.store.Store``) to this model.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Optional
 
-STATE_FILE = "state.sqlite"
 
 # Verdict spellings as the adherence/QC steps write them, normalized to three values.
 _PASS = {"pass", "passed", "ok", "conformant", "true"}
@@ -147,34 +146,11 @@ def read_enrollment_csv(path: str | Path) -> dict[str, Enrollment]:
 
 # --------------------------------------------------------------------------- ops tables
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS ops_notifications_sent (
-    trial TEXT NOT NULL, subject_id TEXT NOT NULL, visit TEXT NOT NULL, kind TEXT NOT NULL,
-    recipient TEXT NOT NULL, sent_on TEXT NOT NULL, channel TEXT NOT NULL,
-    PRIMARY KEY (trial, subject_id, visit, kind, recipient));
-CREATE TABLE IF NOT EXISTS ops_qualifications (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, trial TEXT NOT NULL, site TEXT NOT NULL, device TEXT NOT NULL,
-    protocol TEXT NOT NULL, qualified INTEGER NOT NULL, reasons TEXT NOT NULL, decided_on TEXT NOT NULL,
-    decided_by TEXT NOT NULL, software TEXT NOT NULL, source TEXT NOT NULL, details TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS ops_software_upgrades (
-    trial TEXT NOT NULL, site TEXT NOT NULL, device TEXT NOT NULL, software TEXT NOT NULL,
-    inventory_software TEXT, first_exam TEXT NOT NULL, first_seen TEXT, coverage TEXT NOT NULL,
-    PRIMARY KEY (trial, site, device, software));
-CREATE TABLE IF NOT EXISTS ops_requalification (
-    trial TEXT NOT NULL, site TEXT NOT NULL, device TEXT NOT NULL, protocol TEXT NOT NULL,
-    software TEXT NOT NULL, exam_key TEXT NOT NULL, detected_on TEXT, resolved_by INTEGER,
-    PRIMARY KEY (trial, site, device, protocol, software));
-"""
-
-
 def connect(workdir: str | Path) -> sqlite3.Connection:
-    """Open ``W/state.sqlite`` (created if missing) with the ops tables in place."""
-    wd = Path(workdir)
-    wd.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(str(wd / STATE_FILE), timeout=30)
-    con.row_factory = sqlite3.Row
-    con.executescript(_SCHEMA)
-    return con
+    """Open ``W/state.sqlite`` (created if missing; the ops tables' schema lives in imtrial_dsl.store)."""
+    from imtrial_dsl.store import connect_workdir
+
+    return connect_workdir(workdir)
 
 
 # --------------------------------------------------------------------------- adapter to the runner's state
@@ -244,7 +220,7 @@ def _software_from_exam_json(path: Path) -> list[str]:
 
 
 def exam_from_state(d: dict, workdir: Path | None = None, measured: dict[str, set[str]] | None = None) -> ExamRecord:
-    """Map one exam dict of ``State.exam()`` to an :class:`ExamRecord`."""
+    """Map one exam dict of ``Store.exam()`` to an :class:`ExamRecord`."""
     series = []
     for s in d.get("series") or []:
         adh, qc = s.get("adherence"), s.get("qc")
@@ -294,11 +270,11 @@ def exam_from_state(d: dict, workdir: Path | None = None, measured: dict[str, se
 
 def load_study_data(workdir: str | Path, trial_code: str | None = None,
                     enrollment_csv: str | Path | None = None) -> StudyData:
-    """Read the runner's state in ``workdir`` (through ``runner.state.State``) into :class:`StudyData`."""
-    from imtrial_dsl.runner.state import State  # the runner owns its schema; read through its API
+    """Read the runner's state in ``workdir`` (through ``imtrial_dsl.store.Store``) into :class:`StudyData`."""
+    from imtrial_dsl.store import Store
 
     wd = Path(workdir)
-    with State(wd, create=False) as st:
+    with Store(wd, create=False) as st:
         measured: dict[str, set[str]] = {}
         for m in st.measurements():
             measured.setdefault(m["exam_key"], set()).add(m["analysis"])

@@ -21,6 +21,7 @@ from typing import Optional
 
 from imtrial_dsl import ir
 
+from ..store import tx
 from .model import connect, norm_verdict
 
 from ..runner.qualification import (  # the ledger's reading side is the runner's: it flags exams with it
@@ -169,7 +170,7 @@ def record(workdir: str | Path, res: QualificationResult) -> None:
     """Append the decisions; a positive one resolves open re-qualification flags for that protocol."""
     con = connect(workdir)
     try:
-        with con:
+        with tx(con):
             for d in res.decisions:
                 cur = con.execute(
                     "INSERT INTO ops_qualifications (trial, site, device, protocol, qualified, reasons, decided_on, "

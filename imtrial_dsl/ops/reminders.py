@@ -28,6 +28,7 @@ from imtrial_dsl import ir
 
 from . import ics
 from .expected import VisitStatus, expected_vs_received
+from ..store import tx
 from .model import StudyData, connect
 
 KINDS = ("upcoming", "window_open", "overdue")
@@ -305,7 +306,7 @@ def run_reminders(trial: ir.Trial, data: StudyData, workdir: str | Path, as_of: 
                 m.status, m.error = "failed", f"{type(exc).__name__}: {exc}"
                 smtp_conn = None
                 continue
-            with con:
+            with tx(con):
                 con.executemany(
                     "INSERT OR IGNORE INTO ops_notifications_sent VALUES (?,?,?,?,?,?,?)",
                     [(code, n.subject_id, n.visit, n.kind, m.recipient.email.lower(), as_of.isoformat(), channel)

@@ -19,6 +19,7 @@ from typing import Optional
 from imtrial_dsl import ir
 from imtrial_dsl.vendors import software_matches
 
+from ..store import tx
 from .model import StudyData, connect
 
 
@@ -112,7 +113,7 @@ def record_upgrades(trial: ir.Trial, findings: list[UpgradeFinding], workdir: st
     con = connect(workdir)
     n = 0
     try:
-        with con:
+        with tx(con):
             for f in findings:
                 soft = "\\".join(f.software)
                 con.execute("INSERT OR IGNORE INTO ops_software_upgrades VALUES (?,?,?,?,?,?,?,?)",

@@ -130,7 +130,7 @@ def cmd_step(args) -> int:
 
 def cmd_status(args) -> int:
     from .run import format_summary, summarize
-    from .state import State
+    from ..store import Store as State
 
     try:
         st = State(args.workdir, create=False)

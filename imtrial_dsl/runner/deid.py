@@ -945,14 +945,12 @@ def audit_entries(engine: Deidentifier, subject_id: str) -> list[dict]:
 
 
 def store_audit(registry: Path, trial_code: str, exam_key: str, rows: list[dict]) -> int:
-    """Insert audit rows into table ``deid_audit`` of the SQLite registry (idempotent)."""
-    con = sqlite3.connect(str(registry), timeout=60)
+    """Insert audit rows into table ``deid_audit`` of the state database (idempotent)."""
+    from ..store import connect, tx
+
+    con = connect(registry)
     try:
-        with con:
-            con.execute(
-                "CREATE TABLE IF NOT EXISTS deid_audit (trial TEXT NOT NULL, subject_id TEXT NOT NULL, exam TEXT,"
-                " kind TEXT NOT NULL, original TEXT NOT NULL, pseudonym TEXT NOT NULL,"
-                " PRIMARY KEY (trial, kind, original))")
+        with tx(con):
             con.executemany(
                 "INSERT OR IGNORE INTO deid_audit (trial, subject_id, exam, kind, original, pseudonym)"
                 " VALUES (?, ?, ?, ?, ?, ?)",

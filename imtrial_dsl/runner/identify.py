@@ -8,7 +8,7 @@ Registry design (site-side, in ``W/state.sqlite``):
   unlinkable keys and two independently numbered subject IDs. Without a key the lookup key is
   ``plain:`` + the identifier (documented; use a key in production).
 * ``identity_audit`` keeps the original identifier ↔ subject ID map the site needs to act on findings;
-  it is never read for lookups and :meth:`State.purge_audit_map` drops it.
+  it is never read for lookups and :meth:`imtrial_dsl.store.Store.purge_audit_map` drops it.
 * Assignment runs inside one ``BEGIN IMMEDIATE`` transaction, so concurrent runs cannot hand out a
   sequence number twice.
 """
@@ -296,16 +296,10 @@ def timepoint_description(v, days) -> str:
 # ----------------------------------------------------------------------------- registry
 
 def connect_registry(registry: str | Path) -> sqlite3.Connection:
-    """An autocommit connection to the registry file (schema created when new)."""
-    from .state import SCHEMA
+    """An autocommit connection to the registry file (a state database; every table created when new)."""
+    from ..store import connect
 
-    Path(registry).parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(str(registry), timeout=60, isolation_level=None)
-    db.row_factory = sqlite3.Row
-    db.execute("PRAGMA busy_timeout=60000")
-    db.execute("PRAGMA journal_mode=WAL")
-    db.executescript(SCHEMA)
-    return db
+    return connect(registry)
 
 
 def shifted_date(trial, subject_id: str, exam_date: Optional[_dt.date]) -> Optional[str]:

@@ -10,12 +10,13 @@ import sqlite3
 from pathlib import Path
 from typing import Optional
 
+from ..store import connect
+from ..workdir import Workdir
+
 STATUS_QUALIFIED = "qualified"
 STATUS_NOT = "not_qualified"
 STATUS_REQUALIFY = "requalification_needed"
 STATUS_NONE = "not_assessed"
-
-STATE_FILE = "state.sqlite"
 
 
 def latest_decision(con: sqlite3.Connection, trial: Optional[str], site: str, device: str, protocol: str) -> Optional[dict]:
@@ -38,12 +39,9 @@ def open_flags(con: sqlite3.Connection, trial: Optional[str], site: str, device:
 
 def status_from(con: sqlite3.Connection, site: str, device: str, protocol: str,
                 trial: Optional[str] = None) -> tuple[str, Optional[dict], list[dict]]:
-    """(status, latest decision, open re-qualification flags); no tables yet means not assessed."""
-    try:
-        dec = latest_decision(con, trial, site, device, protocol)
-        flags = open_flags(con, trial, site, device, protocol)
-    except sqlite3.OperationalError:  # nobody has recorded a decision in this workdir yet
-        return STATUS_NONE, None, []
+    """(status, latest decision, open re-qualification flags)."""
+    dec = latest_decision(con, trial, site, device, protocol)
+    flags = open_flags(con, trial, site, device, protocol)
     if dec is None:
         return STATUS_NONE, None, flags
     if not dec["qualified"]:
@@ -53,11 +51,10 @@ def status_from(con: sqlite3.Connection, site: str, device: str, protocol: str,
 
 def status(workdir: str | Path, site: str, device: str, protocol: str,
            trial: Optional[str] = None) -> tuple[str, Optional[dict], list[dict]]:
-    path = Path(workdir) / STATE_FILE
+    path = Workdir(workdir).state_db
     if not path.exists():
         return STATUS_NONE, None, []
-    con = sqlite3.connect(str(path), timeout=30)
-    con.row_factory = sqlite3.Row
+    con = connect(path)
     try:
         return status_from(con, site, device, protocol, trial)
     finally:

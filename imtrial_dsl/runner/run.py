@@ -91,7 +91,7 @@ def ingest_inbox(trial, inbox: Path, workdir: Path, *, jobs: int = 1, move: bool
                  progress: Optional[bool] = None, pool: Optional[ProcessPoolExecutor] = None) -> dict:
     """Ingest new inbox paths into the workdir; returns counts and the exam keys touched."""
     from .ingest import atomic_write_json, exam_summary, ingest_one, list_inbox, source_attrs_for
-    from .state import State
+    from ..store import Store as State
 
     L = layout(workdir)
     st = State(workdir)
@@ -195,7 +195,7 @@ def identify_pending(trial, workdir: Path) -> dict:
     """Identify every exam that is not identified yet (serial: one registry, one sequence per site)."""
     from .identify import IdentifyError, identify_exam, later_exam_dates, unmatched_identity
     from .ingest import atomic_write_json
-    from .state import State
+    from ..store import Store as State
 
     L = layout(workdir)
     st = State(workdir)
@@ -263,7 +263,7 @@ def process_subject(trial, workdir: str, exams: list[tuple[str, list[str], list[
 
 def process_exam(trial, workdir: str, exam_key: str, done: list[str], prior_devices: list[str]) -> dict:
     """Run the remaining per-exam steps of one exam (in a worker process); records each step as it ends."""
-    from .state import State
+    from ..store import Store as State
 
     load_all()
     L = layout(Path(workdir))
@@ -474,7 +474,7 @@ def _sweep_temp(workdir: Path) -> int:
 
 def _run_locked(trial, inbox, workdir: Path, L: dict, jobs: int, move: bool, progress, log, started: float) -> dict:
     from .analyses import write_table
-    from .state import State
+    from ..store import Store as State
 
     swept = _sweep_temp(workdir)
     if swept:

@@ -46,15 +46,6 @@ STOW_MAX_BYTES = 32 * 1024 * 1024
 TIMEOUT = 60  # seconds, per request / DIMSE message
 MAX_CONTEXTS = 128  # presentation contexts per association (PS3.8)
 
-LEDGER_SCHEMA = """
-CREATE TABLE IF NOT EXISTS transfers (
-  destination TEXT NOT NULL,   -- destination name; 'name@endpoint' when an override pointed it elsewhere
-  sha256 TEXT NOT NULL,        -- archive object
-  status TEXT NOT NULL,        -- sent | failed | refused
-  time TEXT NOT NULL,          -- UTC, ISO 8601
-  detail TEXT,                 -- JSON: sop_uid, endpoint, reason / status code, attempts
-  PRIMARY KEY (destination, sha256));
-"""
 
 # PS3.18 / PS3.4 status codes a receiver may report per instance.
 _STATUS_TEXT = {
@@ -255,14 +246,10 @@ class Ledger:
     """The ``transfers`` table in the state database (created if absent)."""
 
     def __init__(self, path: str | Path):
-        import sqlite3
+        from ..store import connect
 
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA busy_timeout=60000")
-        self.db.executescript(LEDGER_SCHEMA)
+        self.db = connect(self.path)
 
     def close(self) -> None:
         self.db.close()

@@ -1,9 +1,13 @@
-"""Pipeline state and the site-side identity registry: one SQLite file, ``W/state.sqlite``.
+"""The one owner of SQLite: every table's schema and every connection to ``W/state.sqlite``.
 
-Every write happens in a short transaction so a process killed at any point leaves
-the database consistent; the runner re-derives anything not yet recorded (steps are
-idempotent). Other helpers read through :class:`State` (plain dicts) and may add
-their own tables to the same file (``CREATE TABLE IF NOT EXISTS``).
+One file per workdir holds the pipeline state (files, exams, series, steps, runs, measurements),
+the site-side identity registry (subjects, their exams, re-identification maps), the operations
+tables (notifications, qualification decisions, upgrades) and the transfer ledger. Other modules
+query their own tables, but they open connections only through :func:`connect`, so the schema
+and the connection settings (WAL, busy timeout, durable commits) are the same for everybody.
+
+Every write runs in a short immediate transaction (:func:`tx`), so a process killed at any point
+leaves the database consistent; the runner re-derives whatever was not recorded yet.
 """
 from __future__ import annotations
 
@@ -14,10 +18,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-SCHEMA_VERSION = 1
+from .diagnostics import ImtrialError
+from .workdir import Workdir
+
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+
+-- ---------------------------------------------------------------- pipeline state
 -- every distinct inbox file content (sha256) and what became of it
 CREATE TABLE IF NOT EXISTS files (
   sha256 TEXT PRIMARY KEY, size INTEGER, status TEXT NOT NULL,      -- ingested | quarantined
@@ -38,21 +47,12 @@ CREATE TABLE IF NOT EXISTS series (
   modality TEXT, n_instances INTEGER, protocol TEXT, classification TEXT, adherence TEXT, qc TEXT,
   original_series_uid TEXT,  -- site-side; series_uid is the de-identified UID once deidentify ran
   PRIMARY KEY (exam_key, series_uid));
+-- one row per node of the compiled graph per exam (node ids as in imtrial_dsl.graph: "classify",
+-- "qc:snr", "analysis:hipvol"); fingerprint = what the node's result was computed from
 CREATE TABLE IF NOT EXISTS steps (
-  exam_key TEXT NOT NULL, step TEXT NOT NULL, status TEXT NOT NULL,  -- done | failed | skipped
-  generation INTEGER DEFAULT 0, started REAL, finished REAL, detail TEXT,
+  exam_key TEXT NOT NULL, step TEXT NOT NULL, status TEXT NOT NULL,  -- done | failed
+  generation INTEGER DEFAULT 0, started REAL, finished REAL, detail TEXT, fingerprint TEXT,
   PRIMARY KEY (exam_key, step));
--- identity registry: lookup key is a keyed hash when the study names a key (see identify.py)
-CREATE TABLE IF NOT EXISTS subjects (
-  trial TEXT NOT NULL, source_key TEXT NOT NULL, subject_id TEXT NOT NULL, site TEXT,
-  seq INTEGER, baseline_date TEXT, anchor_date TEXT, created REAL,
-  PRIMARY KEY (trial, source_key), UNIQUE (trial, subject_id));
-CREATE TABLE IF NOT EXISTS subject_seq (trial TEXT NOT NULL, site TEXT NOT NULL, next_seq INTEGER NOT NULL,
-  PRIMARY KEY (trial, site));
--- the site's re-identification map (original identifier -> subject); site-side only, purgeable
-CREATE TABLE IF NOT EXISTS identity_audit (
-  trial TEXT NOT NULL, subject_id TEXT NOT NULL, source_attr TEXT, source_value TEXT, issuer TEXT,
-  exam_key TEXT, recorded REAL, PRIMARY KEY (trial, subject_id, source_value, issuer));
 CREATE TABLE IF NOT EXISTS measurements (
   exam_key TEXT NOT NULL, subject TEXT, visit TEXT, site TEXT, protocol TEXT, analysis TEXT NOT NULL,
   measurement TEXT NOT NULL, value REAL, unit TEXT, series_uid TEXT, recorded REAL,
@@ -60,9 +60,103 @@ CREATE TABLE IF NOT EXISTS measurements (
 CREATE TABLE IF NOT EXISTS runs (
   id INTEGER PRIMARY KEY AUTOINCREMENT, started REAL, finished REAL, study TEXT, study_sha256 TEXT,
   inbox TEXT, summary TEXT);
+
+-- ---------------------------------------------------------------- identity registry (site-side)
+-- lookup key is a keyed hash of the source identifiers when the study names a key (runner/identify.py)
+CREATE TABLE IF NOT EXISTS subjects (
+  trial TEXT NOT NULL, source_key TEXT NOT NULL, subject_id TEXT NOT NULL, site TEXT,
+  seq INTEGER, baseline_date TEXT, anchor_date TEXT, created REAL,
+  PRIMARY KEY (trial, source_key), UNIQUE (trial, subject_id));
+CREATE TABLE IF NOT EXISTS subject_seq (trial TEXT NOT NULL, site TEXT NOT NULL, next_seq INTEGER NOT NULL,
+  PRIMARY KEY (trial, site));
+-- each identified exam of a subject: the visit it was assigned and the device per modality
+-- (the same-device rule compares devices of one modality across a subject's exams)
+CREATE TABLE IF NOT EXISTS subject_exams (
+  trial TEXT NOT NULL, subject_id TEXT NOT NULL, exam_key TEXT NOT NULL, exam_date TEXT,
+  visit TEXT, modality TEXT NOT NULL, device TEXT,
+  PRIMARY KEY (trial, exam_key, modality));
+-- the site's re-identification maps (original identifier -> subject, original UID -> pseudonym);
+-- site-side only, purgeable (lookups keep working through the keyed hash)
+CREATE TABLE IF NOT EXISTS identity_audit (
+  trial TEXT NOT NULL, subject_id TEXT NOT NULL, source_attr TEXT, source_value TEXT, issuer TEXT,
+  exam_key TEXT, recorded REAL, PRIMARY KEY (trial, subject_id, source_value, issuer));
+CREATE TABLE IF NOT EXISTS deid_audit (
+  trial TEXT NOT NULL, subject_id TEXT NOT NULL, exam TEXT, kind TEXT NOT NULL, original TEXT NOT NULL,
+  pseudonym TEXT NOT NULL, PRIMARY KEY (trial, kind, original));
+
+-- ---------------------------------------------------------------- operations (imtrial_dsl.ops)
+CREATE TABLE IF NOT EXISTS ops_notifications_sent (
+  trial TEXT NOT NULL, subject_id TEXT NOT NULL, visit TEXT NOT NULL, kind TEXT NOT NULL,
+  recipient TEXT NOT NULL, sent_on TEXT NOT NULL, channel TEXT NOT NULL,
+  PRIMARY KEY (trial, subject_id, visit, kind, recipient));
+CREATE TABLE IF NOT EXISTS ops_qualifications (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, trial TEXT NOT NULL, site TEXT NOT NULL, device TEXT NOT NULL,
+  protocol TEXT NOT NULL, qualified INTEGER NOT NULL, reasons TEXT NOT NULL, decided_on TEXT NOT NULL,
+  decided_by TEXT NOT NULL, software TEXT NOT NULL, source TEXT NOT NULL, details TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS ops_software_upgrades (
+  trial TEXT NOT NULL, site TEXT NOT NULL, device TEXT NOT NULL, software TEXT NOT NULL,
+  inventory_software TEXT, first_exam TEXT NOT NULL, first_seen TEXT, coverage TEXT NOT NULL,
+  PRIMARY KEY (trial, site, device, software));
+CREATE TABLE IF NOT EXISTS ops_requalification (
+  trial TEXT NOT NULL, site TEXT NOT NULL, device TEXT NOT NULL, protocol TEXT NOT NULL,
+  software TEXT NOT NULL, exam_key TEXT NOT NULL, detected_on TEXT, resolved_by INTEGER,
+  PRIMARY KEY (trial, site, device, protocol, software));
+
+-- ---------------------------------------------------------------- transfer ledger (imtrial_dsl transfer)
+CREATE TABLE IF NOT EXISTS transfers (
+  destination TEXT NOT NULL,   -- destination name; 'name@endpoint' when an override pointed it elsewhere
+  sha256 TEXT NOT NULL,        -- archive object
+  status TEXT NOT NULL,        -- sent | failed | refused
+  time TEXT NOT NULL,          -- UTC, ISO 8601
+  detail TEXT,                 -- JSON: sop_uid, endpoint, reason / status code, attempts
+  PRIMARY KEY (destination, sha256));
 """
 
-STEP_ORDER = ("ingest", "identify", "deidentify", "classify", "adherence", "qc", "archive", "analyses")
+
+class StoreError(ImtrialError):
+    """The state database is missing or was written by an incompatible imtrial."""
+
+
+def connect(path: str | Path, *, create: bool = True) -> sqlite3.Connection:
+    """An autocommit connection to the state database at ``path`` (a file; created with every table when new).
+
+    Rows come back as :class:`sqlite3.Row`. WAL lets readers run beside the one writer; ``synchronous=FULL``
+    makes a committed row survive power loss, which the exactly-once archive rests on."""
+    path = Path(path)
+    if not create and not path.exists():
+        raise StoreError(f"no state database at {path} (run 'imtrial run' first)", code="E801")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(str(path), timeout=60, isolation_level=None)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA busy_timeout=60000")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.executescript(SCHEMA)
+    row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    if row is None:
+        db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+    elif int(row[0]) != SCHEMA_VERSION:
+        db.close()
+        raise StoreError(f"{path} was written by another imtrial version (state schema {row[0]}, this one reads "
+                         f"{SCHEMA_VERSION}); use a new workdir", code="E802")
+    return db
+
+
+@contextmanager
+def tx(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """An immediate (write-locking) transaction: all or nothing."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    else:
+        db.execute("COMMIT")
+
+
+def connect_workdir(workdir: str | Path, *, create: bool = True) -> sqlite3.Connection:
+    return connect(Workdir(workdir).state_db, create=create)
 
 
 def _loads(text: Optional[str], default: Any = None) -> Any:
@@ -74,25 +168,13 @@ def _loads(text: Optional[str], default: Any = None) -> Any:
         return default
 
 
-class State:
-    """Read/write access to ``W/state.sqlite`` (the connection is per process; do not share across fork)."""
+class Store:
+    """Pipeline state of a workdir, read and written as plain dicts (one connection per process: never share it across fork)."""
 
     def __init__(self, workdir: str | Path, *, create: bool = True):
         self.workdir = Path(workdir)
-        self.path = self.workdir / "state.sqlite"
-        if not create and not self.path.exists():
-            raise FileNotFoundError(f"no state database in {self.workdir} (run 'imtrial run' first)")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA busy_timeout=60000")
-        self._init_schema()
-
-    def _init_schema(self) -> None:
-        self.db.executescript(SCHEMA)
-        self.db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        self.path = Workdir(self.workdir).state_db
+        self.db = connect(self.path, create=create)
 
     def close(self) -> None:
         self.db.close()
@@ -103,17 +185,9 @@ class State:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
+    def tx(self):
         """An immediate (write-locking) transaction: all or nothing."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        else:
-            self.db.execute("COMMIT")
+        return tx(self.db)
 
     # ------------------------------------------------------------------ files
     def file(self, sha256: str) -> Optional[dict]:
@@ -177,9 +251,9 @@ class State:
         return out
 
     def steps(self, exam_key: str) -> dict[str, dict]:
-        rows = self.db.execute("SELECT * FROM steps WHERE exam_key=?", (exam_key,))
-        out = {r["step"]: {**dict(r), "detail": _loads(r["detail"], {})} for r in rows}
-        return dict(sorted(out.items(), key=lambda kv: STEP_ORDER.index(kv[0]) if kv[0] in STEP_ORDER else 99))
+        """The exam's recorded graph nodes, in the order they ran."""
+        rows = self.db.execute("SELECT * FROM steps WHERE exam_key=? ORDER BY started, finished, step", (exam_key,))
+        return {r["step"]: {**dict(r), "detail": _loads(r["detail"], {})} for r in rows}
 
     def subject_exams(self, trial: str, subject_id: str) -> list[dict]:
         rows = self.db.execute("SELECT exam_key FROM exams WHERE trial=? AND subject_id=? ORDER BY exam_date, exam_key",
