@@ -706,11 +706,14 @@ def _graph_view(graph) -> Optional[dict]:
         return None
     import networkx as nx
 
+    from imtrial_dsl.graph import drawn
+
+    shown = drawn(graph)   # "runs after" names the steps right before, not everything upstream
     order = list(nx.lexicographical_topological_sort(graph, key=str))
     steps = []
     for n in order:
         a = graph.nodes[n]
-        preds = sorted(str(p) for p in graph.predecessors(n))
+        preds = sorted(str(p) for p in shown.predecessors(n))
         steps.append({"id": str(n), "label": a.get("label", str(n)), "kind": a.get("kind", ""),
                       "scope": a.get("scope", ""), "after": ", ".join(preds) or "—"})
     return {"steps": steps}

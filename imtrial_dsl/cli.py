@@ -254,8 +254,11 @@ def cmd_export(args) -> int:
         return EXIT_INPUT
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
+    options = {k: v for k, v in (("granularity", args.granularity), ("docker_image", args.docker_image)) if v}
+    if options and args.target != "cwl":
+        raise UsageError("--granularity and --docker-image are options of 'export cwl'")
     try:
-        written = mod.export(res.trial, res.graph, out)
+        written = mod.export(res.trial, res.graph, out, **options)
     except CompileErrors as exc:
         print_diagnostics(exc.diagnostics, res.sources)
         return EXIT_INPUT
@@ -329,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="TARGET", help=f"one of: {targets}")
     p.add_argument("file", metavar="FILE")
     p.add_argument("-o", "--output", metavar="DIR", required=True)
+    p.add_argument("--granularity", choices=("step", "exam"),
+                   help="cwl: one tool per pipeline node (step, the default) or one per exam (exam)")
+    p.add_argument("--docker-image", metavar="IMAGE", help="cwl: a DockerRequirement hint naming this image")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", help="import an electronic protocol as .imtrial text")

@@ -1,16 +1,12 @@
 """The dependency graph of a checked trial: what work runs, in which order (a networkx DAG).
 
-Per-exam pipeline (``scope="exam"``), in data-dependency order::
-
-    ingest → identify → deidentify → classify → adherence → qc:<check> … → archive
-           → analysis:<name> … → measurements
-
-plus study-level tasks (``scope="study"``): ``qualify:<site>/<device>`` per device
-and ``visit:<name>`` per scheduled visit. Node attributes: ``kind``
-(step | qc | analysis | study_task), ``step`` (a name in the runner's step
-registry), ``scope``, ``ref`` (IR name or None), ``label``; QC and analysis nodes
-also carry ``protocols`` (the protocol names they read). The local runner and the
-CWL exporter both walk this graph; its shape is documented in ``docs/graph.md``.
+Built from the step table (``imtrial_dsl.pipeline``) plus the study's own QC checks and analyses:
+one node per step (``qc:<check>`` and ``analysis:<name>`` per check and analysis), and an edge
+A → B whenever B reads an exam-folder path or workdir object that A writes. The local runner walks
+this graph and the CWL exporter generates its workflow from it, so the two cannot disagree on
+order. Study tasks that people do rather than programs — ``qualify:<site>/<device>`` per device and
+``visit:<name>`` per scheduled visit — are drawn beside the pipeline (``kind="study_task"``); the
+runner does not execute them. Node attributes are documented in ``docs/graph.md``.
 """
 from __future__ import annotations
 
@@ -18,106 +14,115 @@ import json
 import re
 import shutil
 import subprocess
+from dataclasses import asdict
 from typing import Optional
 
 import networkx as nx
 
-from . import ir
+from . import ir, pipeline
 from .diagnostics import Diagnostic, Severity
 
-GRAPH_VERSION = "1"
-EXAM_CHAIN = ("ingest", "identify", "deidentify", "classify", "adherence")
-
-
-def _node(g: nx.DiGraph, nid: str, kind: str, step: str, scope: str, ref: Optional[str], label: str, **extra) -> None:
-    g.add_node(nid, kind=kind, step=step, scope=scope, ref=ref, label=label, **extra)
-
-
-def _qc_protocols(trial: ir.Trial, q: ir.QcCheck) -> list[str]:
-    """The protocols ``q`` applies to: the rule of ``Trial.qc_for``, without its model comparisons."""
-    names = {t.name for t in q.targets}
-    return [p.name for p in trial.protocols
-            if p.name in names or (q.modality and q.modality == p.modality and not q.targets)]
+GRAPH_VERSION = "2"
 
 
 def build_graph(trial: ir.Trial) -> nx.DiGraph:
-    """The DAG of steps for ``trial`` (assumed checked: references resolve, no analysis cycles)."""
+    """The DAG of work for ``trial`` (assumed checked: references resolve, no analysis cycles)."""
     g = nx.DiGraph(study=trial.study.code if trial.study else None, graph_version=GRAPH_VERSION,
                    ir_version=trial.ir_version)
-    labels = {
-        "ingest": "Ingest DICOM", "identify": "Assign research identifiers", "deidentify": "De-identify",
-        "classify": "Classify series", "adherence": "Protocol adherence",
-    }
-    for name in EXAM_CHAIN:
-        _node(g, name, "step", name, "exam", None, labels[name])
-    for a, b in zip(EXAM_CHAIN, EXAM_CHAIN[1:]):
-        g.add_edge(a, b)
-    _node(g, "archive", "step", "archive", "exam", None, "Archive")
-    g.add_edge("adherence", "archive")
+    nodes = pipeline.nodes(trial)
+    for n in nodes:
+        st = n.step
+        attrs = dict(kind=st.kind, step=st.name, scope=st.scope, ref=n.ref, label=n.label,
+                     inputs=list(n.inputs), outputs=list(n.outputs),
+                     study_inputs=list(st.study_inputs), study_outputs=list(st.study_outputs),
+                     shared=st.shared, ordered=st.ordered, resources=asdict(n.resources),
+                     secrets=list(st.secrets))
+        if st.per:
+            attrs["protocols"] = list(n.protocols)
+        attrs.update(n.extra)
+        g.add_node(n.id, **attrs)
+    for b in nodes:
+        for a in nodes:
+            if a is b:
+                continue
+            exam_dep = any(pipeline.covers(w, r) for w in a.outputs for r in b.inputs)
+            # a study object: written by one step, read by another (the registry is read and written by
+            # identify alone, which is no edge)
+            study_dep = any(pipeline.covers(w, r) for w in a.step.study_outputs for r in b.step.study_inputs)
+            if exam_dep or study_dep:
+                g.add_edge(a.id, b.id)
+    _study_tasks(g, trial)
+    if not nx.is_directed_acyclic_graph(g):  # a step table bug, not a study error
+        raise ValueError(f"the step table has a cycle: {nx.find_cycle(g)}")
+    return g
 
-    qc_by_protocol: dict[str, list[str]] = {}
-    for q in trial.qc:
-        prots = _qc_protocols(trial, q)
-        if not prots:
-            continue  # a modality-wide check with no protocol of that modality: nothing to run
-        nid = f"qc:{q.name}"
-        _node(g, nid, "qc", "qc", "exam", q.name, f"QC {q.name} ({q.metric})", protocols=prots, metric=q.metric)
-        g.add_edge("adherence", nid)
-        g.add_edge(nid, "archive")
-        for p in prots:
-            qc_by_protocol.setdefault(p, []).append(nid)
 
-    for a in trial.analyses:
-        prots = sorted({i.protocol.name for i in a.inputs if i.protocol is not None})
-        nid = f"analysis:{a.name}"
-        _node(g, nid, "analysis", "analysis", "exam", a.name, a.description or f"Analysis {a.name}", protocols=prots)
-        g.add_edge("archive", nid)
-        for p in prots:
-            for qn in qc_by_protocol.get(p, []):
-                g.add_edge(qn, nid)
-    for a in trial.analyses:
-        for i in a.inputs:
-            if i.analysis_output is not None:
-                other = i.analysis_output.name.partition(".")[0]
-                if f"analysis:{other}" in g:
-                    g.add_edge(f"analysis:{other}", f"analysis:{a.name}")
-
-    _node(g, "measurements", "step", "measurements", "exam", None, "Measurements table")
-    if trial.analyses:
-        for a in trial.analyses:
-            g.add_edge(f"analysis:{a.name}", "measurements")
-    else:
-        g.add_edge("archive", "measurements")
-
-    # Study-level tasks: devices qualify before the first visit; visits follow the schedule.
+def _study_tasks(g: nx.DiGraph, trial: ir.Trial) -> None:
+    """Devices qualify before the first visit; visits follow the schedule."""
     visits = sorted(trial.schedule.visits, key=lambda v: v.offset.days) if trial.schedule else []
+    common = dict(kind="study_task", scope="study", inputs=[], outputs=[], study_inputs=[], study_outputs=[],
+                  shared=None, ordered=False, resources=None, secrets=[])
     for s, d in trial.devices():
-        _node(g, f"qualify:{s.code}/{d.id}", "study_task", "qualify", "study", f"{s.code}/{d.id}",
-              f"Qualify {d.id} at {s.code}", site=s.code, device=d.id)
+        g.add_node(f"qualify:{s.code}/{d.id}", step="qualify", ref=f"{s.code}/{d.id}",
+                   label=f"Qualify {d.id} at {s.code}", site=s.code, device=d.id, **common)
     for v in visits:
-        _node(g, f"visit:{v.name}", "study_task", "visit", "study", v.name, f"Visit {v.name} (day {v.offset.days:g})",
-              protocols=[r.name for r in v.acquire])
+        g.add_node(f"visit:{v.name}", step="visit", ref=v.name, label=f"Visit {v.name} (day {v.offset.days:g})",
+                   protocols=[r.name for r in v.acquire], **common)
     for a, b in zip(visits, visits[1:]):
         g.add_edge(f"visit:{a.name}", f"visit:{b.name}")
     if visits:
         for s, d in trial.devices():
             g.add_edge(f"qualify:{s.code}/{d.id}", f"visit:{visits[0].name}")
-    return g
+
+
+def pipeline_nodes(g: nx.DiGraph) -> list[str]:
+    """The nodes the runner executes (everything but the study tasks), in a stable topological order."""
+    sub = g.subgraph([n for n, d in g.nodes(data=True) if d["kind"] != "study_task"])
+    table = list(pipeline.STEPS)
+    return list(nx.lexicographical_topological_sort(
+        sub, key=lambda n: (table.index(g.nodes[n]["step"]) if g.nodes[n]["step"] in table else len(table), n)))
+
+
+def staged_phases(g: nx.DiGraph) -> list[tuple[bool, list[str]]]:
+    """The pipeline cut for an engine that stages every input read-only (CWL): ``(batch, node ids)``.
+
+    A *batch* phase is one node that runs once over every exam — a study node, or an exam node on
+    shared state (the registry, the archive), which such an engine cannot share between jobs; the
+    other phases are maximal runs of exam nodes without shared state, which scatter over exams.
+    Phases are numbered from 0 in this order (``imtrial step exam --ref N`` runs phase N fused)."""
+    ids = pipeline_nodes(g)
+    table = list(pipeline.STEPS)
+
+    def batch(n: str) -> bool:
+        d = g.nodes[n]
+        return d["scope"] == "study" or d["shared"] is not None
+
+    order = list(nx.lexicographical_topological_sort(
+        g.subgraph(ids), key=lambda n: (batch(n), table.index(g.nodes[n]["step"]), n)))
+    phases: list[tuple[bool, list[str]]] = []
+    for n in order:
+        if batch(n) or not phases or phases[-1][0]:
+            phases.append((batch(n), [n]))
+        else:
+            phases[-1][1].append(n)
+    return phases
 
 
 def exam_order(g: nx.DiGraph) -> list[str]:
-    """Per-exam nodes in a stable topological order (ties broken by node id)."""
-    sub = g.subgraph([n for n, d in g.nodes(data=True) if d["scope"] == "exam"])
-    return list(nx.lexicographical_topological_sort(sub, key=lambda n: (_rank(n), n)))
-
-
-def _rank(n: str) -> int:
-    base = n.split(":", 1)[0]
-    order = list(EXAM_CHAIN) + ["qc", "archive", "analysis", "measurements"]
-    return order.index(base) if base in order else len(order)
+    """Per-exam nodes in the stable topological order the runner uses."""
+    return [n for n in pipeline_nodes(g) if g.nodes[n]["scope"] == "exam"]
 
 
 # --------------------------------------------------------------------------- renderers
+
+def drawn(g: nx.DiGraph) -> nx.DiGraph:
+    """The graph as pictures show it: without the edges that other paths already imply (the transitive
+    reduction), so that each step points at what it comes right before."""
+    red = nx.transitive_reduction(g)
+    red.add_nodes_from(g.nodes(data=True))
+    red.graph.update(g.graph)
+    return red
+
 
 def _q(s: str) -> str:
     return '"' + str(s).replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -133,11 +138,12 @@ _DOT_STYLE = {
 
 def to_dot(g: nx.DiGraph) -> str:
     """Graphviz DOT text: exam pipeline top to bottom, study tasks in their own cluster."""
+    g = drawn(g)
     name = g.graph.get("study") or "trial"
     out = [f"digraph {_q(name)} {{", "  rankdir=TB;", '  node [fontname="Helvetica", fontsize=10];',
            '  edge [color="#555555"];']
-    for scope, title in (("exam", "per exam"), ("study", "study tasks")):
-        nodes = sorted(n for n, d in g.nodes(data=True) if d["scope"] == scope)
+    for scope, title in (("pipeline", "pipeline (per exam, and over the study)"), ("tasks", "study tasks")):
+        nodes = sorted(n for n, d in g.nodes(data=True) if (d["kind"] == "study_task") == (scope == "tasks"))
         if not nodes:
             continue
         out.append(f"  subgraph cluster_{scope} {{")
@@ -154,6 +160,7 @@ def to_dot(g: nx.DiGraph) -> str:
 
 def to_mermaid(g: nx.DiGraph) -> str:
     """Mermaid flowchart text (renders in GitHub Markdown)."""
+    g = drawn(g)
     ids: dict[str, str] = {}
     for n in sorted(g.nodes):
         base = re.sub(r"[^A-Za-z0-9_]", "_", n)
@@ -166,8 +173,8 @@ def to_mermaid(g: nx.DiGraph) -> str:
         return g.nodes[n]["label"].replace('"', "#quot;")
 
     out = ["flowchart TD"]
-    for scope, title in (("exam", "per exam"), ("study", "study tasks")):
-        nodes = sorted(n for n, d in g.nodes(data=True) if d["scope"] == scope)
+    for scope, title in (("pipeline", "pipeline"), ("tasks", "study tasks")):
+        nodes = sorted(n for n, d in g.nodes(data=True) if (d["kind"] == "study_task") == (scope == "tasks"))
         if not nodes:
             continue
         out.append(f'  subgraph {scope}["{title}"]')

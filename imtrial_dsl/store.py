@@ -214,6 +214,18 @@ class Store:
             out.append(r)
         return out
 
+    def mark_quarantined(self, items: list[dict], step: str) -> None:
+        """Ingested files a later step refused (e.g. burned-in annotation): quarantined, not lost.
+        ``items``: ``{"sha256", "reason", "detail"}``; the copy is at ``quarantine/<sha256>/file``."""
+        with self.tx() as db:
+            for q in items:
+                if not q.get("sha256"):
+                    continue
+                reason = {"reason": q.get("reason"), "detail": q.get("detail"), "step": step}
+                db.execute("UPDATE files SET status='quarantined', reason=?, stored_path=?, "
+                           "first_seen=COALESCE(first_seen, ?) WHERE sha256=?",
+                           (json.dumps(reason), f"quarantine/{q['sha256']}/file", time.time(), q["sha256"]))
+
     def duplicates(self) -> list[dict]:
         """Inbox paths whose content was already seen under another path."""
         rows = self.db.execute(
@@ -227,6 +239,9 @@ class Store:
         if status:
             q, args = q + " WHERE status=?", (status,)
         return [self._exam(r) for r in self.db.execute(q + " ORDER BY exam_date, exam_key", args)]
+
+    def exam_keys(self) -> list[str]:
+        return [r["exam_key"] for r in self.db.execute("SELECT exam_key FROM exams ORDER BY exam_key")]
 
     def exam(self, exam_key: str) -> Optional[dict]:
         row = self.db.execute("SELECT * FROM exams WHERE exam_key=?", (exam_key,)).fetchone()
@@ -271,11 +286,17 @@ class Store:
                 db.execute(f"UPDATE exams SET {cols}, updated=? WHERE exam_key=?", (*fields.values(), now, exam_key))
 
     def set_step(self, exam_key: str, step: str, status: str, detail: Any = None,
-                 started: Optional[float] = None, generation: int = 0) -> None:
+                 started: Optional[float] = None, fingerprint: Optional[str] = None) -> None:
+        """Record one graph node of one exam (``step`` is the node id) and what it was computed from."""
         with self.tx() as db:
-            db.execute("INSERT OR REPLACE INTO steps(exam_key, step, status, generation, started, finished, detail) "
+            db.execute("INSERT OR REPLACE INTO steps(exam_key, step, status, started, finished, detail, fingerprint) "
                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (exam_key, step, status, generation, started, time.time(), json.dumps(detail, default=str)))
+                       (exam_key, step, status, started, time.time(), json.dumps(detail, default=str), fingerprint))
+
+    def fingerprints(self) -> dict[tuple[str, str], tuple[str, Optional[str]]]:
+        """(exam_key, node) -> (status, fingerprint) of every recorded node."""
+        return {(r["exam_key"], r["step"]): (r["status"], r["fingerprint"])
+                for r in self.db.execute("SELECT exam_key, step, status, fingerprint FROM steps")}
 
     # ------------------------------------------------------------------ registry
     def subjects(self, trial: Optional[str] = None) -> list[dict]:
@@ -302,6 +323,16 @@ class Store:
         rows = self.db.execute("SELECT subject, visit, site, protocol, analysis, measurement, value, unit, exam_key, "
                                "series_uid FROM measurements ORDER BY subject, visit, protocol, analysis, measurement")
         return [dict(r) for r in rows]
+
+    def replace_measurements(self, rows: list[dict]) -> None:
+        """The measurements table becomes ``rows`` (each with ``exam_key``)."""
+        now = time.time()
+        with self.tx() as db:
+            db.execute("DELETE FROM measurements")
+            db.executemany("INSERT OR REPLACE INTO measurements(exam_key, subject, visit, site, protocol, analysis, "
+                           "measurement, value, unit, series_uid, recorded) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           [(r["exam_key"], r["subject"], r["visit"], r["site"], r["protocol"], r["analysis"],
+                             r["measurement"], r["value"], r["unit"], r["series_uid"], now) for r in rows])
 
     def runs(self) -> list[dict]:
         return [{**dict(r), "summary": _loads(r["summary"], {})} for r in self.db.execute("SELECT * FROM runs ORDER BY id")]

@@ -143,7 +143,7 @@ class Workdir:
                     p.unlink()
                     n += 1
         if self.exams.exists():
-            for p in self.exams.glob("*/*.partial"):
+            for p in [q for q in self.exams.rglob("*.partial") if q.is_dir()]:
                 shutil.rmtree(p, ignore_errors=True)
                 n += 1
         return n

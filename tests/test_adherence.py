@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 
 from imtrial_dsl.loader import load
 from imtrial_dsl.runner import adherence, classify, dicomio, synth
-from imtrial_dsl.runner.steps import load_all
+from imtrial_dsl.runner.invoke import find_node, run_staged
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "adherence_data"
@@ -150,16 +150,16 @@ def test_software_upgrade_coverage(amy):
 
 
 def test_same_device_rule(amy):
-    assert adherence.same_device_finding(amy, "BOS_MR1", []) is None
-    assert adherence.same_device_finding(amy, "BOS_MR1", ["BOS_MR1"]) is None
-    f = adherence.same_device_finding(amy, "LYN_MR1", ["BOS_MR1"])
+    assert adherence.same_device_finding(amy, "BOS_MR1", {}, ["MR"]) is None
+    assert adherence.same_device_finding(amy, "BOS_MR1", {"MR": ["BOS_MR1"]}, ["MR"]) is None
+    f = adherence.same_device_finding(amy, "LYN_MR1", {"MR": ["BOS_MR1"]}, ["MR"])
     assert f["code"] == "same_device" and f["severity"] == "error"
 
 
 def _exam_results(trial, root: Path, exam: dict, prior: list[str]):
     d = root / exam["dir"]
     cls = classify.classify_folder(trial, d, expected=classify.expected_protocols(trial, exam["visit"]))
-    adh = adherence.check_exam(trial, cls, adherence.headers_for(cls, d), prior_devices=prior)
+    adh = adherence.check_exam(trial, cls, adherence.headers_for(cls, d), prior_devices={"MR": prior}, modalities=["MR"])
     return cls, adh
 
 
@@ -298,24 +298,35 @@ def test_pydicom_test_files_check_without_error(cons_trial):
 
 
 def test_steps_write_results(amy, conformant, tmp_path):
-    steps = load_all()
+    """The step functions through ``imtrial step``'s staged mode: inputs where they are, outputs under --out."""
     root, m = conformant
     e = m["exams"][1]
-    exam_dir = tmp_path / "exam1"
-    shutil.copytree(root / e["dir"], exam_dir / "original")
-    res = tmp_path / "exam1" / "results"
-    steps["classify"].func(amy, exam=str(exam_dir), out=str(res / "classification.json"))
-    summary = steps["adherence"].func(amy, exam=str(exam_dir), classification=str(res / "classification.json"),
-                                      out=str(res / "adherence.json"), prior_devices="LYN_MR1")
-    out = json.loads((res / "adherence.json").read_text())
-    assert out["verdict"] == summary["verdict"]
-    assert out["device_match"]["device"] == e["device"]
+    out = tmp_path / "exam1"
+    ident = tmp_path / "identity.json"
+    ident.write_text(json.dumps({"exam_key": "exam1", "subject_id": "S1", "visit": None, "modalities": ["MR"],
+                                 "prior_devices": {"MR": ["LYN_MR1"]}}))
+    staged = [("deid/", root / e["dir"]), ("results/identity.json", ident)]
+    run_staged(amy, find_node(amy, "classify"), staged, out)
+    summary = run_staged(amy, find_node(amy, "adherence"), staged, out)
+    res = out / "results"
+    adh = json.loads((res / "adherence.json").read_text())
+    assert adh["verdict"] == summary["verdict"]
+    assert adh["device_match"]["device"] == e["device"]
     if e["device"] != "LYN_MR1":
-        assert [f["code"] for f in out["findings"]] == ["same_device"]
-    steps["qc"].func(amy, exam=str(exam_dir), classification=str(res / "classification.json"), out=str(res / "qc.json"),
-                     check="t1_snr")
-    q = json.loads((res / "qc.json").read_text())
-    assert {c["check"] for s in q["series"] for c in s["checks"]} == {"t1_snr"}
+        assert [f["code"] for f in adh["findings"]] == ["same_device"]
+    run_staged(amy, find_node(amy, "qc", "t1_snr"), staged, out)
+    q = json.loads((res / "qc" / "t1_snr.json").read_text())
+    assert q["check"] == "t1_snr" and {c["check"] for s in q["series"] for c in s["checks"]} == {"t1_snr"}
+
+
+def test_same_device_rule_compares_one_modality_at_a_time(amy):
+    """A same-day MR and CT of one subject are no device change; a second MR scanner is."""
+    amy = amy.model_copy(deep=True)
+    amy.schedule.same_device = "required"
+    assert adherence.same_device_finding(amy, "BOS_MR1", {"CT": ["BOS_CT1"]}, ["MR"]) is None
+    assert adherence.same_device_finding(amy, "BOS_MR1", {"MR": ["BOS_MR1"], "CT": ["BOS_CT1"]}, ["MR", "CT"])["modalities"] == ["CT"]
+    f = adherence.same_device_finding(amy, "BOS_MR2", {"MR": ["BOS_MR1"]}, ["MR"])
+    assert f["code"] == "same_device" and f["severity"] == "error" and f["prior_devices"] == ["BOS_MR1"]
 
 
 def test_fingerprinted_scan_gives_the_same_results(amy, deviant):

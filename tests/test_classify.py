@@ -11,7 +11,7 @@ from pydicom.dataset import Dataset
 
 from imtrial_dsl.loader import load
 from imtrial_dsl.runner import classify, dicomio, synth
-from imtrial_dsl.runner.steps import load_all
+from imtrial_dsl.runner.invoke import find_node, run_staged
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "adherence_data"
@@ -107,7 +107,8 @@ def test_classify_step_reads_identity_visit(amy, tmp_path):
     shutil.copytree(tmp_path / "c" / e["dir"], exam / "deid")
     (exam / "results").mkdir()
     (exam / "results" / "identity.json").write_text(json.dumps({"subject_id": "X", "visit": "m12"}))
-    summary = load_all()["classify"].func(amy, exam=str(exam), out=str(exam / "results" / "classification.json"))
+    summary = run_staged(amy, find_node(amy, "classify"), [("deid/", exam / "deid"),
+                                                           ("results/identity.json", exam / "results" / "identity.json")], exam)
     out = json.loads((exam / "results" / "classification.json").read_text())
     assert summary["matched"] == 3 and out["visit"] == "m12" and out["missing_protocols"] == []
     assert all(not f.startswith("/") for s in out["series"] for f in s["files"])

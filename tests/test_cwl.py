@@ -43,8 +43,11 @@ def test_every_example_exports_valid_cwl(example, tmp_path):
     assert "is valid CWL" in proc.stdout + proc.stderr
     assert "previously defined" not in proc.stderr
     tools = {p.stem for p in (tmp_path / "tools").glob("*.cwl")}
-    assert {"ingest", "identify", "deidentify", "classify", "adherence", "qc", "archive", "measurements"} <= tools
     res = compile_file(example)
+    # one tool per node of the compiled graph, generated from the step table
+    nodes = {n.replace(":", "_") for n, d in res.graph.nodes(data=True) if d["kind"] != "study_task"}
+    assert tools == nodes
+    assert {"ingest", "identify", "deidentify", "classify", "adherence", "archive", "measurements"} <= tools
     assert {f"analysis_{a.name}" for a in res.trial.analyses} <= tools
     # The compiled IR shipped beside the workflow is the study, byte for byte in meaning.
     ir_doc = json.loads((tmp_path / "study.ir.json").read_text())
@@ -87,25 +90,52 @@ def test_study_strings_cannot_inject(tmp_path):
         # every parameter reference left in the documents is one the exporter wrote, never study text
         for line in text.splitlines():
             if "$(" in line and "\\$(" not in line:
-                assert "$(inputs." in line, f"{p.name}: {line}"
+                assert "=$(self.path)" in line, f"{p.name}: {line}"
     assert not Path("/tmp/imtrial_pwned").exists()
+
+
+def test_tools_carry_what_a_scheduler_needs(tmp_path):
+    import yaml
+
+    res = compile_file(ROOT / "examples" / "amyloid_mri.imtrial")
+    cwl_export.export(res.trial, res.graph, tmp_path, docker_image="example.org/imtrial:0.1.0")
+    for p in (tmp_path / "tools").glob("*.cwl"):
+        doc = yaml.safe_load(p.read_text())
+        req = {r["class"]: r for r in doc["requirements"]}
+        assert req["ResourceRequirement"]["coresMin"] >= 1 and req["ResourceRequirement"]["ramMin"] >= 512, p.name
+        hints = {h["class"]: h for h in doc["hints"]}
+        assert hints["SoftwareRequirement"]["packages"][0]["package"] == "imtrial"
+        assert hints["DockerRequirement"]["dockerPull"] == "example.org/imtrial:0.1.0"
+    timed = [a for a in res.trial.analyses if a.timeout]   # an analysis' timeout is its tool's time limit
+    assert timed
+    for a in timed:
+        doc = yaml.safe_load((tmp_path / "tools" / f"analysis_{a.name}.cwl").read_text())
+        assert {r["class"]: r for r in doc["requirements"]}["ToolTimeLimit"]["timelimit"] == int(a.timeout.value / 1000)
+    # analyses are wired by their data: aria_read does not wait for hipvol
+    sub = yaml.safe_load(next(tmp_path.glob("exam_pipeline_*.cwl")).read_text())
+    aria = next(s for s in sub["steps"] if s["id"] == "analysis_aria_read")
+    assert not any("hipvol" in str(i.get("source")) for i in aria["in"])
 
 
 # ----------------------------------------------------------------------------- runs
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A small synthetic inbox (one subject per site, baseline only) and its local run."""
-    base = tmp_path_factory.mktemp("cwlrun")
-    study = ROOT / "examples" / "amyloid_mri.imtrial"
+def _corpus(base: Path, example: str, **synth) -> Path:
+    """A small synthetic inbox for one example, its local run, and its CWL exports (both granularities)."""
+    study = ROOT / "examples" / example
     imtrial = str(BIN / "imtrial")
-    subprocess.run([imtrial, "synth", str(study), "--out", str(base / "inbox"), "--subjects", "1", "--small",
-                    "--visits", "baseline", "--seed", "7", "--no-phi"], check=True, env=_env(), capture_output=True)
-    subprocess.run([imtrial, "run", str(study), "--inbox", str(base / "inbox"), "--workdir", str(base / "local"),
-                    "--jobs", "1", "--no-progress"], env=_env(), capture_output=True, text=True)
-    _export(study, base / "cwl")
+    args = [imtrial, "synth", str(study), "--out", str(base / "inbox"), "--subjects", "1", "--small", "--seed", "7", "--no-phi"]
+    for k, v in synth.items():
+        args += [f"--{k}", v]
+    subprocess.run(args, check=True, env=_env(), capture_output=True)
+    run = subprocess.run([imtrial, "run", str(study), "--inbox", str(base / "inbox"), "--workdir", str(base / "local"),
+                          "--jobs", "1", "--no-progress", "--json"], env=_env(), capture_output=True, text=True)
+    (base / "local.json").write_text(run.stdout)
+    for g in ("step", "exam"):
+        proc = subprocess.run([imtrial, "export", "cwl", str(study), "-o", str(base / f"cwl-{g}"), "--granularity", g],
+                              env=_env(), capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
     (base / "job.json").write_text(json.dumps({
-        "study": {"class": "File", "path": str(base / "cwl" / "study.ir.json")},
+        "study": {"class": "File", "path": str(base / "cwl-step" / "study.ir.json")},
         "inbox": {"class": "Directory", "path": str(base / "inbox")}}))
     return base
 
@@ -114,13 +144,12 @@ def _objects(archive: Path) -> set[str]:
     return {p.name for p in (archive / "objects").rglob("*") if p.is_file()}
 
 
-def _verdicts(exams_dir: Path) -> dict:
+def _records(archive: Path) -> dict:
+    """Every archived sidecar's content (adherence and QC verdicts per series and exam), by key and version."""
     out = {}
-    for kind in ("adherence", "qc"):
-        for p in sorted(exams_dir.glob(f"*/results/{kind}.json")):
-            doc = json.loads(p.read_text())
-            out[(p.parent.parent.name, kind)] = (doc.get("verdict"), sorted(
-                (s.get("series_uid"), s.get("verdict")) for s in doc.get("series", [])))
+    for p in (archive / "records").rglob("v*.json"):
+        d = json.loads(p.read_text())
+        out[(d["key"], d["version"])] = d["content"]
     return out
 
 
@@ -129,33 +158,41 @@ def _compare(corpus: Path, outdir: Path):
     objs = _objects(local / "archive")
     assert objs, "the local run archived nothing"
     assert _objects(outdir / "archive") == objs
-    exams_out = {p.name: p for p in outdir.iterdir() if p.is_dir() and (p / "results").is_dir()}
-    stage = outdir.parent / (outdir.name + "-exams")
-    stage.mkdir(exist_ok=True)
-    for name, p in exams_out.items():
-        if not (stage / name).exists():
-            (stage / name).symlink_to(p)
-    local_v, cwl_v = _verdicts(local / "exams"), _verdicts(stage)
-    assert local_v and local_v == cwl_v
+    assert _records(outdir / "archive") == _records(local / "archive")
+    assert (outdir / "measurements.csv").read_text() == (local / "measurements.csv").read_text()
 
 
-@pytest.mark.slow
-def test_cwltool_run_matches_local_run(corpus):
-    out = corpus / "cwltool-out"
+def _cwltool(corpus: Path, granularity: str) -> Path:
+    out = corpus / f"cwltool-{granularity}"
     proc = subprocess.run([str(BIN / "cwltool"), "--no-container", "--preserve-environment", "IMTRIAL_KEY",
-                           "--outdir", str(out), str(corpus / "cwl" / "workflow.cwl"), str(corpus / "job.json")],
-                          capture_output=True, text=True, env=_env())
+                           "--outdir", str(out), str(corpus / f"cwl-{granularity}" / "workflow.cwl"),
+                           str(corpus / "job.json")], capture_output=True, text=True, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _compare(corpus, out)
+    return out
 
 
-@pytest.mark.slow
-def test_toil_run_matches_local_run(corpus):
-    out = corpus / "toil-out"
+def _toil(corpus: Path, granularity: str) -> Path:
+    out = corpus / f"toil-{granularity}"
     # Toil 9 does not pass --preserve-environment through to its workers; the whole environment it is.
     proc = subprocess.run([str(BIN / "toil-cwl-runner"), "--no-container", "--preserve-entire-environment",
-                           "--jobStore", str(corpus / "jobstore"), "--outdir", str(out), "--logLevel", "WARNING",
-                           str(corpus / "cwl" / "workflow.cwl"), str(corpus / "job.json")],
-                          capture_output=True, text=True, env=_env(), cwd=corpus)
+                           "--jobStore", str(corpus / f"jobstore-{granularity}"), "--outdir", str(out),
+                           "--logLevel", "WARNING", str(corpus / f"cwl-{granularity}" / "workflow.cwl"),
+                           str(corpus / "job.json")], capture_output=True, text=True, env=_env(), cwd=corpus)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _compare(corpus, out)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example,synth", [("amyloid_mri.imtrial", {"visits": "baseline"}),
+                                           ("oncology_ct.imtrial", {"visits": "baseline"}),
+                                           ("phantom_qualification.imtrial", {})],
+                         ids=["amyloid_mri", "oncology_ct", "phantom_qualification"])
+def test_cwltool_and_toil_match_the_local_run_on_every_example(example, synth, tmp_path):
+    """Same archive bytes, same sidecar verdicts, same measurements: cwltool at step granularity and Toil at
+    exam granularity (one process per exam) against ``imtrial run``. PHQ01 scans one volunteer on an MR and a
+    CT system the same day: no device change, in either engine."""
+    corpus = _corpus(tmp_path, example, **synth)
+    _compare(corpus, _cwltool(corpus, "step"))
+    _compare(corpus, _toil(corpus, "exam"))
+    summary = json.loads((corpus / "local.json").read_text())
+    assert not summary["failed"] and "same_device" not in summary["warnings"], summary["warnings"]

@@ -17,7 +17,6 @@ from pydicom.sequence import Sequence
 from imtrial_dsl import ir
 from imtrial_dsl.dicom_tables import CID7050, OPTION_CODES
 from imtrial_dsl.runner import deid as D
-from imtrial_dsl.runner.steps import load_all
 
 ROOT = Path(__file__).resolve().parent.parent
 PS315 = ROOT / "stdlib" / "deid" / "ps315.imtrial"
@@ -379,10 +378,7 @@ def test_burned_in_cleaned_with_matching_region():
 
 # --------------------------------------------------------------------------- the step
 
-def test_step_registered_and_runs(tmp_path):
-    steps = load_all()
-    spec = steps["deidentify"]
-    assert [p.name for p in spec.inputs] == ["exam", "identity", "registry", "quarantine"]
+def test_exam_deidentification_quarantines_refused_files_and_records_the_audit_map(tmp_path):
     exam = tmp_path / "exams" / "abc"
     (exam / "original" / "s1").mkdir(parents=True)
     for n in ("MR_small.dcm", "CT_small.dcm", "US1_UNCR.dcm"):
@@ -393,8 +389,8 @@ def test_step_registered_and_runs(tmp_path):
     reg = tmp_path / "state.sqlite"
     t = make_trial(EXAMPLE)
     out = tmp_path / "deid"
-    summary = spec.func(t, exam=str(exam), identity=str(ident), out=str(out), registry=str(reg),
-                        quarantine=str(tmp_path / "quarantine"))
+    summary = D.deidentify_exam(t, exam, json.loads(ident.read_text()), out, registry=reg,
+                              quarantine=tmp_path / "quarantine")
     assert summary["files"] == 4 and summary["written"] == 2
     reasons = sorted(q["reason"] for q in summary["quarantined"])
     assert reasons == ["burned_in_annotation", "missing_essentials"]   # junk reads as an empty dataset
@@ -412,7 +408,7 @@ def test_step_registered_and_runs(tmp_path):
     assert "test-key" not in text
     # re-run: same bytes, audit idempotent
     first = {f.name: f.read_bytes() for f in files}
-    spec.func(t, exam=str(exam), identity=str(ident), out=str(out), registry=str(reg))
+    D.deidentify_exam(t, exam, json.loads(ident.read_text()), out, registry=reg)
     assert {f.name: f.read_bytes() for f in sorted(out.glob("*.dcm"))} == first
     assert sqlite3.connect(reg).execute("SELECT count(*) FROM deid_audit").fetchone()[0] == len(rows)
 

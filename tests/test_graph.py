@@ -21,6 +21,7 @@ STEP_NAMES = {"ingest", "identify", "deidentify", "classify", "adherence", "qc",
               "measurements", "qualify", "visit"}
 
 
+
 def _compiled(path: Path):
     res = compile_file(path)
     assert res.ok, [str(d) for d in res.diagnostics]
@@ -33,47 +34,54 @@ def test_graph_shape_follows_the_ir(path: Path) -> None:
     assert nx.is_directed_acyclic_graph(g)
     for n, d in g.nodes(data=True):
         assert d["kind"] in KINDS and d["step"] in STEP_NAMES and d["scope"] in ("exam", "study") and d["label"], n
-    # the exam chain
-    for a, b in zip(G.EXAM_CHAIN, G.EXAM_CHAIN[1:]):
-        assert g.has_edge(a, b)
-    assert g.has_edge("adherence", "archive")
-    # one node per QC check that applies to some protocol, between adherence and archive
+    # the chain every exam goes through, by data: each reads what the one before writes
+    for a, b in [("ingest", "identify"), ("identify", "deidentify"), ("deidentify", "classify"),
+                 ("classify", "adherence"), ("adherence", "archive"), ("deidentify", "archive")]:
+        assert g.has_edge(a, b), (a, b)
+    # one node per QC check that applies to some protocol, between classification and the archive
     for q in trial.qc:
         prots = [p.name for p in trial.protocols if q in trial.qc_for(p)]
         nid = f"qc:{q.name}"
         assert (nid in g) == bool(prots)
         if prots:
             assert g.nodes[nid]["protocols"] == prots and g.nodes[nid]["ref"] == q.name
-            assert g.has_edge("adherence", nid) and g.has_edge(nid, "archive")
-    # analyses after archive, after the QC of the protocols they read, after the analyses they consume
+            assert g.has_edge("classify", nid) and g.has_edge(nid, "archive")
+    # analyses after the QC of the protocols they read and the analyses they consume -- and nothing else
     for a in trial.analyses:
         nid = f"analysis:{a.name}"
-        assert g.has_edge("archive", nid) and g.has_edge(nid, "measurements")
-        for i in a.inputs:
-            if i.protocol:
-                p = trial.protocol(i.protocol.name)
-                for q in trial.qc_for(p):
-                    assert g.has_edge(f"qc:{q.name}", nid)
-            if i.analysis_output:
-                assert g.has_edge(f"analysis:{i.analysis_output.name.split('.')[0]}", nid)
+        assert g.has_edge("deidentify", nid) and g.has_edge(nid, "measurements")
+        wanted = {f"qc:{q.name}" for i in a.inputs if i.protocol for q in trial.qc_for(trial.protocol(i.protocol.name))}
+        wanted |= {f"analysis:{i.analysis_output.name.split('.')[0]}" for i in a.inputs if i.analysis_output}
+        got = {p for p in g.predecessors(nid) if p.startswith(("qc:", "analysis:"))}
+        assert got == wanted, (nid, got, wanted)
     # study tasks
     devices = [f"qualify:{s.code}/{d.id}" for s, d in trial.devices()]
     schedule = trial.schedule.visits if trial.schedule else []
     visits = [f"visit:{v.name}" for v in sorted(schedule, key=lambda v: v.offset.days)]
-    assert sorted(n for n, d in g.nodes(data=True) if d["scope"] == "study") == sorted(devices + visits)
+    assert sorted(n for n, d in g.nodes(data=True) if d["kind"] == "study_task") == sorted(devices + visits)
     for a, b in zip(visits, visits[1:]):
         assert g.has_edge(a, b)
     for q in devices:
         assert not visits or g.has_edge(q, visits[0])
 
 
-def test_exam_steps_exist_in_the_runner_registry() -> None:
-    from imtrial_dsl.runner import steps
+def test_independent_analyses_do_not_wait_for_each_other() -> None:
+    trial, g = _compiled(ROOT / "examples" / "amyloid_mri.imtrial")
+    assert not nx.has_path(g, "analysis:hipvol", "analysis:aria_read")
+    assert not nx.has_path(g, "analysis:aria_read", "analysis:hipvol")
 
-    registry = steps.load_all()
+
+def test_every_node_of_the_graph_is_a_step_of_the_table() -> None:
+    from imtrial_dsl import pipeline
+
     _, g = _compiled(EXAMPLES[0])
-    missing = {d["step"] for _, d in g.nodes(data=True) if d["scope"] == "exam"} - set(registry)
+    missing = {d["step"] for _, d in g.nodes(data=True) if d["kind"] != "study_task"} - set(pipeline.STEPS)
     assert not missing
+    for n, d in g.nodes(data=True):
+        if d["kind"] != "study_task":
+            st = pipeline.STEPS[d["step"]]
+            assert d["resources"]["cores"] >= 1 and d["resources"]["ram_mb"] > 0
+            assert (d["shared"], d["ordered"]) == (st.shared, st.ordered)
 
 
 STUDY = """
@@ -98,15 +106,15 @@ def test_analysis_chain_and_modality_qc() -> None:
     assert g.has_edge("analysis:seg", "analysis:vol") and g.has_edge("analysis:vol", "analysis:report")
     assert g.has_edge("qc:snr", "analysis:seg") and not g.has_edge("qc:snr", "analysis:vol")
     assert g.has_edge("qc:mr_ghost", "analysis:vol")
-    order = G.exam_order(g)
-    assert order[:5] == list(G.EXAM_CHAIN)
+    order = G.pipeline_nodes(g)
+    assert order[:5] == ["ingest", "identify", "deidentify", "classify", "adherence"]
     assert order.index("analysis:seg") < order.index("analysis:vol") < order.index("analysis:report") < order.index("measurements")
-    assert not [n for n, d in g.nodes(data=True) if d["scope"] == "study"]  # no devices, no schedule
+    assert not [n for n, d in g.nodes(data=True) if d["kind"] == "study_task"]  # no devices, no schedule
 
 
-def test_no_analyses_means_archive_feeds_measurements() -> None:
+def test_no_analyses_means_nothing_feeds_measurements_but_identities() -> None:
     res = compile_text('protocol T1w modality MR { match SeriesDescription ~ "t1" }', "x.imtrial")
-    assert res.ok and res.graph.has_edge("archive", "measurements")
+    assert res.ok and set(res.graph.predecessors("measurements")) == {"identify"}
 
 
 def test_renderers_agree_with_graph() -> None:
@@ -116,11 +124,11 @@ def test_renderers_agree_with_graph() -> None:
     assert set(back.nodes) == set(g.nodes) and set(back.edges) == set(g.edges)
     assert dict(back.nodes["ingest"]) == dict(g.nodes["ingest"])
     dot = G.to_dot(g)
-    assert dot.count(" -> ") == g.number_of_edges()
+    assert dot.count(" -> ") == G.drawn(g).number_of_edges()
     for n in g.nodes:
         assert f'"{n}"' in dot
     mer = G.to_mermaid(g)
-    assert mer.startswith("flowchart TD") and mer.count(" --> ") == g.number_of_edges()
+    assert mer.startswith("flowchart TD") and mer.count(" --> ") == G.drawn(g).number_of_edges()
 
 
 def test_image_rendering_or_error_value(monkeypatch) -> None:

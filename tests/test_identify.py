@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+
+from imtrial_dsl.runner.invoke import find_node, run_staged
 from pathlib import Path
 
 import pytest
@@ -208,12 +210,12 @@ def test_screening_rule_uses_content_and_windows(db):
 def test_identify_step_writes_identity_without_original_identifiers(tmp_path, monkeypatch):
     monkeypatch.setenv("IMTRIAL_TEST_KEY", "k3y")
     t = trial_for()
-    ex = tmp_path / "exams" / "e1"
-    ex.mkdir(parents=True)
-    (ex / "exam.json").write_text(json.dumps(exam("MRN-777", "20250110", "e1")))
-    out = ex / "results" / "identity.json"
-    res = idf.identify(t, exam=str(ex), registry=str(tmp_path / "state.sqlite"), out=str(out))
-    assert res["ok"]
+    src = tmp_path / "exam.json"
+    src.write_text(json.dumps(exam("MRN-777", "20250110", "e1")))
+    # as a CWL engine runs it: one batch over the exams, the registry staged into the output folder
+    res = run_staged(t, find_node(t, "identify"), [("exam.json", src)], tmp_path)
+    assert res["exams"]["e1"]["identified"]
+    out = tmp_path / "e1" / "results" / "identity.json"
     text = out.read_text()
     ident = json.loads(text)
     assert ident["subject_id"].startswith("AMY01-BOS-0001") and ident["visit"] == "baseline"

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from imtrial_dsl.runner.ingest import check_dataset, exam_key_for, ingest, list_inbox
+from imtrial_dsl.runner.ingest import check_dataset, exam_key_for, ingest_inbox, list_inbox
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -49,13 +49,13 @@ def inbox(tmp_path: Path) -> Path:
 
 def test_ingest_groups_quarantines_and_loses_nothing(tmp_path: Path, inbox: Path):
     before = _tree_digest(inbox)
-    out, q = tmp_path / "exams", tmp_path / "quarantine"
-    res = ingest(None, inbox=str(inbox), out=str(out), quarantine=str(q))
+    out, q = tmp_path / "w" / "exams", tmp_path / "w" / "quarantine"
+    res = ingest_inbox(None, inbox, tmp_path / "w")
 
     # the inbox is left untouched without --move
     assert _tree_digest(inbox) == before
 
-    reasons = {item["path"]: item["reason"] for item in res["quarantined"]}
+    reasons = {item["path"]: item["reason"] for item in res["quarantined_files"]}
     assert reasons == {
         "bad/truncated_pydicom.dcm": "truncated",
         "bad/cut.dcm": "truncated",
@@ -64,39 +64,40 @@ def test_ingest_groups_quarantines_and_loses_nothing(tmp_path: Path, inbox: Path
         "bad/no_sop.dcm": "missing_essentials",
         ".hidden": "not_dicom",
     }
-    for item in res["quarantined"]:
+    for item in res["quarantined_files"]:
         qdir = q / item["sha256"]
         reason = json.loads((qdir / "reason.json").read_text())
         assert reason["reason"] == item["reason"] and reason["original_path"] == item["path"] and reason["detail"]
         assert hashlib.sha256((qdir / "file").read_bytes()).hexdigest() == item["sha256"]
-    missing = json.loads((q / next(i["sha256"] for i in res["quarantined"] if i["path"] == "bad/no_sop.dcm")
+    missing = json.loads((q / next(i["sha256"] for i in res["quarantined_files"] if i["path"] == "bad/no_sop.dcm")
                           / "reason.json").read_text())
     assert missing["missing"] == ["SOPInstanceUID"]
 
     # duplicates are recorded, not stored twice
-    assert res["duplicates"] == [{"path": "good/mr_copy_same_bytes.dcm", "of": "good/mr.dcm"}]
+    assert res["duplicate_files"] == [{"path": "good/mr_copy_same_bytes.dcm", "of": "good/mr.dcm"}]
 
     # good files grouped by study -> exam, series; every inbox file accounted for exactly once
     mr_uid = str(pydicom.dcmread(get_testdata_file("MR_small.dcm")).StudyInstanceUID)
     ct_uid = str(pydicom.dcmread(get_testdata_file("CT_small.dcm")).StudyInstanceUID)
-    assert sorted(res["exams"]) == sorted({exam_key_for(mr_uid), exam_key_for(ct_uid)})
+    assert res["exams_touched"] == sorted({exam_key_for(mr_uid), exam_key_for(ct_uid)})
     mr_exam = json.loads((out / exam_key_for(mr_uid) / "exam.json").read_text())
     assert mr_exam["study_uid"] == mr_uid and mr_exam["n_instances"] == 2
     assert len(mr_exam["series"]) == 1 and len(mr_exam["series"][0]["files"]) == 2
     assert mr_exam["device"]["manufacturer"] == "TOSHIBA_MEC" and mr_exam["patient"]["PatientID"] == "4MR1"
     stored = list(out.rglob("*.dcm"))
     assert len(stored) == 3
-    accounted = res["instances"] + len(res["quarantined"]) + len(res["duplicates"])
+    accounted = res["ingested"] + res["quarantined"] + res["duplicates"]
     assert accounted == len(list_inbox(inbox))
 
 
 def test_ingest_is_idempotent_and_move_empties_inbox(tmp_path: Path, inbox: Path):
-    out, q = tmp_path / "exams", tmp_path / "quarantine"
-    ingest(None, inbox=str(inbox), out=str(out), quarantine=str(q))
+    out = tmp_path / "w" / "exams"
+    ingest_inbox(None, inbox, tmp_path / "w")
     first = _tree_digest(out)
-    res = ingest(None, inbox=str(inbox), out=str(out), quarantine=str(q), move=True)
-    assert _tree_digest(out) == first            # same content placed under the same names
-    assert res["instances"] == 3
+    # a second workdir over the same inbox places the same content under the same names
+    res = ingest_inbox(None, inbox, tmp_path / "w2", move=True)
+    assert _tree_digest(tmp_path / "w2" / "exams") == first
+    assert res["ingested"] == 3
     assert list_inbox(inbox) == []
 
 
@@ -114,7 +115,6 @@ def test_exam_key_is_stable():
 
 
 def test_runner_ingest_records_every_path_and_move_deletes_only_recorded_files(tmp_path: Path, inbox: Path):
-    from imtrial_dsl.runner.run import ingest_inbox
     from imtrial_dsl.store import Store as State
 
     n_paths = len(list_inbox(inbox))
@@ -137,7 +137,6 @@ def test_runner_ingest_records_every_path_and_move_deletes_only_recorded_files(t
 
 def test_same_names_in_another_inbox_or_changed_content_are_not_skipped(tmp_path: Path):
     """Sites reuse file names (IM0001.dcm …): only a path whose size and mtime are unchanged counts as seen."""
-    from imtrial_dsl.runner.run import ingest_inbox
 
     ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
     for n, box in enumerate(("in1", "in2")):

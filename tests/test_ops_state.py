@@ -22,10 +22,9 @@ def workdir(tmp_path):
         st.upsert_exam("other", trial="OTHER", subject_id="OTHER-1", site="BOS", device="BOS_MR1", visit="baseline",
                        exam_date="20260101", status="done")
         for k in ("k1", "k2"):
-            for step in ("ingest", "identify", "classify", "adherence", "qc"):
+            for step in ("ingest", "identify", "classify", "adherence", "qc:t1_snr", "qc:t1_motion"):
                 st.set_step(k, step, "done")
-        st.set_step("k1", "analyses", "done", {"analyses": [{"analysis": "hipvol", "status": "done"}],
-                                                "done": ["hipvol"], "failed": []})
+        st.set_step("k1", "analysis:hipvol", "done", {"analysis": "hipvol", "status": "done"})
         # per-series verdicts as the runner records them (JSON columns)
         with st.tx() as db:
             db.execute("INSERT INTO series(exam_key, series_uid, protocol, adherence, qc) VALUES (?,?,?,?,?)",

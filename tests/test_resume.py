@@ -130,11 +130,13 @@ def test_kill_9_at_every_phase_then_resume(tmp_path):
 
 
 def test_second_run_on_a_locked_workdir_is_refused(tmp_path):
-    from imtrial_dsl.runner.run import RunLocked, _lock
+    from imtrial_dsl.files import try_lock
+    from imtrial_dsl.runner.run import RunLocked
+    from imtrial_dsl.workdir import Workdir
 
     m = make_corpus(tmp_path / "corpus", subjects=1, slices=2, visits=(("baseline", 0),))
     work = tmp_path / "work"
-    held = _lock(work / ".run.lock", wait=False)          # as a running `imtrial run` holds it
+    held = try_lock(Workdir(work).run_lock)                # as a running `imtrial run` holds it
     try:
         with pytest.raises(RunLocked):
             run_study(compile_file(m["study"]).trial, inbox=m["inbox"], workdir=work, jobs=1, progress=False)

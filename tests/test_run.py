@@ -46,11 +46,15 @@ def test_every_exam_runs_through_every_step(mini):
     assert s["quarantined"] == 2 and s["quarantine_reasons"] == {"not_dicom": 1, "truncated": 1}
     st = State(work)
     for e in st.exams():
-        assert list(e["steps"]) == ["ingest", "identify", "deidentify", "classify", "adherence", "qc", "archive", "analyses"]
-        assert all(v["status"] == "done" for v in e["steps"].values())
+        assert set(e["steps"]) == {"ingest", "identify", "deidentify", "classify", "adherence", "qc:t2_snr", "archive",
+                                   "analysis:t2vol"}
+        order = list(e["steps"])   # in the order they ran: every node after the nodes it reads from
+        assert order.index("deidentify") < order.index("classify") < order.index("adherence") < order.index("archive")
+        assert order.index("qc:t2_snr") < order.index("archive")
+        assert all(v["status"] == "done" and v["fingerprint"] for v in e["steps"].values())
         assert e["in_window"] is True and e["visit"] in ("baseline", "m06")
         assert all(sr["protocol"] in ("T2w", "FLAIR") and sr["qc"]["verdict"] for sr in e["series"])
-        for name in ("identity", "classification", "adherence", "qc"):
+        for name in ("identity", "classification", "adherence", "qc/t2_snr", "archived"):
             assert (work / "exams" / e["exam_key"] / "results" / f"{name}.json").is_file()
     visits = sorted((e["subject_id"], e["visit"]) for e in st.exams())
     assert [v for _, v in visits] == ["baseline", "m06", "baseline", "m06"]
@@ -162,51 +166,68 @@ def test_status_and_step_commands(mini, capsys, tmp_path):
     for name in ("ingest", "identify", "deidentify", "classify", "adherence", "qc", "archive", "analysis", "measurements"):
         assert name in listing
 
-    # a step run alone, as the CWL tools run it: classify one exam into a file of our choosing
-    out_file = tmp_path / "cls.json"
-    assert commands.main(["step", "classify", "--study", mini["m"]["study"], "--exam", str(work / "exams" / key),
-                          "--out", str(out_file)]) == 0
+    # a node run alone in place: recorded in the workdir as a run records it
+    assert commands.main(["step", "classify", "--study", mini["m"]["study"], "--workdir", str(work), "--exam", key[:8]]) == 0
+    assert json.loads(capsys.readouterr().out)["matched"] == 2
+    # ... and staged, as the CWL tools run it: inputs where they are, outputs under --out
+    E = work / "exams" / key
+    out = tmp_path / "staged"
+    assert commands.main(["step", "classify", "--study", mini["m"]["study"], "--in", f"deid/={E / 'deid'}",
+                          "--in", f"results/identity.json={E / 'results' / 'identity.json'}", "--out", str(out)]) == 0
     capsys.readouterr()
-    assert json.loads(out_file.read_text())["summary"]["matched"] == 2
-    assert commands.main(["step", "clasify", "--study", mini["m"]["study"]]) == 2
-    assert "did you mean" in capsys.readouterr().err
+    assert json.loads((out / "results" / "classification.json").read_text())["summary"]["matched"] == 2
+    assert commands.main(["step", "clasify", "--study", mini["m"]["study"], "--out", str(out)]) == 1
+    assert "did you mean 'classify'" in capsys.readouterr().err
 
     assert commands.main(["verify", "--workdir", str(work)]) == 0
     assert capsys.readouterr().out.startswith("OK:")
 
 
-def test_steps_chained_as_the_cwl_workflow_does_give_the_same_archive(mini, tmp_path, capsys):
-    """ingest → identify-all → per-exam steps → archive-all → analysis → measurements, each through
-    `imtrial step` with the CWL tools' folder layout: the archive holds the same bytes as `imtrial run`."""
-    study, inbox, w = mini["m"]["study"], mini["m"]["inbox"], tmp_path
+def test_nodes_staged_as_the_cwl_workflow_stages_them_give_the_same_archive(mini, tmp_path, capsys):
+    """Every node through `imtrial step` in the CWL export's phases and staging (batch nodes once over all
+    exams, per-exam nodes one exam at a time, each input passed where the producer wrote it): the archive
+    holds the same bytes as `imtrial run`, and the measurements are the same."""
+    from imtrial_dsl.graph import staged_phases
+    from imtrial_dsl.pipeline import covers
+
+    trial, study, w = mini["trial"], mini["m"]["study"], tmp_path
+    g = compile_file(study).graph
+    where: dict[str, list[Path]] = {}          # exam path -> its location for every exam, in exam order
 
     def step(*argv):
-        assert commands.main(["step", *argv, "--study", study]) == 0
+        assert commands.main(["step", *argv, "--study", study]) == 0, capsys.readouterr().err
         capsys.readouterr()
 
-    step("ingest", "--inbox", inbox, "--out", str(w / "exams"), "--quarantine", str(w / "quarantine"))
-    step("identify-all", "--exams", str(w / "exams"), "--out", str(w / "identified"), "--registry-out", str(w / "registry.sqlite"))
-    exams = sorted(p for p in (w / "identified").iterdir())
-    assert len(exams) == 4
-    for e in exams:
-        step("deidentify", "--exam", str(e), "--identity", str(e / "results" / "identity.json"), "--out", str(e / "deid"))
-        step("classify", "--exam", str(e), "--out", str(e / "results" / "classification.json"))
-        step("adherence", "--exam", str(e), "--classification", str(e / "results" / "classification.json"),
-             "--out", str(e / "results" / "adherence.json"))
-        step("qc", "--exam", str(e), "--classification", str(e / "results" / "classification.json"),
-             "--out", str(e / "results" / "qc.json"))
-    step("archive-all", "--exams", str(w / "identified"), "--archive", str(w / "archive"))
-    for e in exams:
-        step("analysis", "--exam", str(e), "--results", str(e / "results"), "--out", str(e / "analyses"), "--name", "t2vol")
-    step("measurements", "--exams", str(w / "identified"), "--csv", str(w / "m.csv"), "--json", str(w / "m.json"))
+    def ins(nid, k=None):
+        reads = [rel for rel in where for r in g.nodes[nid]["inputs"] if covers(rel, r)]
+        pairs = [(rel, where[rel][i]) for rel in reads for i in (range(len(where[rel])) if k is None else [k])]
+        return [f"--in={rel}={p}" for rel, p in pairs]
 
-    res = verify(w / "archive")
+    for batch, ids in staged_phases(g):
+        for nid in ids:
+            d = g.nodes[nid]
+            ref = [f"--ref={d['ref']}"] if d["ref"] else []
+            if batch:
+                out = w / nid.replace(":", "_")
+                extra = ["--study-in", f"inbox/={mini['m']['inbox']}"] if "inbox/" in d["study_inputs"] else []
+                step(d["step"], *ref, *ins(nid), *extra, f"--out={out}")
+                root = out / "exams" if d["scope"] == "study" else out
+                for rel in d["outputs"]:
+                    where[rel] = sorted(e / rel.rstrip("/") for e in root.iterdir() if (e / rel.rstrip("/")).exists())
+            else:
+                n = len(where["exam.json"])
+                outs = [w / f"exam{k}" for k in range(n)]
+                for k in range(n):
+                    step(d["step"], *ref, *ins(nid, k), f"--out={outs[k]}")
+                for rel in d["outputs"]:
+                    where[rel] = [o / rel.rstrip("/") for o in outs]
+    res = verify(w / "archive" / "archive")
     assert res["ok"] and res["objects"] == 32
-    cwl_objects = {p.parent.name + p.name for p in (w / "archive" / "objects").rglob("*") if p.is_file()}
+    cwl_objects = {p.parent.name + p.name for p in (w / "archive" / "archive" / "objects").rglob("*") if p.is_file()}
     local_objects = {p.parent.name + p.name for p in (mini["work"] / "archive" / "objects").rglob("*") if p.is_file()}
     assert cwl_objects <= local_objects
     local_rows = [r for r in csv.DictReader(open(mini["work"] / "measurements.csv")) if not r["subject"].startswith("MINI01-HOS-003")]
-    assert list(csv.DictReader(open(w / "m.csv"))) == local_rows
+    assert list(csv.DictReader(open(w / "measurements" / "measurements.csv"))) == local_rows
 
 
 def test_synthetic_multisite_corpus_reports_every_injected_deviation(tmp_path):
@@ -285,11 +306,12 @@ def test_demo_tools_measure_what_was_built_into_the_image():
     assert found == len(centres) and sizes == [27, 27, 27]
 
 
-def test_a_missing_step_or_key_fails_loudly(mini, monkeypatch, capsys):
+def test_an_unknown_node_or_a_missing_key_fails_loudly(mini, monkeypatch, capsys):
     from imtrial_dsl.runner import run as runmod
+    from imtrial_dsl.runner.invoke import StepError, find_node
 
-    with pytest.raises(runmod.StepMissing, match="'no_such_step' is not registered"):
-        runmod.call_step("no_such_step", mini["trial"], {})
+    with pytest.raises(StepError, match="no pipeline node 'qc:no_such_check'"):
+        find_node(mini["trial"], "qc", "no_such_check")
     monkeypatch.delenv("IMTRIAL_KEY")
     assert runmod.preflight(mini["trial"]) == ["deidentify: environment variable IMTRIAL_KEY is not set",
                                                 "identifiers: environment variable IMTRIAL_KEY is not set"]

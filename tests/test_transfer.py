@@ -199,8 +199,7 @@ def test_stow_rs_step_sends_everything_once_and_never_leaks_the_token(site, clea
     token = clean.token
     w = site["w"]
     out = tmp_path / "stow.json"
-    args = ["step", "transfer", "--study", str(site["study"]), "--archive", str(w / "archive"),
-            "--destination", "central", "--state", str(w / "state.sqlite"), "--url-override", clean.dicomweb,
+    args = ["transfer", str(site["study"]), "--workdir", str(w), "--to", "central", "--url-override", clean.dicomweb,
             "--out", str(out)]
     r = _cli(*args, env={"CENTRAL_TOKEN": token})
     assert r.returncode == 0, r.stdout + r.stderr

@@ -232,21 +232,19 @@ def exam_from_state(d: dict, workdir: Path | None = None, measured: dict[str, se
             qc=_verdict_of(qc),
             reasons=_reasons_of(adh) + _reasons_of(qc),
         ))
-    steps_raw = d.get("steps") or {}
-    steps = {str(k): str(v.get("status") if isinstance(v, dict) else v) for k, v in steps_raw.items()}
+    # the runner records graph nodes ("qc:t1_snr", "analysis:hipvol"); operations speak of steps: a
+    # step's status is its worst node's, an analysis' the status its result reports
+    steps: dict[str, str] = {}
     analyses: dict[str, str] = {}
-    a_step = steps_raw.get("analyses")
-    detail = a_step.get("detail") if isinstance(a_step, dict) else None
-    if isinstance(detail, dict):
-        items = detail.get("analyses")
-        if isinstance(items, list):
-            for it in items:
-                if isinstance(it, dict) and it.get("analysis"):
-                    analyses[str(it["analysis"])] = str(it.get("status", ""))
-        for key, st in (("done", "done"), ("failed", "failed")):
-            for name in detail.get(key) or []:
-                if isinstance(name, str):
-                    analyses.setdefault(name, st)
+    rank = {"failed": 3, "blocked": 2, "skipped": 1, "done": 0}
+    for node, v in (d.get("steps") or {}).items():
+        status = str(v.get("status") if isinstance(v, dict) else v)
+        step, _, ref = str(node).partition(":")
+        if rank.get(status, 0) >= rank.get(steps.get(step, "done"), 0):
+            steps[step] = status
+        if step == "analysis" and ref:
+            detail = v.get("detail") if isinstance(v, dict) else None
+            analyses[ref] = str((detail or {}).get("status") or status) if status == "done" else status
     for name in (measured or {}).get(d["exam_key"], set()):
         analyses.setdefault(name, "done")
     software = _as_list(_first(d, "software", "software_versions"))

@@ -30,7 +30,6 @@ from pydicom.dataset import Dataset
 from .. import ir, source, units
 from ..vendors import normalize_vendor, software_matches
 from . import dicomio
-from .steps import Param, step
 
 _REL_EPS = 1e-6
 
@@ -393,21 +392,29 @@ def device_findings(trial: ir.Trial, ident: dict[str, Any]) -> tuple[Optional[di
     return hit, findings
 
 
-def same_device_finding(trial: ir.Trial, device_id: Optional[str], prior_device_ids: Iterable[str]) -> Optional[dict[str, Any]]:
-    """The schedule's same-device rule against a subject's prior exams (None when satisfied or not applicable)."""
+def same_device_finding(trial: ir.Trial, device_id: Optional[str], prior: dict[str, Sequence[str]],
+                        modalities: Iterable[str]) -> Optional[dict[str, Any]]:
+    """The schedule's same-device rule against the subject's earlier exams, modality by modality
+    (None when satisfied or not applicable): a same-day MR and CT of one subject are no device change."""
     rule = trial.schedule.same_device if trial.schedule else "none"
-    prior = sorted({d for d in prior_device_ids if d})
-    if rule == "none" or not prior or device_id is None or device_id in prior:
+    if rule == "none" or device_id is None:
         return None
+    changed = {m: sorted({d for d in prior.get(m, []) if d}) for m in sorted(set(modalities))}
+    changed = {m: ds for m, ds in changed.items() if ds and device_id not in ds}
+    if not changed:
+        return None
+    earlier = sorted({d for ds in changed.values() for d in ds})
     return {"code": "same_device", "severity": "error" if rule == "required" else "warning",
-            "device": device_id, "prior_devices": prior,
-            "message": f"same-device rule ({rule}): exam on {device_id}, earlier visits on {', '.join(prior)}"}
+            "device": device_id, "prior_devices": earlier, "modalities": sorted(changed),
+            "message": f"same-device rule ({rule}): {'/'.join(sorted(changed))} exam on {device_id}, "
+                       f"earlier visits on {', '.join(earlier)}"}
 
 
 # --------------------------------------------------------------------------- exams
 
 def check_exam(trial: ir.Trial, classification: dict[str, Any], headers_by_series: dict[str, Any], *,
-               prior_devices: Optional[Iterable[str]] = None, device: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+               prior_devices: Optional[dict[str, Sequence[str]]] = None, modalities: Iterable[str] = (),
+               device: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Adherence of one exam: per matched series, plus device/software/same-device findings.
 
     ``headers_by_series``: series UID -> the instances' datasets, or the ``classify.Series`` of a
@@ -420,7 +427,7 @@ def check_exam(trial: ir.Trial, classification: dict[str, Any], headers_by_serie
     else:
         ident = dicomio.device_identity(first) if first is not None else dict(classification.get("device") or {})
     hit, findings = device_findings(trial, ident) if ident else (None, [])
-    sd = same_device_finding(trial, hit["device"] if hit else None, prior_devices or [])
+    sd = same_device_finding(trial, hit["device"] if hit else None, prior_devices or {}, modalities)
     if sd:
         findings.append(sd)
     series_out = []
@@ -528,37 +535,27 @@ def visit_findings(trial: ir.Trial, exam_dates: Sequence[_dt.date], as_of: _dt.d
 
 # --------------------------------------------------------------------------- step
 
-def _exam_json_device(exam: str) -> Optional[dict[str, Any]]:
-    """Device identity ingest recorded from the ORIGINAL headers (exam/exam.json), or None."""
-    p = Path(exam) / "exam.json"
-    if not p.is_file():
-        return None
-    try:
-        dev = dict(json.loads(p.read_text()).get("device") or {})
-    except (OSError, ValueError):
+def _exam_json_device(exam: dict) -> Optional[dict[str, Any]]:
+    """Device identity ingest recorded from the ORIGINAL headers (exam.json), or None."""
+    dev = dict(exam.get("device") or {})
+    if not dev:
         return None
     sw = dev.get("software")
     dev["software"] = [str(v).strip() for v in (sw if isinstance(sw, list) else str(sw).split("\\") if sw else [])]
-    return {k: ("" if v is None else v) for k, v in dev.items()} if dev else None
+    return {k: ("" if v is None else v) for k, v in dev.items()}
 
 
-@step("adherence",
-      inputs=[Param("exam", "directory", "exam folder (uses deid/ if present, else original/)"),
-              Param("classification", "file", "classification.json from the classify step"),
-              Param("prior_devices", "string", "comma-separated device ids of the subject's earlier exams", optional=True)],
-      outputs=[Param("out", "file", "adherence.json")])
-def adherence_step(trial: ir.Trial, exam: str, classification: str, out: str, prior_devices: Optional[str] = None) -> dict:
+def adherence_step(ctx) -> dict:
     """Check every matched series against its protocol (variant by vendor/software) and the device rules."""
-    from .classify import write_json
+    from ..workdir import ADHERENCE, CLASSIFICATION, DEID
+    from .classify import exam_scan
 
-    cls = json.loads(Path(classification).read_text())
-    root = dicomio.exam_instances_dir(exam)
-    if prior_devices is None:  # engines without the state DB (CWL): identify recorded the earlier exams' devices
-        ident_p = Path(exam) / "results" / "identity.json"
-        ident = json.loads(ident_p.read_text()) if ident_p.exists() else {}
-        prior_devices = ",".join(ident.get("prior_devices") or [])
-    prior = [p.strip() for p in (prior_devices or "").split(",") if p.strip()]
-    result = check_exam(trial, cls, headers_for(cls, root), prior_devices=prior, device=_exam_json_device(exam))
-    result["exam"] = Path(exam).name
-    write_json(out, result)
-    return {"out": str(out), "verdict": result["verdict"], **result["summary"]}
+    cls = ctx.read_json(CLASSIFICATION, {})
+    ident = ctx.identity
+    scanned = exam_scan(ctx, ctx.path(DEID))
+    headers = {uid: s for uid, s in scanned.series.items()}
+    result = check_exam(ctx.trial, cls, headers, prior_devices=ident.get("prior_devices") or {},
+                        modalities=ident.get("modalities") or [], device=_exam_json_device(ctx.exam_info))
+    result["exam"] = ctx.key
+    ctx.write_json(ADHERENCE, result)
+    return {"verdict": result["verdict"], **result["summary"]}

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .steps import Param, step
 
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 CSV_COLUMNS = ("subject", "visit", "site", "protocol", "analysis", "measurement", "value", "unit")
@@ -48,24 +47,6 @@ def _verdict(entry: Optional[dict]) -> str:
     if not isinstance(entry, dict):
         return "unknown"
     return str(entry.get("verdict") or entry.get("status") or "unknown").lower()
-
-
-def order_analyses(trial) -> list:
-    """Analyses in dependency order (an analysis consuming another's output runs after it)."""
-    done: list = []
-    pending = list(trial.analyses)
-    while pending:
-        progressed = False
-        for a in list(pending):
-            deps = {i.analysis_output.name.split(".")[0] for i in a.inputs if i.analysis_output}
-            if deps <= {d.name for d in done}:
-                done.append(a)
-                pending.remove(a)
-                progressed = True
-        if not progressed:  # a cycle: the checker reports it; run the rest in source order
-            done.extend(pending)
-            break
-    return done
 
 
 def choose_series(protocol: str, classification: Any, adherence: Any, qc: Any) -> Optional[dict]:
@@ -143,26 +124,35 @@ def extract_measurements(analysis, outputs: dict[str, Path]) -> tuple[list[dict]
     return found, missing
 
 
-def _baseline_output(exam: Path, ident: dict, analysis) -> str:
-    """The same analysis' first output in the subject's baseline exam (a sibling exam folder), or ''."""
-    if not analysis.outputs or not ident.get("subject_id") or ident.get("visit_kind") == "baseline":
+RESULT = "result.json"   # inside analyses/<name>/
+
+
+def _baseline_output(ctx, analysis) -> str:
+    """The same analysis' first output in the subject's baseline exam (a sibling exam of the workdir), or ''.
+
+    Only a local run has the siblings; a CWL engine stages each exam alone (docs/cwl.md)."""
+    from ..workdir import IDENTITY, analysis_dir
+
+    ident = ctx.identity
+    if ctx.workdir is None or not analysis.outputs or not ident.get("subject_id") or ident.get("visit_kind") == "baseline":
         return ""
-    for sib in sorted(Path(exam).parent.glob("*/results/identity.json")):
-        other = _load(sib) or {}
+    for d in sorted(p for p in ctx.workdir.exams.iterdir() if p.is_dir()):
+        other = _load(d / IDENTITY) or {}
         if other.get("subject_id") == ident["subject_id"] and other.get("visit_kind") == "baseline":
-            cand = sib.parent.parent / "analyses" / analysis.name / "outputs" / analysis.outputs[0].name
+            cand = d / analysis_dir(analysis.name) / "outputs" / analysis.outputs[0].name
             if cand.is_file():
                 return str(cand)
     return ""
 
 
-def run_one(trial, analysis, exam: Path, results: Path, out: Path, done: dict[str, dict]) -> dict:
-    """Run one analysis for one exam; ``done`` holds earlier analyses' results (for chained inputs)."""
-    exam, results, out = Path(exam).resolve(), Path(results).resolve(), Path(out).resolve()
-    cls = _load(results / "classification.json")
-    adh, qc = _load(results / "adherence.json"), _load(results / "qc.json")
-    ident = _load(results / "identity.json") or {}
-    adir = out / analysis.name
+def run_one(ctx, analysis, adir: Path) -> dict:
+    """Run one analysis for one exam into folder ``adir`` (inputs/, outputs/, stdout.txt, stderr.txt)."""
+    from ..workdir import ADHERENCE, CLASSIFICATION, DEID, QC, analysis_dir
+    from .qc import merge_by_series
+
+    cls, adh = ctx.read_json(CLASSIFICATION), ctx.read_json(ADHERENCE)
+    qc = merge_by_series(ctx.read_json(r) for r in ctx.under(QC))
+    ident = ctx.identity
     paths: dict[str, str] = {}
     protocols, series_used = [], {}
     chosen = {}
@@ -173,12 +163,11 @@ def run_one(trial, analysis, exam: Path, results: Path, out: Path, done: dict[st
                 return {"analysis": analysis.name, "status": "skipped",
                         "reason": f"no series of protocol {inp.protocol.name} in this exam"}
             chosen[inp.name] = s
+    deid = ctx.path(DEID)
     for inp in analysis.inputs:
         if inp.protocol is not None:
             s = chosen[inp.name]
-            base = exam / "deid" if (exam / "deid").is_dir() else exam
-            files = [(base / f) if (base / f).exists() else (exam / f) for f in s.get("files", [])]
-            files = [f for f in files if f.exists()]
+            files = [f for f in (deid / rel for rel in s.get("files", [])) if f.exists()]
             if not files:
                 return {"analysis": analysis.name, "status": "failed", "reason": f"series files of {inp.protocol.name} not found"}
             _link_inputs(files, adir / "inputs" / inp.name)
@@ -187,19 +176,16 @@ def run_one(trial, analysis, exam: Path, results: Path, out: Path, done: dict[st
             series_used[inp.name] = s["series_uid"]
         elif inp.analysis_output is not None:
             src_name, _, out_name = inp.analysis_output.name.partition(".")
-            prev = done.get(src_name)
-            if not prev or prev.get("status") != "done":
+            src_dir = ctx.path(analysis_dir(src_name))
+            prev = _load(src_dir / RESULT) or {}
+            if prev.get("status") != "done":
                 return {"analysis": analysis.name, "status": "skipped", "reason": f"input {src_name}.{out_name} not available"}
-            paths[inp.name] = prev["outputs"][out_name]
+            paths[inp.name] = str(src_dir / prev["outputs"][out_name])
             protocols.extend(prev.get("protocols", []))
     outputs: dict[str, Path] = {}
     (adir / "outputs").mkdir(parents=True, exist_ok=True)
     for o in analysis.outputs:
         p = adir / "outputs" / o.name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
         if o.kind == "directory":
             p.mkdir()
         outputs[o.name] = p
@@ -220,7 +206,7 @@ def run_one(trial, analysis, exam: Path, results: Path, out: Path, done: dict[st
                IMTRIAL_MEASUREMENTS=",".join(m.name for m in analysis.measurements),
                IMTRIAL_SUBJECT=str(ident.get("subject_id") or ""), IMTRIAL_VISIT=str(ident.get("visit") or ""),
                IMTRIAL_VISIT_KIND=str(ident.get("visit_kind") or ""),
-               IMTRIAL_BASELINE_OUTPUT=_baseline_output(exam, ident, analysis),
+               IMTRIAL_BASELINE_OUTPUT=_baseline_output(ctx, analysis),
                PYTHONPATH=os.pathsep.join([pkg_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     t0 = time.time()
     try:
@@ -231,10 +217,10 @@ def run_one(trial, analysis, exam: Path, results: Path, out: Path, done: dict[st
         return {"analysis": analysis.name, "status": "failed", "reason": f"cannot run {argv[0]!r}: {exc}"}
     (adir / "stdout.txt").write_bytes(proc.stdout)
     (adir / "stderr.txt").write_bytes(proc.stderr)
-    res = {"analysis": analysis.name, "argv": [a.replace(str(out), "<out>") for a in argv], "returncode": proc.returncode,
+    res = {"analysis": analysis.name, "argv": [a.replace(str(adir), "<out>") for a in argv], "returncode": proc.returncode,
            "seconds": round(time.time() - t0, 3), "protocols": protocols, "series": series_used,
-           "outputs": {k: str(v) for k, v in outputs.items()}, "subject": ident.get("subject_id"), "visit": ident.get("visit"),
-           "site": ident.get("site")}
+           "outputs": {k: str(v.relative_to(adir)) for k, v in outputs.items()}, "subject": ident.get("subject_id"),
+           "visit": ident.get("visit"), "site": ident.get("site")}
     if proc.returncode != 0:
         tail = proc.stderr.decode(errors="replace").strip().splitlines()[-5:]
         return {**res, "status": "failed", "reason": f"exit status {proc.returncode}: " + " | ".join(tail)}
@@ -245,34 +231,18 @@ def run_one(trial, analysis, exam: Path, results: Path, out: Path, done: dict[st
     return res
 
 
-def run_all(trial, exam: Path, results: Path, out: Path) -> dict:
-    """Every analysis of the study that this exam has inputs for; writes out/analyses.json."""
-    from .ingest import atomic_write_json
-
-    done: dict[str, dict] = {}
-    for a in order_analyses(trial):
-        done[a.name] = run_one(trial, a, Path(exam), Path(results), Path(out), done)
-    summary = {"analyses": list(done.values()),
-               "failed": [n for n, r in done.items() if r["status"] == "failed"],
-               "done": [n for n, r in done.items() if r["status"] == "done"]}
-    atomic_write_json(Path(out) / "analyses.json", summary)
-    return summary
-
-
-def measurement_rows(analyses_doc: dict) -> list[dict]:
-    rows = []
-    for r in analyses_doc.get("analyses", []):
-        for m in r.get("measurements", []):
-            rows.append({"subject": r.get("subject"), "visit": r.get("visit"), "site": r.get("site"),
-                         "protocol": "+".join(r.get("protocols", [])), "analysis": r["analysis"],
-                         "measurement": m["measurement"], "value": m["value"], "unit": m["unit"],
-                         "series_uid": ",".join(f"{k}={v}" for k, v in sorted(r.get("series", {}).items()))})
-    return rows
+def measurement_rows(result: dict) -> list[dict]:
+    """The tidy rows of one analysis result (``analyses/<name>/result.json``)."""
+    return [{"subject": result.get("subject"), "visit": result.get("visit"), "site": result.get("site"),
+             "protocol": "+".join(result.get("protocols", [])), "analysis": result["analysis"],
+             "measurement": m["measurement"], "value": m["value"], "unit": m["unit"],
+             "series_uid": ",".join(f"{k}={v}" for k, v in sorted(result.get("series", {}).items()))}
+            for m in result.get("measurements", [])]
 
 
 def write_table(rows: list[dict], csv_path: Path, json_path: Path) -> None:
     """The tidy measurements table, as CSV and JSON (write-temp-then-rename)."""
-    from .ingest import atomic_write_bytes
+    from ..files import atomic_write_bytes
 
     rows = sorted(rows, key=lambda r: tuple(str(r.get(k) or "") for k in ("subject", "visit", "protocol", "analysis", "measurement")))
     buf = io.StringIO()
@@ -285,37 +255,42 @@ def write_table(rows: list[dict], csv_path: Path, json_path: Path) -> None:
         {k: r.get(k) for k in CSV_COLUMNS} for r in rows]}, indent=2) + "\n").encode())
 
 
-@step("analysis",
-      inputs=[Param("exam", "directory", "Exam folder with deid/"),
-              Param("results", "directory", "Folder with identity/classification/adherence/qc.json"),
-              Param("name", "string", "Analysis name; all analyses when omitted", optional=True)],
-      outputs=[Param("out", "directory", "<analysis>/outputs/… and analyses.json")])
-def analysis_step(trial, exam, results, out, name: Optional[str] = None) -> dict:
-    """Run the study's analysis programs (argv, no shell) on one exam's de-identified series."""
-    if name:
-        a = trial.analysis(name)
-        if a is None:
-            raise ValueError(f"no analysis named {name!r} (known: {', '.join(x.name for x in trial.analyses)})")
-        done: dict[str, dict] = {}
-        prev = _load(Path(out) / "analyses.json") or {}
-        for r in prev.get("analyses", []):
-            done[r["analysis"]] = r
-        done[a.name] = run_one(trial, a, Path(exam), Path(results), Path(out), done)
-        from .ingest import atomic_write_json
-        summary = {"analyses": list(done.values()), "failed": [n for n, r in done.items() if r["status"] == "failed"],
-                   "done": [n for n, r in done.items() if r["status"] == "done"]}
-        atomic_write_json(Path(out) / "analyses.json", summary)
-        return summary
-    return run_all(trial, exam, results, out)
+class AnalysisFailed(RuntimeError):
+    """An analysis program failed (its result.json says why); the node is recorded as failed."""
 
 
-@step("measurements",
-      inputs=[Param("exams", "directory", "Folder of exam folders (each with analyses/analyses.json)")],
-      outputs=[Param("csv", "file", "measurements.csv"), Param("json", "file", "measurements.json")])
-def measurements_step(trial, exams, csv, json) -> dict:  # noqa: A002 - names are the CLI parameters
-    """Gather every exam's measurements into one tidy table (subject, visit, protocol, analysis, …)."""
+def analysis_step(ctx) -> dict:
+    """Run one of the study's analysis programs (argv, no shell) on one exam's de-identified series;
+    writes ``analyses/<name>/`` with ``result.json``. A failed program fails the node (after its
+    result is written, so the reason is kept)."""
+    from ..files import atomic_write_json
+    from ..workdir import analysis_dir
+
+    a = ctx.trial.analysis(ctx.ref)
+    adir = ctx.out(analysis_dir(a.name))
+    res = run_one(ctx, a, adir)
+    atomic_write_json(adir / RESULT, res)
+    if res["status"] == "failed":
+        raise AnalysisFailed(f"analysis {a.name} failed: {res.get('reason')}")
+    return {k: res.get(k) for k in ("analysis", "status", "reason", "seconds") if res.get(k) is not None}
+
+
+def exam_rows(ctx) -> list[dict]:
+    """Every measurement row of one exam (its analyses' results)."""
+    from ..workdir import analysis_dir
+
     rows = []
-    for p in sorted(Path(exams).glob("*/analyses/analyses.json")):
-        rows.extend(measurement_rows(_load(p) or {}))
-    write_table(rows, Path(csv), Path(json))
+    for a in ctx.trial.analyses:
+        res = _load(ctx.path(analysis_dir(a.name)) / RESULT)
+        if isinstance(res, dict) and res.get("status") == "done":
+            rows.extend({**r, "exam_key": ctx.key} for r in measurement_rows(res))
+    return rows
+
+
+def measurements_step(ctx) -> dict:
+    """Gather every exam's measurements into one tidy table (subject, visit, protocol, analysis, …)."""
+    rows = [r for e in ctx.exams() for r in exam_rows(e)]
+    write_table(rows, ctx.output("measurements.csv"), ctx.output("measurements.json"))
+    if ctx.store is not None:
+        ctx.store.replace_measurements(rows)
     return {"rows": len(rows)}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import fcntl
 import getpass
-import hashlib
 import json
 import os
 import socket
@@ -27,17 +26,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from .steps import Param, step
+from ..files import sha256_bytes
+
 
 GENESIS = "0" * 64
 
 
 def _canon(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def tool_version() -> str:
@@ -307,12 +303,12 @@ def _redact(obj: Any, secrets: list[str]) -> Any:
     return obj
 
 
-def _device_secrets(trial, exam: Path) -> list[str]:
+def _device_secrets(trial, exam_info: dict) -> list[str]:
     """Serial and station of the acquiring device (site-side exam.json), unless the study retains them."""
     opts = {getattr(o, "value", o) for o in (trial.deidentify.options if trial is not None and trial.deidentify else [])}
     if "retain_device_identity" in opts:
         return []
-    rep = (_load(exam / "exam.json") or {}).get("device") or {}
+    rep = (exam_info or {}).get("device") or {}
     vals = [str(rep.get(k) or "").strip() for k in ("serial", "station")]
     return sorted({v for v in vals if len(v) >= 3}, key=len, reverse=True)
 
@@ -351,27 +347,27 @@ def _study_params(trial) -> dict:
             "protocols": sorted(p.name for p in trial.protocols) if trial else []}
 
 
-@step("archive",
-      inputs=[Param("exam", "directory", "Exam folder with deid/ (de-identified instances)"),
-              Param("results", "directory", "Folder with identity/classification/adherence/qc.json")],
-      outputs=[Param("archive", "directory", "The content-addressed archive (created if absent)")])
-def archive_step(trial, exam, results, archive) -> dict:
-    """Store an exam's de-identified instances and per-series sidecars; idempotent, audited."""
+def archive_step(ctx) -> dict:
+    """Store an exam's de-identified instances and per-series sidecars; idempotent, audited.
+
+    The archive is ``W/archive`` in a local run, or ``ctx.archive_root`` (a CWL batch)."""
     import pydicom
 
-    exam, results = Path(exam), Path(results)
-    ident = _load(results / "identity.json") or {}
-    if not ident.get("subject_id"):
-        raise ValueError(f"{results / 'identity.json'}: the exam has no subject (unmatched); nothing to archive")
-    cls, adh, qc = (_load(results / f"{n}.json") for n in ("classification", "adherence", "qc"))
-    deid = exam / "deid"
-    if not deid.is_dir():
-        raise ValueError(f"{deid} does not exist: run the deidentify step first")
+    from ..workdir import ADHERENCE, ARCHIVED, CLASSIFICATION, DEID, QC
+    from .qc import merge_by_series
+
+    trial = ctx.trial
+    ident = ctx.identity
+    cls, adh = ctx.read_json(CLASSIFICATION), ctx.read_json(ADHERENCE)
+    qc = merge_by_series(ctx.read_json(r) for r in ctx.under(QC))
+    deid = ctx.path(DEID)
     files = sorted(p for p in deid.rglob("*") if p.is_file() and not p.name.startswith(".") and p.suffix != ".json")
     if not files:  # e.g. every instance was refused by de-identification (quarantined, reported there)
-        return {"instances": 0, "objects_added": 0, "series": 0, "records": [], "new_record_versions": 0,
-                "note": "no de-identified instances in this exam"}
-    arch = Archive(archive)
+        res = {"instances": 0, "objects_added": 0, "series": 0, "records": [], "new_record_versions": 0,
+               "note": "no de-identified instances in this exam"}
+        ctx.write_json(ARCHIVED, res)
+        return res
+    arch = Archive(ctx.archive_root)
     subject, visit = ident["subject_id"], ident.get("visit") or "unscheduled"
     by_series: dict[str, list[dict]] = {}
     study_uid = None
@@ -389,7 +385,7 @@ def archive_step(trial, exam, results, archive) -> dict:
         added += was_added
         by_series.setdefault(suid, []).append({"sop_uid": sop, "sha256": sha, "instance_number": inum})
     params = _study_params(trial)
-    secrets = _device_secrets(trial, exam)
+    secrets = _device_secrets(trial, ctx.exam_info)
     records = []
     new_versions = 0
     for suid, inst in sorted(by_series.items()):
@@ -413,25 +409,7 @@ def archive_step(trial, exam, results, archive) -> dict:
     rec, new = arch.put_record(f"{subject}/{visit}/exam-{study_uid}", _redact(exam_content, secrets),
                                provenance(trial, "archive", params))
     new_versions += new
-    return {"instances": len(files), "objects_added": added, "series": len(by_series),
-            "records": records, "new_record_versions": new_versions}
-
-
-@step("archive-all",
-      inputs=[Param("exams", "directory", "Folder of processed exams (each with deid/ and results/)")],
-      outputs=[Param("archive", "directory", "The content-addressed archive (created if absent)")])
-def archive_all(trial, exams, archive) -> dict:
-    """Archive every identified exam of a folder (for CWL); unmatched exams are listed, not archived."""
-    done, skipped = [], []
-    root = Path(exams)
-    arch_path = Path(archive).resolve()
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and p.resolve() != arch_path):
-        ident = _load(d / "results" / "identity.json")
-        if ident is None:
-            continue  # not an exam folder
-        if not ident.get("subject_id"):
-            skipped.append({"exam": d.name, "reason": "unmatched"})
-            continue
-        res = archive_step(trial, exam=str(d), results=str(d / "results"), archive=str(archive))
-        done.append({"exam": d.name, "instances": res["instances"], "objects_added": res["objects_added"]})
-    return {"archived": done, "skipped": skipped, "objects_added": sum(r["objects_added"] for r in done)}
+    res = {"instances": len(files), "objects_added": added, "series": len(by_series),
+           "records": records, "new_record_versions": new_versions}
+    ctx.write_json(ARCHIVED, res)
+    return res

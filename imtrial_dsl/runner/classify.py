@@ -24,7 +24,6 @@ from pydicom.dataset import Dataset
 
 from .. import ir
 from . import dicomio
-from .steps import Param, step
 
 
 @lru_cache(maxsize=1024)
@@ -242,35 +241,23 @@ def expected_protocols(trial: ir.Trial, visit_name: Optional[str]) -> Optional[l
     return [r.name for r in visit.acquire] if visit else None
 
 
-def _identity_visit(exam: Path, out: Path) -> Optional[str]:
-    for cand in (out.parent / "identity.json", exam / "results" / "identity.json"):
-        if cand.is_file():
-            try:
-                return json.loads(cand.read_text()).get("visit")
-            except (OSError, ValueError):
-                return None
-    return None
+def exam_scan(ctx, root: Path) -> ExamScan:
+    """The headers of the exam's instances under ``root``, read once per process and shared by the
+    exam's nodes (classification and adherence read the same headers)."""
+    from .adherence import study_tags
+
+    return ctx.cache.get(("scan", str(root)),
+                         lambda: scan(root, keep_headers=False, fingerprint_tags=study_tags(ctx.trial)))
 
 
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write-temp-then-rename so a killed run never leaves half a result."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-
-
-@step("classify",
-      inputs=[Param("exam", "directory", "exam folder (uses deid/ if present, else original/)")],
-      outputs=[Param("out", "file", "classification.json")])
-def classify_step(trial: ir.Trial, exam: str, out: str) -> dict:
+def classify_step(ctx) -> dict:
     """Match every series of an exam to a protocol of the study (matched / unmatched / ambiguous)."""
-    exam_p, out_p = Path(exam), Path(out)
-    visit = _identity_visit(exam_p, out_p)
-    result = classify_folder(trial, dicomio.exam_instances_dir(exam_p), expected=expected_protocols(trial, visit))
-    result["exam"] = exam_p.name
+    from ..workdir import CLASSIFICATION, DEID
+
+    visit = ctx.identity.get("visit")
+    result = classify_scan(ctx.trial, exam_scan(ctx, ctx.path(DEID)), expected=expected_protocols(ctx.trial, visit))
+    result["exam"] = ctx.key
     if visit:
         result["visit"] = visit
-    write_json(out_p, result)
-    return {"out": str(out_p), **result["summary"]}
+    ctx.write_json(CLASSIFICATION, result)
+    return dict(result["summary"])

@@ -45,6 +45,12 @@ def load_trial(path: str | Path):
 
 # ----------------------------------------------------------------------------- run
 
+def _tqdm(desc: str, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="item", file=sys.stderr, leave=False)
+
+
 def cmd_run(args) -> int:
     from .run import RunLocked, format_summary, run_study
 
@@ -59,7 +65,7 @@ def cmd_run(args) -> int:
         for p in problems:
             print(f"imtrial run: {p}", file=sys.stderr)
         return 1
-    progress = False if args.no_progress else None
+    progress = None if args.no_progress or not sys.stderr.isatty() else _tqdm
     log = (lambda s: print(s, file=sys.stderr)) if args.verbose else (lambda s: None)
     try:
         summary = run_study(trial, inbox=args.inbox, workdir=args.workdir, jobs=args.jobs, move=args.move,
@@ -76,54 +82,58 @@ def cmd_run(args) -> int:
 
 # ----------------------------------------------------------------------------- step
 
-def _step_parser(spec) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=f"imtrial step {spec.name}", description=spec.doc)
-    ap.add_argument("--study", required=True, metavar="FILE", help="the study (.imtrial, or IR JSON)")
-    for p in spec.inputs + spec.outputs:
-        flag = "--" + p.name.replace("_", "-")
-        if p.kind == "bool":
-            ap.add_argument(flag, dest=p.name, action="store_true", help=p.doc)
-        else:
-            ap.add_argument(flag, dest=p.name, required=not p.optional, type=int if p.kind == "int" else str,
-                            metavar=p.kind.upper(), help=p.doc + ("" if not p.optional else " (optional)"))
-    ap.add_argument("--json-out", metavar="FILE", help="also write the step's summary to FILE")
-    return ap
+def _pairs(values: Optional[list[str]], flag: str) -> list[tuple[str, Path]]:
+    out = []
+    for v in values or []:
+        rel, sep, path = v.partition("=")
+        if not sep or not rel or not path:
+            raise SystemExit(f"imtrial step: {flag} takes REL=PATH, got {v!r}")
+        out.append((rel, Path(path)))
+    return out
 
 
 def cmd_step(args) -> int:
-    from .steps import load_all
+    from .. import pipeline
+    from .invoke import StepError, find_node, run_exam_segment, run_in_workdir, run_staged
 
-    steps = load_all()
     if args.list or not args.name:
-        for name, spec in sorted(steps.items()):
-            params = " ".join(("[" if p.optional else "") + f"--{p.name.replace('_', '-')} {p.kind.upper()}" + ("]" if p.optional else "")
-                              for p in spec.inputs + spec.outputs)
-            print(f"{name:12s} {params}\n{'':12s} {spec.doc.splitlines()[0] if spec.doc else ''}")
-        return 0
-    spec = steps.get(args.name)
-    if spec is None:
-        from ..diagnostics import did_you_mean
+        trial = load_trial(args.study) if args.study else None
+        for name, st in pipeline.STEPS.items():
+            where = st.scope + (f", shared {st.shared}" + (" (ordered)" if st.ordered else "") if st.shared else "")
+            per = f", one per {st.per}" if st.per else ""
+            print(f"{name:13s} [{where}{per}] {st.label}")
+            print(f"{'':13s} reads {', '.join(st.inputs + st.study_inputs) or '-'}; writes {', '.join(st.outputs + st.study_outputs) or '-'}")
+        if trial is not None:
+            from .run import make_plan
 
-        hint = did_you_mean(args.name, steps)
-        print(f"imtrial step: unknown step {args.name!r}" + (f"; {hint}" if hint else "") +
-              f" (known: {', '.join(sorted(steps))})", file=sys.stderr)
+            print("\nnodes of this study:", ", ".join(make_plan(trial).nodes))
+        return 0
+    if not args.study:
+        print("imtrial step: --study FILE is required", file=sys.stderr)
         return 2
-    ns = _step_parser(spec).parse_args(args.params)
-    trial = load_trial(ns.study)
-    kwargs = {p.name: getattr(ns, p.name) for p in spec.inputs + spec.outputs
-              if getattr(ns, p.name) is not None and not (p.kind == "bool" and p.optional and getattr(ns, p.name) is False)}
+    trial = load_trial(args.study)
     try:
-        result = spec.func(trial, **kwargs)
+        if args.name == "exam":
+            if not (args.ref or "").isdigit():
+                print("imtrial step exam: --ref N names the per-exam segment (see the CWL export)", file=sys.stderr)
+                return 2
+            result = run_exam_segment(trial, int(args.ref), _pairs(args.inputs, "--in"), Path(args.out or "."))
+        else:
+            node = find_node(trial, args.name, args.ref)
+            if args.workdir:
+                result = run_in_workdir(trial, node, Path(args.workdir), args.exam)
+            else:
+                result = run_staged(trial, node, _pairs(args.inputs, "--in"), Path(args.out or "."),
+                                    study_inputs=dict(_pairs(args.study_inputs, "--study-in")),
+                                    registry=Path(args.registry) if args.registry else None,
+                                    archive=Path(args.archive) if args.archive else None)
     except ImtrialError as err:  # bad input or configuration (e.g. a missing key): a diagnostic, not a crash
         from ..diagnostics import render
 
         print(render([err.diagnostic], {}), file=sys.stderr)
         return 1
-    text = json.dumps(result, indent=2, sort_keys=True, default=str)
-    if ns.json_out:
-        Path(ns.json_out).write_text(text + "\n")
-    print(text)
-    return 0 if not (isinstance(result, dict) and result.get("ok") is False) else 1
+    print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    return 0
 
 
 # ----------------------------------------------------------------------------- status
@@ -241,11 +251,22 @@ def register(subparsers) -> None:
     p.add_argument("--verbose", "-v", action="store_true")
     p.set_defaults(func=cmd_run)
 
-    p = subparsers.add_parser("step", help="run one registered pipeline step (as the CWL tools do)",
-                              description="imtrial step NAME --study FILE --<param> VALUE …  (imtrial step --list)")
-    p.add_argument("name", nargs="?", metavar="NAME")
-    p.add_argument("params", nargs=argparse.REMAINDER)
-    p.add_argument("--list", action="store_true", help="list the registered steps and their parameters")
+    p = subparsers.add_parser("step", help="run one node of the study's pipeline (as the CWL tools do)",
+                              description="imtrial step NAME --study FILE [--ref R] (--workdir W [--exam KEY] | "
+                                          "--in REL=PATH … --out DIR);  imtrial step --list [--study FILE]")
+    p.add_argument("name", nargs="?", metavar="NAME", help="a step of the table (or 'exam': the fused per-exam pipeline)")
+    p.add_argument("--study", metavar="FILE", help="the study (.imtrial, or IR JSON)")
+    p.add_argument("--ref", metavar="NAME", help="the QC check or analysis, for steps that run once per check/analysis")
+    p.add_argument("--workdir", metavar="DIR", help="run in place in a workdir, and record it there")
+    p.add_argument("--exam", metavar="KEY", help="with --workdir: the exam (key or unique prefix)")
+    p.add_argument("--in", dest="inputs", action="append", metavar="REL=PATH",
+                   help="an input exam path and where it is (repeat per path; once per exam for batch steps)")
+    p.add_argument("--study-in", dest="study_inputs", action="append", metavar="OBJ=PATH",
+                   help="a study object (e.g. inbox/=DIR)")
+    p.add_argument("--registry", metavar="FILE", help="an identity registry to continue (steps on the registry)")
+    p.add_argument("--archive", metavar="DIR", help="an archive to add to (the archive step)")
+    p.add_argument("--out", metavar="DIR", help="where outputs go, at their exam-relative paths (default .)")
+    p.add_argument("--list", action="store_true", help="list the step table (and a study's nodes)")
     p.set_defaults(func=cmd_step)
 
     p = subparsers.add_parser("status", help="show each exam's steps in a workdir")

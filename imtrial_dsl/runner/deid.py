@@ -49,7 +49,6 @@ from ..diagnostics import ImtrialError
 from ..dicom_tables import (BASIC_PROFILE_CODE, BURNED_IN_RISK_IF_SECONDARY, BURNED_IN_RISK_MODALITIES, CID7050,
                             CLEAN_PIXEL_DATA_CODE, CODING_SCHEME, OPTION_CODES, SAFE_PRIVATE)
 from ..vendors import normalize_vendor
-from .steps import Param, step
 
 ENGINE_VERSION = "imtrial-deid 1"
 IMPLEMENTATION_CLASS_UID = "2.25.229346958127213146873402376458208370217"  # fixed: output must not vary by host
@@ -961,7 +960,8 @@ def store_audit(registry: Path, trial_code: str, exam_key: str, rows: list[dict]
 
 
 def deidentify_exam(trial: ir.Trial, exam: Path, identity: dict, out: Path, quarantine: Optional[Path] = None,
-                    registry: Optional[Path] = None, engine: Optional[Deidentifier] = None) -> dict:
+                    registry: Optional[Path] = None, engine: Optional[Deidentifier] = None,
+                    exam_key: Optional[str] = None) -> dict:
     """De-identify every file under ``exam/original`` into ``out/<new SOPInstanceUID>.dcm``; return a summary."""
     exam, out = Path(exam), Path(out)
     engine = engine or Deidentifier(trial, resolve_key(trial))
@@ -988,7 +988,7 @@ def deidentify_exam(trial: ir.Trial, exam: Path, identity: dict, out: Path, quar
     n_audit = 0
     if registry and subject:
         code = trial.study.code if trial.study else ""
-        n_audit = store_audit(Path(registry), code, exam.name, audit_entries(engine, subject))
+        n_audit = store_audit(Path(registry), code, exam_key or exam.name, audit_entries(engine, subject))
     return {"step": "deidentify", "engine": ENGINE_VERSION, "files": len(files), "written": written, "quarantined": quarantined,
             "pixel_cleaned": pixel_cleaned, "burned_in_passed_unchecked": passed_burned,
             "profile": trial.deidentify.profile.name if trial.deidentify else None,
@@ -996,14 +996,6 @@ def deidentify_exam(trial: ir.Trial, exam: Path, identity: dict, out: Path, quar
             "audit_rows": n_audit}
 
 
-@step(
-    "deidentify",
-    inputs=[Param("exam", "directory", "exam folder holding original/ (site-side)"),
-            Param("identity", "file", "identity.json from the identify step"),
-            Param("registry", "file", "SQLite registry: the UID/date audit map goes to table deid_audit", optional=True),
-            Param("quarantine", "directory", "also copy refused files to QUARANTINE/<sha256>/{file,reason.json}", optional=True)],
-    outputs=[Param("out", "directory", "de-identified instances, <SOPInstanceUID>.dcm")],
-)
 def deidentify(trial: ir.Trial, exam: str, identity: str, out: str, registry: Optional[str] = None,
                quarantine: Optional[str] = None) -> dict:
     """PS3.15 Annex E de-identification of one exam: study profile + options + overrides, keyed UID remap,

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .steps import Param, step
 
 # ----------------------------------------------------------------------------- check digits
 
@@ -408,8 +407,22 @@ def identify_exam(trial, exam: dict, db: sqlite3.Connection, *, exam_key: Option
                            (r["days"], int(r["in_window"]), json.dumps(ws), row["exam_key"]))
         if not v["in_window"]:
             warnings.append({"code": "out_of_window", "detail": f"{v['visit']}: day {v['days_from_baseline']:g} is outside the window"})
-        # software upgrades and the same-device rule are the adherence step's findings (it gets prior_devices)
-        prior_devices = sorted({p["device"] for p in prior if p["device"]})
+        # software upgrades and the same-device rule are the adherence step's findings; the rule compares
+        # devices of one modality (a same-day MR and CT are no device change), so each exam is recorded
+        # once per modality it holds, and the identity carries the earlier exams' devices per modality
+        modalities = sorted({str(x.get("modality") or "") for x in exam.get("series", [])} - {""})
+        day = exam_date.strftime("%Y%m%d")
+        db.execute("DELETE FROM subject_exams WHERE trial=? AND exam_key=?", (code, exam_key))
+        for m in modalities:
+            db.execute("INSERT INTO subject_exams(trial, subject_id, exam_key, exam_date, visit, modality, device) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)", (code, subject_id, exam_key, day, v["visit"], m,
+                                                        device.id if device else None))
+        prior_devices: dict[str, list[str]] = {}
+        for r in db.execute("SELECT modality, device FROM subject_exams WHERE trial=? AND subject_id=? AND exam_key != ? "
+                            "AND exam_date <= ? AND device IS NOT NULL ORDER BY modality, device",
+                            (code, subject_id, exam_key, day)):
+            if r["modality"] in modalities and r["device"] not in prior_devices.setdefault(r["modality"], []):
+                prior_devices[r["modality"]].append(r["device"])
         now = time.time()
         db.execute("INSERT OR IGNORE INTO exams(exam_key, created, updated) VALUES (?, ?, ?)", (exam_key, now, now))
         db.execute("UPDATE exams SET study_uid=?, trial=?, subject_id=?, site=?, device=?, visit=?, visit_kind=?, "
@@ -431,7 +444,7 @@ def identify_exam(trial, exam: dict, db: sqlite3.Connection, *, exam_key: Option
         "timepoint_description": timepoint_description(v["visit_obj"], v["days_from_baseline"]),
         "days_from_baseline": v["days_from_baseline"], "in_window": v["in_window"],
         "shifted_date": shifted_date(trial, subject_id, exam_date), "exam_key": exam_key,
-        "prior_devices": prior_devices, "warnings": warnings,
+        "modalities": modalities, "prior_devices": prior_devices, "warnings": warnings,
     }
     return {"identity": identity, "exam_date": exam_date.strftime("%Y%m%d")}
 
@@ -459,82 +472,24 @@ def unmatched_identity(trial, exam: dict, error: IdentifyError) -> dict:
     return {"trial": code, "subject_id": None, "site": None, "site_name": None, "device": None, "visit": None,
             "visit_kind": None, "timepoint": None, "timepoint_description": None, "days_from_baseline": None,
             "in_window": None, "shifted_date": None, "exam_key": exam.get("exam_key"),
-            "warnings": [{"code": error.code, "detail": error.detail}]}
+            "warnings": [{"code": error.code, "detail": error.detail}],
+            "skipped": f"not identified ({error.code}): {error.detail}"}
 
 
-@step("identify",
-      inputs=[Param("exam", "directory", "An ingested exam (exam.json + original/)"),
-              Param("registry", "file", "SQLite identity registry (W/state.sqlite)")],
-      outputs=[Param("out", "file", "identity.json (no original identifiers)")])
-def identify(trial, exam, registry, out) -> dict:
-    """Assign the research subject ID, site, device and visit of one exam; write identity.json."""
-    from .ingest import atomic_write_json
+def identify_step(ctx) -> dict:
+    """The ``identify`` step: one exam's subject, site, device and visit, through the shared registry.
 
-    exam_info = json.loads((Path(exam) / "exam.json").read_text())
-    db = connect_registry(registry)
+    An exam that cannot be identified (unknown person at an unknown device, no usable date …) gets an
+    identity that says why; every later step of that exam is skipped, with that reason."""
+    from ..workdir import IDENTITY
+
+    exam = ctx.exam_info
+    later = later_exam_dates(ctx.trial, ctx.batch).get(ctx.key) if ctx.batch else None
     try:
-        try:
-            res = identify_exam(trial, exam_info, db)
-            identity = res["identity"]
-        except IdentifyError as err:
-            identity = unmatched_identity(trial, exam_info, err)
-            atomic_write_json(Path(out), identity)
-            return {"ok": False, "error": err.code, "detail": err.detail, "identity": identity}
-    finally:
-        db.close()
-    atomic_write_json(Path(out), identity)
-    return {"ok": True, "identity": identity}
-
-
-def _link_tree(src: Path, dst: Path) -> None:
-    """Copy a folder, hard-linking files where possible (exam folders can be large)."""
-    import shutil
-
-    def link(s, d):
-        try:
-            os.link(s, d)
-        except OSError:
-            shutil.copy2(s, d)
-
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst, copy_function=link)
-
-
-@step("identify-all",
-      inputs=[Param("exams", "directory", "Folder of ingested exams (<exam_key>/exam.json …)"),
-              Param("registry", "file", "Existing identity registry to continue (SQLite)", optional=True)],
-      outputs=[Param("out", "directory", "Copies of the exams, each with results/identity.json"),
-               Param("registry_out", "file", "The updated registry (SQLite)")])
-def identify_all(trial, exams, out, registry_out, registry=None) -> dict:
-    """Identify every exam of a folder serially, in exam-date order (for CWL: one registry, one writer)."""
-    import shutil
-
-    from .ingest import atomic_write_json
-
-    exams, out, reg = Path(exams), Path(out), Path(registry_out)
-    out.mkdir(parents=True, exist_ok=True)
-    if registry and Path(registry).resolve() != reg.resolve():
-        shutil.copy2(registry, reg)
-    infos = []
-    for d in sorted(p for p in exams.iterdir() if (p / "exam.json").is_file()):
-        infos.append((json.loads((d / "exam.json").read_text()), d))
-    infos.sort(key=lambda t: (t[0].get("study_date") or "", t[0]["exam_key"]))
-    later = later_exam_dates(trial, [i for i, _ in infos])
-    db = connect_registry(reg)
-    results = []
-    try:
-        for info, d in infos:
-            dst = out / d.name
-            _link_tree(d, dst)
-            try:
-                identity = identify_exam(trial, info, db, exam_key=d.name, later=later.get(d.name))["identity"]
-                results.append({"exam": d.name, "subject_id": identity["subject_id"], "visit": identity["visit"]})
-            except IdentifyError as err:
-                identity = unmatched_identity(trial, info, err)
-                results.append({"exam": d.name, "error": err.code, "detail": err.detail})
-            atomic_write_json(dst / "results" / "identity.json", identity)
-    finally:
-        db.close()
-    return {"exams": results, "identified": sum(1 for r in results if "error" not in r),
-            "unmatched": [r for r in results if "error" in r]}
+        res = identify_exam(ctx.trial, exam, ctx.store.db, exam_key=ctx.key, later=later)
+    except IdentifyError as err:
+        identity = unmatched_identity(ctx.trial, exam, err)
+        ctx.write_json(IDENTITY, identity)
+        return {"identified": False, "error": err.code, "detail": err.detail}
+    ctx.write_json(IDENTITY, res["identity"])
+    return {"identified": True, **{k: res["identity"][k] for k in ("subject_id", "site", "visit", "in_window")}}

@@ -11,10 +11,11 @@ import hashlib
 import io
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from .steps import Param, step
+from ..files import atomic_write_bytes, atomic_write_json, sha256_bytes
 
 ESSENTIALS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "SOPClassUID")
 DEVICE_ATTRS = {
@@ -30,6 +31,7 @@ REASONS = {
     "missing_essentials": "a required identifying attribute is missing or empty",
     "dicomdir": "a DICOMDIR media directory, not an instance",
 }
+BATCH = 64  # records per state-DB transaction
 NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
 
 
@@ -40,26 +42,6 @@ def exam_key_for(study_uid: str) -> str:
 
 def series_dir_for(series_uid: str) -> str:
     return hashlib.sha256(series_uid.encode()).hexdigest()[:16]
-
-
-def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = False) -> None:
-    """Write-temp-then-rename, so a reader (or a re-run after kill -9) never sees half a file.
-
-    ``durable`` also fsyncs (survives power loss, not only a killed process); the runner asks for it
-    when the inbox copy is about to be deleted (``--move``).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        if durable:
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
 def _text(value: Any) -> Any:
@@ -143,14 +125,6 @@ def _int(v: Any) -> Optional[int]:
         return None
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def ingest_one(src: str | Path, rel: str, out: str | Path, quarantine: str | Path,
                source_attrs: Iterable[str] = ("PatientID", "IssuerOfPatientID"),
                known: Optional[dict] = None, durable: bool = False) -> dict:
@@ -160,7 +134,7 @@ def ingest_one(src: str | Path, rel: str, out: str | Path, quarantine: str | Pat
     """
     src = Path(src)
     data = src.read_bytes()
-    sha = hashlib.sha256(data).hexdigest()
+    sha = sha256_bytes(data)
     rec: dict[str, Any] = {"sha256": sha, "rel_path": rel, "size": len(data)}
     if known is not None and sha in known:
         return {**rec, "status": "duplicate", "of": known[sha]}
@@ -230,54 +204,125 @@ def source_attrs_for(trial) -> list[str]:
     return attrs
 
 
-@step("ingest",
-      inputs=[Param("inbox", "directory", "Folder of incoming files (left untouched unless move)"),
-              Param("move", "bool", "Delete inbox files once placed", optional=True)],
-      outputs=[Param("out", "directory", "Exams: <exam_key>/original/… and exam.json"),
-               Param("quarantine", "directory", "Rejected files: <sha256>/{file,reason.json}")])
-def ingest(trial, inbox, out, quarantine, move: bool = False) -> dict:
-    """Verify inbox files are DICOM, group them by study into exams, quarantine the rest."""
-    out, quarantine = Path(out), Path(quarantine)
-    out.mkdir(parents=True, exist_ok=True)
-    quarantine.mkdir(parents=True, exist_ok=True)
+def ingest_inbox(trial, inbox: str | Path, workdir: str | Path, *, move: bool = False, pool=None,
+                 progress=None, store=None) -> dict:
+    """Ingest the inbox paths not seen before into the workdir; returns what happened to each.
+
+    Every inbox path is recorded (``file_sources``), every distinct content once (``files``): placed under
+    its exam, or quarantined with a reason. A path whose size and mtime are unchanged since it was last
+    seen is not read again. New content for an exam rewrites its ``exam.json`` (the runner then redoes
+    the exam's steps whose inputs changed). With ``move``, an inbox file is deleted only after its record
+    is committed and its copy is durable.
+    """
+    from ..store import Store
+    from ..workdir import Workdir
+
+    W = Workdir(workdir).create()
+    st = store or Store(W.root)
+    inbox = Path(inbox).resolve()
+    known = st.known_paths(inbox)
+    todo, stats = [], {}
+    for p, rel in list_inbox(inbox):
+        stt = p.stat()
+        stats[rel] = (stt.st_size, stt.st_mtime_ns)
+        k = known.get(rel)
+        if k is None or (k["size"], k["mtime_ns"]) != stats[rel]:  # new, or changed under the same name
+            todo.append((p, rel))
     attrs = source_attrs_for(trial)
-    seen: dict[str, str] = {}
-    by_exam: dict[str, list[dict]] = {}
-    quarantined, duplicates = [], []
-    for path, rel in list_inbox(inbox):
-        rec = ingest_one(path, rel, out, quarantine, attrs, known=seen, durable=move)
-        if rec["status"] == "duplicate":
-            duplicates.append({"path": rel, "of": rec["of"]})
-            continue
-        seen[rec["sha256"]] = rel
-        if rec["status"] == "quarantined":
-            quarantined.append({"path": rel, "sha256": rec["sha256"], "reason": rec["reason"]["reason"]})
-        else:
-            by_exam.setdefault(rec["exam_key"], []).append(rec)
-    for key, recs in by_exam.items():
-        existing = out / key / "exam.json"
-        merged = list(recs)
-        if existing.exists():  # another ingest batch already placed files of this study: keep them listed
-            merged += _records_from_exam_json(json.loads(existing.read_text()), {r["sha256"] for r in recs})
-        atomic_write_json(existing, exam_summary(key, merged))
-    if move:
-        for path, _rel in list_inbox(inbox):
-            path.unlink()
-    return {"exams": sorted(by_exam), "instances": sum(len(v) for v in by_exam.values()),
-            "quarantined": quarantined, "duplicates": duplicates}
+    out: dict[str, Any] = {"seen": len(stats), "new_paths": len(todo), "ingested": 0, "quarantined": 0,
+                           "duplicates": 0, "quarantined_files": [], "duplicate_files": []}
+    touched: set[str] = set()
+    pending: list[dict] = []
 
+    def flush() -> None:
+        if not pending:
+            return
+        now = time.time()
+        with st.tx() as db:
+            for rec in pending:
+                row = db.execute("SELECT first_path FROM files WHERE sha256=?", (rec["sha256"],)).fetchone()
+                size, mtime = stats.get(rec["rel_path"], (rec["size"], None))
+                db.execute("INSERT OR REPLACE INTO file_sources(inbox, rel_path, sha256, size, mtime_ns, seen) "
+                           "VALUES (?, ?, ?, ?, ?, ?)", (str(inbox), rec["rel_path"], rec["sha256"], size, mtime, now))
+                if row is not None:
+                    out["duplicates"] += 1
+                    out["duplicate_files"].append({"path": rec["rel_path"], "of": row["first_path"]})
+                    continue
+                if rec["status"] == "quarantined":
+                    out["quarantined"] += 1
+                    out["quarantined_files"].append({"path": rec["rel_path"], "sha256": rec["sha256"],
+                                                     "reason": rec["reason"]["reason"]})
+                    db.execute("INSERT INTO files(sha256, size, status, stored_path, reason, first_inbox, first_path, "
+                               "first_seen) VALUES (?, ?, 'quarantined', ?, ?, ?, ?, ?)",
+                               (rec["sha256"], rec["size"], str(Path(rec["stored_path"]).relative_to(W.root)),
+                                json.dumps(rec["reason"]), str(inbox), rec["rel_path"], now))
+                    continue
+                out["ingested"] += 1
+                key = rec["exam_key"]
+                db.execute("INSERT INTO files(sha256, size, status, exam_key, series_uid, sop_uid, stored_path, header, "
+                           "first_inbox, first_path, first_seen) VALUES (?, ?, 'ingested', ?, ?, ?, ?, ?, ?, ?, ?)",
+                           (rec["sha256"], rec["size"], key, rec["series_uid"], rec["sop_uid"], rec["stored_path"],
+                            json.dumps(rec["header"]), str(inbox), rec["rel_path"], now))
+                db.execute("INSERT OR IGNORE INTO exams(exam_key, study_uid, created, updated) VALUES (?, ?, ?, ?)",
+                           (key, rec["header"]["study_uid"], now, now))
+                db.execute("UPDATE exams SET status='pending', generation=generation+1, updated=? WHERE exam_key=?",
+                           (now, key))
+                touched.add(key)
+        if move:
+            for rec in pending:
+                p = inbox / rec["rel_path"]
+                if p.exists():
+                    p.unlink()
+        pending.clear()
 
-def _records_from_exam_json(exam: dict, skip: set[str]) -> list[dict]:
-    """Minimal records for files an earlier batch placed, from its exam.json."""
-    recs = []
-    for s in exam.get("series", []):
-        for f in s["files"]:
-            sha = Path(f).stem
-            if sha in skip:
+    bar = progress("ingest", len(todo)) if progress else None
+    args = [(str(p), rel, str(W.exams), str(W.quarantine), attrs, None, move) for p, rel in todo]
+    results = (pool.map(ingest_one, *zip(*args), chunksize=16) if pool is not None and len(args) > 1
+               else (ingest_one(*a) for a in args))
+    for rec in results:
+        pending.append(rec)
+        if bar:
+            bar.update(1)
+        if len(pending) >= BATCH:
+            flush()
+    flush()
+    if bar:
+        bar.close()
+    # exam.json for every exam that got files now, and for any a killed run left without one
+    for row in st.db.execute("SELECT exam_key FROM exams").fetchall():
+        key = row["exam_key"]
+        exam_json = W.exam(key).exam_json
+        if key in touched or not exam_json.exists():
+            recs = [{"sha256": r["sha256"], "stored_path": r["stored_path"], "header": json.loads(r["header"])}
+                    for r in st.db.execute("SELECT sha256, stored_path, header FROM files WHERE exam_key=? AND "
+                                           "status='ingested'", (key,))]
+            if not recs:
                 continue
-            recs.append({"sha256": sha, "stored_path": f, "header": {
-                "series_uid": s["series_uid"], "series_number": s.get("series_number"),
-                "series_description": s.get("description", ""), "modality": s["modality"], "instance_number": None,
-                "study_uid": exam["study_uid"], "study_date": exam.get("study_date", ""),
-                "device": exam.get("device", {}), "patient": exam.get("patient", {})}})
-    return recs
+            summary = exam_summary(key, recs)
+            atomic_write_json(exam_json, summary)
+            with st.tx() as db:
+                db.execute("UPDATE exams SET n_series=?, n_instances=?, exam_date=COALESCE(exam_date, ?), updated=? "
+                           "WHERE exam_key=?", (len(summary["series"]), summary["n_instances"],
+                                                summary["study_date"] or None, time.time(), key))
+                db.execute("DELETE FROM series WHERE exam_key=?", (key,))
+                for s in summary["series"]:
+                    db.execute("INSERT INTO series(exam_key, series_uid, series_number, description, modality, "
+                               "n_instances) VALUES (?, ?, ?, ?, ?, ?)",
+                               (key, s["series_uid"], s["series_number"], s["description"], s["modality"], s["n_instances"]))
+    out["exams_touched"] = sorted(touched)
+    if store is None:
+        st.close()
+    return out
+
+
+def exam_content_hash(store, exam_key: str) -> str:
+    """What an exam's ingested content is: one hash over its instances' sha256s (the root of its fingerprints)."""
+    rows = store.db.execute("SELECT sha256 FROM files WHERE exam_key=? AND status='ingested' ORDER BY sha256",
+                            (exam_key,)).fetchall()
+    return sha256_bytes("\n".join(r["sha256"] for r in rows).encode())
+
+
+def ingest_step(ctx) -> dict:
+    """The ``ingest`` study step: the inbox into the workdir (``ctx.inbox``; ``--move`` deletes what is safe)."""
+    return ingest_inbox(ctx.trial, ctx.inbox, ctx.workdir.root, move=ctx.move, pool=ctx.pool,
+                        progress=ctx.progress, store=ctx.store)

@@ -29,7 +29,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Iterable, Callable, Optional, Sequence
 
 import numpy as np
 import pydicom
@@ -38,7 +38,6 @@ from .. import ir
 from ..diagnostics import did_you_mean
 from ..qc_metrics import QC_METRICS
 from . import dicomio
-from .steps import Param, step
 
 
 @dataclass
@@ -361,10 +360,10 @@ def series_verdict(results: Sequence[dict[str, Any]]) -> str:
     return "pass"
 
 
-def qc_series(checks: Sequence[ir.QcCheck], paths: Sequence[str | Path]) -> dict[str, Any]:
-    """Run checks on one series (pixel data read once)."""
+def qc_series(checks: Sequence[ir.QcCheck], paths: Sequence[str | Path], load=load_volume) -> dict[str, Any]:
+    """Run checks on one series (pixel data read once; ``load`` may hand out a volume already read)."""
     try:
-        vol = load_volume(paths)
+        vol = load(paths)
     except Exception as exc:  # undecodable pixel data is a QC result, not a crash
         res = [{"check": c.name, "metric": c.metric, "severity": c.severity.value, "verdict": "error", "ok": False,
                 "error": f"pixel data unreadable: {type(exc).__name__}: {exc}"} for c in checks]
@@ -373,38 +372,71 @@ def qc_series(checks: Sequence[ir.QcCheck], paths: Sequence[str | Path]) -> dict
     return {"checks": res, "verdict": series_verdict(res), "shape": list(vol.data.shape)}
 
 
-def qc_exam(trial: ir.Trial, classification: dict[str, Any], root: Path, *, only: Optional[str] = None) -> dict[str, Any]:
-    """QC of every matched series of an exam with the checks bound to its protocol."""
+def qc_check_exam(trial: ir.Trial, check: ir.QcCheck, classification: dict[str, Any], root: Path,
+                  load=load_volume) -> dict[str, Any]:
+    """One QC check on every matched series of an exam whose protocol it applies to."""
     series_out = []
     for entry in classification.get("series", []):
         if entry.get("status") != "matched":
             continue
         proto = trial.protocol(entry["protocol"])
-        if proto is None:
+        if proto is None or check not in trial.qc_for(proto):
             continue
-        checks = [c for c in trial.qc_for(proto) if only is None or c.name == only]
-        if not checks:
-            continue
-        r = qc_series(checks, [root / f for f in entry.get("files", [])])
+        r = qc_series([check], [root / f for f in entry.get("files", [])], load)
         r.update({"series_uid": entry["series_uid"], "protocol": proto.name,
                   "series_description": entry.get("series_description"), "series_number": entry.get("series_number")})
         series_out.append(r)
     verdict = series_verdict([{"verdict": s["verdict"]} for s in series_out])
-    return {"series": series_out, "verdict": verdict,
-            "summary": {"series": len(series_out), **{v: sum(s["verdict"] == v for s in series_out) for v in ("pass", "warn", "fail", "error")}}}
+    return {"check": check.name, "metric": check.metric, "series": series_out, "verdict": verdict,
+            "summary": {"series": len(series_out), **{v: sum(s["verdict"] == v for s in series_out)
+                                                      for v in ("pass", "warn", "fail", "error")}}}
 
 
-@step("qc",
-      inputs=[Param("exam", "directory", "exam folder (uses deid/ if present, else original/)"),
-              Param("classification", "file", "classification.json from the classify step"),
-              Param("check", "string", "run only this QC check (default: every check of each protocol)", optional=True)],
-      outputs=[Param("out", "file", "qc.json")])
-def qc_step(trial: ir.Trial, exam: str, classification: str, out: str, check: Optional[str] = None) -> dict:
-    """Pixel QC (snr, ghosting, clipping, dynamic range, slice spacing, missing slices, noise) per matched series."""
-    from .classify import write_json
+def qc_exam(trial: ir.Trial, classification: dict[str, Any], root: Path, *, only: Optional[str] = None) -> dict[str, Any]:
+    """Every QC check of the study (or check ``only``) on an exam, one view per series (what the
+    per-check nodes add up to)."""
+    cache: dict[tuple, Volume] = {}
 
-    cls = json.loads(Path(classification).read_text())
-    result = qc_exam(trial, cls, dicomio.exam_instances_dir(exam), only=check)
-    result["exam"] = Path(exam).name
-    write_json(out, result)
-    return {"out": str(out), "verdict": result["verdict"], **result["summary"]}
+    def load(paths):
+        key = tuple(str(p) for p in paths)
+        if key not in cache:
+            cache[key] = load_volume(paths)
+        return cache[key]
+
+    return merge_by_series(qc_check_exam(trial, q, classification, root, load) for q in trial.qc
+                           if only is None or q.name == only)
+
+
+def merge_by_series(docs: Iterable[dict]) -> dict[str, Any]:
+    """The per-check QC results of an exam (``results/qc/*.json``) as one view per series:
+    ``{"series": [{series_uid, protocol, verdict, checks: [...]}, ...], "verdict": ...}``."""
+    by: dict[str, dict] = {}
+    for doc in docs:
+        if not isinstance(doc, dict):
+            continue
+        for s in doc.get("series", []):
+            e = by.setdefault(s["series_uid"], {k: s.get(k) for k in ("series_uid", "protocol", "series_description",
+                                                                       "series_number")} | {"checks": []})
+            e["checks"].extend(s.get("checks", []))
+            if s.get("shape"):
+                e["shape"] = s["shape"]
+    series = sorted(by.values(), key=lambda e: (e.get("series_number") or 0, e["series_uid"]))
+    for e in series:
+        e["checks"].sort(key=lambda c: c.get("check") or "")
+        e["verdict"] = series_verdict(e["checks"]) if e["checks"] else "pass"
+    return {"series": series, "verdict": series_verdict([{"verdict": e["verdict"]} for e in series])}
+
+
+def qc_step(ctx) -> dict:
+    """One pixel QC check (snr, ghosting, clipping, dynamic range, slice spacing, missing slices, noise) on the
+    exam's series of the protocols it applies to; writes ``results/qc/<check>.json``."""
+    from ..workdir import CLASSIFICATION, DEID, qc_result
+
+    check = next(q for q in ctx.trial.qc if q.name == ctx.ref)
+
+    def load(paths):  # the exam's QC nodes share each series' pixels: one decode per series
+        return ctx.cache.get(("volume", tuple(str(p) for p in paths)), lambda: load_volume(paths))
+
+    result = qc_check_exam(ctx.trial, check, ctx.read_json(CLASSIFICATION, {}), ctx.path(DEID), load)
+    ctx.write_json(qc_result(check.name), result)
+    return {"verdict": result["verdict"], **result["summary"]}

@@ -1,36 +1,54 @@
-"""Orchestration: run the per-exam pipeline over every exam of an inbox, resumably.
+"""The local runner: walks the compiled graph over a workdir, resumably.
 
-Phases: ingest (parallel inspection, serial bookkeeping) → identify (serial: the registry hands out
-subject IDs) → per-exam steps in a process pool (deidentify, classify, adherence, qc, archive,
-analyses) → measurements table → summary.
+The graph (``imtrial_dsl.graph``, built from the step table) is cut into *phases* in topological order:
 
-Resume semantics: every step's completion is committed to ``W/state.sqlite`` right after its outputs
-are in place (write-temp-then-rename); a re-run skips what is recorded and redoes the rest, and every
-step is idempotent (content-addressed placement, registry lookups before assignment, an archive that
-never stores the same bytes twice). So ``kill -9`` at any point followed by a re-run archives every input
-exactly once and loses nothing.
+* a study node (``ingest``, ``measurements``) runs once, here in the parent process;
+* an ordered node on shared state (``identify``, which hands out subject IDs) runs here too, exam by
+  exam in exam-date order;
+* a maximal run of the other exam nodes is one *segment*: each worker process takes one subject's
+  exams (in date order: a follow-up's analysis may read the baseline's output) and walks the
+  segment's subgraph for each of them, independent nodes side by side on threads (two analyses that
+  do not depend on each other run at the same time). The archive node writes shared state too; the
+  archive's own lock serializes it.
+
+Resume and re-judging: every node of every exam is recorded in ``W/state.sqlite`` with a
+*fingerprint* — a hash of what its result was computed from: the exam's ingested content, the parts
+of the study the step reads (``Step.study_parts``; the QC check or analysis itself for per-check
+nodes; source positions do not count), and the fingerprints of the nodes it reads from. A node
+runs when it has no record, failed, or its fingerprint changed (a study edit, new instances), and
+then every node downstream of it runs too. So ``kill -9`` at any point followed by a re-run redoes
+only what was not recorded, and fixing a constraint in the study re-judges exactly the archived
+exams it concerns (the archive keeps both versions of each changed sidecar).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
-import os
-import shutil
-import sys
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, as_completed, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .steps import STEPS, load_all
+import networkx as nx
 
-EXAM_STEPS = ("deidentify", "classify", "adherence", "qc", "archive", "analyses")
-BATCH = 64
+from .. import ir, pipeline
+from ..diagnostics import ImtrialError
+from ..files import read_json, try_lock
+from ..graph import build_graph, pipeline_nodes
+from ..store import Store
+from ..workdir import ADHERENCE, CLASSIFICATION, EXAM_JSON, IDENTITY, QC, ExamDir, Workdir
+from .context import ExamCache, ExamContext, StudyContext, call_node, short
+
+THREADS_PER_EXAM = 2
 
 
-class RunLocked(RuntimeError):
+class RunLocked(ImtrialError):
     """Another ``imtrial run`` holds this workdir."""
+
+    code = "E803"
 
 
 def _quiet_pydicom() -> None:
@@ -53,321 +71,362 @@ def _die_with_parent() -> None:
         pass
 
 
-def _lock(path: Path, *, wait: bool):
-    """An exclusive flock on ``path`` (released when the returned file is closed or the process dies)."""
-    import fcntl
+# ----------------------------------------------------------------------------- the plan of a run
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a+")
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except BlockingIOError:
-        fh.close()
-        return None
-    return fh
+@dataclass
+class Phase:
+    kind: str            # "study" | "ordered" | "segment"
+    nodes: list[pipeline.Node]
 
 
-class StepMissing(RuntimeError):
-    """A pipeline step no module has registered (yet): the exam fails loudly at that step."""
+@dataclass
+class Plan:
+    """A study's graph as the runner walks it."""
+
+    graph: nx.DiGraph
+    nodes: dict[str, pipeline.Node]
+    phases: list[Phase]
+    static: dict[str, str]          # node id -> hash of the study parts it reads
+
+    def preds(self, nid: str) -> list[str]:
+        return sorted(p for p in self.graph.predecessors(nid) if p in self.nodes)
+
+    def descendants(self, nid: str) -> set[str]:
+        return {d for d in nx.descendants(self.graph, nid) if d in self.nodes}
 
 
-def layout(workdir: Path) -> dict[str, Path]:
-    w = Path(workdir)
-    return {"workdir": w, "exams": w / "exams", "quarantine": w / "quarantine", "archive": w / "archive",
-            "state": w / "state.sqlite", "csv": w / "measurements.csv", "json": w / "measurements.json"}
+def _runs_here(n: pipeline.Node) -> bool:
+    return n.scope == "study" or n.step.ordered
 
 
-def _progress(total: int, desc: str, enabled: Optional[bool]):
-    from tqdm import tqdm
-
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit="item", file=sys.stderr, disable=not enabled, leave=False)
-
-
-# ----------------------------------------------------------------------------- ingest
-
-def ingest_inbox(trial, inbox: Path, workdir: Path, *, jobs: int = 1, move: bool = False,
-                 progress: Optional[bool] = None, pool: Optional[ProcessPoolExecutor] = None) -> dict:
-    """Ingest new inbox paths into the workdir; returns counts and the exam keys touched."""
-    from .ingest import atomic_write_json, exam_summary, ingest_one, list_inbox, source_attrs_for
-    from ..store import Store as State
-
-    L = layout(workdir)
-    st = State(workdir)
-    inbox = Path(inbox).resolve()
-    known = st.known_paths(inbox)
-    todo, stats = [], {}
-    for p, rel in list_inbox(inbox):
-        stt = p.stat()
-        stats[rel] = (stt.st_size, stt.st_mtime_ns)
-        k = known.get(rel)
-        if k is None or (k["size"], k["mtime_ns"]) != stats[rel]:  # new, or changed under the same name
-            todo.append((p, rel))
-    attrs = source_attrs_for(trial)
-    counts = {"seen": len(stats), "new_paths": len(todo), "ingested": 0, "quarantined": 0, "duplicates": 0}
-    touched: set[str] = set()
-    pending: list[dict] = []
-    moved: list[Path] = []
-
-    def flush():
-        if not pending:
-            return
-        now = time.time()
-        with st.tx() as db:
-            for rec in pending:
-                row = db.execute("SELECT status, exam_key FROM files WHERE sha256=?", (rec["sha256"],)).fetchone()
-                size, mtime = stats.get(rec["rel_path"], (rec["size"], None))
-                db.execute("INSERT OR REPLACE INTO file_sources(inbox, rel_path, sha256, size, mtime_ns, seen) "
-                           "VALUES (?, ?, ?, ?, ?, ?)", (str(inbox), rec["rel_path"], rec["sha256"], size, mtime, now))
-                if row is not None:
-                    counts["duplicates"] += 1
-                    continue
-                if rec["status"] == "quarantined":
-                    counts["quarantined"] += 1
-                    db.execute("INSERT INTO files(sha256, size, status, stored_path, reason, first_inbox, first_path, "
-                               "first_seen) VALUES (?, ?, 'quarantined', ?, ?, ?, ?, ?)",
-                               (rec["sha256"], rec["size"], str(Path(rec["stored_path"]).relative_to(L["workdir"])),
-                                json.dumps(rec["reason"]), str(inbox), rec["rel_path"], now))
-                    continue
-                counts["ingested"] += 1
-                key = rec["exam_key"]
-                db.execute("INSERT INTO files(sha256, size, status, exam_key, series_uid, sop_uid, stored_path, header, "
-                           "first_inbox, first_path, first_seen) VALUES (?, ?, 'ingested', ?, ?, ?, ?, ?, ?, ?, ?)",
-                           (rec["sha256"], rec["size"], key, rec["series_uid"], rec["sop_uid"], rec["stored_path"],
-                            json.dumps(rec["header"]), str(inbox), rec["rel_path"], now))
-                # new content for an exam: everything after ingest must be redone for it
-                db.execute("INSERT OR IGNORE INTO exams(exam_key, study_uid, created, updated) VALUES (?, ?, ?, ?)",
-                           (key, rec["header"]["study_uid"], now, now))
-                db.execute("UPDATE exams SET status='pending', generation=generation+1, updated=? WHERE exam_key=?", (now, key))
-                db.execute("DELETE FROM steps WHERE exam_key=? AND step != 'identify'", (key,))
-                touched.add(key)
-        if move:
-            for rec in pending:
-                p = Path(inbox) / rec["rel_path"]
-                if p.exists():
-                    p.unlink()
-        pending.clear()
-
-    bar = _progress(len(todo), "ingest", progress)
-    args = [(str(p), rel, str(L["exams"]), str(L["quarantine"]), attrs, None, move) for p, rel in todo]
-    if pool is not None and len(args) > 1:
-        futs = [pool.submit(ingest_one, *a) for a in args]
-        for f in as_completed(futs):
-            pending.append(f.result())
-            bar.update(1)
-            if len(pending) >= BATCH:
-                flush()
-    else:
-        for a in args:
-            pending.append(ingest_one(*a))
-            bar.update(1)
-            if len(pending) >= BATCH:
-                flush()
-    flush()
-    bar.close()
-    # exam.json for every exam that got files in this run, and for any left without one by a killed run
-    for row in st.db.execute("SELECT exam_key FROM exams").fetchall():
-        key = row["exam_key"]
-        if key in touched or not (L["exams"] / key / "exam.json").exists():
-            recs = [{"sha256": r["sha256"], "stored_path": r["stored_path"], "header": json.loads(r["header"])}
-                    for r in st.db.execute("SELECT sha256, stored_path, header FROM files WHERE exam_key=? AND "
-                                           "status='ingested'", (key,))]
-            if recs:
-                summary = exam_summary(key, recs)
-                atomic_write_json(L["exams"] / key / "exam.json", summary)
-                st.upsert_exam(key, n_series=len(summary["series"]), n_instances=summary["n_instances"])
-                with st.tx() as db:
-                    db.execute("DELETE FROM series WHERE exam_key=?", (key,))
-                    for s in summary["series"]:
-                        db.execute("INSERT INTO series(exam_key, series_uid, series_number, description, modality, "
-                                   "n_instances) VALUES (?, ?, ?, ?, ?, ?)",
-                                   (key, s["series_uid"], s["series_number"], s["description"], s["modality"], s["n_instances"]))
-                st.set_step(key, "ingest", "done", {"instances": summary["n_instances"], "series": len(summary["series"])})
-    counts["exams_touched"] = sorted(touched)
-    st.close()
-    return counts
+def _strip_spans(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _strip_spans(v) for k, v in obj.items() if k != "span"}
+    if isinstance(obj, list):
+        return [_strip_spans(v) for v in obj]
+    return obj
 
 
-# ----------------------------------------------------------------------------- identify
+def _dump(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_dump(v) for v in value]
+    if hasattr(value, "model_dump"):
+        return _strip_spans(value.model_dump(mode="json"))
+    return value
 
-def identify_pending(trial, workdir: Path) -> dict:
-    """Identify every exam that is not identified yet (serial: one registry, one sequence per site)."""
-    from .identify import IdentifyError, identify_exam, later_exam_dates, unmatched_identity
-    from .ingest import atomic_write_json
-    from ..store import Store as State
 
-    L = layout(workdir)
-    st = State(workdir)
-    out = {"identified": 0, "unmatched": [], "errors": []}
-    rows = st.db.execute("SELECT e.exam_key FROM exams e LEFT JOIN steps s ON s.exam_key=e.exam_key AND s.step='identify' "
-                         "WHERE s.status IS NULL OR s.status != 'done'").fetchall()
-    exams = []
-    for r in rows:
-        p = L["exams"] / r["exam_key"] / "exam.json"
-        if p.exists():
-            exams.append(json.loads(p.read_text()))
-    exams.sort(key=lambda e: (e.get("study_date") or "", e["exam_key"]))  # baselines before follow-ups
-    later = later_exam_dates(trial, exams)
-    for exam in exams:
-        key = exam["exam_key"]
-        ident_path = L["exams"] / key / "results" / "identity.json"
-        t0 = time.time()
-        try:
-            res = identify_exam(trial, exam, st.db, exam_key=key, later=later.get(key))
-        except IdentifyError as err:
-            atomic_write_json(ident_path, unmatched_identity(trial, exam, err))
-            status = "unmatched" if err.code in ("unmatched", "no_source_identifier") else "failed"
-            st.upsert_exam(key, status=status, warnings=[{"code": err.code, "detail": err.detail}])
-            st.set_step(key, "identify", "failed", {"error": err.code, "detail": err.detail}, started=t0)
-            (out["unmatched"] if status == "unmatched" else out["errors"]).append({"exam_key": key, "error": err.code,
-                                                                                   "detail": err.detail})
-            continue
-        atomic_write_json(ident_path, res["identity"])
-        st.upsert_exam(key, shifted_date=res["identity"].get("shifted_date"))
-        st.set_step(key, "identify", "done", {k: res["identity"][k] for k in ("subject_id", "site", "visit", "in_window")},
-                    started=t0)
-        out["identified"] += 1
-    st.close()
+def static_fingerprint(trial: ir.Trial, node: pipeline.Node) -> str:
+    """What a node's result depends on in the study: the step's study parts, and its QC check / analysis."""
+    parts: dict[str, Any] = {"step": node.step.name, "ref": node.ref, "inputs": list(node.inputs),
+                             "outputs": list(node.outputs)}
+    for f in node.step.study_parts:
+        parts[f] = _dump(getattr(trial, f))
+    if node.step.per == "qc":
+        parts["check"] = _dump(next(q for q in trial.qc if q.name == node.ref))
+        parts["protocols"] = [_dump(trial.protocol(p)) for p in node.protocols]
+    elif node.step.per == "analysis":
+        parts["analysis"] = _dump(trial.analysis(node.ref))
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def make_plan(trial: ir.Trial, graph: Optional[nx.DiGraph] = None) -> Plan:
+    """Cut the graph into phases: study/ordered nodes alone, the exam nodes between them as segments."""
+    g = graph if graph is not None else build_graph(trial)
+    by_id = {n.id: n for n in pipeline.nodes(trial)}
+    ids = [n for n in pipeline_nodes(g) if n in by_id]
+    # a topological order that takes an exam node whenever one is ready, so that segments are maximal
+    sub = g.subgraph(ids)
+    table = list(pipeline.STEPS)
+    order = list(nx.lexicographical_topological_sort(
+        sub, key=lambda n: (_runs_here(by_id[n]), table.index(by_id[n].step.name), n)))
+    phases: list[Phase] = []
+    for nid in order:
+        n = by_id[nid]
+        if _runs_here(n):
+            phases.append(Phase("study" if n.scope == "study" else "ordered", [n]))
+        elif phases and phases[-1].kind == "segment":
+            phases[-1].nodes.append(n)
+        else:
+            phases.append(Phase("segment", [n]))
+    return Plan(g, {i: by_id[i] for i in ids}, phases, {i: static_fingerprint(trial, by_id[i]) for i in ids})
+
+
+def exam_fingerprints(plan: Plan, content: str) -> dict[str, str]:
+    """Every exam node's fingerprint for an exam whose ingested content hashes to ``content``."""
+    out: dict[str, str] = {}
+    for ph in plan.phases:
+        for n in ph.nodes:
+            if n.scope != "exam":
+                continue
+            ups = [out.get(p, content) for p in plan.preds(n.id)]   # a study node upstream: the content itself
+            out[n.id] = hashlib.sha256("\n".join([plan.static[n.id], content, *ups]).encode()).hexdigest()
     return out
 
 
-# ----------------------------------------------------------------------------- per-exam steps
+# ----------------------------------------------------------------------------- walking one exam
 
-def call_step(name: str, trial, available: dict[str, Any]) -> dict:
-    """Call a registered step with the parameters it declares, taken from ``available``."""
-    spec = STEPS.get(name)
-    if spec is None:
-        raise StepMissing(f"step {name!r} is not registered (no module provides it yet)")
-    kwargs = {}
-    for p in spec.inputs + spec.outputs:
-        if p.name in available and available[p.name] is not None:
-            kwargs[p.name] = available[p.name]
-        elif not p.optional:
-            raise StepMissing(f"step {name!r} needs parameter {p.name!r} that the runner cannot provide")
-    return spec.func(trial, **kwargs)
+def walk_exam(trial: ir.Trial, W: Optional[Workdir], store: Optional[Store], exam_key: str,
+              nodes: list[pipeline.Node], preds: dict[str, list[str]], todo: set[str], fps: dict[str, str],
+              threads: int = THREADS_PER_EXAM, context: Optional[Callable] = None) -> dict[str, str]:
+    """Run the ``todo`` nodes of one exam in dependency order, independent ones side by side.
 
+    Records each node in ``store`` (when given). ``context(node, cache)`` builds a node's context
+    (default: the exam's folder in workdir ``W``). Returns node id -> done | skipped | failed | blocked
+    (a node whose input failed does not run)."""
+    cache = ExamCache()
+    state: dict[str, str] = {}
+    waiting = [n for n in nodes if n.id in todo]
+    started: dict[str, float] = {}
+    make = context or (lambda n, c: ExamContext(trial, W.exam(exam_key), n, workdir=W, cache=c))
 
-def _short(detail: Any) -> Any:
-    """Keep step details small in the state DB (full outputs live in results/)."""
-    if isinstance(detail, dict):
-        return {k: (v if not isinstance(v, (list, dict)) or len(json.dumps(v, default=str)) < 2000 else f"<{len(v)} items>")
-                for k, v in detail.items()}
-    return detail
+    def record(nid: str, status: str, detail: Any, **kw) -> None:
+        if store is not None:
+            store.set_step(exam_key, nid, status, detail, **kw)
 
+    def run(n: pipeline.Node) -> dict:
+        return call_node(n, make(n, cache))
 
-def process_subject(trial, workdir: str, exams: list[tuple[str, list[str], list[str]]]) -> list[dict]:
-    """One subject's pending exams, in date order (each item: exam key, steps done, prior device ids)."""
-    return [process_exam(trial, workdir, k, d, p) for k, d, p in exams]
-
-
-def process_exam(trial, workdir: str, exam_key: str, done: list[str], prior_devices: list[str]) -> dict:
-    """Run the remaining per-exam steps of one exam (in a worker process); records each step as it ends."""
-    from ..store import Store as State
-
-    load_all()
-    L = layout(Path(workdir))
-    E = L["exams"] / exam_key
-    R = E / "results"
-    lock = _lock(E / ".lock", wait=False)
-    if lock is None:
-        return {"exam_key": exam_key, "steps": {}, "status": "busy"}
-    st = State(workdir)
-    result = {"exam_key": exam_key, "steps": {}, "status": "done"}
-    try:
-        for name in EXAM_STEPS:
-            if name in done:
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as ex:
+        running: dict[Any, pipeline.Node] = {}
+        while waiting or running:
+            for n in list(waiting):
+                deps = [p for p in preds[n.id] if p in todo]
+                if any(state.get(p) in ("failed", "blocked") for p in deps):
+                    state[n.id] = "blocked"
+                    record(n.id, "blocked", {"error": "an input of this step failed"})
+                    waiting.remove(n)
+                elif all(state.get(p) in ("done", "skipped") for p in deps):
+                    started[n.id] = time.time()
+                    running[ex.submit(run, n)] = n
+                    waiting.remove(n)
+            if not running:
                 continue
-            t0 = time.time()
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                n = running.pop(fut)
+                try:
+                    detail = fut.result()
+                except Exception as exc:  # one node's failure is recorded; the exam's other branches go on
+                    state[n.id] = "failed"
+                    record(n.id, "failed",
+                                   {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc(limit=3)},
+                                   started=started[n.id], fingerprint=fps.get(n.id))
+                    continue
+                state[n.id] = "skipped" if detail.get("status") == "skipped" else "done"
+                record(n.id, state[n.id], short(detail), started=started[n.id], fingerprint=fps.get(n.id))
+    return state
+
+
+def process_subject(trial: ir.Trial, workdir: str, nodes: list[pipeline.Node], preds: dict[str, list[str]],
+                    exams: list[tuple[str, list[str], dict[str, str]]]) -> list[dict]:
+    """One subject's exams (key, nodes to run, fingerprints), in date order; in a worker process."""
+    _quiet_pydicom()
+    W = Workdir(workdir)
+    store = Store(W.root)
+    out = []
+    try:
+        for key, todo, fps in exams:
+            lock = try_lock(W.exam(key).lock)
+            if lock is None:
+                out.append({"exam_key": key, "status": "busy", "nodes": {}})
+                continue
             try:
-                detail = _run_exam_step(name, trial, L, E, R, prior_devices, st)
-            except Exception as exc:
-                msg = f"{type(exc).__name__}: {exc}"
-                st.set_step(exam_key, name, "failed", {"error": msg, "trace": traceback.format_exc(limit=3)}, started=t0)
-                result["steps"][name] = "failed"
-                result.update(status="failed", failed_step=name, error=msg)
-                break
-            st.set_step(exam_key, name, "done", _short(detail), started=t0)
-            result["steps"][name] = "done"
-        _record_exam(st, exam_key, R, result, trial)
+                state = walk_exam(trial, W, store, key, nodes, preds, set(todo), fps)
+                record_exam(store, trial, key)
+            finally:
+                lock.close()
+            out.append({"exam_key": key, "nodes": state})
     finally:
-        st.close()
-        lock.close()
-    return result
+        store.close()
+    return out
 
 
-def _run_exam_step(name: str, trial, L: dict, E: Path, R: Path, prior_devices: list[str], st) -> dict:
-    if name == "deidentify":
-        part = E / "deid.partial"
-        if part.exists():
-            shutil.rmtree(part)
-        det = call_step("deidentify", trial, {"exam": str(E), "identity": str(R / "identity.json"), "out": str(part),
-                                              "registry": str(L["state"]), "quarantine": str(L["quarantine"])})
-        if (E / "deid").exists():
-            shutil.rmtree(E / "deid")
-        os.replace(part, E / "deid")
-        _record_deid_quarantine(st, L, det)
-        return det
-    if name == "classify":
-        return call_step("classify", trial, {"exam": str(E), "out": str(R / "classification.json")})
-    if name == "adherence":
-        return call_step("adherence", trial, {"exam": str(E), "classification": str(R / "classification.json"),
-                                              "out": str(R / "adherence.json"), "prior_devices": ",".join(prior_devices)})
-    if name == "qc":
-        return call_step("qc", trial, {"exam": str(E), "classification": str(R / "classification.json"),
-                                       "out": str(R / "qc.json")})
-    if name == "archive":
-        return call_step("archive", trial, {"exam": str(E), "results": str(R), "archive": str(L["archive"])})
-    if name == "analyses":
-        if not trial.analyses:
-            return {"analyses": [], "done": [], "failed": []}
-        det = call_step("analysis", trial, {"exam": str(E), "results": str(R), "out": str(E / "analyses")})
-        _record_measurements(st, E.name, det)
-        if det.get("failed"):
-            reasons = "; ".join(f"{r['analysis']}: {r.get('reason')}" for r in det["analyses"] if r["status"] == "failed")
-            raise RuntimeError(f"analysis failed: {reasons}")
-        return det
-    raise StepMissing(name)
+# ----------------------------------------------------------------------------- the whole run
 
+def run_study(trial: ir.Trial, *, inbox: str | Path, workdir: str | Path, jobs: int = 1, move: bool = False,
+              progress: Optional[Callable[[str, int], Any]] = None, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Run every node that is not done (or whose inputs changed); returns the summary (also in table ``runs``).
 
-def _record_deid_quarantine(st, L: dict, det: dict) -> None:
-    """Files the de-identification refused (e.g. burned-in annotation) are quarantined, not lost."""
-    now = time.time()
-    with st.tx() as db:
-        for q in (det or {}).get("quarantined", []) or []:
-            sha = q.get("sha256")
-            if not sha:
-                continue
-            reason = {"reason": q.get("reason"), "detail": q.get("detail"), "step": "deidentify"}
-            db.execute("UPDATE files SET status='quarantined', reason=?, stored_path=? WHERE sha256=?",
-                       (json.dumps(reason), f"quarantine/{sha}/file", sha))
-            db.execute("UPDATE files SET first_seen=COALESCE(first_seen, ?) WHERE sha256=?", (now, sha))
-
-
-def _record_measurements(st, exam_key: str, det: dict) -> None:
-    from .analyses import measurement_rows
-
-    now = time.time()
-    with st.tx() as db:
-        db.execute("DELETE FROM measurements WHERE exam_key=?", (exam_key,))
-        for r in measurement_rows(det):
-            db.execute("INSERT OR REPLACE INTO measurements(exam_key, subject, visit, site, protocol, analysis, measurement, "
-                       "value, unit, series_uid, recorded) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (exam_key, r["subject"], r["visit"], r["site"], r["protocol"], r["analysis"], r["measurement"],
-                        r["value"], r["unit"], r["series_uid"], now))
-
-
-def _load(p: Path) -> Any:
+    ``progress(description, total)``, when given, returns a bar with ``update(n)`` and ``close()``."""
+    _quiet_pydicom()
+    W = Workdir(Path(workdir).resolve()).create()   # analyses run in their own cwd: every path is absolute
+    lock = try_lock(W.run_lock)
+    if lock is None:
+        raise RunLocked(f"another 'imtrial run' is using {W.root}")
     try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
+        return _run_locked(trial, W, Path(inbox).resolve(), jobs, move, progress, log)
+    finally:
+        lock.close()
 
 
-def _qualification_warning(trial, st, exam: dict, cls: Any) -> Optional[dict]:
+_DONE = ("done", "skipped")
+
+
+def _run_locked(trial: ir.Trial, W: Workdir, inbox: Path, jobs: int, move: bool, progress, log) -> dict:
+    from .ingest import exam_content_hash
+
+    started = time.time()
+    swept = W.sweep_temp()
+    if swept:
+        log(f"removed {swept} temporary file(s) left by an interrupted run")
+    plan = make_plan(trial)
+    store = Store(W.root)
+    with store.tx() as db:
+        run_id = db.execute("INSERT INTO runs(started, study, study_sha256, inbox) VALUES (?, ?, ?, ?)",
+                            (started, trial.source_file, trial.source_sha256, str(inbox))).lastrowid
+    # spawn, not fork: a forked worker inherits the parent's open SQLite file descriptors, and closing
+    # them in the child drops the parent's POSIX locks, which corrupts the state database.
+    pool = (ProcessPoolExecutor(max_workers=jobs, initializer=_die_with_parent,
+                                mp_context=multiprocessing.get_context("spawn")) if jobs > 1 else None)
+    ran: dict[str, set[str]] = {}        # exam key -> nodes that ran in this run
+    failed: set[str] = set()             # exams with a node that failed in this run
+    this_run: dict[str, Any] = {"ingest": {}, "identified": 0, "exams_processed": 0}
+    recorded = store.fingerprints()
+    fps: dict[str, dict[str, str]] = {}
+
+    def fingerprints(key: str) -> dict[str, str]:
+        if key not in fps:
+            fps[key] = exam_fingerprints(plan, exam_content_hash(store, key))
+        return fps[key]
+
+    def stale(key: str, nid: str) -> bool:
+        status, fp = recorded.get((key, nid), (None, None))
+        return status not in _DONE or fp != fingerprints(key).get(nid) or any(p in ran.get(key, ()) for p in plan.preds(nid))
+
+    try:
+        for ph in plan.phases:
+            if ph.kind == "study":
+                node = ph.nodes[0]
+                if not _study_node_due(node, plan, store, W, ran):
+                    continue
+                ctx = StudyContext(trial, W, node, store=store, inbox=inbox, move=move, pool=pool, progress=progress)
+                t0 = time.time()
+                detail = node.step.function()(ctx) or {}
+                store.set_step("", node.id, "done", short(detail), started=t0, fingerprint=plan.static[node.id])
+                if node.id == "ingest":
+                    this_run["ingest"] = {k: v for k, v in detail.items() if not isinstance(v, list)}
+                    log(f"ingest: {detail.get('ingested', 0)} new instance(s), {detail.get('quarantined', 0)} "
+                        f"quarantined, {detail.get('duplicates', 0)} duplicate(s)")
+                    fps.clear()
+                if node.outputs:  # a study step that writes exam folders (ingest): recorded per exam
+                    for e in store.exam_keys():
+                        content = exam_content_hash(store, e)
+                        if recorded.get((e, node.id), (None, None))[1] != content:
+                            store.set_step(e, node.id, "done", {}, started=t0, fingerprint=content)
+                            ran.setdefault(e, set()).add(node.id)
+            elif ph.kind == "ordered":
+                node = ph.nodes[0]
+                keys = [k for k in store.exam_keys() if k not in failed and W.exam(k).exam_json.exists() and stale(k, node.id)]
+                infos = sorted((read_json(W.exam(k).exam_json, {}) | {"exam_key": k} for k in keys),
+                               key=lambda e: (e.get("study_date") or "", e["exam_key"]))
+                for info in infos:
+                    key = info["exam_key"]
+                    ctx = ExamContext(trial, W.exam(key), node, workdir=W, store=store, batch=infos)
+                    t0 = time.time()
+                    try:
+                        detail = call_node(node, ctx)
+                    except Exception as exc:
+                        store.set_step(key, node.id, "failed", {"error": f"{type(exc).__name__}: {exc}"}, started=t0,
+                                       fingerprint=fingerprints(key)[node.id])
+                        failed.add(key)
+                        record_exam(store, trial, key)
+                        continue
+                    store.set_step(key, node.id, "done", short(detail), started=t0, fingerprint=fingerprints(key)[node.id])
+                    ran.setdefault(key, set()).add(node.id)
+                    if node.step.name == "identify" and detail.get("identified"):
+                        this_run["identified"] += 1
+            else:
+                this_run["exams_processed"] += _run_segment(trial, W, plan, ph, store, pool, progress, stale,
+                                                            fingerprints, ran, failed)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    this_run["seconds"] = round(time.time() - started, 2)
+    summary = summarize(store, this_run=this_run)
+    with store.tx() as db:
+        db.execute("UPDATE runs SET finished=?, summary=? WHERE id=?", (time.time(), json.dumps(summary, default=str), run_id))
+    store.close()
+    return summary
+
+
+def _study_node_due(node: pipeline.Node, plan: Plan, store: Store, W: Workdir, ran: dict[str, set[str]]) -> bool:
+    """A study node runs when it reads the inbox, when an exam node ran in this run, when an output is
+    missing, or when the study parts it reads changed."""
+    if any(r == "inbox/" for r in node.step.study_inputs):
+        return True
+    if any(ids - {"ingest"} for ids in ran.values()):
+        return True
+    if any(not (W.root / o.rstrip("/")).exists() for o in node.step.study_outputs):
+        return True
+    row = store.db.execute("SELECT fingerprint FROM steps WHERE exam_key='' AND step=?", (node.id,)).fetchone()
+    return row is None or row["fingerprint"] != plan.static[node.id]
+
+
+def _run_segment(trial, W: Workdir, plan: Plan, ph: Phase, store: Store, pool, progress, stale, fingerprints,
+                 ran: dict[str, set[str]], failed: set[str]) -> int:
+    """Dispatch one segment: one task per subject (its exams in date order), subjects in parallel."""
+    preds = {n.id: plan.preds(n.id) for n in ph.nodes}
+    by_subject: dict[str, list[tuple[str, str, list[str], dict[str, str]]]] = {}
+    for key in store.exam_keys():
+        if key in failed or not W.exam(key).exam_json.exists():
+            continue
+        todo: list[str] = []
+        for n in ph.nodes:  # topological order: a node runs when stale or when something it reads runs
+            if stale(key, n.id) or any(p in todo for p in preds[n.id]):
+                todo.append(n.id)
+        if not todo:
+            continue
+        ident = read_json(W.exam(key).path(IDENTITY), {}) or {}
+        subject = f"{ident.get('trial')}/{ident['subject_id']}" if ident.get("subject_id") else f"exam/{key}"
+        date = (read_json(W.exam(key).exam_json, {}) or {}).get("study_date") or ""
+        by_subject.setdefault(subject, []).append((date, key, todo, fingerprints(key)))
+    tasks = [[(k, t, f) for _, k, t, f in sorted(items)] for items in by_subject.values()]
+    bar = progress("exams", sum(len(t) for t in tasks)) if progress else None
+    results: list[dict] = []
+    if pool is not None and len(tasks) > 1:
+        futs = [pool.submit(process_subject, trial, str(W.root), ph.nodes, preds, t) for t in tasks]
+        for f in as_completed(futs):
+            res = f.result()
+            results.extend(res)
+            if bar:
+                bar.update(len(res))
+    else:
+        for t in tasks:
+            res = process_subject(trial, str(W.root), ph.nodes, preds, t)
+            results.extend(res)
+            if bar:
+                bar.update(len(res))
+    if bar:
+        bar.close()
+    for r in results:
+        ran.setdefault(r["exam_key"], set()).update(n for n, s in r["nodes"].items() if s in ("done", "skipped", "failed"))
+        if any(s in ("failed", "blocked") for s in r["nodes"].values()):
+            failed.add(r["exam_key"])
+    return len(results)
+
+
+def record_exam(store: Store, trial: ir.Trial, exam_key: str) -> None:
+    """Copy an exam's per-series verdicts from its results into the state DB and set its status."""
+    from .qc import merge_by_series
+
+    E = Workdir(store.workdir).exam(exam_key)
+    ident = read_json(E.path(IDENTITY), {}) or {}
+    cls, adh = read_json(E.path(CLASSIFICATION)), read_json(E.path(ADHERENCE))
+    qc_dir = E.path(QC)
+    qc = merge_by_series(read_json(p) for p in sorted(qc_dir.glob("*.json"))) if qc_dir.is_dir() else None
+    steps = store.steps(exam_key)
+    if any(v["status"] in ("failed", "blocked") for v in steps.values()):
+        status = "failed"
+    elif ident.get("skipped"):
+        status = "unmatched"
+    else:
+        status = "done"
+    _record_exam(store, exam_key, ident, cls, adh, qc, status, trial)
+
+
+def _qualification_warning(trial, st, exam: dict, ident: dict, cls: Any) -> Optional[dict]:
     """Exams whose device is not qualified for a protocol that needs qualification (decisions of imtrial qualify)."""
-    q = getattr(trial, "qualification", None)
-    ident = _load(st.workdir / "exams" / exam["exam_key"] / "results" / "identity.json") or {}
+    q = trial.qualification
     site, device = ident.get("exam_site") or exam.get("site"), exam.get("device")
     if not q or not q.protocols or not device or not isinstance(cls, dict):
         return None
@@ -382,11 +441,9 @@ def _qualification_warning(trial, st, exam: dict, cls: Any) -> Optional[dict]:
             "source": "qualification"}
 
 
-def _record_exam(st, exam_key: str, R: Path, result: dict, trial=None) -> None:
-    """Copy per-series verdicts into the state DB and set the exam's status."""
+def _record_exam(st, exam_key: str, ident: dict, cls: Any, adh: Any, qc: Any, status: str, trial) -> None:
     from .archive import _series_entry
 
-    cls, adh, qc = (_load(R / f"{n}.json") for n in ("classification", "adherence", "qc"))
     exam = st.exam(exam_key) or {}
     findings = [{"code": f.get("code"), "detail": f.get("message") or f.get("detail") or "", "source": "adherence",
                  "severity": f.get("severity")} for f in ((adh or {}).get("findings", []) if isinstance(adh, dict) else [])]
@@ -395,10 +452,9 @@ def _record_exam(st, exam_key: str, R: Path, result: dict, trial=None) -> None:
     warnings = [w for w in exam.get("warnings", []) if w.get("source") not in ("adherence", "qualification")
                 and w.get("code") not in codes]
     warnings += findings
-    qual = _qualification_warning(trial, st, exam, cls) if trial is not None and exam else None
+    qual = _qualification_warning(trial, st, exam, ident, cls) if exam else None
     if qual:
         warnings.append(qual)
-    has_audit = st.db.execute("SELECT 1 FROM sqlite_master WHERE name='deid_audit'").fetchone() is not None
     with st.tx() as db:
         cls_series = (cls or {}).get("series", []) if isinstance(cls, dict) else []
         if cls_series:  # from now on the series are the de-identified ones the results speak of
@@ -406,8 +462,7 @@ def _record_exam(st, exam_key: str, R: Path, result: dict, trial=None) -> None:
         for s in cls_series:
             uid = s.get("series_uid")
             a, q = _series_entry(adh, uid), _series_entry(qc, uid)
-            orig = db.execute("SELECT original FROM deid_audit WHERE kind='uid' AND pseudonym=?", (uid,)).fetchone() \
-                if has_audit else None
+            orig = db.execute("SELECT original FROM deid_audit WHERE kind='uid' AND pseudonym=?", (uid,)).fetchone()
             db.execute("INSERT OR IGNORE INTO series(exam_key, series_uid, original_series_uid) VALUES (?, ?, ?)",
                        (exam_key, uid, orig[0] if orig else None))
             db.execute("UPDATE series SET series_number=?, description=?, modality=?, n_instances=?, protocol=?, "
@@ -419,10 +474,9 @@ def _record_exam(st, exam_key: str, R: Path, result: dict, trial=None) -> None:
                         json.dumps({"verdict": q.get("verdict"), "checks": [{"check": c.get("check"), "verdict": c.get("verdict"), "measured": c.get("measured")} for c in q.get("checks", [])]}) if q else None,
                         exam_key, uid))
         db.execute("UPDATE exams SET status=?, warnings=?, updated=? WHERE exam_key=?",
-                   (result["status"], json.dumps(warnings), time.time(), exam_key))
+                   (status, json.dumps(warnings), time.time(), exam_key))
 
 
-# ----------------------------------------------------------------------------- the whole run
 
 def preflight(trial) -> list[str]:
     """Problems that would fail every exam (e.g. a key the study names but the environment lacks)."""
@@ -438,103 +492,7 @@ def preflight(trial) -> list[str]:
     return sorted(set(problems))
 
 
-def run_study(trial, *, inbox: str | Path, workdir: str | Path, jobs: int = 1, move: bool = False,
-              progress: Optional[bool] = None, log: Callable[[str], None] = lambda s: None) -> dict:
-    """Run everything that is not done yet; returns the summary (also stored in the ``runs`` table)."""
-    load_all()
-    _quiet_pydicom()
-    workdir = Path(workdir).resolve()  # analyses run in their own cwd: every path they get is absolute
-    inbox = Path(inbox).resolve()
-    L = layout(workdir)
-    for k in ("exams", "quarantine", "archive"):
-        L[k].mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    run_lock = _lock(workdir / ".run.lock", wait=False)
-    if run_lock is None:
-        raise RunLocked(f"another 'imtrial run' is using {workdir}")
-    try:
-        return _run_locked(trial, inbox, workdir, L, jobs, move, progress, log, started)
-    finally:
-        run_lock.close()
-
-
-def _sweep_temp(workdir: Path) -> int:
-    """Remove half-written temp files a killed run left behind (safe: we hold the workdir's run lock)."""
-    n = 0
-    for sub in ("exams", "quarantine", "archive"):
-        for p in (workdir / sub).rglob(".*.tmp"):
-            if p.is_file():
-                p.unlink()
-                n += 1
-    for p in (workdir / "exams").glob("*/deid.partial"):
-        shutil.rmtree(p, ignore_errors=True)
-        n += 1
-    return n
-
-
-def _run_locked(trial, inbox, workdir: Path, L: dict, jobs: int, move: bool, progress, log, started: float) -> dict:
-    from .analyses import write_table
-    from ..store import Store as State
-
-    swept = _sweep_temp(workdir)
-    if swept:
-        log(f"removed {swept} temporary file(s) left by an interrupted run")
-
-    st = State(workdir)
-    with st.tx() as db:
-        cur = db.execute("INSERT INTO runs(started, study, study_sha256, inbox) VALUES (?, ?, ?, ?)",
-                         (started, trial.source_file, trial.source_sha256, str(inbox)))
-        run_id = cur.lastrowid
-    st.close()
-    # spawn, not fork: a forked worker inherits the parent's open SQLite file descriptors, and closing
-    # them in the child drops the parent's POSIX locks, which corrupts the state database.
-    pool = (ProcessPoolExecutor(max_workers=jobs, initializer=_die_with_parent,
-                                mp_context=multiprocessing.get_context("spawn")) if jobs > 1 else None)
-    try:
-        ing = ingest_inbox(trial, Path(inbox), workdir, jobs=jobs, move=move, progress=progress, pool=pool)
-        log(f"ingest: {ing['ingested']} new instance(s), {ing['quarantined']} quarantined, {ing['duplicates']} duplicate(s)")
-        idn = identify_pending(trial, workdir)
-        st = State(workdir)
-        # one task per subject, its exams in date order: a follow-up's analyses may read the baseline's
-        # outputs; different subjects are independent and run in parallel
-        by_subject: dict[tuple, list] = {}
-        for e in st.exams():
-            if e["status"] in ("done", "unmatched") or e["steps"].get("identify", {}).get("status") != "done":
-                continue
-            done = [s for s, v in e["steps"].items() if v["status"] == "done"]
-            prior = sorted({p["device"] for p in st.subject_exams(e["trial"], e["subject_id"])
-                            if p["exam_key"] != e["exam_key"] and p["device"] and (p["exam_date"] or "") <= (e["exam_date"] or "")})
-            by_subject.setdefault((e["trial"], e["subject_id"]), []).append((e["exam_key"], done, prior))
-        st.close()
-        tasks = list(by_subject.values())
-        results: list[dict] = []
-        bar = _progress(sum(len(t) for t in tasks), "exams", progress)
-        if pool is not None and len(tasks) > 1:
-            futs = [pool.submit(process_subject, trial, str(workdir), t) for t in tasks]
-            for f in as_completed(futs):
-                res = f.result()
-                results.extend(res)
-                bar.update(len(res))
-        else:
-            for t in tasks:
-                res = process_subject(trial, str(workdir), t)
-                results.extend(res)
-                bar.update(len(res))
-        bar.close()
-    finally:
-        if pool is not None:
-            pool.shutdown()
-    st = State(workdir)
-    write_table(st.measurements(), L["csv"], L["json"])
-    summary = summarize(st, ingest=ing, identify=idn, processed=results, started=started)
-    with st.tx() as db:
-        db.execute("UPDATE runs SET finished=?, summary=? WHERE id=?", (time.time(), json.dumps(summary, default=str), run_id))
-    st.close()
-    return summary
-
-
-def summarize(st, *, ingest: Optional[dict] = None, identify: Optional[dict] = None, processed: Optional[list] = None,
-              started: Optional[float] = None) -> dict:
+def summarize(st, *, this_run: Optional[dict] = None) -> dict:
     """Counts over the whole workdir (not only this run), plus what this run did."""
     exams = st.exams()
     series = [s for e in exams for s in e["series"]]
@@ -556,7 +514,8 @@ def summarize(st, *, ingest: Optional[dict] = None, identify: Optional[dict] = N
             warn_list.append({"exam_key": e["exam_key"], "subject": e["subject_id"], "visit": e["visit"], **w})
     failed = [{"exam_key": e["exam_key"], "subject": e["subject_id"],
                "step": next((n for n, v in e["steps"].items() if v["status"] == "failed"), None),
-               "error": next((v["detail"].get("error") for v in e["steps"].values() if v["status"] == "failed"), None)}
+               "error": next((v["detail"].get("error") for v in e["steps"].values() if v["status"] == "failed"), None)
+               or next((v["detail"].get("error") for v in e["steps"].values() if v["status"] == "blocked"), None)}
               for e in exams if e["status"] == "failed"]
     cls: dict[str, int] = {}
     for s in series:
@@ -577,10 +536,7 @@ def summarize(st, *, ingest: Optional[dict] = None, identify: Optional[dict] = N
         "unmatched": [e["exam_key"] for e in exams if e["status"] == "unmatched"],
         "failed": failed, "warnings": warn_counts, "warning_list": warn_list,
         "measurements": len(st.measurements()),
-        "this_run": {"ingest": {k: v for k, v in (ingest or {}).items() if k != "exams_touched"},
-                     "identified": (identify or {}).get("identified", 0),
-                     "exams_processed": len(processed or []),
-                     "seconds": round(time.time() - started, 2) if started else None},
+        "this_run": this_run or {"ingest": {}, "identified": 0, "exams_processed": 0, "seconds": None},
     }
 
 

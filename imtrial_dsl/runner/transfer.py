@@ -36,7 +36,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from .steps import Param, step
 
 AE_ENV = "IMTRIAL_AE_TITLE"
 DEFAULT_AE = "IMTRIAL"
@@ -720,17 +719,6 @@ def transfer(trial, archive: str | Path, destination: str, *, state: Optional[st
     return summary
 
 
-@step("transfer",
-      inputs=[Param("archive", "directory", "The content-addressed archive (W/archive)"),
-              Param("destination", "string", "Name of a `transfer` destination declared in the study"),
-              Param("state", "file", "State database holding the transfers ledger (W/state.sqlite); "
-                                     "without it nothing is remembered between runs", optional=True),
-              Param("url_override", "string", "Send to this DICOMweb URL instead of the declared one", optional=True),
-              Param("host_override", "string", "Send to this DICOM host instead of the declared one", optional=True),
-              Param("port_override", "int", "Send to this DICOM port instead of the declared one", optional=True),
-              Param("path_override", "string", "Copy to this folder instead of the declared one", optional=True),
-              Param("dry_run", "bool", "Only report what would be sent", optional=True)],
-      outputs=[Param("out", "file", "JSON summary of the transfer")])
 def transfer_step(trial, archive, destination, out, state=None, url_override=None, host_override=None,
                   port_override=None, path_override=None, dry_run=False) -> dict:
     """Send the archive's de-identified instances to a declared destination (STOW-RS, C-STORE or folder);
