@@ -21,8 +21,9 @@ from typing import Any, Iterable, Optional
 
 import jinja2
 
-from imtrial_dsl import __version__, ir, source
+from imtrial_dsl import __version__, ir, source, templating
 from imtrial_dsl.diagnostics import CompileErrors, Diagnostic
+from imtrial_dsl.files import atomic_write_bytes, atomic_write_text
 
 TEMPLATES = Path(__file__).resolve().parent / "templates" / "docs"
 
@@ -672,16 +673,8 @@ def build(trial: ir.Trial, graph=None) -> Doc:
 # ---------------------------------------------------------------------------- rendering
 
 def _env() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-        undefined=jinja2.StrictUndefined,
-        autoescape=False,  # Markdown: escaping is explicit through the md/code filters
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    env.filters.update(md=md, code=code, slug=slug, role_words=role_words)
-    return env
+    # Markdown templates are not autoescaped: escaping is explicit through the md/code filters
+    return templating.environment(TEMPLATES, strict=True, filters=dict(md=md, code=code, slug=slug, role_words=role_words))
 
 
 _CODE_SPAN = re.compile(r"(?<![\\`])(`+)(.+?)(?<!`)\1(?!`)")
@@ -761,7 +754,6 @@ def _inline_svg(svg: str) -> str:
 def render_html(doc: Doc, kind: str, markdown: str, graph_svg: Optional[str] = None) -> str:
     """The Markdown of a document inside the print layout, graph SVG inlined."""
     env = _env()
-    env.autoescape = True
     mdi = _markdown_it()
     body = mdi.render(markdown, {"graph_svg": _inline_svg(graph_svg) if graph_svg else None})
     css = (TEMPLATES / "style.css").read_text(encoding="utf-8")
@@ -789,7 +781,7 @@ def render_pdf(html_text: str, out: Path, base_url: Path) -> Path:
     if saved is None:
         os.environ["SOURCE_DATE_EPOCH"] = "0"
     try:
-        HTML(string=html_text, base_url=str(base_url)).write_pdf(str(out))
+        atomic_write_bytes(out, HTML(string=html_text, base_url=str(base_url)).write_pdf())
     finally:
         if saved is None:
             os.environ.pop("SOURCE_DATE_EPOCH", None)
@@ -871,19 +863,19 @@ def export(trial: ir.Trial, graph=None, out_dir: Path | str = ".", *, formats: I
     written: list[Path] = []
     if svg is not None:
         p = out / GRAPH_FILE
-        p.write_text(svg, encoding="utf-8")
+        atomic_write_text(p, svg)
         written.append(p)
     for kind in documents:
         text = render_markdown(doc, kind, svg)
         if "md" in formats:
             p = out / f"{kind}.md"
-            p.write_text(text, encoding="utf-8")
+            atomic_write_text(p, text)
             written.append(p)
         if "html" in formats or "pdf" in formats:
             page = render_html(doc, kind, text, svg)
             if "html" in formats:
                 p = out / f"{kind}.html"
-                p.write_text(page, encoding="utf-8")
+                atomic_write_text(p, page)
                 written.append(p)
             if "pdf" in formats:
                 written.append(render_pdf(page, out / f"{kind}.pdf", out))
