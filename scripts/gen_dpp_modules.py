@@ -1,4 +1,4 @@
-"""Generate exporters/schemas/dpp_modules.json: modules of the CT/XA Defined Procedure Protocol IODs.
+"""Generate exporters/eprotocol/schemas/dpp_modules.json: modules of the CT/XA Defined Procedure Protocol IODs.
 
 Source: the project's DICOM reference data (``/work/shared/reference/dicom/protocol_iod_modules.json``,
 ``protocol_modules.json`` and ``sops.json``, extracted from DICOM PS3.3 Annex A and PS3.4 Annex B).
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "exporters" / "schemas" / "dpp_modules.json"
+OUT = ROOT / "exporters" / "eprotocol" / "schemas" / "dpp_modules.json"
 CIODS = {"CT": "ct-defined-procedure-protocol", "XA": "xa-defined-procedure-protocol"}
 
 
