@@ -22,7 +22,7 @@ from typing import Any
 
 from imtrial_dsl import ir
 from imtrial_dsl.diagnostics import CompileErrors, ImtrialError
-from imtrial_dsl.files import atomic_write_bytes, atomic_write_text
+from imtrial_dsl.files import atomic_write_dataset, atomic_write_text
 
 from . import card, dicom_dpp, json_io
 from .importer import import_file, import_files, protocol_to_source
@@ -39,7 +39,7 @@ def export(trial: ir.Trial, graph: Any = None, out_dir: Path | str = ".") -> lis
     for the exporter interface; e-protocols depend only on the IR.
     """
     code = study_code(trial)
-    planned: list[tuple[str, str | bytes]] = []
+    planned: list[tuple[str, Any]] = []  # file name, text or DICOM data set
     diags = []
     for p in trial.protocols:
         for t in targets_of(trial, p):
@@ -49,7 +49,7 @@ def export(trial: ir.Trial, graph: Any = None, out_dir: Path | str = ".") -> lis
             planned.append((f"{stem}.html", card.render(doc)))
             if p.modality in dicom_dpp.DPP_MODALITIES:
                 try:
-                    planned.append((f"{stem}.dcm", dicom_dpp.encode(dicom_dpp.to_dicom(trial, t))))
+                    planned.append((f"{stem}.dcm", dicom_dpp.to_dicom(trial, t)))
                 except ImtrialError as exc:
                     diags.append(exc.diagnostic)
     if diags:
@@ -63,6 +63,6 @@ def export(trial: ir.Trial, graph: Any = None, out_dir: Path | str = ".") -> lis
         if isinstance(content, str):
             atomic_write_text(path, content)
         else:
-            atomic_write_bytes(path, content)
+            atomic_write_dataset(path, content)
         written.append(path)
     return written

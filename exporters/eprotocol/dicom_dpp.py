@@ -7,7 +7,6 @@ match rules) travels in a private block (group 0071, creator ``IMTRIAL EPROTOCOL
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import re
@@ -578,10 +577,3 @@ def read(path: Path) -> tuple[ir.Protocol, list[tuple[ir.Constraint, str]], Opti
                     found.append((pos, len(found), c, origin))
     found.sort(key=lambda x: (x[0], x[1]))
     return protocol, [(c, o) for _, _, c, o in found], variant
-
-
-def encode(ds) -> bytes:
-    """A data set as its Part 10 file holds it."""
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
