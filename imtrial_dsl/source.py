@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Optional
 
 from . import ir
 
-K = ir.ConstraintKind
+_K = ir.ConstraintKind
 
 
 def quote(s: str) -> str:
@@ -84,7 +84,7 @@ def accepted_interval(c: ir.Constraint, *, written: bool = False) -> str:
     """What EQUAL ± tolerance accepts: '2277 ms – 2323 ms' in the canonical unit, or with ``written``
     in the author's unit, named once ('2.277 – 2.323 s'); '' when the constraint has no numeric tolerance."""
     tol = tolerance_abs(c)
-    if tol is None or c.kind != K.EQUAL:
+    if tol is None or c.kind != _K.EQUAL:
         return ""
     q, t = c.values[0], c.tolerance
     if not written:
@@ -121,24 +121,24 @@ class Style:
 
 
 _SYNTAX = {
-    K.EQUAL: "= {v}{tol}", K.NOT_EQUAL: "!= {v}", K.RANGE_INCL: "in {lo} .. {hi}",
-    K.RANGE_EXCL: "in {lo} .. {hi} exclusive", K.GREATER_OR_EQUAL: ">= {v}", K.LESS_OR_EQUAL: "<= {v}",
-    K.GREATER_THAN: "> {v}", K.LESS_THAN: "< {v}", K.SET_OF: "in {{{vs}}}", K.MATCHES: "~ {pattern}",
+    _K.EQUAL: "= {v}{tol}", _K.NOT_EQUAL: "!= {v}", _K.RANGE_INCL: "in {lo} .. {hi}",
+    _K.RANGE_EXCL: "in {lo} .. {hi} exclusive", _K.GREATER_OR_EQUAL: ">= {v}", _K.LESS_OR_EQUAL: "<= {v}",
+    _K.GREATER_THAN: "> {v}", _K.LESS_THAN: "< {v}", _K.SET_OF: "in {{{vs}}}", _K.MATCHES: "~ {pattern}",
 }
 
 SOURCE = Style(_SYNTAX, quote, shares_unit=lambda unit: True)
-REPORT = Style({**_SYNTAX, K.RANGE_EXCL: "in {lo} .. {hi} (exclusive)"}, plain_quote, shares_unit=lambda unit: True)
+REPORT = Style({**_SYNTAX, _K.RANGE_EXCL: "in {lo} .. {hi} (exclusive)"}, plain_quote, shares_unit=lambda unit: True)
 MESSAGE = Style(_SYNTAX, plain_quote)
 PROSE = Style({
-    K.EQUAL: "{v}{tol}", K.NOT_EQUAL: "not {v}", K.RANGE_INCL: "between {lo} and {hi} (inclusive)",
-    K.RANGE_EXCL: "strictly between {lo} and {hi}", K.GREATER_OR_EQUAL: "at least {v}", K.LESS_OR_EQUAL: "at most {v}",
-    K.GREATER_THAN: "more than {v}", K.LESS_THAN: "less than {v}", K.SET_OF: "one of {vs}",
-    K.MATCHES: "matches the pattern /{pattern}/",
+    _K.EQUAL: "{v}{tol}", _K.NOT_EQUAL: "not {v}", _K.RANGE_INCL: "between {lo} and {hi} (inclusive)",
+    _K.RANGE_EXCL: "strictly between {lo} and {hi}", _K.GREATER_OR_EQUAL: "at least {v}", _K.LESS_OR_EQUAL: "at most {v}",
+    _K.GREATER_THAN: "more than {v}", _K.LESS_THAN: "less than {v}", _K.SET_OF: "one of {vs}",
+    _K.MATCHES: "matches the pattern /{pattern}/",
 }, plain_quote, pattern=str, tolerance=_with_accepted)
 DOCUMENT = Style({
-    K.EQUAL: "= {v}", K.NOT_EQUAL: "≠ {v}", K.RANGE_INCL: "{lo} – {hi} (inclusive)",
-    K.RANGE_EXCL: "between {lo} and {hi} (exclusive)", K.GREATER_OR_EQUAL: "≥ {v}", K.LESS_OR_EQUAL: "≤ {v}",
-    K.GREATER_THAN: "> {v}", K.LESS_THAN: "< {v}", K.SET_OF: "one of {vs}", K.MATCHES: "matches {pattern}",
+    _K.EQUAL: "= {v}", _K.NOT_EQUAL: "≠ {v}", _K.RANGE_INCL: "{lo} – {hi} (inclusive)",
+    _K.RANGE_EXCL: "between {lo} and {hi} (exclusive)", _K.GREATER_OR_EQUAL: "≥ {v}", _K.LESS_OR_EQUAL: "≤ {v}",
+    _K.GREATER_THAN: "> {v}", _K.LESS_THAN: "< {v}", _K.SET_OF: "one of {vs}", _K.MATCHES: "matches {pattern}",
 }, str, shares_unit=lambda unit: unit != "%")
 
 
@@ -146,9 +146,9 @@ def rhs(c: ir.Constraint, style: Style = SOURCE) -> str:
     """The constraint after its attribute: '= 2300 ms ± 1%', 'in 2 .. 3.5 ms', 'in {"GR", "IR"}', '~ "t1"'."""
     vals = c.values
     fields = {"tol": style.tolerance(c)}
-    if c.kind == K.MATCHES:
+    if c.kind == _K.MATCHES:
         fields["pattern"] = (style.pattern or style.quote)(str(vals[0]))
-    elif c.kind in (K.RANGE_INCL, K.RANGE_EXCL):
+    elif c.kind in (_K.RANGE_INCL, _K.RANGE_EXCL):
         lo, hi = vals[0], vals[1]
         if (isinstance(lo, ir.Quantity) and isinstance(hi, ir.Quantity)
                 and _written_unit(lo) == _written_unit(hi) and style.shares_unit(_written_unit(lo))):
@@ -156,7 +156,7 @@ def rhs(c: ir.Constraint, style: Style = SOURCE) -> str:
         else:
             fields["lo"] = value(lo, style.quote)
         fields["hi"] = value(hi, style.quote)
-    elif c.kind == K.SET_OF:
+    elif c.kind == _K.SET_OF:
         fields["vs"] = ", ".join(value(v, style.quote) for v in vals)
     else:
         fields["v"] = value(vals[0], style.quote)
