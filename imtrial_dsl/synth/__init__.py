@@ -10,6 +10,10 @@ injected at seeded places and every one is recorded in the manifest, so tests
 can assert that classification, adherence and QC report exactly those.
 
 Deterministic: the same trial, options and seed give byte-identical files.
+
+Modules: ``values`` (a header value for one constraint), ``scanners`` (vendor identity, parameter
+defaults, series names), ``pixels`` (phantom, noise, ghosts), ``writer`` (DICOM files),
+``corpus`` (subjects, visits, deviations, manifest).
 """
 from .corpus import DEVIATIONS, SIZES, synthesize
 
