@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 import pydicom  # noqa: E402
 
 from imtrial_dsl.loader import load  # noqa: E402
-from imtrial_dsl.runner import adherence, classify, dicomio, synth  # noqa: E402
+from imtrial_dsl import synth  # noqa: E402
+from imtrial_dsl.runner import adherence, classify, dicomio  # noqa: E402
 
 
 def files_of(root: Path) -> list[Path]:

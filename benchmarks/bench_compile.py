@@ -89,7 +89,7 @@ def main() -> int:
           f"{len(res.diagnostics)} warnings")
     print(f"compile_text: first run in this process {first:.3f} s (also parses the imported stdlib files); "
           f"then new texts, best of {args.runs}: {min(times):.3f} s (median {sorted(times)[len(times) // 2]:.3f} s)")
-    from imtrial_dsl.checker import check
+    from imtrial_dsl.check import check
     from imtrial_dsl.graph import build_graph
     from imtrial_dsl.loader import load_text
 

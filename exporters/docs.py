@@ -15,14 +15,15 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import jinja2
 
-from imtrial_dsl import __version__, ir
+from imtrial_dsl import __version__, ir, source, templating
 from imtrial_dsl.diagnostics import CompileErrors, Diagnostic
+from imtrial_dsl.files import atomic_write_bytes, atomic_write_text
 
 TEMPLATES = Path(__file__).resolve().parent / "templates" / "docs"
 
@@ -101,94 +102,19 @@ def attribute_label(keyword: str) -> str:
     return f"{dictionary_description(tag)} ({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
-def value_text(v: ir.Value) -> str:
-    if isinstance(v, ir.Quantity):
-        return v.text()
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    return str(v)
-
-
-def _unit_of(v: ir.Value) -> Optional[str]:
-    if isinstance(v, ir.Quantity):
-        u = v.source_unit if v.source_unit is not None else v.unit
-        return u or None
-    return None
-
-
-def _bare(v: ir.Value) -> str:
-    if isinstance(v, ir.Quantity):
-        return num(v.source_value if v.source_value is not None else v.value)
-    return value_text(v)
-
-
-def _range_text(lo: ir.Value, hi: ir.Value, sep: str = " – ") -> str:
-    ul, uh = _unit_of(lo), _unit_of(hi)
-    if ul and ul == uh and ul != "%":
-        return f"{_bare(lo)}{sep}{_bare(hi)} {ul}"
-    return f"{value_text(lo)}{sep}{value_text(hi)}"
-
-
-def _str_value(v: ir.Value) -> str:
-    return code(v) if isinstance(v, str) else value_text(v)
+# The requirement column: the shared constraint renderer's document style, text values as code spans.
+REQUIREMENT = replace(source.DOCUMENT, quote=code)
 
 
 def requirement_text(c: ir.Constraint) -> str:
     """The constraint as a reviewer reads it (Markdown)."""
-    k, vals = c.kind, c.values
-    K = ir.ConstraintKind
-    if k == K.EQUAL:
-        return f"= {_str_value(vals[0])}"
-    if k == K.NOT_EQUAL:
-        return f"≠ {_str_value(vals[0])}"
-    if k == K.RANGE_INCL:
-        return f"{_range_text(vals[0], vals[1])} (inclusive)"
-    if k == K.RANGE_EXCL:
-        return f"between {_range_text(vals[0], vals[1], ' and ')} (exclusive)"
-    if k == K.GREATER_OR_EQUAL:
-        return f"≥ {_str_value(vals[0])}"
-    if k == K.LESS_OR_EQUAL:
-        return f"≤ {_str_value(vals[0])}"
-    if k == K.GREATER_THAN:
-        return f"> {_str_value(vals[0])}"
-    if k == K.LESS_THAN:
-        return f"< {_str_value(vals[0])}"
-    if k == K.SET_OF:
-        return "one of " + ", ".join(_str_value(v) for v in vals)
-    if k == K.MATCHES:
-        return f"matches {code(vals[0])}"
-    return " ".join(value_text(v) for v in vals)
+    return source.rhs(c, REQUIREMENT)
 
 
 def tolerance_text(c: ir.Constraint) -> str:
-    t = c.tolerance
-    if t is None:
+    if c.tolerance is None:
         return "exact" if c.kind == ir.ConstraintKind.EQUAL and any(isinstance(v, ir.Quantity) for v in c.values) else "—"
-    if t.relative:
-        return f"± {num(t.value)}%"
-    if t.source_value is not None and t.source_unit:
-        return f"± {num(t.source_value)} {t.source_unit}"
-    unit = _unit_of(c.values[0]) if c.values else ""
-    return f"± {num(t.value)} {unit or ''}".strip()
-
-
-def accepted_text(c: ir.Constraint) -> str:
-    """The accepted interval implied by EQUAL ± tolerance, e.g. '2277 – 2323 ms'; '' when not numeric."""
-    if c.kind != ir.ConstraintKind.EQUAL or c.tolerance is None or not c.values:
-        return ""
-    v = c.values[0]
-    if not isinstance(v, ir.Quantity):
-        return ""
-    nominal = v.source_value if v.source_value is not None else v.value
-    scale = (nominal / v.value) if v.value else 1.0  # canonical -> source units
-    tol = c.tolerance
-    delta = abs(nominal) * tol.value / 100.0 if tol.relative else tol.value * scale
-    unit = _unit_of(v) or ""
-    return f"{num(round(nominal - delta, 6))} – {num(round(nominal + delta, 6))} {unit}".strip()
-
-
-def parameter_name(c: ir.Constraint) -> str:
-    return f"{c.keyword}[{c.index}]" if c.index is not None else c.keyword
+    return f"± {source.tolerance_amount(c)}"
 
 
 def parameter_label(c: ir.Constraint) -> str:
@@ -199,14 +125,12 @@ def parameter_label(c: ir.Constraint) -> str:
 
 
 def constraint_row(c: ir.Constraint, origin: str = "") -> dict:
-    acc = accepted_text(c)
-    req = requirement_text(c)
     return {
-        "keyword": parameter_name(c),
+        "keyword": source.parameter(c),
         "label": parameter_label(c),
-        "requirement": req,
+        "requirement": requirement_text(c),
         "tolerance": tolerance_text(c),
-        "accepted": acc,
+        "accepted": source.accepted_interval(c, written=True),
         "significance": c.significance.value,
         "modifiable": "yes" if c.modifiable else "no",
         "origin": origin,
@@ -415,9 +339,9 @@ def qc_text(q: ir.QcCheck) -> str:
     phrases = []
     for name, value in q.params.items():
         tmpl = _QC_WORDS.get((q.metric, name))
-        v = value_text(value)
+        v = source.value(value, str)
         phrases.append(tmpl.format(v=v) if tmpl else f"{name} = {v}")
-    if q.metric == "missing_slices" and all(value_text(v) == "0" for v in q.params.values()):
+    if q.metric == "missing_slices" and all(source.value(v, str) == "0" for v in q.params.values()):
         return "no missing slices"
     return join_words(phrases) or q.metric
 
@@ -460,7 +384,7 @@ class Doc:
 
 def _study(trial: ir.Trial) -> dict:
     s = trial.study
-    source = Path(trial.source_file).name if trial.source_file else "(unsaved)"
+    source_name = Path(trial.source_file).name if trial.source_file else "(unsaved)"
     return {
         "code": s.code if s else "UNNAMED",
         "title": s.title if s else "Untitled study",
@@ -472,7 +396,7 @@ def _study(trial: ir.Trial) -> dict:
         "hypothesis": s.hypothesis if s else "",
         "aims": list(s.aims) if s else [],
         "arms": list(s.arms) if s else [],
-        "source": source,
+        "source": source_name,
         "sha256": trial.source_sha256 or "not recorded",
         "sha_short": (trial.source_sha256 or "")[:12] or "n/a",
         "ir_version": trial.ir_version,
@@ -752,16 +676,8 @@ def build(trial: ir.Trial, graph=None) -> Doc:
 # ---------------------------------------------------------------------------- rendering
 
 def _env() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-        undefined=jinja2.StrictUndefined,
-        autoescape=False,  # Markdown: escaping is explicit through the md/code filters
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    env.filters.update(md=md, code=code, slug=slug, role_words=role_words)
-    return env
+    # Markdown templates are not autoescaped: escaping is explicit through the md/code filters
+    return templating.environment(TEMPLATES, strict=True, filters=dict(md=md, code=code, slug=slug, role_words=role_words))
 
 
 _CODE_SPAN = re.compile(r"(?<![\\`])(`+)(.+?)(?<!`)\1(?!`)")
@@ -841,7 +757,6 @@ def _inline_svg(svg: str) -> str:
 def render_html(doc: Doc, kind: str, markdown: str, graph_svg: Optional[str] = None) -> str:
     """The Markdown of a document inside the print layout, graph SVG inlined."""
     env = _env()
-    env.autoescape = True
     mdi = _markdown_it()
     body = mdi.render(markdown, {"graph_svg": _inline_svg(graph_svg) if graph_svg else None})
     css = (TEMPLATES / "style.css").read_text(encoding="utf-8")
@@ -869,7 +784,7 @@ def render_pdf(html_text: str, out: Path, base_url: Path) -> Path:
     if saved is None:
         os.environ["SOURCE_DATE_EPOCH"] = "0"
     try:
-        HTML(string=html_text, base_url=str(base_url)).write_pdf(str(out))
+        atomic_write_bytes(out, HTML(string=html_text, base_url=str(base_url)).write_pdf())
     finally:
         if saved is None:
             os.environ.pop("SOURCE_DATE_EPOCH", None)
@@ -951,19 +866,19 @@ def export(trial: ir.Trial, graph=None, out_dir: Path | str = ".", *, formats: I
     written: list[Path] = []
     if svg is not None:
         p = out / GRAPH_FILE
-        p.write_text(svg, encoding="utf-8")
+        atomic_write_text(p, svg)
         written.append(p)
     for kind in documents:
         text = render_markdown(doc, kind, svg)
         if "md" in formats:
             p = out / f"{kind}.md"
-            p.write_text(text, encoding="utf-8")
+            atomic_write_text(p, text)
             written.append(p)
         if "html" in formats or "pdf" in formats:
             page = render_html(doc, kind, text, svg)
             if "html" in formats:
                 p = out / f"{kind}.html"
-                p.write_text(page, encoding="utf-8")
+                atomic_write_text(p, page)
                 written.append(p)
             if "pdf" in formats:
                 written.append(render_pdf(page, out / f"{kind}.pdf", out))

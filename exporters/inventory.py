@@ -11,7 +11,8 @@ import io
 from pathlib import Path
 from typing import Any, Optional
 
-from imtrial_dsl import ir
+from imtrial_dsl import ir, templating
+from imtrial_dsl.files import atomic_write_text
 
 SITE_COLUMNS = ["site", "name", "timezone", "irb_status", "irb_reference", "irb_date", "irb_expires",
                 "devices", "modalities", "contacts", "ready", "issues"]
@@ -82,11 +83,10 @@ def to_csv(table: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def to_html(trial: ir.Trial) -> str:
-    from .eprotocol import _template_env
-
     data = rows(trial)
     study = trial.study
-    return _template_env().get_template("inventory/inventory.html.j2").render(
+    env = templating.environment(Path(__file__).resolve().parent / "templates" / "inventory")
+    return env.get_template("inventory.html.j2").render(
         study=study, sites=data["sites"], devices=data["devices"], contacts=data["contacts"],
         site_columns=SITE_COLUMNS, device_columns=DEVICE_COLUMNS, contact_columns=CONTACT_COLUMNS,
         required=_required_modalities(trial),
@@ -102,9 +102,9 @@ def export(trial: ir.Trial, graph: Optional[Any] = None, out_dir: Path | str = "
     written = []
     for name, cols in (("sites", SITE_COLUMNS), ("devices", DEVICE_COLUMNS), ("contacts", CONTACT_COLUMNS)):
         p = out / f"{code}_{name}.csv"
-        p.write_text(to_csv(data[name], cols), encoding="utf-8")
+        atomic_write_text(p, to_csv(data[name], cols))
         written.append(p)
     h = out / f"{code}_inventory.html"
-    h.write_text(to_html(trial), encoding="utf-8")
+    atomic_write_text(h, to_html(trial))
     written.append(h)
     return written

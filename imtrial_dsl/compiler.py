@@ -44,7 +44,7 @@ def _without_repeats(checked: list[Diagnostic], earlier: list[Diagnostic]) -> li
 
 
 def _finish(trial: Optional[ir.Trial], diags: list[Diagnostic], sources: dict[str, str]) -> CompileResult:
-    from .checker import check
+    from .check import check
     from .graph import build_graph
 
     diags = list(diags)

@@ -1,5 +1,6 @@
-"""Small DICOM facts the de-identification engine needs (hand-written, each with its source).
+"""Small DICOM facts the engine and the exporters share (hand-written, each with its source).
 
+- Value Representation classes (PS3.5 Table 6.2-1).
 - CID 7050 "De-identification Method" (PS3.16): code per profile / option, scheme DCM.
 - A subset of PS3.15 Table E.3.10-1 "Safe Private Attributes" for the Retain Safe Private Option.
 
@@ -7,6 +8,19 @@ The PS3.15 Table E.1-1 rules themselves are not here: they ship as the generated
 ``stdlib/deid/ps315.imtrial`` (see ``scripts/gen_ps315.py``) and reach the engine through the IR.
 """
 from __future__ import annotations
+
+# Value Representations by what their values hold (PS3.5 Table 6.2-1). OL/OV (streams of 32/64-bit
+# words) are not numbers to compare and are in none of these.
+#: Integers: the Integer String and the binary integers.
+INTEGER_VRS = frozenset({"IS", "SS", "US", "SL", "UL", "SV", "UV"})
+#: Binary floating point, one number per value.
+FLOAT_VRS = frozenset({"FL", "FD"})
+#: Streams of binary floats (Other Float, Other Double).
+FLOAT_STREAM_VRS = frozenset({"OF", "OD"})
+#: Every VR whose values are numbers: the above and the Decimal String.
+NUMERIC_VRS = INTEGER_VRS | FLOAT_VRS | FLOAT_STREAM_VRS | {"DS"}
+#: Text VRs whose Value Multiplicity is always 1: a backslash in them is a character, not a separator.
+SINGLE_VALUED_TEXT_VRS = frozenset({"ST", "LT", "UT", "UR"})
 
 CODING_SCHEME = "DCM"
 

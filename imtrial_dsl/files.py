@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import os
 from contextlib import contextmanager
@@ -54,6 +55,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = 
 
 def atomic_write_text(path: str | os.PathLike, text: str, *, durable: bool = False) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), durable=durable)
+
+
+def atomic_write_dataset(path: str | os.PathLike, ds: Any, *, durable: bool = False) -> None:
+    """A pydicom data set as a DICOM Part 10 file (preamble, file meta), written like :func:`atomic_write_bytes`."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    atomic_write_bytes(path, buf.getvalue(), durable=durable)
 
 
 def dumps_json(obj: Any) -> str:

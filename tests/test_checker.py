@@ -77,7 +77,7 @@ def _ir_only_trial():
 
 
 def test_checker_on_ir_built_in_python() -> None:
-    from imtrial_dsl.checker import check
+    from imtrial_dsl.check import check
 
     got = [f"{d.code} {d.span.line}: {d.message}" for d in check(_ir_only_trial())]
     assert got == [
@@ -87,12 +87,12 @@ def test_checker_on_ir_built_in_python() -> None:
 
 
 def test_every_checker_code_is_documented_and_exercised() -> None:
-    from imtrial_dsl.checker import check
+    from imtrial_dsl.check import check
 
     documented = _documented_codes()
-    source = (ROOT / "imtrial_dsl" / "checker.py").read_text(encoding="utf-8")
+    source = "".join(p.read_text(encoding="utf-8") for p in sorted((ROOT / "imtrial_dsl" / "check").glob("*.py")))
     emitted = set(re.findall(r'"([EW][34]\d\d)"', source))
-    assert emitted == documented, "codes in checker.py and docs/diagnostics.md differ"
+    assert emitted == documented, "codes in imtrial_dsl/check/ and docs/diagnostics.md differ"
     seen = {d.code for d in check(_ir_only_trial())}
     for path in CASES:
         seen |= {d.code for d in compile_file(path).diagnostics}
@@ -188,7 +188,7 @@ def test_generated_dicom_keyword_table_matches_pydicom():
     """imtrial_dsl/data/dicom_keywords.json is pydicom's PS3.6 dictionary (regenerate: scripts/gen_dicom_keywords.py)."""
     from pydicom.datadict import DicomDictionary
 
-    from imtrial_dsl.checker import _dicom_keywords
+    from imtrial_dsl.check.names import dicom_keywords
 
     expected = {e[4]: [tag, e[0]] for tag, e in DicomDictionary.items() if e[4]}
-    assert _dicom_keywords() == expected
+    assert dicom_keywords() == expected

@@ -10,7 +10,8 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
 from imtrial_dsl.loader import load
-from imtrial_dsl.runner import classify, dicomio, synth
+from imtrial_dsl import synth
+from imtrial_dsl.runner import classify, dicomio
 from imtrial_dsl.runner.invoke import find_node, run_staged
 
 ROOT = Path(__file__).resolve().parent.parent

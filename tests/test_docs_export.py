@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imtrial_dsl import ir
+from imtrial_dsl import ir, source
 from imtrial_dsl.compiler import compile_file
 from imtrial_dsl.exporters import docs
 
@@ -107,7 +107,7 @@ def test_charter_covers_the_whole_study(compiled, rendered, stem):
         for v in p.variants:
             assert f"**Variant: {docs.md(docs.variant_label(v))}**" in text
         for c in p.constraints:
-            assert docs.code(docs.parameter_name(c)) in text
+            assert docs.code(source.parameter(c)) in text
 
 
 @pytest.mark.parametrize("stem", [p.stem for p in EXAMPLES])
@@ -125,7 +125,7 @@ def test_site_manual_has_effective_parameters_per_device(compiled, rendered, ste
             block = card.split(f"#### `{p.name}`", 1)[1].split("#### ", 1)[0].split("\n## ", 1)[0]
             assert f"Parameter set: {docs.md(docs.variant_label(variant))}." in block
             rows = [ln for ln in block.splitlines() if ln.startswith("| `")]
-            assert [r.split("|")[1].strip() for r in rows] == [docs.code(docs.parameter_name(c)) for c in eff]
+            assert [r.split("|")[1].strip() for r in rows] == [docs.code(source.parameter(c)) for c in eff]
 
 
 def test_deidentification_is_stated_in_words(compiled, rendered):

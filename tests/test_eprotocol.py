@@ -17,6 +17,7 @@ import pytest
 
 from imtrial_dsl import ir
 from imtrial_dsl.exporters import eprotocol as ep
+from imtrial_dsl.exporters.eprotocol import dicom_dpp, json_io, targets
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden" / "eprotocol"
@@ -67,7 +68,7 @@ def test_round_trip_json_fixture(fixture_export):
 
 def test_round_trip_dicom_fixture(fixture_export):
     trial, paths = fixture_export
-    dpp = [p for p in trial.protocols if p.modality in ep.DPP_MODALITIES]
+    dpp = [p for p in trial.protocols if p.modality in dicom_dpp.DPP_MODALITIES]
     assert {p.modality for p in dpp} == {"CT", "XA"}
     assert _strip(ep.import_files(_by_suffix(paths, ".dcm"))) == _strip(dpp)
 
@@ -75,7 +76,7 @@ def test_round_trip_dicom_fixture(fixture_export):
 def test_import_single_base_file_is_the_base_protocol(fixture_export):
     trial, paths = fixture_export
     for proto in trial.protocols:
-        for suffix in (".json", ".dcm") if proto.modality in ep.DPP_MODALITIES else (".json",):
+        for suffix in (".json", ".dcm") if proto.modality in dicom_dpp.DPP_MODALITIES else (".json",):
             base = next(p for p in _by_suffix(paths, suffix) if p.stem.endswith(f"_{proto.name}_base"))
             got = ep.import_file(base)
             want = proto.model_copy(update={"variants": []})
@@ -99,10 +100,10 @@ def test_round_trip_examples(example, tmp_path):
     trial = load_example(example)
     paths = ep.export(trial, None, tmp_path)
     assert _strip(ep.import_files(_by_suffix(paths, ".json"))) == _strip(trial.protocols)
-    dpp = [p for p in trial.protocols if p.modality in ep.DPP_MODALITIES]
+    dpp = [p for p in trial.protocols if p.modality in dicom_dpp.DPP_MODALITIES]
     assert _strip(ep.import_files(_by_suffix(paths, ".dcm"))) == _strip(dpp)
     for doc in _by_suffix(paths, ".json"):
-        jsonschema.validate(json.loads(doc.read_text()), ep.schema())
+        jsonschema.validate(json.loads(doc.read_text()), json_io.schema())
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
@@ -122,10 +123,10 @@ def test_protocol_to_source_reparses(example):
 def test_dpp_objects_are_valid_per_standard_tables(fixture_export):
     trial, paths = fixture_export
     dcms = _by_suffix(paths, ".dcm")
-    assert len(dcms) == sum(1 + len(p.variants) for p in trial.protocols if p.modality in ep.DPP_MODALITIES)
-    table = ep.dpp_modules()["iods"]
+    assert len(dcms) == sum(1 + len(p.variants) for p in trial.protocols if p.modality in dicom_dpp.DPP_MODALITIES)
+    table = dicom_dpp.dpp_modules()["iods"]
     for modality, iod in table.items():
-        assert {m["id"] for m in iod["modules"]} <= set(ep.MODULE_EVIDENCE), "a module without evidence attributes"
+        assert {m["id"] for m in iod["modules"]} <= set(dicom_dpp.MODULE_EVIDENCE), "a module without evidence attributes"
     uids = set()
     for path in dcms:
         ds = pydicom.dcmread(path)
@@ -135,7 +136,7 @@ def test_dpp_objects_are_valid_per_standard_tables(fixture_export):
         assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
         assert UID_RE.match(ds.SOPInstanceUID) and len(ds.SOPInstanceUID) <= 64
         uids.add(ds.SOPInstanceUID)
-        assert ep.missing_modules(ds, modality) == []
+        assert dicom_dpp.missing_modules(ds, modality) == []
         assert ds.ProtocolName and ds.PotentialScheduledProtocolCodeSequence[0].CodingSchemeDesignator.startswith("99")
         assert ds.ClinicalTrialProtocolID == "ONC02"
         assert ds.OtherClinicalTrialProtocolIDsSequence[0].ClinicalTrialProtocolID == "NCT09999998"
@@ -250,7 +251,7 @@ def test_outputs_are_deterministic(tmp_path):
 
 def test_targets_follow_effective_variant_selection():
     trial = fixture_trial()
-    got = {t.label: sorted(d.id for _, d in t.devices) for t in ep.targets(trial, trial.protocol("CT_CAP"))}
+    got = {t.label: sorted(d.id for _, d in t.devices) for t in targets.targets_of(trial, trial.protocol("CT_CAP"))}
     assert got == {"base": ["XX_CT1"], "Siemens": [], "Siemens-VA4x": ["HOU_CT2"], "Canon": ["OSA_CT1"],
                    "Siemens-SOMATOMForce-VBx": ["HOU_CT1"]}
 
@@ -265,11 +266,11 @@ def test_mr_gets_no_dicom_object(fixture_export):
 
 def test_json_validates_against_published_schema(fixture_export):
     _, paths = fixture_export
-    schema = ep.schema()
+    schema = json_io.schema()
     jsonschema.Draft202012Validator.check_schema(schema)
     for doc in _by_suffix(paths, ".json"):
         jsonschema.validate(json.loads(doc.read_text()), schema)
-    shipped = next(p for p in paths if p.name == ep.SCHEMA_FILE)
+    shipped = next(p for p in paths if p.name == json_io.SCHEMA_FILE)
     assert json.loads(shipped.read_text()) == schema
 
 
@@ -283,7 +284,7 @@ def test_schema_rejects_malformed_documents(fixture_export):
         bad = json.loads(json.dumps(doc))
         mutate(bad)
         with pytest.raises(jsonschema.ValidationError):
-            jsonschema.validate(bad, ep.schema())
+            jsonschema.validate(bad, json_io.schema())
 
 
 def _golden_compare(paths, folder: Path):
@@ -435,7 +436,7 @@ def test_docs_examples_run(doc, tmp_path, monkeypatch):
 
 def test_docs_embed_the_published_schema_and_real_output(tmp_path):
     md = (ROOT / "docs" / "eprotocol.md").read_text()
-    assert json.loads(_blocks(md, "json")[0]) == ep.schema()
+    assert json.loads(_blocks(md, "json")[0]) == json_io.schema()
     from imtrial_dsl.exporters import inventory
 
     inv_md = (ROOT / "docs" / "inventory.md").read_text()

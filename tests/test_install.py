@@ -6,7 +6,8 @@ gives that venv the project venv's dependencies through a ``.pth`` file (offline
 registry). A ``.pth`` line only appends a folder to ``sys.path``; it does not run the
 ``.pth`` files inside it, so the project's editable install cannot shadow the wheel. Then
 ``imtrial check`` runs on a copied example (with ``import "stdlib/…"``) from a temp folder,
-and ``imtrial export inventory`` proves the packaged templates are there.
+and ``imtrial export inventory`` / ``imtrial export eprotocol`` prove the packaged templates and
+data files are there.
 """
 from __future__ import annotations
 
@@ -64,3 +65,9 @@ def test_wheel_installs_and_checks_an_example(tmp_path: Path) -> None:
     p = run([str(imtrial), "export", "inventory", example.name, "-o", "out"], work, env)
     outs = [Path(x) for x in p.stdout.split()]
     assert outs and all((work / o).exists() for o in outs)
+    # the e-protocol package ships its schema, DPP module table (read for CT) and card template
+    ct = ROOT / "examples" / "oncology_ct.imtrial"
+    shutil.copy(ct, work / ct.name)
+    p = run([str(imtrial), "export", "eprotocol", ct.name, "-o", "ep"], work, env)
+    outs = [work / x for x in p.stdout.split()]
+    assert {o.suffix for o in outs} == {".json", ".html", ".dcm"} and all(o.exists() for o in outs)

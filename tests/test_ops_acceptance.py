@@ -30,7 +30,7 @@ from imtrial_dsl.ops.expected import expected_vs_received
 from imtrial_dsl.ops.model import load_study_data
 from imtrial_dsl.ops.qualify import is_qualified, qualify
 from imtrial_dsl.ops.reminders import run_reminders
-from imtrial_dsl.runner import synth
+from imtrial_dsl import synth
 from imtrial_dsl.runner.run import run_study
 
 ROOT = Path(__file__).resolve().parent.parent

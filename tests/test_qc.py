@@ -13,7 +13,9 @@ from pydicom.data import get_testdata_file
 
 from imtrial_dsl import ir
 from imtrial_dsl.loader import load
-from imtrial_dsl.runner import classify, qc, synth
+from imtrial_dsl import synth
+from imtrial_dsl.runner import classify, qc
+from imtrial_dsl.synth import pixels
 
 DATA = Path(__file__).resolve().parent / "adherence_data"
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,10 +66,10 @@ def test_clean_series_pass_every_metric(mr_series):
 
 
 def test_ghosting_detected_along_phase_encoding(tmp_path):
-    clean = synth.head_phantom((8, 48, 48), "T1")
+    clean = pixels.head_phantom((8, 48, 48), "T1")
     rng = np.random.default_rng(0)
-    ghosted = synth.add_noise(synth.add_ghosts(clean, pe_axis=2, amplitude=0.3), rng, "T1")
-    base = synth.add_noise(clean, rng, "T1")
+    ghosted = pixels.add_noise(pixels.add_ghosts(clean, pe_axis=2, amplitude=0.3), rng, "T1")
+    base = pixels.add_noise(clean, rng, "T1")
     def vol(a, pe):
         return qc.Volume(data=a.astype(np.float32), stored=np.rint(a).astype(np.int64), positions=list(range(8)),
                          instance_numbers=list(range(1, 9)), modality="MR", pe_direction=pe, bits_stored=12, signed=False)

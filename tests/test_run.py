@@ -233,7 +233,7 @@ def test_nodes_staged_as_the_cwl_workflow_stages_them_give_the_same_archive(mini
 def test_synthetic_multisite_corpus_reports_every_injected_deviation(tmp_path):
     """The amyloid example, 3 sites x 3 vendors, with deviations injected by `synth`: each is reported
     (about 5 s on an idle 2-core machine, 30-40 s when it is busy)."""
-    from imtrial_dsl.runner.synth import synthesize
+    from imtrial_dsl.synth import synthesize
 
     os.environ["IMTRIAL_KEY"] = KEY
     trial = compile_file(Path(__file__).resolve().parent.parent / "examples" / "amyloid_mri.imtrial").trial

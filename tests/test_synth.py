@@ -12,7 +12,8 @@ import pydicom
 import pytest
 
 from imtrial_dsl.loader import load
-from imtrial_dsl.runner import adherence, dicomio, synth
+from imtrial_dsl import synth
+from imtrial_dsl.runner import adherence, dicomio
 from imtrial_dsl.vendors import normalize_vendor
 
 ROOT = Path(__file__).resolve().parent.parent

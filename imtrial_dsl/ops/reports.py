@@ -17,15 +17,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Optional
 
-from jinja2 import Environment, FileSystemLoader, select_autoescape
-
-from imtrial_dsl import ir
+from imtrial_dsl import ir, templating
+from imtrial_dsl.files import atomic_write_json, atomic_write_text
 
 from . import svg
 from .expected import VisitStatus, expected_vs_received
@@ -274,17 +272,14 @@ def write(m: dict, out_dir: str | Path) -> list[Path]:
     files = []
     for name in ("sites", "devices", "qualification", "exams", "visits"):
         p = out / f"{name}.csv"
-        p.write_text(_csv(m[name]), encoding="utf-8")
+        atomic_write_text(p, _csv(m[name]))
         files.append(p)
     p = out / "report.json"
-    p.write_text(json.dumps(m, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    atomic_write_json(p, m)
     files.append(p)
-    env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(["html", "j2"]),
-                      trim_blocks=True, lstrip_blocks=True)
-    env.filters["pct"] = _pct
-    html = env.get_template("report.html.j2").render(m=m, charts=charts(m))
+    env = templating.environment(TEMPLATES, filters={"pct": _pct})
     p = out / "report.html"
-    p.write_text(html, encoding="utf-8")
+    atomic_write_text(p, env.get_template("report.html.j2").render(m=m, charts=charts(m)))
     files.append(p)
     return files
 

@@ -43,7 +43,7 @@ def _regex(pattern: str) -> re.Pattern:
 
 def expected_text(c: ir.Constraint) -> str:
     """Human text of a constraint, e.g. ``= 2300 ms ± 1%`` or ``in 2 .. 3.5 ms``."""
-    return source.rhs(c, q=source.plain_quote, exclusive="(exclusive)")
+    return source.rhs(c, source.REPORT)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -95,19 +95,11 @@ def _numeric_ok(c: ir.Constraint, x: float) -> bool:
     return False
 
 
-def _text_of_value(v: ir.Value) -> str:
-    if isinstance(v, bool):
-        return "YES" if v else "NO"
-    if isinstance(v, ir.Quantity):
-        return f"{v.value:g}"
-    return str(v).strip()
-
-
 def _text_ok(c: ir.Constraint, txt: str) -> bool:
     k = c.kind
     if k == ir.ConstraintKind.MATCHES:
         return _regex(str(c.values[0])).search(txt) is not None
-    wanted = [_text_of_value(v) for v in c.values]
+    wanted = [source.header_text(v) for v in c.values]
     boolish = any(isinstance(v, bool) for v in c.values)
     norm = (lambda s: s.upper()) if boolish else (lambda s: s)
     if k == ir.ConstraintKind.EQUAL:
@@ -180,9 +172,8 @@ def evaluate_constraint(c: ir.Constraint, raw_values: Sequence[Any]) -> dict[str
     ok = all(r[0] for r in results)
     actuals = [r[1] for r in results]
     actual = actuals[0] if len(actuals) == 1 else actuals
-    name = c.keyword + (f"[{c.index}]" if c.index is not None else "")
     return {
-        "parameter": name,
+        "parameter": source.parameter(c),
         "keyword": c.keyword,
         "index": c.index,
         "kind": c.kind.value,

@@ -190,7 +190,7 @@ def cmd_status(args) -> int:
 
 def cmd_synth(args) -> int:
     try:
-        from . import synth
+        from .. import synth
     except ImportError as exc:
         print(f"imtrial synth: the synthetic-corpus module is not available: {exc}", file=sys.stderr)
         return 1

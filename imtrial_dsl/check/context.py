@@ -1,0 +1,28 @@
+"""What every check reads and writes: the trial, its declarations by name, the diagnostics found so far."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from .. import ir
+from ..diagnostics import Diagnostic, Severity, Span
+
+
+class Context:
+    def __init__(self, trial: ir.Trial) -> None:
+        self.trial = trial
+        self.diags: list[Diagnostic] = []
+        self.protocols = {p.name: p for p in trial.protocols}
+        self.analyses = {a.name: a for a in trial.analyses}
+        self.roles = {r.name: r for r in trial.roles}
+        self.destinations = {d.name: d for d in trial.transfers}
+
+    def add(self, sev: Severity, code: str, node: Any, message: str, hint: Optional[str]) -> None:
+        """Record a diagnostic at ``node`` (an IR node or a Span)."""
+        span = node if isinstance(node, Span) or node is None else getattr(node, "span", None)
+        self.diags.append(Diagnostic(severity=sev, code=code, message=message, span=span, hint=hint))
+
+    def error(self, code: str, node: Any, message: str, hint: Optional[str]) -> None:
+        self.add(Severity.ERROR, code, node, message, hint)
+
+    def warning(self, code: str, node: Any, message: str, hint: Optional[str]) -> None:
+        self.add(Severity.WARNING, code, node, message, hint)

@@ -1,0 +1,100 @@
+"""De-identification: profile options (E315), date shift and pixel regions (E402), the profile (E305),
+overrides that contradict the profile or an option (W403/W404), match rules on attributes the
+profile removes (W407)."""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+from .. import ir
+from ..diagnostics import did_you_mean
+from .context import Context
+from .identifiers import key
+from .names import keyword, undefined
+
+_TAG = re.compile(r"\(([0-9A-Fa-fx]{4}),([0-9A-Fa-fx]{4})\)\Z")
+_DEID_OPTIONS = [o.value for o in ir.DeidOption]
+
+
+def check(ctx: Context) -> None:
+    for prof in ctx.trial.deid_profiles:
+        bad = sorted({o for r in prof.rules for o in r.options if o not in _DEID_OPTIONS})
+        for o in bad:
+            node = next(r for r in prof.rules if o in r.options)
+            ctx.error("E315", node, f"unknown de-identification option '{o}' in profile {prof.name}",
+                      did_you_mean(o, _DEID_OPTIONS) or f"options: {', '.join(_DEID_OPTIONS)}")
+    d = ctx.trial.deidentify
+    if d is None:
+        return
+    key(ctx, d.key, "de-identification key")
+    if d.date_shift_min and d.date_shift_max and d.date_shift_min.days > d.date_shift_max.days:
+        ctx.error("E402", d.date_shift_min, f"empty date shift range {d.date_shift_min.days:g} .. {d.date_shift_max.days:g} d",
+                  "write the lower bound first")
+    for r in d.pixel_regions:
+        if r.x0 >= r.x1 or r.y0 >= r.y1:
+            ctx.error("E402", r, f"empty pixel region ({r.x0},{r.y0})-({r.x1},{r.y1})", "x0 < x1 and y0 < y1")
+    prof = ctx.trial.profile(d.profile.name)
+    if prof is None:
+        undefined(ctx, "E305", d.profile, "de-identification profile", [p.name for p in ctx.trial.deid_profiles])
+    by_kw = {}
+    if prof is not None:
+        by_kw = {r.keyword: r for r in prof.rules if r.keyword}
+        by_kw.update({r.tag.upper(): r for r in prof.rules})
+    chosen = [o.value for o in d.options]
+    for ov in d.overrides:
+        attr = ov.attribute
+        if _TAG.match(attr):
+            rule = by_kw.get(attr.upper())
+        else:
+            if not keyword(ctx, ov, attr, "de-identification override"):
+                continue
+            rule = by_kw.get(attr)
+        if rule is None or prof is None:
+            continue
+        action, via = _effective_action(rule, chosen)
+        if ov.action == "keep" and action != "K":
+            retaining = [o for o, a in rule.options.items() if a == "K"]
+            hint = (f"the option {retaining[0]} retains it; choose that option instead of overriding"
+                    if retaining and retaining[0] not in chosen else
+                    "remove the override unless the study has a documented need for this identifier")
+            ctx.warning("W404", ov, f"'keep {attr}' contradicts profile {prof.name} "
+                        f"(action {action}{' under ' + via if via else ''}): the attribute may identify the subject", hint)
+        elif ov.action != "keep" and action == "K" and via:
+            ctx.warning("W403", ov, f"'{ov.action} {attr}' contradicts option {via}, which retains {attr}",
+                        f"drop the override, or drop the option {via}")
+    if prof is not None:
+        _match_attributes_survive(ctx, prof, by_kw, chosen, {ov.attribute for ov in d.overrides if ov.action == "keep"})
+
+
+def _match_attributes_survive(ctx: Context, prof: ir.DeidProfile, by_kw: dict, chosen: list[str], kept: set[str]) -> None:
+    """Series are classified on de-identified headers: a match rule must read an attribute that survives."""
+    seen = set()
+    for p in ctx.trial.protocols:
+        for m in p.match:
+            rule = by_kw.get(m.attribute)
+            if rule is None or m.attribute in kept or (p.name, m.attribute) in seen:
+                continue
+            action, via = _effective_action(rule, chosen)
+            if action in ("K", "C"):  # kept, or kept with identifying text cleaned out
+                continue
+            seen.add((p.name, m.attribute))
+            cleaning = [o for o, a in rule.options.items() if a in ("K", "C")]
+            ctx.warning("W407", m, f"protocol {p.name} matches on {m.attribute}, which de-identification removes "
+                        f"(profile {prof.name}, action {action}); series are classified after de-identification",
+                        f"choose the option {cleaning[0]}, or add 'keep {m.attribute}'" if cleaning
+                        else f"add 'keep {m.attribute}' or match on another attribute")
+
+
+def _effective_action(rule: ir.ProfileRule, chosen: list[str]) -> tuple[str, Optional[str]]:
+    """The action for a profile row under the chosen options, and the option that decided it (or None).
+
+    When several chosen options apply, the most retaining wins (K over C over the rest).
+    """
+    hits = [(o, rule.options[o]) for o in chosen if o in rule.options]
+    for want in ("K", "C"):
+        for o, a in hits:
+            if a == want:
+                return a, o
+    if hits:
+        return hits[0][1], hits[0][0]
+    return rule.action, None
