@@ -18,6 +18,7 @@ from imtrial_dsl import ir
 from imtrial_dsl.dicom_tables import CID7050, OPTION_CODES
 from imtrial_dsl.runner import deid as D
 from imtrial_dsl.runner.steps import load_all
+from imtrial_dsl.secrets import SecretError
 
 ROOT = Path(__file__).resolve().parent.parent
 PS315 = ROOT / "stdlib" / "deid" / "ps315.imtrial"
@@ -314,11 +315,11 @@ def test_cid7050_table_is_complete():
 def test_missing_key_is_a_clear_error(monkeypatch):
     monkeypatch.delenv(KEY_ENV)
     t = make_trial(BASIC)
-    with pytest.raises(D.DeidKeyError) as e:
+    with pytest.raises(SecretError) as e:
         D.resolve_key(t)
     assert KEY_ENV in e.value.diagnostic.message and e.value.diagnostic.code == "E702"
     assert e.value.diagnostic.span is not None
-    with pytest.raises(D.DeidKeyError):
+    with pytest.raises(SecretError):
         D.subject_date_shift(make_trial(EXAMPLE), "S1")
 
 

@@ -46,6 +46,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .. import ir
 from ..diagnostics import ImtrialError
+from ..secrets import SecretError, read_secret
 from ..dicom_tables import (BASIC_PROFILE_CODE, BURNED_IN_RISK_IF_SECONDARY, BURNED_IN_RISK_MODALITIES, CID7050,
                             CLEAN_PIXEL_DATA_CODE, CODING_SCHEME, OPTION_CODES, SAFE_PRIVATE)
 from ..vendors import normalize_vendor
@@ -58,10 +59,6 @@ IMPLEMENTATION_VERSION_NAME = "IMTRIAL_DEID_1"
 
 class DeidError(ImtrialError):
     code = "E701"
-
-
-class DeidKeyError(DeidError):
-    code = "E702"
 
 
 # --------------------------------------------------------------------------- operations
@@ -243,29 +240,12 @@ def _compile_action(tag: int, action: str, opt: Optional[str]) -> tuple[int, Any
 # --------------------------------------------------------------------------- keys and pseudonyms
 
 def resolve_key(trial: ir.Trial) -> bytes:
-    """The study key from the env var or file named in ``deidentify.key``; raises DeidKeyError (never logs it)."""
+    """The study key named in ``deidentify.key``; raises :class:`~imtrial_dsl.secrets.SecretError` (never logs it)."""
     deid = trial.deidentify
-    ks = deid.key if deid else None
-    if ks is None:
-        raise DeidKeyError(deid, "de-identification needs a key but the study names none",
-                           "add `key env IMTRIAL_KEY` (or `key file \"path\"`) to the deidentify block")
-    if ks.kind == "env":
-        val = os.environ.get(ks.ref, "")
-        if not val:
-            raise DeidKeyError(ks, f"de-identification key: environment variable {ks.ref} is not set or empty",
-                               f"export {ks.ref}=<secret> before running (never write the key into the study file)")
-        return val.encode("utf-8")
-    p = Path(ks.ref).expanduser()
-    if not p.is_absolute() and trial.source_file and not p.exists():
-        p = Path(trial.source_file).resolve().parent / p
-    try:
-        data = p.read_bytes().strip()
-    except OSError:
-        raise DeidKeyError(ks, f"de-identification key: cannot read key file '{ks.ref}'",
-                           "create the file (readable only by the site) or use `key env NAME`") from None
-    if not data:
-        raise DeidKeyError(ks, f"de-identification key: key file '{ks.ref}' is empty")
-    return data
+    if deid is None or deid.key is None:
+        raise SecretError(deid, "de-identification needs a key but the study names none",
+                          "add `key env IMTRIAL_KEY` (or `key file \"path\"`) to the deidentify block")
+    return read_secret(deid.key, study_file=trial.source_file, what="de-identification key")
 
 
 class Pseudonymizer:
@@ -918,7 +898,7 @@ def _quarantine(qdir: Path, src: Path, rel: str, reason: str, detail: str) -> st
 def subject_date_shift(trial: ir.Trial, subject_id: str) -> Optional[int]:
     """The keyed per-subject date offset in days, or None when the study does not shift dates.
 
-    Raises DeidKeyError when the study shifts dates but its key is missing.
+    Raises SecretError when the study shifts dates but its key is missing.
     """
     deid = trial.deidentify
     if deid is None or not subject_id:
