@@ -13,6 +13,7 @@ from collections import defaultdict
 from typing import Any, Iterable, Optional, get_args
 
 from . import ir, units
+from .deid.plan import resolve_action
 from .diagnostics import Diagnostic, Severity, Span, did_you_mean
 from .matchsets import Term, alphabet_for, common_string
 from .qc_metrics import QC_METRICS
@@ -631,7 +632,7 @@ class _Checker:
                 rule = by_kw.get(attr)
             if rule is None or prof is None:
                 continue
-            action, via = _effective_action(rule, chosen)
+            action, via = resolve_action(rule, chosen)
             if ov.action == "keep" and action != "K":
                 retaining = [o for o, a in rule.options.items() if a == "K"]
                 hint = (f"the option {retaining[0]} retains it; choose that option instead of overriding"
@@ -653,7 +654,7 @@ class _Checker:
                 rule = by_kw.get(m.attribute)
                 if rule is None or m.attribute in kept or (p.name, m.attribute) in seen:
                     continue
-                action, via = _effective_action(rule, chosen)
+                action, via = resolve_action(rule, chosen)
                 if action in ("K", "C"):  # kept, or kept with identifying text cleaned out
                     continue
                 seen.add((p.name, m.attribute))
@@ -840,21 +841,6 @@ def _valid_regex(pattern: str) -> bool:
         return True
     except re.error:
         return False
-
-
-def _effective_action(rule: ir.ProfileRule, chosen: list[str]) -> tuple[str, Optional[str]]:
-    """The action for a profile row under the chosen options, and the option that decided it (or None).
-
-    When several chosen options apply, the most retaining wins (K over C over the rest).
-    """
-    hits = [(o, rule.options[o]) for o in chosen if o in rule.options]
-    for want in ("K", "C"):
-        for o, a in hits:
-            if a == want:
-                return a, o
-    if hits:
-        return hits[0][1], hits[0][0]
-    return rule.action, None
 
 
 def check(trial: ir.Trial) -> list[Diagnostic]:

@@ -14,9 +14,9 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from imtrial_dsl import deid as D
 from imtrial_dsl import ir
 from imtrial_dsl.dicom_tables import CID7050, OPTION_CODES
-from imtrial_dsl.runner import deid as D
 from imtrial_dsl.runner.steps import load_all
 from imtrial_dsl.secrets import SecretError
 
@@ -108,6 +108,8 @@ def test_generated_profile_has_every_table_row():
     ("ContentSequence", [], D.SEQ_STRICT),                         # D on a sequence
     ("ContentSequence", ["clean_structured_content"], D.SEQ_CLEAN),
     ("StationAETitle", ["retain_device_identity"], D.AEPSEUDO),    # C on an AE
+    ("DateOfLastCalibration", ["retain_device_identity"], D.KEEP),
+    ("DateOfLastCalibration", ["retain_device_identity", "retain_longitudinal_modified_dates"], D.SHIFT),  # K vs C: C
     ("OtherPatientIDsSequence", [], D.DEL),
 ])
 def test_plan_resolves_actions(keyword, options, op):

@@ -77,7 +77,7 @@ transfer central dicomweb "https://central.example/dicom-web" auth file "k.txt"
 
 
 def test_every_reader_finds_the_study_folders_key_from_another_cwd(tmp_path, monkeypatch):
-    from imtrial_dsl.runner.deid import resolve_key, subject_date_shift
+    from imtrial_dsl.deid import resolve_key, subject_date_shift
     from imtrial_dsl.runner.identify import lookup_key
     from imtrial_dsl.runner.run import preflight
     from imtrial_dsl.runner.transfer import read_token

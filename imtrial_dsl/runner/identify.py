@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from ..deid import subject_date_shift
 from ..secrets import SecretError, read_secret
 from .steps import Param, step
 
@@ -300,8 +301,6 @@ def shifted_date(trial, subject_id: str, exam_date: Optional[_dt.date]) -> Optio
     """The exam date as the de-identified data will show it (the de-identification step owns the shift)."""
     if exam_date is None:
         return None
-    from .deid import subject_date_shift   # pydicom: only when dates are shifted, not for every importer
-
     try:
         shift = subject_date_shift(trial, subject_id)
     except SecretError:  # a missing key is reported by the deidentify step itself
