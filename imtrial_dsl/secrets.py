@@ -51,8 +51,10 @@ def read_secret(source: ir.KeySource, *, study_file: Optional[str], what: Option
     try:
         data = _drop_newline(path.read_bytes())
     except OSError as exc:
-        raise SecretError(source, f"{lead}cannot read file '{source.ref}' ({path}): {exc.strerror or type(exc).__name__}",
-                          "create the file (readable only by the site), or use `key env NAME`") from None
+        why = exc.strerror or type(exc).__name__
+        raise SecretError(source, f"{lead}cannot read file '{source.ref}' ({path}): {why}",
+                          "create the file (readable only by the site), or name an environment variable "
+                          "instead (`env NAME`)") from None
     if not data.strip():
         raise SecretError(source, f"{lead}file '{source.ref}' ({path}) is empty")
     return data
