@@ -88,7 +88,7 @@ _ENGINES: dict = {}
 def _engine(study_key: str):
     if study_key not in _ENGINES:
         from imtrial_dsl.loader import load_text
-        from imtrial_dsl.runner.deid import Deidentifier, resolve_key
+        from imtrial_dsl.deid import Deidentifier, resolve_key
 
         text = 'import "stdlib/deid/ps315.imtrial"\nstudy BENCH "bench" { sponsor "Bench" }\n' + STUDIES[study_key]
         trial, diags, _ = load_text(text, str(ROOT / "bench.imtrial"))

@@ -126,7 +126,7 @@ register(Step(
 register(Step(
     "deidentify", "De-identify",
     "DICOM PS3.15 Annex E profile, options and overrides; research identifiers inserted; UIDs and dates remapped per subject.",
-    scope="exam", func="imtrial_dsl.runner.deidentify:deidentify_step",
+    scope="exam", func="imtrial_dsl.deid.step:deidentify_step",
     inputs=(W.ORIGINAL, W.IDENTITY), outputs=(W.DEID,),
     resources=Resources(cores=1, ram_mb=2048), secrets=("deidentify",),
     study_parts=("study", "deidentify", "deid_profiles", "identifiers")))

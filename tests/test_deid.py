@@ -14,9 +14,10 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from imtrial_dsl import deid as D
 from imtrial_dsl import ir
 from imtrial_dsl.dicom_tables import CID7050, OPTION_CODES
-from imtrial_dsl.runner import deid as D
+from imtrial_dsl.secrets import SecretError
 
 ROOT = Path(__file__).resolve().parent.parent
 PS315 = ROOT / "stdlib" / "deid" / "ps315.imtrial"
@@ -106,6 +107,8 @@ def test_generated_profile_has_every_table_row():
     ("ContentSequence", [], D.SEQ_STRICT),                         # D on a sequence
     ("ContentSequence", ["clean_structured_content"], D.SEQ_CLEAN),
     ("StationAETitle", ["retain_device_identity"], D.AEPSEUDO),    # C on an AE
+    ("DateOfLastCalibration", ["retain_device_identity"], D.KEEP),
+    ("DateOfLastCalibration", ["retain_device_identity", "retain_longitudinal_modified_dates"], D.SHIFT),  # K vs C: C
     ("OtherPatientIDsSequence", [], D.DEL),
 ])
 def test_plan_resolves_actions(keyword, options, op):
@@ -313,11 +316,11 @@ def test_cid7050_table_is_complete():
 def test_missing_key_is_a_clear_error(monkeypatch):
     monkeypatch.delenv(KEY_ENV)
     t = make_trial(BASIC)
-    with pytest.raises(D.DeidKeyError) as e:
+    with pytest.raises(SecretError) as e:
         D.resolve_key(t)
     assert KEY_ENV in e.value.diagnostic.message and e.value.diagnostic.code == "E702"
     assert e.value.diagnostic.span is not None
-    with pytest.raises(D.DeidKeyError):
+    with pytest.raises(SecretError):
         D.subject_date_shift(make_trial(EXAMPLE), "S1")
 
 

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from imtrial_dsl.dicom_tables import SAFE_PRIVATE
-from imtrial_dsl.runner import deid as D
+from imtrial_dsl import deid as D
 from test_deid import KEY_ENV, make_trial
 
 BINARY_VRS = {"US", "SS", "UL", "SL", "FL", "FD", "AT", "SV", "UV"}

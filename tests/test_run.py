@@ -319,3 +319,22 @@ def test_an_unknown_node_or_a_missing_key_fails_loudly(mini, monkeypatch, capsys
                           str(mini["base"] / "nokey")]) == 1
     assert "IMTRIAL_KEY is not set" in capsys.readouterr().err
     assert not (mini["base"] / "nokey").exists()
+
+
+def test_a_key_file_next_to_the_study_works_from_another_cwd(tmp_path, monkeypatch):
+    """`key file "k.txt"` is read from the study's folder by the preflight, identify and deidentify alike."""
+    m = make_corpus(tmp_path / "study", subjects=1, slices=2, visits=(("baseline", 0),))
+    study = Path(m["study"])
+    study.write_text(study.read_text().replace("key env IMTRIAL_KEY", 'key file "k.txt"'))
+    (study.parent / "k.txt").write_text(KEY + "\n")
+    monkeypatch.delenv("IMTRIAL_KEY", raising=False)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    work = tmp_path / "work"
+    assert commands.main(["run", os.path.relpath(study), "--inbox", m["inbox"], "--workdir", str(work),
+                          "--no-progress"]) == 0
+    st = State(work)
+    exams = st.exams()
+    assert len(exams) == 1 and exams[0]["steps"]["deidentify"]["status"] == "done"
+    assert exams[0]["subject_id"].startswith("MINI01-HOS-")
+    st.close()

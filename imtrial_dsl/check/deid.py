@@ -7,6 +7,7 @@ import re
 from typing import Optional
 
 from .. import ir
+from ..deid.plan import resolve_action
 from ..diagnostics import did_you_mean
 from .context import Context
 from .identifiers import key
@@ -51,7 +52,7 @@ def check(ctx: Context) -> None:
             rule = by_kw.get(attr)
         if rule is None or prof is None:
             continue
-        action, via = _effective_action(rule, chosen)
+        action, via = resolve_action(rule, chosen)
         if ov.action == "keep" and action != "K":
             retaining = [o for o, a in rule.options.items() if a == "K"]
             hint = (f"the option {retaining[0]} retains it; choose that option instead of overriding"
@@ -74,7 +75,7 @@ def _match_attributes_survive(ctx: Context, prof: ir.DeidProfile, by_kw: dict, c
             rule = by_kw.get(m.attribute)
             if rule is None or m.attribute in kept or (p.name, m.attribute) in seen:
                 continue
-            action, via = _effective_action(rule, chosen)
+            action, via = resolve_action(rule, chosen)
             if action in ("K", "C"):  # kept, or kept with identifying text cleaned out
                 continue
             seen.add((p.name, m.attribute))
@@ -85,16 +86,3 @@ def _match_attributes_survive(ctx: Context, prof: ir.DeidProfile, by_kw: dict, c
                         else f"add 'keep {m.attribute}' or match on another attribute")
 
 
-def _effective_action(rule: ir.ProfileRule, chosen: list[str]) -> tuple[str, Optional[str]]:
-    """The action for a profile row under the chosen options, and the option that decided it (or None).
-
-    When several chosen options apply, the most retaining wins (K over C over the rest).
-    """
-    hits = [(o, rule.options[o]) for o in chosen if o in rule.options]
-    for want in ("K", "C"):
-        for o, a in hits:
-            if a == want:
-                return a, o
-    if hits:
-        return hits[0][1], hits[0][0]
-    return rule.action, None

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from ..deid import subject_date_shift
+from ..secrets import SecretError, read_secret
 
 # ----------------------------------------------------------------------------- check digits
 
@@ -101,22 +103,15 @@ class IdentifyError(Exception):
         super().__init__(f"{code}: {detail}")
 
 
-def load_key(source) -> Optional[bytes]:
-    """Key bytes from ``KeySource`` (env var or file); None when ``source`` is None. Never logged."""
+def lookup_key(trial) -> Optional[bytes]:
+    """The ``identifiers`` key (None when the study names none); IdentifyError ``key_missing`` if unavailable."""
+    source = trial.identifiers.key if trial.identifiers else None
     if source is None:
         return None
-    if source.kind == "env":
-        val = os.environ.get(source.ref)
-        if not val:
-            raise IdentifyError("key_missing", f"environment variable {source.ref} is not set")
-        return val.encode()
-    p = Path(source.ref).expanduser()
-    if not p.is_file():
-        raise IdentifyError("key_missing", f"key file {source.ref} does not exist")
-    data = p.read_bytes().strip()
-    if not data:
-        raise IdentifyError("key_missing", f"key file {source.ref} is empty")
-    return data
+    try:
+        return read_secret(source, study_file=trial.source_file)
+    except SecretError as err:
+        raise IdentifyError("key_missing", err.diagnostic.message) from None
 
 
 def source_key(trial_code: str, values: dict[str, Optional[str]], issuer: Optional[str], key: Optional[bytes]) -> str:
@@ -306,15 +301,8 @@ def shifted_date(trial, subject_id: str, exam_date: Optional[_dt.date]) -> Optio
     if exam_date is None:
         return None
     try:
-        from . import deid
-    except ImportError:
-        return None
-    fn = getattr(deid, "subject_date_shift", None)
-    if fn is None:
-        return None
-    try:
-        shift = fn(trial, subject_id)
-    except Exception:  # a missing key is reported by the deidentify step itself
+        shift = subject_date_shift(trial, subject_id)
+    except SecretError:  # a missing key is reported by the deidentify step itself
         return None
     if shift is None:  # dates kept as they are (full dates retained) or not kept at all
         opts = {getattr(o, "value", o) for o in (trial.deidentify.options if trial.deidentify else [])}
@@ -338,7 +326,7 @@ def identify_exam(trial, exam: dict, db: sqlite3.Connection, *, exam_key: Option
     if not any(values.values()):
         raise IdentifyError("no_source_identifier", f"none of {', '.join(attrs)} is present")
     issuer = str(patient.get(issuer_attr) or "") if issuer_attr else ""
-    key = load_key(ids.key if ids else None)
+    key = lookup_key(trial)
     skey = source_key(code, values, issuer, key)
     exam_key = exam_key or exam["exam_key"]
     warnings: list[dict] = []

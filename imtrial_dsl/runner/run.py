@@ -480,15 +480,17 @@ def _record_exam(st, exam_key: str, ident: dict, cls: Any, adh: Any, qc: Any, st
 
 def preflight(trial) -> list[str]:
     """Problems that would fail every exam (e.g. a key the study names but the environment lacks)."""
-    from .identify import IdentifyError, load_key
+    from ..secrets import SecretError, read_secret
 
     problems = []
     for what, src in (("identifiers", trial.identifiers.key if trial.identifiers else None),
                       ("deidentify", trial.deidentify.key if trial.deidentify else None)):
+        if src is None:
+            continue
         try:
-            load_key(src)
-        except IdentifyError as err:
-            problems.append(f"{what}: {err.detail}")
+            read_secret(src, study_file=trial.source_file)
+        except SecretError as err:
+            problems.append(f"{what}: {err.diagnostic.message}")
     return sorted(set(problems))
 
 

@@ -153,21 +153,18 @@ def resolve(trial, name: str, *, url_override: Optional[str] = None, host_overri
 
 
 def read_token(auth) -> Optional[str]:
-    """The bearer token named by a KeySource (env variable or file); the message names the source, never the value."""
+    """The bearer token named by a KeySource (env variable or file); the message names the source, never the value.
+
+    A relative token file resolves against the folder of the file that declares it (the study file)."""
+    from ..secrets import SecretError, read_secret
+
     if auth is None:
         return None
-    if auth.kind == "env":
-        val = os.environ.get(auth.ref)
-        if not val:
-            raise TransferError(f"the destination's token is not set: environment variable {auth.ref} is empty or missing")
-        return val.strip()
     try:
-        val = Path(auth.ref).expanduser().read_text().strip()
-    except OSError as exc:
-        raise TransferError(f"cannot read the destination's token file {auth.ref}: {exc.strerror}") from None
-    if not val:
-        raise TransferError(f"the destination's token file {auth.ref} is empty")
-    return val
+        return read_secret(auth, study_file=auth.span.file if auth.span else None,
+                           what="the destination's token").decode("utf-8")
+    except SecretError as exc:
+        raise TransferError(exc.diagnostic.message) from None
 
 
 def _auth_source(auth) -> Optional[str]:
