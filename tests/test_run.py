@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 from imtrial_dsl.compiler import compile_file
-from imtrial_dsl.runner import commands
+from imtrial_dsl import cli
 from imtrial_dsl.runner.archive import verify
 from imtrial_dsl.runner.run import run_study
 from imtrial_dsl.store import Store as State
@@ -147,31 +147,31 @@ def test_rerun_processes_only_what_is_new(mini, tmp_path):
 
 def test_status_and_step_commands(mini, capsys, tmp_path):
     work = mini["work"]
-    assert commands.main(["status", "--workdir", str(work)]) == 0
+    assert cli.main(["status", "--workdir", str(work)]) == 0
     out = capsys.readouterr().out
     assert "exams" in out and "archive:done" in out and "MINI01-HOS-" in out
     st = State(work)
     key = st.exams()[0]["exam_key"]
     st.close()
-    assert commands.main(["status", "--workdir", str(work), "--exam", key[:8]]) == 0
+    assert cli.main(["status", "--workdir", str(work), "--exam", key[:8]]) == 0
     out = capsys.readouterr().out
     assert key in out and "series" in out and "adherence" in out
 
-    assert commands.main(["step", "--list"]) == 0
+    assert cli.main(["step", "--list"]) == 0
     listing = capsys.readouterr().out
     for name in ("ingest", "identify", "deidentify", "classify", "adherence", "qc", "archive", "analysis", "measurements"):
         assert name in listing
 
     # a step run alone, as the CWL tools run it: classify one exam into a file of our choosing
     out_file = tmp_path / "cls.json"
-    assert commands.main(["step", "classify", "--study", mini["m"]["study"], "--exam", str(work / "exams" / key),
+    assert cli.main(["step", "classify", "--study", mini["m"]["study"], "--exam", str(work / "exams" / key),
                           "--out", str(out_file)]) == 0
     capsys.readouterr()
     assert json.loads(out_file.read_text())["summary"]["matched"] == 2
-    assert commands.main(["step", "clasify", "--study", mini["m"]["study"]]) == 2
+    assert cli.main(["step", "clasify", "--study", mini["m"]["study"]]) == 2
     assert "did you mean" in capsys.readouterr().err
 
-    assert commands.main(["verify", "--workdir", str(work)]) == 0
+    assert cli.main(["verify", "--workdir", str(work)]) == 0
     assert capsys.readouterr().out.startswith("OK:")
 
 
@@ -181,7 +181,7 @@ def test_steps_chained_as_the_cwl_workflow_does_give_the_same_archive(mini, tmp_
     study, inbox, w = mini["m"]["study"], mini["m"]["inbox"], tmp_path
 
     def step(*argv):
-        assert commands.main(["step", *argv, "--study", study]) == 0
+        assert cli.main(["step", *argv, "--study", study]) == 0
         capsys.readouterr()
 
     step("ingest", "--inbox", inbox, "--out", str(w / "exams"), "--quarantine", str(w / "quarantine"))
@@ -293,7 +293,7 @@ def test_a_missing_step_or_key_fails_loudly(mini, monkeypatch, capsys):
     monkeypatch.delenv("IMTRIAL_KEY")
     assert runmod.preflight(mini["trial"]) == ["deidentify: environment variable IMTRIAL_KEY is not set",
                                                 "identifiers: environment variable IMTRIAL_KEY is not set"]
-    assert commands.main(["run", mini["m"]["study"], "--inbox", mini["m"]["inbox"], "--workdir",
+    assert cli.main(["run", mini["m"]["study"], "--inbox", mini["m"]["inbox"], "--workdir",
                           str(mini["base"] / "nokey")]) == 1
     assert "IMTRIAL_KEY is not set" in capsys.readouterr().err
     assert not (mini["base"] / "nokey").exists()

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from ..diagnostics import ImtrialError
 from .steps import Param, step
 
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -295,7 +296,8 @@ def analysis_step(trial, exam, results, out, name: Optional[str] = None) -> dict
     if name:
         a = trial.analysis(name)
         if a is None:
-            raise ValueError(f"no analysis named {name!r} (known: {', '.join(x.name for x in trial.analyses)})")
+            raise ImtrialError(f"no analysis named {name!r} (known: {', '.join(x.name for x in trial.analyses)})",
+                               code="E806")
         done: dict[str, dict] = {}
         prev = _load(Path(out) / "analyses.json") or {}
         for r in prev.get("analyses", []):

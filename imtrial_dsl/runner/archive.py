@@ -27,9 +27,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from ..diagnostics import ImtrialError
 from .steps import Param, step
 
 GENESIS = "0" * 64
+
+
+class ArchiveError(ImtrialError):
+    """An exam the archive step refuses: no subject, nothing de-identified yet, or a file that is not de-identified."""
+
+    code = "E805"
 
 
 def _canon(obj: Any) -> bytes:
@@ -362,11 +369,11 @@ def archive_step(trial, exam, results, archive) -> dict:
     exam, results = Path(exam), Path(results)
     ident = _load(results / "identity.json") or {}
     if not ident.get("subject_id"):
-        raise ValueError(f"{results / 'identity.json'}: the exam has no subject (unmatched); nothing to archive")
+        raise ArchiveError(f"{results / 'identity.json'}: the exam has no subject (unmatched); nothing to archive")
     cls, adh, qc = (_load(results / f"{n}.json") for n in ("classification", "adherence", "qc"))
     deid = exam / "deid"
     if not deid.is_dir():
-        raise ValueError(f"{deid} does not exist: run the deidentify step first")
+        raise ArchiveError(f"{deid} does not exist: run the deidentify step first")
     files = sorted(p for p in deid.rglob("*") if p.is_file() and not p.name.startswith(".") and p.suffix != ".json")
     if not files:  # e.g. every instance was refused by de-identification (quarantined, reported there)
         return {"instances": 0, "objects_added": 0, "series": 0, "records": [], "new_record_versions": 0,
@@ -380,7 +387,7 @@ def archive_step(trial, exam, results, archive) -> dict:
     for f in files:
         ds = pydicom.dcmread(f, stop_before_pixels=True)
         if str(ds.get("PatientIdentityRemoved", "")).upper() != "YES":
-            raise ValueError(f"{f}: PatientIdentityRemoved is not YES; refusing to archive a non-de-identified file")
+            raise ArchiveError(f"{f}: PatientIdentityRemoved is not YES; refusing to archive a non-de-identified file")
         suid = str(ds.SeriesInstanceUID)
         study_uid = study_uid or str(ds.StudyInstanceUID)
         items.append((f, {"subject": subject, "visit": visit, "series_uid": suid, "sop_uid": str(ds.SOPInstanceUID)}))

@@ -49,7 +49,7 @@ def identify_all(trial, exams, out, registry_out, registry: Optional[str] = None
                 summary["identified"] += 1
             except IdentifyError as err:
                 identity = unmatched_identity(trial, exam, err)
-                summary["unmatched"].append({"exam_key": exam.get("exam_key"), "error": err.code})
+                summary["unmatched"].append({"exam_key": exam.get("exam_key"), "error": err.reason})
             atomic_write_json(dst / "results" / "identity.json", identity)
     finally:
         db.close()

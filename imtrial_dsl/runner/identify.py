@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from ..diagnostics import ImtrialError
 from .steps import Param, step
 
 # ----------------------------------------------------------------------------- check digits
@@ -94,12 +95,19 @@ def format_subject_id(fmt: str, *, site: str, seq: int, study: str = "", algorit
 
 # ----------------------------------------------------------------------------- keys and lookup keys
 
-class IdentifyError(Exception):
-    """A problem that stops identification of one exam (reported, never silently skipped)."""
+class IdentifyError(ImtrialError):
+    """A problem that stops identification of one exam (reported, never silently skipped).
 
-    def __init__(self, code: str, detail: str):
-        self.code, self.detail = code, detail
-        super().__init__(f"{code}: {detail}")
+    ``reason`` is the word the state database and step summaries record (``key_missing``,
+    ``no_source_identifier``, ``no_exam_date``, ``unmatched``), ``detail`` the sentence; the
+    diagnostic's code (E811–E814) names the reason for the CLI.
+    """
+
+    CODES = {"key_missing": "E811", "no_source_identifier": "E812", "no_exam_date": "E813", "unmatched": "E814"}
+
+    def __init__(self, reason: str, detail: str):
+        self.reason, self.detail = reason, detail
+        super().__init__(detail, code=self.CODES[reason])
 
 
 def load_key(source) -> Optional[bytes]:
@@ -306,16 +314,11 @@ def shifted_date(trial, subject_id: str, exam_date: Optional[_dt.date]) -> Optio
     """The exam date as the de-identified data will show it (the de-identification step owns the shift)."""
     if exam_date is None:
         return None
+    from .deid import DeidKeyError, subject_date_shift
+
     try:
-        from . import deid
-    except ImportError:
-        return None
-    fn = getattr(deid, "subject_date_shift", None)
-    if fn is None:
-        return None
-    try:
-        shift = fn(trial, subject_id)
-    except Exception:  # a missing key is reported by the deidentify step itself
+        shift = subject_date_shift(trial, subject_id)
+    except DeidKeyError:  # a missing key is reported by the deidentify step itself
         return None
     if shift is None:  # dates kept as they are (full dates retained) or not kept at all
         opts = {getattr(o, "value", o) for o in (trial.deidentify.options if trial.deidentify else [])}
@@ -459,7 +462,7 @@ def unmatched_identity(trial, exam: dict, error: IdentifyError) -> dict:
     return {"trial": code, "subject_id": None, "site": None, "site_name": None, "device": None, "visit": None,
             "visit_kind": None, "timepoint": None, "timepoint_description": None, "days_from_baseline": None,
             "in_window": None, "shifted_date": None, "exam_key": exam.get("exam_key"),
-            "warnings": [{"code": error.code, "detail": error.detail}]}
+            "warnings": [{"code": error.reason, "detail": error.detail}]}
 
 
 @step("identify",
@@ -479,7 +482,7 @@ def identify(trial, exam, registry, out) -> dict:
         except IdentifyError as err:
             identity = unmatched_identity(trial, exam_info, err)
             atomic_write_json(Path(out), identity)
-            return {"ok": False, "error": err.code, "detail": err.detail, "identity": identity}
+            return {"ok": False, "error": err.reason, "detail": err.detail, "identity": identity}
     finally:
         db.close()
     atomic_write_json(Path(out), identity)
@@ -532,7 +535,7 @@ def identify_all(trial, exams, out, registry_out, registry=None) -> dict:
                 results.append({"exam": d.name, "subject_id": identity["subject_id"], "visit": identity["visit"]})
             except IdentifyError as err:
                 identity = unmatched_identity(trial, info, err)
-                results.append({"exam": d.name, "error": err.code, "detail": err.detail})
+                results.append({"exam": d.name, "error": err.reason, "detail": err.detail})
             atomic_write_json(dst / "results" / "identity.json", identity)
     finally:
         db.close()

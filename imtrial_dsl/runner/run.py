@@ -23,14 +23,17 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..diagnostics import ImtrialError
 from .steps import STEPS, load_all
 
 EXAM_STEPS = ("deidentify", "classify", "adherence", "qc", "archive", "analyses")
 BATCH = 64
 
 
-class RunLocked(RuntimeError):
+class RunLocked(ImtrialError):
     """Another ``imtrial run`` holds this workdir."""
+
+    code = "E803"
 
 
 def _quiet_pydicom() -> None:
@@ -67,8 +70,10 @@ def _lock(path: Path, *, wait: bool):
     return fh
 
 
-class StepMissing(RuntimeError):
+class StepMissing(ImtrialError):
     """A pipeline step no module has registered (yet): the exam fails loudly at that step."""
+
+    code = "E804"
 
 
 def layout(workdir: Path) -> dict[str, Path]:
@@ -217,10 +222,10 @@ def identify_pending(trial, workdir: Path) -> dict:
             res = identify_exam(trial, exam, st.db, exam_key=key, later=later.get(key))
         except IdentifyError as err:
             atomic_write_json(ident_path, unmatched_identity(trial, exam, err))
-            status = "unmatched" if err.code in ("unmatched", "no_source_identifier") else "failed"
-            st.upsert_exam(key, status=status, warnings=[{"code": err.code, "detail": err.detail}])
-            st.set_step(key, "identify", "failed", {"error": err.code, "detail": err.detail}, started=t0)
-            (out["unmatched"] if status == "unmatched" else out["errors"]).append({"exam_key": key, "error": err.code,
+            status = "unmatched" if err.reason in ("unmatched", "no_source_identifier") else "failed"
+            st.upsert_exam(key, status=status, warnings=[{"code": err.reason, "detail": err.detail}])
+            st.set_step(key, "identify", "failed", {"error": err.reason, "detail": err.detail}, started=t0)
+            (out["unmatched"] if status == "unmatched" else out["errors"]).append({"exam_key": key, "error": err.reason,
                                                                                    "detail": err.detail})
             continue
         atomic_write_json(ident_path, res["identity"])
@@ -583,32 +588,3 @@ def summarize(st, *, ingest: Optional[dict] = None, identify: Optional[dict] = N
                      "seconds": round(time.time() - started, 2) if started else None},
     }
 
-
-def format_summary(s: dict) -> str:
-    """Human-readable summary (the CLI prints this)."""
-    def kv(d: dict) -> str:
-        return ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "none"
-
-    lines = [
-        f"exams        {s['exams']} ({kv(s['exam_status'])}), subjects {s['subjects']}, series {s['series']}, instances {s['instances']}",
-        f"this run     {s['this_run']['ingest'].get('ingested', 0)} new instance(s), {s['this_run']['exams_processed']} exam(s) processed"
-        + (f" in {s['this_run']['seconds']} s" if s['this_run'].get('seconds') is not None else ""),
-        f"classified   {kv(s['classification'])}",
-        f"adherence    {kv(s['adherence'])}",
-        f"qc           {kv(s['qc'])}",
-        f"quarantined  {s['quarantined']}" + (f" ({kv(s['quarantine_reasons'])})" if s['quarantined'] else "")
-        + f", duplicates {s['duplicates']}",
-        f"unmatched    {len(s['unmatched'])}" + (f": {', '.join(s['unmatched'])}" if s['unmatched'] else ""),
-        f"measurements {s['measurements']}",
-    ]
-    if s["warnings"]:
-        lines.append(f"warnings     {kv(s['warnings'])}")
-        # rare findings first: one software upgrade must not hide behind twenty routine ones
-        ranked = sorted(s["warning_list"], key=lambda w: s["warnings"].get(w.get("code"), 0))
-        for w in ranked[:20]:
-            lines.append(f"  - {w.get('subject') or w['exam_key']} {w.get('visit') or ''}: {w.get('code')}: {w.get('detail', '')}")
-        if len(s["warning_list"]) > 20:
-            lines.append(f"  … {len(s['warning_list']) - 20} more (imtrial status --workdir W)")
-    for f in s["failed"]:
-        lines.append(f"FAILED       exam {f['exam_key']} ({f['subject']}) at step {f['step']}: {f['error']}")
-    return "\n".join(lines)

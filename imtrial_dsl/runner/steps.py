@@ -58,4 +58,5 @@ def load_all() -> dict[str, StepSpec]:
     for mod in pkgutil.iter_modules(runner.__path__):
         if mod.name not in ("steps",):
             importlib.import_module(f"imtrial_dsl.runner.{mod.name}")
+    importlib.import_module("imtrial_dsl.transfer.send")  # the transfer step lives in its own package
     return STEPS

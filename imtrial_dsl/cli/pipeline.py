@@ -1,80 +1,42 @@
-"""The runner's subcommands: ``imtrial run | step | status | synth | verify``.
-
-``imtrial_dsl.cli`` calls :func:`register`; ``python -m imtrial_dsl.runner.commands …`` works alone too.
-Handlers print; everything they call returns values.
-"""
+"""The pipeline commands: ``imtrial run | step | status | synth | verify``."""
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
-from ..diagnostics import ImtrialError
+from .common import EXIT_INPUT, EXIT_OK, EXIT_USAGE, load_trial
+from .render import exam_status, run_summary
 
-
-def load_trial(path: str | Path):
-    """A checked Trial from a ``.imtrial`` file (diagnostics printed, SystemExit(1) on errors) or IR JSON."""
-    p = Path(path)
-    if p.suffix == ".json":
-        import hashlib
-
-        from .. import ir
-
-        trial = ir.Trial.model_validate_json(p.read_text())
-        if not trial.source_sha256:
-            trial.source_sha256 = hashlib.sha256(p.read_bytes()).hexdigest()
-        return trial
-    try:
-        from ..cli import load_study
-    except ImportError:  # the CLI module is optional for the runner
-        load_study = None
-    if load_study is not None:
-        return load_study(p)[0]
-    from ..compiler import compile_file
-
-    res = compile_file(p)
-    for d in res.diagnostics:
-        print(str(d), file=sys.stderr)
-    if not res.ok:
-        raise SystemExit(1)
-    return res.trial
-
-
-# ----------------------------------------------------------------------------- run
 
 def cmd_run(args) -> int:
-    from .run import RunLocked, format_summary, run_study
+    from ..runner.run import RunLocked, preflight, run_study
 
     trial = load_trial(args.study)
     if not Path(args.inbox).is_dir():
         print(f"imtrial run: inbox {args.inbox} is not a directory", file=sys.stderr)
-        return 2
-    from .run import preflight
-
+        return EXIT_USAGE
     problems = preflight(trial)
     if problems:
         for p in problems:
             print(f"imtrial run: {p}", file=sys.stderr)
-        return 1
+        return EXIT_INPUT
     progress = False if args.no_progress else None
     log = (lambda s: print(s, file=sys.stderr)) if args.verbose else (lambda s: None)
     try:
         summary = run_study(trial, inbox=args.inbox, workdir=args.workdir, jobs=args.jobs, move=args.move,
                             progress=progress, log=log)
     except RunLocked as exc:
-        print(f"imtrial run: {exc}", file=sys.stderr)
-        return 1
+        print(f"imtrial run: {exc.diagnostic.message}", file=sys.stderr)
+        return EXIT_INPUT
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
-        print(format_summary(summary))
-    return 1 if summary["failed"] else 0
+        print(run_summary(summary))
+    return EXIT_INPUT if summary["failed"] else EXIT_OK
 
-
-# ----------------------------------------------------------------------------- step
 
 def _step_parser(spec) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=f"imtrial step {spec.name}", description=spec.doc)
@@ -91,7 +53,8 @@ def _step_parser(spec) -> argparse.ArgumentParser:
 
 
 def cmd_step(args) -> int:
-    from .steps import load_all
+    from ..diagnostics import did_you_mean
+    from ..runner.steps import load_all
 
     steps = load_all()
     if args.list or not args.name:
@@ -99,124 +62,86 @@ def cmd_step(args) -> int:
             params = " ".join(("[" if p.optional else "") + f"--{p.name.replace('_', '-')} {p.kind.upper()}" + ("]" if p.optional else "")
                               for p in spec.inputs + spec.outputs)
             print(f"{name:12s} {params}\n{'':12s} {spec.doc.splitlines()[0] if spec.doc else ''}")
-        return 0
+        return EXIT_OK
     spec = steps.get(args.name)
     if spec is None:
-        from ..diagnostics import did_you_mean
-
         hint = did_you_mean(args.name, steps)
         print(f"imtrial step: unknown step {args.name!r}" + (f"; {hint}" if hint else "") +
               f" (known: {', '.join(sorted(steps))})", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     ns = _step_parser(spec).parse_args(args.params)
     trial = load_trial(ns.study)
     kwargs = {p.name: getattr(ns, p.name) for p in spec.inputs + spec.outputs
               if getattr(ns, p.name) is not None and not (p.kind == "bool" and p.optional and getattr(ns, p.name) is False)}
-    try:
-        result = spec.func(trial, **kwargs)
-    except ImtrialError as err:  # bad input or configuration (e.g. a missing key): a diagnostic, not a crash
-        from ..diagnostics import render
-
-        print(render([err.diagnostic], {}), file=sys.stderr)
-        return 1
+    # a step's ImtrialError (bad input or configuration, e.g. a missing key) is rendered by main as a diagnostic
+    result = spec.func(trial, **kwargs)
     text = json.dumps(result, indent=2, sort_keys=True, default=str)
     if ns.json_out:
         Path(ns.json_out).write_text(text + "\n")
     print(text)
-    return 0 if not (isinstance(result, dict) and result.get("ok") is False) else 1
+    return EXIT_OK if not (isinstance(result, dict) and result.get("ok") is False) else EXIT_INPUT
 
-
-# ----------------------------------------------------------------------------- status
 
 def cmd_status(args) -> int:
-    from .run import format_summary, summarize
-    from ..store import Store as State
+    from ..runner.run import summarize
+    from ..store import Store, StoreError
 
     try:
-        st = State(args.workdir, create=False)
-    except FileNotFoundError as exc:
-        print(f"imtrial status: {exc}", file=sys.stderr)
-        return 1
+        st = Store(args.workdir, create=False)
+    except StoreError as exc:
+        print(f"imtrial status: {exc.diagnostic.message}", file=sys.stderr)
+        return EXIT_INPUT
     try:
         if args.exam:
             exams = [e for e in st.exams() if e["exam_key"].startswith(args.exam)
                      or (e["subject_id"] or "") == args.exam]
             if not exams:
                 print(f"imtrial status: no exam {args.exam!r} in {args.workdir}", file=sys.stderr)
-                return 1
+                return EXIT_INPUT
         else:
             exams = st.exams()
         if args.json:
             out: Any = exams if args.exam else {"summary": summarize(st), "exams": exams}
             print(json.dumps(out, indent=2, default=str))
-            return 0
+            return EXIT_OK
         if not args.exam:
-            print(format_summary(summarize(st)))
+            print(run_summary(summarize(st)))
             print()
         for e in exams:
-            win = "" if e["in_window"] is None else (" in window" if e["in_window"] else " OUT OF WINDOW")
-            print(f"{e['exam_key']}  {e['subject_id'] or '-'}  {e['site'] or '-'}/{e['device'] or '-'}  "
-                  f"{e['visit'] or '-'}{win}  {e['exam_date'] or ''}  [{e['status']}]")
-            steps = e["steps"]
-            line = "   " + "  ".join(f"{n}:{v['status']}" for n, v in steps.items())
-            print(line)
-            if args.exam:
-                for n, v in steps.items():
-                    if v["status"] == "failed":
-                        print(f"   {n} failed: {v['detail'].get('error') or v['detail'].get('detail')}")
-                for s in e["series"]:
-                    a = (s.get("adherence") or {}).get("verdict", "-")
-                    q = (s.get("qc") or {}).get("verdict", "-")
-                    print(f"   series {s['series_number']!s:>4} {s['description'] or '':30s} {s['protocol'] or '-':10s} "
-                          f"adherence {a:5s} qc {q}")
-                for w in e["warnings"]:
-                    print(f"   warning {w.get('code')}: {w.get('detail')}")
+            print("\n".join(exam_status(e, detailed=bool(args.exam))))
     finally:
         st.close()
-    return 0
+    return EXIT_OK
 
 
-# ----------------------------------------------------------------------------- synth
+def _names(text: Optional[str]) -> Optional[list[str]]:
+    """A comma-separated option as a list; None when empty (synthesize() keeps its default)."""
+    return [x for x in (text or "").split(",") if x] or None
+
 
 def cmd_synth(args) -> int:
-    try:
-        from . import synth
-    except ImportError as exc:
-        print(f"imtrial synth: the synthetic-corpus module is not available: {exc}", file=sys.stderr)
-        return 1
+    from ..runner.synth import synthesize
+
     trial = load_trial(args.study)
-    fn = synth.synthesize
-    offered = {"subjects_per_site": args.subjects, "seed": args.seed, "phi": args.phi, "small": args.small or None,
-               "size": args.size, "deviations": [d for d in (args.deviations or "").split(",") if d] or None,
-               "enhanced": args.enhanced, "visits": [v for v in (args.visits or "").split(",") if v] or None,
-               "start_date": args.start_date}
-    params = inspect.signature(fn).parameters
-    accepts_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
-    kwargs = {k: v for k, v in offered.items() if v is not None and (accepts_any or k in params)}
-    dropped = [k for k, v in offered.items() if v not in (None, False, []) and k not in kwargs]
-    if dropped:
-        print(f"imtrial synth: option(s) not supported by synthesize(): {', '.join(dropped)}", file=sys.stderr)
-        return 2
-    manifest = fn(trial, Path(args.out), **kwargs)
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    n = len(files) if isinstance(files, list) else (files if isinstance(files, int) else None)
-    print(json.dumps({"out": args.out, "files": n, "deviations": len(manifest.get("deviations", []))
-                      if isinstance(manifest, dict) else None}, indent=2))
-    return 0
+    given = {"subjects_per_site": args.subjects, "seed": args.seed, "phi": args.phi, "size": args.size,
+             "deviations": _names(args.deviations), "visits": _names(args.visits), "start_date": args.start_date}
+    # options left out keep synthesize()'s defaults, so they are stated once, there
+    manifest = synthesize(trial, Path(args.out), small=args.small, enhanced=bool(args.enhanced),
+                          **{k: v for k, v in given.items() if v is not None})
+    print(json.dumps({"out": args.out, "files": manifest["files"], "deviations": len(manifest["deviations"])}, indent=2))
+    return EXIT_OK
 
-
-# ----------------------------------------------------------------------------- verify
 
 def cmd_verify(args) -> int:
-    from .archive import verify
+    from ..runner.archive import verify
 
     if not (args.archive or args.workdir):
         print("imtrial verify: give --workdir DIR or --archive DIR", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     root = Path(args.archive) if args.archive else Path(args.workdir) / "archive"
     if not (root / "audit.log.jsonl").exists():
         print(f"imtrial verify: no archive at {root}", file=sys.stderr)
-        return 1
+        return EXIT_INPUT
     res = verify(root, deep=not args.shallow)
     if args.json:
         print(json.dumps(res, indent=2))
@@ -224,13 +149,12 @@ def cmd_verify(args) -> int:
         print(f"{'OK' if res['ok'] else 'BROKEN'}: {res['records']} audit record(s), {res['objects']} object(s), head {res['head'][:16]}")
         for e in res["errors"]:
             print(f"  {e}")
-    return 0 if res["ok"] else 1
+    return EXIT_OK if res["ok"] else EXIT_INPUT
 
 
-# ----------------------------------------------------------------------------- registration
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("run", help="run the per-exam pipeline over an inbox (resumable)")
+def register(sub) -> None:
+    """Add the pipeline commands to the ``imtrial`` subparsers."""
+    p = sub.add_parser("run", help="run the per-exam pipeline over an inbox (resumable)")
     p.add_argument("study", metavar="STUDY", help=".imtrial file (or IR JSON)")
     p.add_argument("--inbox", required=True, metavar="DIR")
     p.add_argument("--workdir", required=True, metavar="DIR")
@@ -241,20 +165,20 @@ def register(subparsers) -> None:
     p.add_argument("--verbose", "-v", action="store_true")
     p.set_defaults(func=cmd_run)
 
-    p = subparsers.add_parser("step", help="run one registered pipeline step (as the CWL tools do)",
-                              description="imtrial step NAME --study FILE --<param> VALUE …  (imtrial step --list)")
+    p = sub.add_parser("step", help="run one registered pipeline step (as the CWL tools do)",
+                       description="imtrial step NAME --study FILE --<param> VALUE …  (imtrial step --list)")
     p.add_argument("name", nargs="?", metavar="NAME")
     p.add_argument("params", nargs=argparse.REMAINDER)
     p.add_argument("--list", action="store_true", help="list the registered steps and their parameters")
     p.set_defaults(func=cmd_step)
 
-    p = subparsers.add_parser("status", help="show each exam's steps in a workdir")
+    p = sub.add_parser("status", help="show each exam's steps in a workdir")
     p.add_argument("--workdir", required=True, metavar="DIR")
     p.add_argument("--exam", metavar="KEY", help="exam key (or prefix) or subject ID")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
-    p = subparsers.add_parser("synth", help="generate a synthetic DICOM corpus for a study")
+    p = sub.add_parser("synth", help="generate a synthetic DICOM corpus for a study")
     p.add_argument("study", metavar="STUDY")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--subjects", type=int, default=None, metavar="N", help="subjects per site")
@@ -270,21 +194,9 @@ def register(subparsers) -> None:
     p.add_argument("--start-date", metavar="YYYY-MM-DD", help="first baseline date")
     p.set_defaults(func=cmd_synth)
 
-    p = subparsers.add_parser("verify", help="verify the archive's hash-chained audit log and object hashes")
+    p = sub.add_parser("verify", help="verify the archive's hash-chained audit log and object hashes")
     p.add_argument("--workdir", metavar="DIR")
     p.add_argument("--archive", metavar="DIR", help="archive folder (default WORKDIR/archive)")
     p.add_argument("--shallow", action="store_true", help="check the chain only, not the stored files")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Stand-alone entry point: ``python -m imtrial_dsl.runner.commands run …``."""
-    ap = argparse.ArgumentParser(prog="imtrial")
-    register(ap.add_subparsers(dest="command", required=True))
-    args = ap.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
