@@ -1,14 +1,16 @@
 """One call from source to checked IR and dependency graph: load (parse, lower, imports) → check → graph."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import networkx as nx
+from pydantic import ValidationError
 
 from . import ir
-from .diagnostics import Diagnostic, Severity
+from .diagnostics import CompileErrors, Diagnostic, Severity
 
 
 @dataclass
@@ -72,3 +74,42 @@ def compile_text(text: str, filename: str = "<string>") -> CompileResult:
 
     trial, diags, sources = load_text(text, filename)
     return _finish(trial, diags, sources)
+
+
+def unreadable(path: str | Path) -> Optional[Diagnostic]:
+    """E001 when ``path`` is not a file that can be read (missing, or a folder), else None."""
+    p = Path(path)
+    if p.is_file():
+        return None
+    why = "no such file" if not p.exists() else "not a file"
+    return Diagnostic(code="E001", message=f"cannot read '{path}': {why}")
+
+
+def load_trial(path: str | Path) -> ir.Trial:
+    """The checked Trial of IR JSON (``*.json``, as ``imtrial compile`` writes it) or of an ``.imtrial`` file.
+
+    Prints nothing. Raises :class:`CompileErrors` when the file cannot be read, is not IR JSON (E003), or
+    the study has errors (the exception carries every diagnostic, warnings too).
+    """
+    miss = unreadable(path)
+    if miss:
+        raise CompileErrors([miss])
+    p = Path(path)
+    if p.suffix != ".json":
+        res = compile_file(p)
+        if not res.ok:
+            raise CompileErrors(res.diagnostics)
+        return res.trial
+    data = p.read_bytes()
+    try:
+        trial = ir.Trial.model_validate_json(data)
+    except ValidationError as exc:  # also JSON that does not parse
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        more = exc.error_count() - 1
+        raise CompileErrors([Diagnostic(
+            code="E003", message=f"'{path}' is not imtrial IR JSON: {where + ': ' if where else ''}{first['msg']}"
+            + (f" (and {more} more)" if more else ""), hint="write it with 'imtrial compile STUDY -o FILE.json'")]) from None
+    if not trial.source_sha256:
+        trial.source_sha256 = hashlib.sha256(data).hexdigest()
+    return trial

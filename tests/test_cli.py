@@ -130,7 +130,7 @@ def test_export_and_import_eprotocol(tmp_path: Path) -> None:
 
 
 def test_load_study_helper(tmp_path: Path, capsys) -> None:
-    from imtrial_dsl.cli import load_study
+    from imtrial_dsl.cli.common import load_study
 
     trial, graph = load_study(EXAMPLE)
     assert trial.study.code == "AMY01" and "ingest" in graph
@@ -138,3 +138,37 @@ def test_load_study_helper(tmp_path: Path, capsys) -> None:
         load_study(BAD)
     assert exc.value.code == 1
     assert "undefined protocol 'T1'" in capsys.readouterr().err
+
+
+def test_library_errors_are_diagnostics_not_internal_errors(tmp_path: Path) -> None:
+    """Every ImtrialError a command meets is printed as a diagnostic (exit 1), never as an internal error."""
+    from imtrial_dsl.store import Store
+
+    p = imtrial("status", "--workdir", str(tmp_path / "nothing"))
+    assert p.returncode == 1 and "no state database" in p.stderr and "internal error" not in p.stderr
+    bad_ir = tmp_path / "study.json"
+    bad_ir.write_text('{"study": 3}')
+    for study, says in ((bad_ir, "is not imtrial IR JSON: study: "), (tmp_path / "missing.json", "cannot read")):
+        p = imtrial("run", str(study), "--inbox", str(tmp_path), "--workdir", str(tmp_path / "w"))
+        no_traceback(p)
+        assert p.returncode == 1 and says in p.stderr and "internal error" not in p.stderr, p.stderr
+    Store(tmp_path / "w").close()
+    enrol = tmp_path / "enrol.csv"
+    enrol.write_text("subject_id,site,enrolled_on\nX,TOK,not-a-date\n")
+    for csv in (enrol, tmp_path / "no-such.csv"):
+        p = imtrial("expected", str(EXAMPLE), "--workdir", str(tmp_path / "w"), "--enrollment", str(csv))
+        no_traceback(p)
+        assert p.returncode == 1 and p.stderr.startswith("error: ") and str(csv) in p.stderr, p.stderr
+
+
+def test_ir_json_runs_like_its_source(tmp_path: Path) -> None:
+    from imtrial_dsl.compiler import load_trial
+
+    ir_json = tmp_path / "amy.json"
+    assert imtrial("compile", str(EXAMPLE), "-o", str(ir_json)).returncode == 0
+    assert load_trial(ir_json).model_dump(exclude={"source_sha256"}) == load_trial(EXAMPLE).model_dump(exclude={"source_sha256"})
+    from imtrial_dsl.store import Store
+
+    Store(tmp_path / "w").close()                       # an empty workdir: the destination is checked first
+    p = imtrial("transfer", str(ir_json), "--workdir", str(tmp_path / "w"), "--to", "centrl")
+    assert p.returncode == 2 and "did you mean 'central'?" in p.stderr, p.stderr

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from imtrial_dsl import ir
-from imtrial_dsl.checker import check
+from imtrial_dsl.check import check
 from imtrial_dsl.deid import compile_plan
 from imtrial_dsl.loader import load_text
 

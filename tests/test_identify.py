@@ -151,7 +151,7 @@ def test_missing_key_is_an_error(db, monkeypatch):
     monkeypatch.delenv("IMTRIAL_TEST_KEY")
     with pytest.raises(idf.IdentifyError) as err:
         idf.identify_exam(trial_for(), exam("P1", "20250110", "e1"), db)
-    assert err.value.code == "key_missing" and "IMTRIAL_TEST_KEY" in err.value.detail
+    assert err.value.reason == "key_missing" and "IMTRIAL_TEST_KEY" in err.value.detail
 
 
 # ----------------------------------------------------------------------------- sites, devices
@@ -174,7 +174,7 @@ def test_unknown_device_uses_known_subject_or_is_unmatched(db):
     assert any(w["code"] == "unknown_device" for w in follow["warnings"])
     with pytest.raises(idf.IdentifyError) as err:
         idf.identify_exam(t, exam("P9", "20250110", "e3", serial="NEW1", station="NEWST", model="MAGNETOM Vida"), db)
-    assert err.value.code == "unmatched"
+    assert err.value.reason == "unmatched"
 
 
 # ----------------------------------------------------------------------------- visits

@@ -2,7 +2,7 @@
 from datetime import date
 
 from imtrial_dsl.ops.expected import expected_vs_received, summarize
-from imtrial_dsl.ops.model import read_enrollment_csv
+from imtrial_dsl.ops.model import OpsError, read_enrollment_csv
 from ops_data.data import AS_OF, study_data
 from ops_data.trial import trial
 
@@ -79,7 +79,7 @@ def test_enrollment_csv(tmp_path):
     bad.write_text("subject_id,site,enrolled_on\nX,TOK,not-a-date\n")
     try:
         read_enrollment_csv(bad)
-    except ValueError as exc:
-        assert "bad.csv:2" in str(exc)
+    except OpsError as exc:
+        assert "bad.csv:2" in str(exc) and exc.code == "E842"
     else:
         raise AssertionError("a bad date must be rejected with its line")

@@ -8,6 +8,7 @@ import pytest
 
 from imtrial_dsl import ir
 from imtrial_dsl.ops import reports
+from imtrial_dsl.ops.model import OpsError
 from ops_data.data import AS_OF, study_data
 from ops_data.trial import trial
 
@@ -135,9 +136,9 @@ def test_reports_are_deterministic(tmp_path):
 
 
 def test_unknown_role_or_site_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="unknown role 'nurse'"):
+    with pytest.raises(OpsError, match="unknown role 'nurse'"):
         reports.generate(trial(), study_data(), tmp_path, AS_OF, role="nurse")
-    with pytest.raises(ValueError, match="unknown site 'XXX'"):
+    with pytest.raises(OpsError, match="unknown site 'XXX'"):
         reports.generate(trial(), study_data(), tmp_path, AS_OF, site="XXX")
 
 

@@ -59,7 +59,7 @@ KILL_POINTS = [
 
 def _start(study: str, inbox: str, work: Path) -> subprocess.Popen:
     env = dict(os.environ, IMTRIAL_KEY=KEY, PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-m", "imtrial_dsl.runner.commands", "run", study, "--inbox", inbox,
+    return subprocess.Popen([sys.executable, "-m", "imtrial_dsl", "run", study, "--inbox", inbox,
                              "--workdir", str(work), "--jobs", "2", "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
 

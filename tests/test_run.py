@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 from imtrial_dsl.compiler import compile_file
-from imtrial_dsl.runner import commands
+from imtrial_dsl import cli
 from imtrial_dsl.runner.archive import verify
 from imtrial_dsl.runner.run import run_study
 from imtrial_dsl.store import Store as State
@@ -151,35 +151,35 @@ def test_rerun_processes_only_what_is_new(mini, tmp_path):
 
 def test_status_and_step_commands(mini, capsys, tmp_path):
     work = mini["work"]
-    assert commands.main(["status", "--workdir", str(work)]) == 0
+    assert cli.main(["status", "--workdir", str(work)]) == 0
     out = capsys.readouterr().out
     assert "exams" in out and "archive:done" in out and "MINI01-HOS-" in out
     st = State(work)
     key = st.exams()[0]["exam_key"]
     st.close()
-    assert commands.main(["status", "--workdir", str(work), "--exam", key[:8]]) == 0
+    assert cli.main(["status", "--workdir", str(work), "--exam", key[:8]]) == 0
     out = capsys.readouterr().out
     assert key in out and "series" in out and "adherence" in out
 
-    assert commands.main(["step", "--list"]) == 0
+    assert cli.main(["step", "--list"]) == 0
     listing = capsys.readouterr().out
     for name in ("ingest", "identify", "deidentify", "classify", "adherence", "qc", "archive", "analysis", "measurements"):
         assert name in listing
 
     # a node run alone in place: recorded in the workdir as a run records it
-    assert commands.main(["step", "classify", "--study", mini["m"]["study"], "--workdir", str(work), "--exam", key[:8]]) == 0
+    assert cli.main(["step", "classify", "--study", mini["m"]["study"], "--workdir", str(work), "--exam", key[:8]]) == 0
     assert json.loads(capsys.readouterr().out)["matched"] == 2
     # ... and staged, as the CWL tools run it: inputs where they are, outputs under --out
     E = work / "exams" / key
     out = tmp_path / "staged"
-    assert commands.main(["step", "classify", "--study", mini["m"]["study"], "--in", f"deid/={E / 'deid'}",
+    assert cli.main(["step", "classify", "--study", mini["m"]["study"], "--in", f"deid/={E / 'deid'}",
                           "--in", f"results/identity.json={E / 'results' / 'identity.json'}", "--out", str(out)]) == 0
     capsys.readouterr()
     assert json.loads((out / "results" / "classification.json").read_text())["summary"]["matched"] == 2
-    assert commands.main(["step", "clasify", "--study", mini["m"]["study"], "--out", str(out)]) == 1
+    assert cli.main(["step", "clasify", "--study", mini["m"]["study"], "--out", str(out)]) == 1
     assert "did you mean 'classify'" in capsys.readouterr().err
 
-    assert commands.main(["verify", "--workdir", str(work)]) == 0
+    assert cli.main(["verify", "--workdir", str(work)]) == 0
     assert capsys.readouterr().out.startswith("OK:")
 
 
@@ -195,7 +195,7 @@ def test_nodes_staged_as_the_cwl_workflow_stages_them_give_the_same_archive(mini
     where: dict[str, list[Path]] = {}          # exam path -> its location for every exam, in exam order
 
     def step(*argv):
-        assert commands.main(["step", *argv, "--study", study]) == 0, capsys.readouterr().err
+        assert cli.main(["step", *argv, "--study", study]) == 0, capsys.readouterr().err
         capsys.readouterr()
 
     def ins(nid, k=None):
@@ -315,7 +315,7 @@ def test_an_unknown_node_or_a_missing_key_fails_loudly(mini, monkeypatch, capsys
     monkeypatch.delenv("IMTRIAL_KEY")
     assert runmod.preflight(mini["trial"]) == ["deidentify: environment variable IMTRIAL_KEY is not set",
                                                 "identifiers: environment variable IMTRIAL_KEY is not set"]
-    assert commands.main(["run", mini["m"]["study"], "--inbox", mini["m"]["inbox"], "--workdir",
+    assert cli.main(["run", mini["m"]["study"], "--inbox", mini["m"]["inbox"], "--workdir",
                           str(mini["base"] / "nokey")]) == 1
     assert "IMTRIAL_KEY is not set" in capsys.readouterr().err
     assert not (mini["base"] / "nokey").exists()
@@ -331,7 +331,7 @@ def test_a_key_file_next_to_the_study_works_from_another_cwd(tmp_path, monkeypat
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     work = tmp_path / "work"
-    assert commands.main(["run", os.path.relpath(study), "--inbox", m["inbox"], "--workdir", str(work),
+    assert cli.main(["run", os.path.relpath(study), "--inbox", m["inbox"], "--workdir", str(work),
                           "--no-progress"]) == 0
     st = State(work)
     exams = st.exams()

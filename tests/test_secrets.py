@@ -80,7 +80,7 @@ def test_every_reader_finds_the_study_folders_key_from_another_cwd(tmp_path, mon
     from imtrial_dsl.deid import resolve_key, subject_date_shift
     from imtrial_dsl.runner.identify import lookup_key
     from imtrial_dsl.runner.run import preflight
-    from imtrial_dsl.runner.transfer import read_token
+    from imtrial_dsl.transfer.destinations import read_token
 
     (tmp_path / "study").mkdir(), (tmp_path / "elsewhere").mkdir()
     (tmp_path / "study" / "s.imtrial").write_text(STUDY)

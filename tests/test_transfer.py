@@ -22,7 +22,15 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from imtrial_dsl.runner import transfer as tr
+from imtrial_dsl import cli
+from imtrial_dsl.compiler import load_trial
+from imtrial_dsl.transfer import TransferError
+from imtrial_dsl.transfer.destinations import resolve
+from imtrial_dsl.transfer.dimse import AE_ENV
+from imtrial_dsl.transfer.ledger import Ledger, transfers
+from imtrial_dsl.transfer.objects import archived_objects
+from imtrial_dsl.transfer.send import transfer
+from imtrial_dsl.transfer.stow import STOW_MAX_INSTANCES, parse_stow_response
 from imtrial_dsl.runner.archive import Archive
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,17 +60,11 @@ def site(tmp_path_factory):
     r = _cli("run", str(study), "--inbox", str(d / "inbox"), "--workdir", str(d / "w"), "--no-progress",
              env={"IMTRIAL_KEY": KEY})
     assert r.returncode == 0, r.stdout + r.stderr
-    objects = tr.archived_objects(d / "w" / "archive")
+    objects = archived_objects(d / "w" / "archive")
     assert len(objects) > 50
     manifest = json.loads((d / "inbox" / "manifest.json").read_text())
     return {"dir": d, "study": study, "w": d / "w", "objects": objects, "phi": manifest["phi_values"],
-            "trial": _load(study)}
-
-
-def _load(study: Path):
-    from imtrial_dsl.runner.commands import load_trial
-
-    return load_trial(study)
+            "trial": load_trial(study)}
 
 
 def _free_ports(n: int) -> list[int]:
@@ -190,7 +192,7 @@ def _assert_all_arrived_without_phi(site, got: dict[str, dict]) -> None:
 
 
 def _rows(site, dest: str) -> list[dict]:
-    return tr.transfers(site["w"], dest)
+    return transfers(site["w"], dest)
 
 
 # ----------------------------------------------------------------------------- DICOMweb
@@ -232,7 +234,7 @@ def test_stow_rs_step_sends_everything_once_and_never_leaks_the_token(site, clea
 def test_stow_rs_http_errors_are_recorded_per_instance(site, clean, monkeypatch):
     monkeypatch.setenv("CENTRAL_TOKEN", "x")
     # Orthanc's root is not a DICOMweb service: every instance fails, with the HTTP status as the reason.
-    s = tr.transfer(site["trial"], site["w"] / "archive", "central", state=site["w"] / "state.sqlite",
+    s = transfer(site["trial"], site["w"] / "archive", "central", state=site["w"] / "state.sqlite",
                     url_override=clean.base + "/no-such-service")
     n = len(site["objects"])
     assert (s["sent"], s["failed"], s["ok"]) == (0, n, False)
@@ -246,7 +248,7 @@ def test_stow_rs_wrong_token_is_a_recorded_failure(site, clean, tmp_path, monkey
     wrong = "wrong-" + os.urandom(8).hex()
     monkeypatch.setenv("CENTRAL_TOKEN", wrong)
     state = tmp_path / "state.sqlite"
-    s = tr.transfer(site["trial"], site["w"] / "archive", "central", state=state, url_override=clean.dicomweb)
+    s = transfer(site["trial"], site["w"] / "archive", "central", state=state, url_override=clean.dicomweb)
     n = len(site["objects"])
     assert (s["sent"], s["failed"]) == (0, n)
     reasons = [p["reason"] for p in s["problems"]]
@@ -254,7 +256,7 @@ def test_stow_rs_wrong_token_is_a_recorded_failure(site, clean, tmp_path, monkey
     assert reasons[0].startswith("HTTP 403") and all("HTTP 403" in r for r in reasons)
     assert any(r.startswith("not attempted: HTTP 403") for r in reasons)
     assert clean.get("/instances") == []
-    assert {r["status"] for r in tr.Ledger(state).rows()} == {"failed"}
+    assert {r["status"] for r in Ledger(state).rows()} == {"failed"}
     assert wrong not in json.dumps(s)
     assert not [f for f in tmp_path.iterdir() if wrong.encode() in f.read_bytes()]  # state.sqlite, its WAL, lock
 
@@ -269,14 +271,14 @@ def test_interrupted_transfer_resumes_where_it_stopped(site, clean, tmp_path, mo
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        tr.transfer(site["trial"], site["w"] / "archive", "central", state=state, url_override=clean.dicomweb,
+        transfer(site["trial"], site["w"] / "archive", "central", state=state, url_override=clean.dicomweb,
                     log=interrupt)
-    first = tr.Ledger(state).rows()
-    assert len(first) == tr.STOW_MAX_INSTANCES and {r["status"] for r in first} == {"sent"}
-    assert len(clean.get("/instances")) == tr.STOW_MAX_INSTANCES
-    s = tr.transfer(site["trial"], site["w"] / "archive", "central", state=state, url_override=clean.dicomweb)
+    first = Ledger(state).rows()
+    assert len(first) == STOW_MAX_INSTANCES and {r["status"] for r in first} == {"sent"}
+    assert len(clean.get("/instances")) == STOW_MAX_INSTANCES
+    s = transfer(site["trial"], site["w"] / "archive", "central", state=state, url_override=clean.dicomweb)
     n = len(site["objects"])
-    assert (s["already_sent"], s["sent"], s["failed"]) == (tr.STOW_MAX_INSTANCES, n - tr.STOW_MAX_INSTANCES, 0)
+    assert (s["already_sent"], s["sent"], s["failed"]) == (STOW_MAX_INSTANCES, n - STOW_MAX_INSTANCES, 0)
     assert set(clean.received()) == {o["sop_uid"] for o in site["objects"]}
 
 
@@ -290,8 +292,8 @@ def test_cstore_command_rejected_ae_then_accepted_and_resumable(site, clean, mon
 
     # Our default AE title is unknown to this Orthanc: the association is rejected, every instance is
     # recorded as failed with that reason, nothing arrives.
-    monkeypatch.delenv(tr.AE_ENV, raising=False)
-    assert tr.main(argv) == 1
+    monkeypatch.delenv(AE_ENV, raising=False)
+    assert cli.main(argv) == 1
     s = json.loads(capsys.readouterr().out)
     assert (s["sent"], s["failed"]) == (0, n)
     # Orthanc normally answers with A-ASSOCIATE-RJ; on a loaded machine the association can instead be
@@ -304,8 +306,8 @@ def test_cstore_command_rejected_ae_then_accepted_and_resumable(site, clean, mon
     assert clean.get("/instances") == []
 
     # With the AE title Orthanc knows, the failed instances are retried and all arrive.
-    monkeypatch.setenv(tr.AE_ENV, OUR_AE)
-    assert tr.main(argv) == 0
+    monkeypatch.setenv(AE_ENV, OUR_AE)
+    assert cli.main(argv) == 0
     s = json.loads(capsys.readouterr().out)
     assert (s["sent"], s["failed"], s["already_sent"]) == (n, 0, 0)
     rows = _rows(site, key)
@@ -315,7 +317,7 @@ def test_cstore_command_rejected_ae_then_accepted_and_resumable(site, clean, mon
 
     # Re-run sends nothing new (a deleted instance is not re-sent: the ledger holds its acknowledgement).
     clean.delete(f"/instances/{next(iter(got.values()))['id']}")
-    assert tr.main(argv) == 0
+    assert cli.main(argv) == 0
     s = json.loads(capsys.readouterr().out)
     assert (s["sent"], s["to_send"], s["already_sent"]) == (0, 0, n)
     assert len(clean.get("/instances")) == n - 1
@@ -339,21 +341,21 @@ def test_only_deidentified_intact_instances_leave(site, clean, tmp_path, monkeyp
 
     monkeypatch.setenv("CENTRAL_TOKEN", clean.token)
     state = tmp_path / "state.sqlite"
-    s = tr.transfer(site["trial"], arch.root, "central", state=state, url_override=clean.dicomweb)
+    s = transfer(site["trial"], arch.root, "central", state=state, url_override=clean.dicomweb)
     assert (s["sent"], s["refused"], s["ok"]) == (2, 2, False)
     reasons = {p["sha256"]: p["reason"] for p in s["problems"]}
     assert "PatientIdentityRemoved" in reasons[sha_identified]
     assert "altered" in reasons[sha_tampered]
     assert set(clean.received()) == {o["sop_uid"] for o in good}
     assert str(pydicom.dcmread(identified).SOPInstanceUID) not in clean.received()
-    led = tr.Ledger(state)
+    led = Ledger(state)
     try:
         st = led.statuses(s["ledger_destination"])
     finally:
         led.close()
     assert st[sha_identified][0] == "refused" and st[sha_tampered][0] == "refused"
     # Refused instances are checked again (and refused again) on every run; never sent.
-    s2 = tr.transfer(site["trial"], arch.root, "central", state=state, url_override=clean.dicomweb)
+    s2 = transfer(site["trial"], arch.root, "central", state=state, url_override=clean.dicomweb)
     assert (s2["sent"], s2["refused"], s2["already_sent"]) == (0, 2, 2)
 
 
@@ -361,7 +363,7 @@ def test_only_deidentified_intact_instances_leave(site, clean, tmp_path, monkeyp
 
 def test_folder_copy_is_verified_and_idempotent(site, tmp_path):
     state = tmp_path / "state.sqlite"
-    s = tr.transfer(site["trial"], site["w"] / "archive", "outbox", state=state, base=tmp_path)
+    s = transfer(site["trial"], site["w"] / "archive", "outbox", state=state, base=tmp_path)
     n = len(site["objects"])
     assert (s["sent"], s["failed"], s["ok"]) == (n, 0, True)
     copies = sorted((tmp_path / "outbox").rglob("*.dcm"))
@@ -372,26 +374,26 @@ def test_folder_copy_is_verified_and_idempotent(site, tmp_path):
         c = by_sha[o["sha256"]]
         assert c.name == f"{o['sop_uid']}.dcm" and c.parent.parent.parent.name == o["subject"]
     assert not [p for p in (tmp_path / "outbox").rglob(".*")]      # no temp files left
-    s2 = tr.transfer(site["trial"], site["w"] / "archive", "outbox", state=state, base=tmp_path)
+    s2 = transfer(site["trial"], site["w"] / "archive", "outbox", state=state, base=tmp_path)
     assert (s2["sent"], s2["already_sent"]) == (0, n)
 
 
 def test_dry_run_sends_and_records_nothing(site, tmp_path, monkeypatch):
     monkeypatch.delenv("CENTRAL_TOKEN", raising=False)
     state = tmp_path / "state.sqlite"
-    s = tr.transfer(site["trial"], site["w"] / "archive", "central", state=state, dry_run=True)
+    s = transfer(site["trial"], site["w"] / "archive", "central", state=state, dry_run=True)
     assert s["dry_run"] and s["to_send"] == len(site["objects"]) and s["sent"] == 0
     assert s["would_send_bytes"] == sum(o["path"].stat().st_size for o in site["objects"])
     assert not s["ok"] and "CENTRAL_TOKEN" in s["problems"][0]["reason"]  # the missing token is reported
-    assert tr.Ledger(state).rows() == []
+    assert Ledger(state).rows() == []
 
 
 def test_relay_sends_to_the_via_destinations_endpoint(site):
-    ep = tr.resolve(site["trial"], "site_relay")
+    ep = resolve(site["trial"], "site_relay")
     assert (ep.destination, ep.contacted, ep.kind, ep.via) == ("site_relay", "central", "dicomweb", ("central",))
     assert ep.url == "https://central.example/dicom-web" and ep.auth.ref == "CENTRAL_TOKEN"
     assert ep.ledger_key == "site_relay"
-    over = tr.resolve(site["trial"], "site_relay", url_override="http://127.0.0.1:9/dicom-web/")
+    over = resolve(site["trial"], "site_relay", url_override="http://127.0.0.1:9/dicom-web/")
     assert over.ledger_key == "site_relay@http://127.0.0.1:9/dicom-web"
 
 
@@ -405,9 +407,9 @@ def test_relay_sends_to_the_via_destinations_endpoint(site):
 def test_requests_that_cannot_start_send_nothing(site, tmp_path, monkeypatch, kwargs, message):
     monkeypatch.delenv("CENTRAL_TOKEN", raising=False)
     state = tmp_path / "state.sqlite"
-    with pytest.raises(tr.TransferError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
-        tr.transfer(site["trial"], site["w"] / "archive", state=state, **kwargs)
-    assert not state.exists() or tr.Ledger(state).rows() == []
+    with pytest.raises(TransferError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
+        transfer(site["trial"], site["w"] / "archive", state=state, **kwargs)
+    assert not state.exists() or Ledger(state).rows() == []
 
 
 def test_stow_response_per_instance_status_xml_and_json():
@@ -423,9 +425,9 @@ def test_stow_response_per_instance_status_xml_and_json():
       <DicomAttribute tag="00081197" vr="US"><Value number="1">42752</Value></DicomAttribute></Item>
   </DicomAttribute>
 </NativeDicomModel>"""
-    got = tr.parse_stow_response(xml, "application/dicom+xml")
+    got = parse_stow_response(xml, "application/dicom+xml")
     assert got == {"1.2.3.1": ("sent", "stored"), "1.2.3.2": ("sent", "stored with warning 0xB000 coercion of data elements"),
                    "1.2.3.3": ("failed", "rejected: 0xA700 out of resources")}
     js = json.dumps({"00081198": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["9.9"]},
                                                           "00081197": {"vr": "US", "Value": [0x0111]}}]}}).encode()
-    assert tr.parse_stow_response(js, "application/dicom+json") == {"9.9": ("sent", "already at the destination (duplicate SOP instance)")}
+    assert parse_stow_response(js, "application/dicom+json") == {"9.9": ("sent", "already at the destination (duplicate SOP instance)")}

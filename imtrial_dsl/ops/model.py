@@ -15,6 +15,15 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Optional
 
+from ..diagnostics import ImtrialError
+
+
+class OpsError(ImtrialError):
+    """An operations request the study or its files cannot answer: an undeclared site, device or role
+    (E841), an enrollment file that cannot be read (E842)."""
+
+    code = "E841"
+
 
 # Verdict spellings as the adherence/QC steps write them, normalized to three values.
 _PASS = {"pass", "passed", "ok", "conformant", "true"}
@@ -128,17 +137,21 @@ class StudyData:
 
 
 def read_enrollment_csv(path: str | Path) -> dict[str, Enrollment]:
-    """Read ``subject_id,site,enrolled_on[,arm]`` (header required). Raises ValueError with the line on bad rows."""
+    """Read ``subject_id,site,enrolled_on[,arm]`` (header required). Raises :class:`OpsError` with the line on bad rows."""
     out: dict[str, Enrollment] = {}
-    with open(path, newline="", encoding="utf-8") as fh:
+    try:
+        fh = open(path, newline="", encoding="utf-8")
+    except OSError as exc:
+        raise OpsError(f"cannot read enrollment file {path}: {exc.strerror or exc}", code="E842") from None
+    with fh:
         reader = csv.DictReader(fh)
         need = {"subject_id", "site", "enrolled_on"}
         if not reader.fieldnames or not need <= set(reader.fieldnames):
-            raise ValueError(f"{path}: header must contain subject_id,site,enrolled_on[,arm]")
+            raise OpsError(f"{path}: header must contain subject_id,site,enrolled_on[,arm]", code="E842")
         for i, row in enumerate(reader, start=2):
             d = parse_date(row["enrolled_on"])
             if not row["subject_id"] or not row["site"] or d is None:
-                raise ValueError(f"{path}:{i}: need subject_id, site and an ISO date in enrolled_on")
+                raise OpsError(f"{path}:{i}: need subject_id, site and an ISO date in enrolled_on", code="E842")
             out[row["subject_id"].strip()] = Enrollment(row["subject_id"].strip(), row["site"].strip(), d,
                                                         (row.get("arm") or "").strip() or None)
     return out

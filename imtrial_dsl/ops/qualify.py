@@ -22,7 +22,7 @@ from typing import Optional
 from imtrial_dsl import ir
 
 from ..store import tx
-from .model import connect, norm_verdict
+from .model import OpsError, connect, norm_verdict
 
 from ..runner.qualification import (  # the ledger's reading side is the runner's: it flags exams with it
     STATUS_NONE, STATUS_NOT, STATUS_QUALIFIED, STATUS_REQUALIFY, is_qualified, latest_decision, open_flags, status_from,
@@ -153,12 +153,12 @@ def check_folder(trial: ir.Trial, device: ir.Device, folder: str | Path) -> tupl
 
 def qualify(trial: ir.Trial, workdir: str | Path, site: str, device: str, folder: str | Path, *,
             by: str, on: date) -> QualificationResult:
-    """Check a qualification exam and record the decision per protocol. Raises ValueError on unknown site/device."""
+    """Check a qualification exam and record the decision per protocol. Raises OpsError on unknown site/device."""
     s, dev = find_device(trial, site, device)
     if s is None:
-        raise ValueError(f"unknown site {site!r}; sites: {', '.join(x.code for x in trial.sites)}")
+        raise OpsError(f"unknown site {site!r}; sites: {', '.join(x.code for x in trial.sites)}")
     if dev is None:
-        raise ValueError(f"unknown device {device!r} at site {site}; devices: {', '.join(d.id for d in s.devices)}")
+        raise OpsError(f"unknown device {device!r} at site {site}; devices: {', '.join(d.id for d in s.devices)}")
     checks, problems, software = check_folder(trial, dev, folder)
     res = QualificationResult(trial.study.code if trial.study else "", site, device, on.isoformat(), by,
                               software, str(Path(folder).resolve()), decide(trial, dev, checks, problems), checks, problems)

@@ -27,7 +27,7 @@ from imtrial_dsl.files import atomic_write_json, atomic_write_text
 
 from . import svg
 from .expected import VisitStatus, expected_vs_received
-from .model import ExamRecord, StudyData
+from .model import ExamRecord, OpsError, StudyData
 from .qualify import device_table
 from .upgrades import record_upgrades, scan_upgrades
 
@@ -56,7 +56,7 @@ def audience(trial: ir.Trial, role: ir.Role, site: Optional[str] = None) -> Audi
     if role.kind == "site" and scope != "all":
         scope = "own"
     if scope == "own" and not site:
-        raise ValueError(f"role {role.name!r} sees only its own site: give a site")
+        raise OpsError(f"role {role.name!r} sees only its own site: give a site")
     hidden = set(role.hide) | ({"arm"} if role.blinded else set())
     sections = tuple(decl[0].sections) if decl and decl[0].sections else ALL_SECTIONS
     sections = tuple(dict.fromkeys(sections + ("exams", "upgrades")))
@@ -297,12 +297,12 @@ def audiences(trial: ir.Trial, role_name: Optional[str] = None, site: Optional[s
     if role_name:
         roles = [r for r in roles if r.name == role_name]
         if not roles:
-            raise ValueError(f"unknown role {role_name!r}; roles: {', '.join(r.name for r in trial.roles)}")
+            raise OpsError(f"unknown role {role_name!r}; roles: {', '.join(r.name for r in trial.roles)}")
     out = []
     for r in roles:
         try:
             out.append(audience(trial, r, site))
-        except ValueError:
+        except OpsError:
             out += [audience(trial, r, s.code) for s in trial.sites if site is None or s.code == site]
     return out
 
@@ -311,7 +311,7 @@ def generate(trial: ir.Trial, data: StudyData, out_dir: str | Path, as_of: date,
              site: Optional[str] = None, workdir: Optional[str | Path] = None) -> dict[str, list[Path]]:
     """Write a report per audience under ``out_dir/<role>[/<site>]``; returns audience label -> files."""
     if site and not trial.site(site):
-        raise ValueError(f"unknown site {site!r}; sites: {', '.join(s.code for s in trial.sites)}")
+        raise OpsError(f"unknown site {site!r}; sites: {', '.join(s.code for s in trial.sites)}")
     if workdir is not None:
         # exams received since the last run may reveal upgrades that change qualification status
         record_upgrades(trial, scan_upgrades(trial, data), workdir)

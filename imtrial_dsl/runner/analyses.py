@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from ..diagnostics import ImtrialError
 
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 CSV_COLUMNS = ("subject", "visit", "site", "protocol", "analysis", "measurement", "value", "unit")
@@ -255,8 +256,10 @@ def write_table(rows: list[dict], csv_path: Path, json_path: Path) -> None:
         {k: r.get(k) for k in CSV_COLUMNS} for r in rows]}, indent=2) + "\n").encode())
 
 
-class AnalysisFailed(RuntimeError):
+class AnalysisFailed(ImtrialError):
     """An analysis program failed (its result.json says why); the node is recorded as failed."""
+
+    code = "E807"
 
 
 def analysis_step(ctx) -> dict:

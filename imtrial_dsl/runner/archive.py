@@ -26,10 +26,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from ..diagnostics import ImtrialError
 from ..files import sha256_bytes
 
 
 GENESIS = "0" * 64
+
+
+class ArchiveError(ImtrialError):
+    """An exam the archive step refuses: no subject, nothing de-identified yet, or a file that is not de-identified."""
+
+    code = "E805"
 
 
 def _canon(obj: Any) -> bytes:
@@ -376,7 +383,7 @@ def archive_step(ctx) -> dict:
     for f in files:
         ds = pydicom.dcmread(f, stop_before_pixels=True)
         if str(ds.get("PatientIdentityRemoved", "")).upper() != "YES":
-            raise ValueError(f"{f}: PatientIdentityRemoved is not YES; refusing to archive a non-de-identified file")
+            raise ArchiveError(f"{f}: PatientIdentityRemoved is not YES; refusing to archive a non-de-identified file")
         suid = str(ds.SeriesInstanceUID)
         study_uid = study_uid or str(ds.StudyInstanceUID)
         items.append((f, {"subject": subject, "visit": visit, "series_uid": suid, "sop_uid": str(ds.SOPInstanceUID)}))

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from ..diagnostics import ImtrialError
 from ..deid import subject_date_shift
 from ..secrets import SecretError, read_secret
 
@@ -95,12 +96,19 @@ def format_subject_id(fmt: str, *, site: str, seq: int, study: str = "", algorit
 
 # ----------------------------------------------------------------------------- keys and lookup keys
 
-class IdentifyError(Exception):
-    """A problem that stops identification of one exam (reported, never silently skipped)."""
+class IdentifyError(ImtrialError):
+    """A problem that stops identification of one exam (reported, never silently skipped).
 
-    def __init__(self, code: str, detail: str):
-        self.code, self.detail = code, detail
-        super().__init__(f"{code}: {detail}")
+    ``reason`` is the word the state database and step summaries record (``key_missing``,
+    ``no_source_identifier``, ``no_exam_date``, ``unmatched``), ``detail`` the sentence; the
+    diagnostic's code (E811–E814) names the reason for the CLI.
+    """
+
+    CODES = {"key_missing": "E811", "no_source_identifier": "E812", "no_exam_date": "E813", "unmatched": "E814"}
+
+    def __init__(self, reason: str, detail: str):
+        self.reason, self.detail = reason, detail
+        super().__init__(detail, code=self.CODES[reason])
 
 
 def lookup_key(trial) -> Optional[bytes]:
@@ -460,8 +468,8 @@ def unmatched_identity(trial, exam: dict, error: IdentifyError) -> dict:
     return {"trial": code, "subject_id": None, "site": None, "site_name": None, "device": None, "visit": None,
             "visit_kind": None, "timepoint": None, "timepoint_description": None, "days_from_baseline": None,
             "in_window": None, "shifted_date": None, "exam_key": exam.get("exam_key"),
-            "warnings": [{"code": error.code, "detail": error.detail}],
-            "skipped": f"not identified ({error.code}): {error.detail}"}
+            "warnings": [{"code": error.reason, "detail": error.detail}],
+            "skipped": f"not identified ({error.reason}): {error.detail}"}
 
 
 def identify_step(ctx) -> dict:
@@ -478,6 +486,6 @@ def identify_step(ctx) -> dict:
     except IdentifyError as err:
         identity = unmatched_identity(ctx.trial, exam, err)
         ctx.write_json(IDENTITY, identity)
-        return {"identified": False, "error": err.code, "detail": err.detail}
+        return {"identified": False, "error": err.reason, "detail": err.detail}
     ctx.write_json(IDENTITY, res["identity"])
     return {"identified": True, **{k: res["identity"][k] for k in ("subject_id", "site", "visit", "in_window")}}

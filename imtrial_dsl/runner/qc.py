@@ -35,7 +35,7 @@ import numpy as np
 import pydicom
 
 from .. import ir
-from ..diagnostics import did_you_mean
+from ..diagnostics import ImtrialError, did_you_mean
 from ..qc_metrics import QC_METRICS
 from . import dicomio
 
@@ -175,8 +175,10 @@ def _bbox(mask2d: np.ndarray) -> Optional[tuple[int, int, int, int]]:
 # --------------------------------------------------------------------------- metrics
 # Each returns (measured value, detail dict); raise MetricError for a value that cannot be measured.
 
-class MetricError(Exception):
-    pass
+class MetricError(ImtrialError):
+    """A metric that cannot be measured on this volume: the check's verdict is ``error``, with this message."""
+
+    code = "E821"
 
 
 def m_snr(vol: Volume) -> tuple[float, dict]:
@@ -344,7 +346,7 @@ def run_check(check: ir.QcCheck, vol: Volume) -> dict[str, Any]:
     try:
         value, detail = func(vol)
     except MetricError as exc:
-        return {**out, "verdict": "error", "ok": False, "error": str(exc), "threshold": thr, "parameter": pname}
+        return {**out, "verdict": "error", "ok": False, "error": exc.diagnostic.message, "threshold": thr, "parameter": pname}
     ok = value >= thr if direction == "min" else value <= thr
     verdict = "pass" if ok else ("fail" if check.severity == ir.Significance.ERROR else "warn" if check.severity == ir.Significance.WARNING else "pass")
     return {**out, "parameter": pname, "threshold": thr, "direction": direction,

@@ -94,6 +94,8 @@ class Plan:
     def descendants(self, nid: str) -> set[str]:
         return {d for d in nx.descendants(self.graph, nid) if d in self.nodes}
 
+    code = "E804"
+
 
 def _runs_here(n: pipeline.Node) -> bool:
     return n.scope == "study" or n.step.ordered
@@ -541,32 +543,3 @@ def summarize(st, *, this_run: Optional[dict] = None) -> dict:
         "this_run": this_run or {"ingest": {}, "identified": 0, "exams_processed": 0, "seconds": None},
     }
 
-
-def format_summary(s: dict) -> str:
-    """Human-readable summary (the CLI prints this)."""
-    def kv(d: dict) -> str:
-        return ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "none"
-
-    lines = [
-        f"exams        {s['exams']} ({kv(s['exam_status'])}), subjects {s['subjects']}, series {s['series']}, instances {s['instances']}",
-        f"this run     {s['this_run']['ingest'].get('ingested', 0)} new instance(s), {s['this_run']['exams_processed']} exam(s) processed"
-        + (f" in {s['this_run']['seconds']} s" if s['this_run'].get('seconds') is not None else ""),
-        f"classified   {kv(s['classification'])}",
-        f"adherence    {kv(s['adherence'])}",
-        f"qc           {kv(s['qc'])}",
-        f"quarantined  {s['quarantined']}" + (f" ({kv(s['quarantine_reasons'])})" if s['quarantined'] else "")
-        + f", duplicates {s['duplicates']}",
-        f"unmatched    {len(s['unmatched'])}" + (f": {', '.join(s['unmatched'])}" if s['unmatched'] else ""),
-        f"measurements {s['measurements']}",
-    ]
-    if s["warnings"]:
-        lines.append(f"warnings     {kv(s['warnings'])}")
-        # rare findings first: one software upgrade must not hide behind twenty routine ones
-        ranked = sorted(s["warning_list"], key=lambda w: s["warnings"].get(w.get("code"), 0))
-        for w in ranked[:20]:
-            lines.append(f"  - {w.get('subject') or w['exam_key']} {w.get('visit') or ''}: {w.get('code')}: {w.get('detail', '')}")
-        if len(s["warning_list"]) > 20:
-            lines.append(f"  … {len(s['warning_list']) - 20} more (imtrial status --workdir W)")
-    for f in s["failed"]:
-        lines.append(f"FAILED       exam {f['exam_key']} ({f['subject']}) at step {f['step']}: {f['error']}")
-    return "\n".join(lines)

@@ -1,7 +1,7 @@
-"""CLI subcommands of the operations package: reminders, report, qualify, expected, upgrades.
+"""The operations commands: ``imtrial reminders | report | qualify | expected | upgrades``.
 
-``imtrial_dsl.cli`` imports this module and calls :func:`register`; each handler returns an
-exit code (0 ok, 1 problem with the input or a failed delivery).
+Each returns 0, or 1 for a problem with the input or a failed delivery; an ``OpsError`` (an undeclared
+site, device or role, a bad enrollment file) is rendered by :func:`imtrial_dsl.cli.main`.
 """
 from __future__ import annotations
 
@@ -13,23 +13,7 @@ import sys
 from datetime import date
 from pathlib import Path
 
-
-def _load(path: str):
-    try:
-        from imtrial_dsl.cli import load_study
-    except ImportError:
-        load_study = None
-    if load_study is not None:
-        return load_study(path)[0]
-    from imtrial_dsl.compiler import compile_file
-    from imtrial_dsl.diagnostics import render
-
-    res = compile_file(path)
-    for d in res.diagnostics:
-        print(render(d, res.sources) if hasattr(res, "sources") else str(d), file=sys.stderr)
-    if not res.ok:
-        raise SystemExit(1)
-    return res.trial
+from .common import EXIT_INPUT, EXIT_OK, EXIT_USAGE, load_study
 
 
 def _iso_date(text: str) -> date:
@@ -43,27 +27,28 @@ def _date(d: date | None) -> date:
     return d or date.today()
 
 
-def _data(trial, args):
-    from .model import load_study_data
+def _data(trial, workdir: str, enrollment: str | None = None):
+    """The ops view of ``workdir``; exit 1 when it has no state database yet."""
+    from ..ops.model import load_study_data
 
-    wd = Path(args.workdir)
+    wd = Path(workdir)
     if not (wd / "state.sqlite").exists():
         print(f"error: no state database in {wd} (run 'imtrial run' first)", file=sys.stderr)
-        raise SystemExit(1)
-    return load_study_data(wd, trial.study.code if trial.study else None, getattr(args, "enrollment", None))
+        raise SystemExit(EXIT_INPUT)
+    return load_study_data(wd, trial.study.code if trial.study else None, enrollment)
 
 
 def cmd_reminders(args) -> int:
-    from .reminders import run_reminders
+    from ..ops.reminders import run_reminders
 
-    trial = _load(args.study)
-    data = _data(trial, args)
+    trial = load_study(args.study)[0]
+    data = _data(trial, args.workdir, args.enrollment)
     smtp = None
     if args.smtp:
         host, _, port = args.smtp.rpartition(":")
         if not host or not port.isdigit():
             print(f"error: --smtp wants HOST:PORT, got {args.smtp!r}", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
         smtp = (host, int(port))
     run = run_reminders(trial, data, args.workdir, _date(args.as_of), dry_run=args.dry_run, smtp=smtp,
                         sender=args.sender, out_dir=args.out, central_emails=args.central_email)
@@ -80,37 +65,29 @@ def cmd_reminders(args) -> int:
         print("nothing to send")
     for f in run.files:
         print(f"wrote {f}")
-    return 0 if run.ok else 1
+    return EXIT_OK if run.ok else EXIT_INPUT
 
 
 def cmd_report(args) -> int:
-    from . import reports
+    from ..ops import reports
 
-    trial = _load(args.study)
-    data = _data(trial, args)
-    try:
-        out = reports.generate(trial, data, args.out, _date(args.as_of), role=args.role, site=args.site,
-                               workdir=args.workdir)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    trial = load_study(args.study)[0]
+    data = _data(trial, args.workdir, args.enrollment)
+    out = reports.generate(trial, data, args.out, _date(args.as_of), role=args.role, site=args.site,
+                           workdir=args.workdir)
     for label, files in out.items():
         print(f"{label}: {files[0].parent}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_qualify(args) -> int:
-    from .qualify import qualify
+    from ..ops.qualify import qualify
 
-    trial = _load(args.study)
+    trial = load_study(args.study)[0]
     if not Path(args.folder).is_dir():
         print(f"error: not a folder: {args.folder}", file=sys.stderr)
-        return 1
-    try:
-        res = qualify(trial, args.workdir, args.site, args.device, args.folder, by=args.by, on=_date(args.date))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_INPUT
+    res = qualify(trial, args.workdir, args.site, args.device, args.folder, by=args.by, on=_date(args.date))
     if args.json:
         print(json.dumps(res.to_json(), indent=2, sort_keys=True))
     else:
@@ -118,44 +95,44 @@ def cmd_qualify(args) -> int:
             print(f"{res.site}/{res.device} {d.protocol}: {'QUALIFIED' if d.qualified else 'NOT QUALIFIED'}"
                   + ("".join(f"\n    - {r}" for r in d.reasons)))
         print(f"recorded on {res.decided_on} by {res.decided_by} (software {res.software or 'unknown'})")
-    return 0 if res.all_qualified else 1
+    return EXIT_OK if res.all_qualified else EXIT_INPUT
 
 
 def cmd_expected(args) -> int:
-    from .expected import expected_vs_received
+    from ..ops.expected import expected_vs_received
 
-    trial = _load(args.study)
-    rows = expected_vs_received(trial, _data(trial, args), _date(args.as_of))
+    trial = load_study(args.study)[0]
+    rows = expected_vs_received(trial, _data(trial, args.workdir, args.enrollment), _date(args.as_of))
     if args.json:
         print(json.dumps([r.to_json() for r in rows], indent=2, sort_keys=True))
-        return 0
+        return EXIT_OK
     for r in rows:
         acq = ", ".join(f"{a.protocol}:{a.status}" for a in r.acquisitions if a.status != "ok")
         print(f"{r.site:6} {r.subject_id:20} {r.visit:10} {r.opens}..{r.closes}  {r.status}" + (f"  [{acq}]" if acq else ""))
-    return 0
+    return EXIT_OK
 
 
 def cmd_upgrades(args) -> int:
-    from .upgrades import record_upgrades, scan_upgrades
+    from ..ops.upgrades import record_upgrades, scan_upgrades
 
-    trial = _load(args.study)
-    found = scan_upgrades(trial, _data(trial, args))
+    trial = load_study(args.study)[0]
+    found = scan_upgrades(trial, _data(trial, args.workdir))
     flags = record_upgrades(trial, found, args.workdir)
     for f in found:
         print(f.message())
     print(f"{len(found)} exam(s) with a software release differing from the inventory; {flags} new re-qualification flag(s)")
-    return 0
+    return EXIT_OK
 
 
-def register(subparsers) -> None:
-    """Add the operations subcommands to the ``imtrial`` parser."""
+def register(sub) -> None:
+    """Add the operations commands to the ``imtrial`` subparsers."""
     def common(p, enrollment=True):
         p.add_argument("study", help="the .imtrial study file")
         p.add_argument("--workdir", required=True, help="the runner's workdir (holds state.sqlite)")
         if enrollment:
             p.add_argument("--enrollment", metavar="CSV", help="subject_id,site,enrolled_on[,arm]: day 0 per subject")
 
-    p = subparsers.add_parser("reminders", help="send visit-window reminders and escalations (SMTP, .ics, JSON)")
+    p = sub.add_parser("reminders", help="send visit-window reminders and escalations (SMTP, .ics, JSON)")
     common(p)
     p.add_argument("--as-of", metavar="DATE", type=_iso_date, help="evaluate on this date (default today)")
     p.add_argument("--dry-run", action="store_true", help="print what would be sent; send and record nothing")
@@ -168,7 +145,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", metavar="DIR", help="write reminders.json, visit_windows_*.ics (and the outbox) here")
     p.set_defaults(func=cmd_reminders)
 
-    p = subparsers.add_parser("report", help="management reports per role (HTML with plots, CSV, JSON)")
+    p = sub.add_parser("report", help="management reports per role (HTML with plots, CSV, JSON)")
     common(p)
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder (one subfolder per role/site)")
     p.add_argument("--role", help="only this study role (default: every role)")
@@ -176,7 +153,7 @@ def register(subparsers) -> None:
     p.add_argument("--as-of", metavar="DATE", type=_iso_date, help="evaluate on this date (default today)")
     p.set_defaults(func=cmd_report)
 
-    p = subparsers.add_parser("qualify", help="check a qualification exam folder and record the decision")
+    p = sub.add_parser("qualify", help="check a qualification exam folder and record the decision")
     p.add_argument("study", help="the .imtrial study file")
     p.add_argument("folder", help="folder with the qualification exam (phantom or volunteer) DICOM files")
     p.add_argument("--site", required=True)
@@ -187,12 +164,12 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.set_defaults(func=cmd_qualify)
 
-    p = subparsers.add_parser("expected", help="expected vs received visits per subject")
+    p = sub.add_parser("expected", help="expected vs received visits per subject")
     common(p)
     p.add_argument("--as-of", metavar="DATE", type=_iso_date, help="evaluate on this date (default today)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_expected)
 
-    p = subparsers.add_parser("upgrades", help="list software upgrades seen in exams; record re-qualification needs")
+    p = sub.add_parser("upgrades", help="list software upgrades seen in exams; record re-qualification needs")
     common(p, enrollment=False)
     p.set_defaults(func=cmd_upgrades)
