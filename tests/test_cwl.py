@@ -183,16 +183,18 @@ def _toil(corpus: Path, granularity: str) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("example,synth", [("amyloid_mri.imtrial", {"visits": "baseline"}),
-                                           ("oncology_ct.imtrial", {"visits": "baseline"}),
-                                           ("phantom_qualification.imtrial", {})],
-                         ids=["amyloid_mri", "oncology_ct", "phantom_qualification"])
-def test_cwltool_and_toil_match_the_local_run_on_every_example(example, synth, tmp_path):
-    """Same archive bytes, same sidecar verdicts, same measurements: cwltool at step granularity and Toil at
-    exam granularity (one process per exam) against ``imtrial run``. PHQ01 scans one volunteer on an MR and a
-    CT system the same day: no device change, in either engine."""
+@pytest.mark.parametrize("example,synth,runs", [
+    ("amyloid_mri.imtrial", {"visits": "baseline"}, [("cwltool", "step"), ("toil", "exam")]),
+    ("oncology_ct.imtrial", {"visits": "baseline"}, [("cwltool", "exam"), ("toil", "exam")]),
+    ("phantom_qualification.imtrial", {"visits": "baseline,m06"}, [("cwltool", "exam"), ("toil", "exam")])],
+    ids=["amyloid_mri", "oncology_ct", "phantom_qualification"])
+def test_cwltool_and_toil_match_the_local_run_on_every_example(example, synth, runs, tmp_path):
+    """Same archive bytes, same sidecar verdicts, same measurements as ``imtrial run``, through cwltool and
+    Toil (step granularity, one tool per node, on the 3-exam amyloid corpus; exam granularity, one tool per
+    exam, everywhere). PHQ01 scans each volunteer on an MR and a CT system on the same day, twice: no
+    device change, in any engine."""
     corpus = _corpus(tmp_path, example, **synth)
-    _compare(corpus, _cwltool(corpus, "step"))
-    _compare(corpus, _toil(corpus, "exam"))
+    for engine, granularity in runs:
+        _compare(corpus, (_cwltool if engine == "cwltool" else _toil)(corpus, granularity))
     summary = json.loads((corpus / "local.json").read_text())
     assert not summary["failed"] and "same_device" not in summary["warnings"], summary["warnings"]

@@ -13,6 +13,7 @@ import sys
 from datetime import date
 from pathlib import Path
 
+from ..workdir import Workdir
 from .common import EXIT_INPUT, EXIT_OK, EXIT_USAGE, load_study
 
 
@@ -32,7 +33,7 @@ def _data(trial, workdir: str, enrollment: str | None = None):
     from ..ops.model import load_study_data
 
     wd = Path(workdir)
-    if not (wd / "state.sqlite").exists():
+    if not Workdir(wd).state_db.exists():
         print(f"error: no state database in {wd} (run 'imtrial run' first)", file=sys.stderr)
         raise SystemExit(EXIT_INPUT)
     return load_study_data(wd, trial.study.code if trial.study else None, enrollment)

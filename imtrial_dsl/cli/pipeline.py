@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from ..workdir import Workdir
 from .common import EXIT_INPUT, EXIT_OK, EXIT_USAGE, UsageError, load_trial
 from .render import exam_status, run_summary
 
@@ -148,7 +149,7 @@ def cmd_verify(args) -> int:
     if not (args.archive or args.workdir):
         print("imtrial verify: give --workdir DIR or --archive DIR", file=sys.stderr)
         return EXIT_USAGE
-    root = Path(args.archive) if args.archive else Path(args.workdir) / "archive"
+    root = Path(args.archive) if args.archive else Workdir(args.workdir).archive
     if not (root / "audit.log.jsonl").exists():
         print(f"imtrial verify: no archive at {root}", file=sys.stderr)
         return EXIT_INPUT

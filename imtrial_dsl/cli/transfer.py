@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..workdir import Workdir
 from .common import EXIT_INPUT, EXIT_OK, EXIT_USAGE, load_trial
 from .render import transfer_summary
 
@@ -15,12 +16,12 @@ def cmd_transfer(args) -> int:
 
     trial = load_trial(args.study)
     w = Path(args.workdir)
-    if not (w / "state.sqlite").exists():
+    if not Workdir(w).state_db.exists():
         print(f"imtrial transfer: no state database in {w} (run 'imtrial run' first)", file=sys.stderr)
         return EXIT_INPUT
     log = (lambda s: print(s, file=sys.stderr)) if args.verbose else (lambda s: None)
     try:
-        summary = transfer(trial, w / "archive", args.to, state=w / "state.sqlite", url_override=args.url_override,
+        summary = transfer(trial, Workdir(w).archive, args.to, state=Workdir(w).state_db, url_override=args.url_override,
                            host_override=args.host_override, port_override=args.port_override,
                            path_override=args.path_override, dry_run=args.dry_run, log=log)
     except TransferError as exc:  # the transfer could not start (nothing was sent): a usage problem, exit 2

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..diagnostics import ImtrialError
+from ..workdir import Workdir
 
 
 class OpsError(ImtrialError):
@@ -262,7 +263,7 @@ def exam_from_state(d: dict, workdir: Path | None = None, measured: dict[str, se
         analyses.setdefault(name, "done")
     software = _as_list(_first(d, "software", "software_versions"))
     if not software and workdir is not None:
-        software = _software_from_exam_json(workdir / "exams" / d["exam_key"] / "exam.json")
+        software = _software_from_exam_json(Workdir(workdir).exam(d["exam_key"]).exam_json)
     in_window = d.get("in_window")
     return ExamRecord(
         exam_key=str(d["exam_key"]),

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Optional
 from .. import ir
 from ..files import atomic_write_json, read_json
 from ..pipeline import Node, covers
-from ..workdir import IDENTITY, ExamDir, Workdir
+from ..workdir import EXAM_JSON, IDENTITY, ExamDir, Workdir
 
 SKIP_MARK = ".skipped.json"   # inside a skipped folder output
 
@@ -114,7 +114,7 @@ class ExamContext:
 
     @property
     def exam_info(self) -> dict:
-        return self.read_json("exam.json", {}) or {}
+        return self.read_json(EXAM_JSON, {}) or {}
 
 
 class StudyContext:

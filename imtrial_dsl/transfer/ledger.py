@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
+from ..workdir import Workdir
 from . import TransferError
 
 
@@ -57,7 +58,7 @@ class Ledger:
 
 def transfers(workdir: str | Path, destination: Optional[str] = None) -> list[dict]:
     """The ledger rows of a workdir (``detail`` decoded), optionally for one ledger destination."""
-    path = Path(workdir) / "state.sqlite"
+    path = Workdir(workdir).state_db
     if not path.exists():
         return []
     led = Ledger(path)
