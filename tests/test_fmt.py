@@ -281,6 +281,24 @@ qualification = seq("qualification", "{", opt(seq("protocols", listed(name))), o
 
 imports = seq("import", one(st.just('"stdlib/qc/common.imtrial"')))
 
+# reads (image interpretation) and document control
+_READ_PARTS = {
+    "images": seq("images", listed(name)), "timepoints": seq("timepoints", listed(name)),
+    "blinded": seq("blinded", "to", listed(name)), "adjudicate": seq("adjudicate", "when", listed(name), opt(one(string))),
+    "readers": seq("readers", one(st.sampled_from(["1", "2"])), opt(seq("adjudicators", one(st.just("1"))))),
+    "qualification": seq("qualification", one(string)), "training": seq("training", one(string)),
+    "display": seq("display", one(string)), "unevaluable": seq("unevaluable", one(string)), "lock": seq("lock", one(string)),
+    "paradigm": seq("paradigm", one(name)), "criteria": seq("criteria", one(name), opt(one(string))),
+    "window": seq("window", one(name), one(st.sampled_from(["-600", "40"])), one(st.sampled_from(["1500", "400"]))),
+    "variability": seq("variability", one(st.sampled_from(["kappa", "icc"])), one(st.sampled_from([">=", ">", "<=", "<"])),
+                       one(st.just("0.6")), opt(seq("action", one(string)))),
+}
+read_stmt = seq("read", one(name), opt(one(string)), "{", some_of(list(_READ_PARTS)).flatmap(
+    lambda ks: st.tuples(*[_READ_PARTS[k] for k in ks]).map(lambda xs: [t for x in xs for t in x])), "}")
+changelog_stmt = block(st.just(["changelog"]), st.one_of(
+    seq("version", one(string), "date", one(st.just("2026-01-15")), one(string)),
+    seq("approver", one(string), opt(one(string)))), max_size=3)
+
 SEPARATORS = [" ", " ", " ", "\n", "  ", "\n\n", "\t", " # note\n", "\n# own line\n", "\n\n\n"]
 
 
@@ -309,6 +327,9 @@ def program(draw):
             stmts.append(draw(strat))
     for strat in (deid_profile, qc, analysis, transfer, role, report):
         stmts += draw(st.lists(strat, max_size=2))
+    stmts += draw(st.lists(read_stmt, max_size=2))
+    if draw(st.booleans()):
+        stmts.append(draw(changelog_stmt))
     order = draw(st.permutations(range(len(stmts))))
     tokens = [t for i in order for t in stmts[i] + [";"] * draw(st.integers(0, 1))]
     text = ""
