@@ -136,20 +136,21 @@ def cmd_import(args) -> int:
 
     if args.kind != "eprotocol":
         raise UsageError(f"unknown import kind '{args.kind}' (available: eprotocol)")
-    miss = unreadable(args.file)
-    if miss:
-        print_diagnostics([miss], {})
+    misses = [m for m in (unreadable(f) for f in args.files) if m]
+    if misses:
+        print_diagnostics(misses, {})
         return EXIT_INPUT
     eprotocol = _exporter("eprotocol")
     try:
-        protocol = eprotocol.import_file(Path(args.file))
+        protocols, notes = eprotocol.import_report([Path(f) for f in args.files])
     except CompileErrors as exc:
         print_diagnostics(exc.diagnostics, {})
         return EXIT_INPUT
     except (ValueError, OSError) as exc:
-        print_diagnostics([Diagnostic(code="E002", message=f"cannot import '{args.file}': {exc}")], {})
+        print_diagnostics([Diagnostic(code="E002", message=f"cannot import: {exc}")], {})
         return EXIT_INPUT
-    text = eprotocol.protocol_to_source(protocol)
+    print_diagnostics(notes, {})
+    text = "\n".join(eprotocol.protocol_to_source(p) for p in protocols)
     write_out(text if text.endswith("\n") else text + "\n", args.output)
     return EXIT_OK
 
@@ -193,8 +194,9 @@ def register(sub) -> None:
     p.add_argument("--docker-image", metavar="IMAGE", help="cwl: a DockerRequirement hint naming this image")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import", help="import an electronic protocol as .imtrial text")
+    p = sub.add_parser("import", help="import electronic protocols (DPP .dcm or JSON) as .imtrial text")
     p.add_argument("kind", metavar="KIND", help="eprotocol")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("files", nargs="+", metavar="FILE",
+                   help="one or more files; the files of one protocol (base and variants) merge into one protocol")
     p.add_argument("-o", "--output", metavar="OUT")
     p.set_defaults(func=cmd_import)
