@@ -120,7 +120,7 @@ class Device(Node):
     station: Optional[str] = None
     institution: Optional[str] = None
     coils: list[str] = []
-    research_agreement: bool = False
+    research_agreement: Optional[bool] = Field(default=None, description="None: not declared (unknown, not 'no').")
 
 
 class Site(Node):

@@ -12,6 +12,7 @@ from .render import counts, plural, print_diagnostics, write_out
 
 # Modules of imtrial_dsl.exporters that define ``export(trial, graph, out_dir)``; imported only when chosen.
 EXPORT_TARGETS = ("cwl", "docs", "eprotocol", "inventory")
+EXPORT_TARGETS += ("usdm",)   # CDISC USDM study design (exporters/usdm.py)
 
 
 def _exporter(name: str):
