@@ -20,7 +20,7 @@ import io
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from imtrial_dsl import ir, templating
 from imtrial_dsl.files import atomic_write_json, atomic_write_text
@@ -308,17 +308,26 @@ def audiences(trial: ir.Trial, role_name: Optional[str] = None, site: Optional[s
 
 
 def generate(trial: ir.Trial, data: StudyData, out_dir: str | Path, as_of: date, *, role: Optional[str] = None,
-             site: Optional[str] = None, workdir: Optional[str | Path] = None) -> dict[str, list[Path]]:
-    """Write a report per audience under ``out_dir/<role>[/<site>]``; returns audience label -> files."""
+             site: Optional[str] = None, workdir: Optional[str | Path] = None,
+             progress: Optional[Callable[[str, int], Any]] = None) -> dict[str, list[Path]]:
+    """Write a report per audience under ``out_dir/<role>[/<site>]``; returns audience label -> files.
+
+    ``progress(desc, total)``: a progress display (``update(n)``/``close()``), advanced per audience."""
     if site and not trial.site(site):
         raise OpsError(f"unknown site {site!r}; sites: {', '.join(s.code for s in trial.sites)}")
     if workdir is not None:
         # exams received since the last run may reveal upgrades that change qualification status
         record_upgrades(trial, scan_upgrades(trial, data), workdir)
     out: dict[str, list[Path]] = {}
-    for aud in audiences(trial, role, site):
+    auds = audiences(trial, role, site)
+    bar = progress("report", len(auds)) if progress else None
+    for aud in auds:
         sub = Path(out_dir) / aud.role.name / (aud.site or "")
         out[aud.label] = write(build(trial, data, aud, as_of, workdir), sub)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     return out
 
 
