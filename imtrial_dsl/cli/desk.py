@@ -66,5 +66,5 @@ def register(sub) -> None:
         details="Diagnostics as you type, completion (keywords, DICOM keywords with VR and unit, the study's "
                 "names, units, de-identification options), hover, go to definition, references, outline, "
                 "formatting and quick fixes for 'did you mean' hints. Editors start it themselves: see "
-                "editors/README.md (VS Code, Neovim, Emacs).")
+                "docs/editors.md (VS Code, Neovim, Emacs).")
     p.set_defaults(func=cmd_lsp)
