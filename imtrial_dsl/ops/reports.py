@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from imtrial_dsl import ir, templating
+from imtrial_dsl.source import values_text
 from imtrial_dsl.files import atomic_write_json, atomic_write_text
 
 from . import svg
@@ -153,7 +154,7 @@ def build(trial: ir.Trial, data: StudyData, aud: Audience, as_of: date, workdir:
         if s.code not in site_codes:
             continue
         exams = [e for e in data.exams if e.device == d.id]
-        seen = sorted({"\\".join(e.software) for e in exams if e.software})
+        seen = sorted({values_text(e.software) for e in exams if e.software})
         device_rows.append({
             "site": s.code, "device": d.id, "vendor": d.vendor, "model": d.model or "",
             "inventory_software": d.software or "", "observed_software": ", ".join(seen),
@@ -175,6 +176,8 @@ def build(trial: ir.Trial, data: StudyData, aud: Audience, as_of: date, workdir:
             "exam_date": v.exam_date.isoformat() if v.exam_date else "",
             "days_from_target": "" if v.days_from_target is None else v.days_from_target,
             "acquisitions": "; ".join(f"{a.protocol}: {a.status}" for a in v.acquisitions),
+            # received, but a protocol of the visit is missing or failed
+            "incomplete": v.incomplete,
             "optional": v.optional, "arm": arms.get(v.subject_id) or "",
         })
 
@@ -195,6 +198,19 @@ def build(trial: ir.Trial, data: StudyData, aud: Audience, as_of: date, workdir:
         "enrollment": {k: [(d.isoformat(), n) for d, n in v] for k, v in enroll.items()},
     }
     return _redact(trial, model, hidden, show_arm)
+
+
+def hidden_parts(m: dict) -> set[str]:
+    """The parts of the report the role may not see (the page says "hidden for your role" there, not "no data")."""
+    h = set(m["hidden_fields"])
+    out = set()
+    if "site" in h:
+        out |= {"sites", "devices", "qualification", "by_site", "by_device"}
+    if "device" in h:
+        out |= {"devices", "by_device"}
+    if "exam_date" in h:
+        out |= {"enrollment"}
+    return out
 
 
 def _redact(trial: ir.Trial, m: dict, hidden: frozenset[str], show_arm: bool) -> dict:
@@ -249,9 +265,13 @@ def _csv(rows: list[dict]) -> str:
 
 def charts(m: dict) -> dict[str, str]:
     out = {}
+    hidden = hidden_parts(m)
     series = {k: [(date.fromisoformat(d), n) for d, n in v] for k, v in m["enrollment"].items()}
-    out["enrollment"] = svg.step_chart("Subjects enrolled over time" + (" per site" if len(series) > 1 else ""), series,
-                                       until=date.fromisoformat(m["as_of"]))
+    if "enrollment" in hidden:
+        out["enrollment"] = svg.empty("Subjects enrolled over time", note="hidden for your role")
+    else:
+        out["enrollment"] = svg.step_chart("Subjects enrolled over time" + (" per site" if len(series) > 1 else ""), series,
+                                           until=date.fromisoformat(m["as_of"]))
     if m["sites"]:
         cats = [r["site"] for r in m["sites"]]
         out["by_site"] = svg.bar_chart("Adherence and QC pass rate by site", cats,
@@ -279,7 +299,8 @@ def write(m: dict, out_dir: str | Path) -> list[Path]:
     files.append(p)
     env = templating.environment(TEMPLATES, filters={"pct": _pct})
     p = out / "report.html"
-    atomic_write_text(p, env.get_template("report.html.j2").render(m=m, charts=charts(m)))
+    atomic_write_text(p, env.get_template("report.html.j2").render(m=m, charts=charts(m), hidden=hidden_parts(m),
+                                                                  pipeline=PIPELINE))
     files.append(p)
     return files
 
