@@ -18,12 +18,12 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import jinja2
 
-from imtrial_dsl import __version__, ir, source, templating
-from imtrial_dsl.diagnostics import CompileErrors, Diagnostic
+from imtrial_dsl import __version__, extras, ir, source, templating
+from imtrial_dsl.diagnostics import ImtrialError
 from imtrial_dsl.files import atomic_write_bytes, atomic_write_text
 
 TEMPLATES = Path(__file__).resolve().parent / "templates" / "docs"
@@ -983,7 +983,12 @@ def render_pdf(html_text: str, out: Path, base_url: Path) -> Path:
     The embedded font subsets carry a 'modified' timestamp (fontTools takes the current
     time unless SOURCE_DATE_EPOCH is set), which would make every PDF differ; pin it.
     """
-    from weasyprint import HTML
+    try:
+        HTML = extras.load("weasyprint", "writing PDF documents").HTML
+    except OSError as exc:  # WeasyPrint is installed but its Pango/HarfBuzz system libraries are not
+        raise ImtrialError(f"PDF documents not written: WeasyPrint cannot load its system libraries ({exc})",
+                           code="E611", hint="install WeasyPrint's system libraries (Debian: libpango-1.0-0 "
+                                             "libpangoft2-1.0-0); the Markdown and HTML documents were written") from None
 
     saved = os.environ.get("SOURCE_DATE_EPOCH")
     if saved is None:
@@ -1072,56 +1077,53 @@ def graph_svg(graph) -> tuple[Optional[str], Optional[str]]:
 # ---------------------------------------------------------------------------- entry point
 
 def export(trial: ir.Trial, graph=None, out_dir: Path | str = ".", *, formats: Iterable[str] = ("md", "html", "pdf"),
-           documents: Iterable[str] = tuple(DOCUMENTS)) -> list[Path]:
+           documents: Iterable[str] = tuple(DOCUMENTS), progress: Optional[Callable[[str, int], Any]] = None) -> list[Path]:
     """Write the Imaging Charter and the Site Imaging Manual into ``out_dir``; return the files written.
 
-    Files: ``charter.{md,html,pdf}``, ``site_manual.{md,html,pdf}`` and ``graph.svg`` (when a
-    graph is given and graphviz is installed; otherwise the charter says why there is no picture).
-    Raises :class:`CompileErrors` (E611) after writing the other formats when PDF was asked for
-    but WeasyPrint cannot be loaded.
+    Files: ``charter.{md,html,pdf}``, ``site_manual.{md,html,pdf}`` and the dependency graph's pictures
+    (when a graph is given and graphviz is installed; otherwise the charter says why there is none).
+    The PDFs are written last: without the 'docs' extra (WeasyPrint) :class:`~imtrial_dsl.extras.MissingExtra`
+    (E900) is raised after the Markdown and HTML were written; E611 when WeasyPrint's system libraries
+    are missing. ``progress(desc, total)``: a progress display advanced per file.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     formats = tuple(formats)
+    documents = tuple(documents)
     doc = build(trial, graph)
     svgs, why_not = graph_pictures(graph)
     if doc.graph is not None:
         doc.graph["missing"] = why_not
-    problems: list[Diagnostic] = []
-    if "pdf" in formats and not _weasyprint_available(problems):
-        formats = tuple(f for f in formats if f != "pdf")
     written: list[Path] = []
     for name, svg in svgs.items():
         p = out / name
         atomic_write_text(p, svg)
         written.append(p)
-    for kind in documents:
-        text = render_markdown(doc, kind, svgs)
-        if "md" in formats:
-            p = out / f"{kind}.md"
-            atomic_write_text(p, text)
-            written.append(p)
-        if "html" in formats or "pdf" in formats:
-            page = render_html(doc, kind, text, svgs)
-            if "html" in formats:
-                p = out / f"{kind}.html"
-                atomic_write_text(p, page)
-                written.append(p)
-            if "pdf" in formats:
-                written.append(render_pdf(page, out / f"{kind}.pdf", out))
-    if problems:
-        raise CompileErrors(problems)
-    return written
-
-
-def _weasyprint_available(problems: list[Diagnostic]) -> bool:
-    """WeasyPrint is an optional extra; without it the other formats are still written."""
+    steps = len(documents) * (1 + ("pdf" in formats))
+    bar = progress("export docs", steps) if progress else None
+    pages: list[tuple[str, str]] = []
     try:
-        import weasyprint  # noqa: F401
-    except (ImportError, OSError) as exc:  # OSError: the Pango/HarfBuzz system libraries are missing
-        problems.append(Diagnostic(
-            code="E611", message=f"PDF documents not written: WeasyPrint cannot be loaded ({exc.__class__.__name__}: {exc})",
-            hint="install the 'docs' extra (pip install 'imtrial[docs]') and WeasyPrint's system libraries; "
-                 "the Markdown and HTML documents were written"))
-        return False
-    return True
+        for kind in documents:
+            text = render_markdown(doc, kind, svgs)
+            if "md" in formats:
+                p = out / f"{kind}.md"
+                atomic_write_text(p, text)
+                written.append(p)
+            if "html" in formats or "pdf" in formats:
+                page = render_html(doc, kind, text, svgs)
+                pages.append((kind, page))
+                if "html" in formats:
+                    p = out / f"{kind}.html"
+                    atomic_write_text(p, page)
+                    written.append(p)
+            if bar is not None:
+                bar.update(1)
+        if "pdf" in formats:
+            for kind, page in pages:
+                written.append(render_pdf(page, out / f"{kind}.pdf", out))
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return written

@@ -43,6 +43,14 @@ def _written_unit(v: ir.Quantity) -> str:
     return v.source_unit if v.source_unit is not None else v.unit
 
 
+def values_text(values) -> str:
+    """A multi-valued header value as people read it: ``R6.7.1 / R6.7.1.2``. DICOM stores the values
+    separated by a backslash (and the state database keeps them so); a report or message never shows it."""
+    if isinstance(values, str):
+        values = values.split("\\")
+    return " / ".join(str(v).strip() for v in values if str(v).strip())
+
+
 def header_text(v: ir.Value) -> str:
     """A value as a DICOM header writes it, padding aside: code strings YES/NO, numbers canonical."""
     if isinstance(v, bool):

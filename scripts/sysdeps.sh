@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the system tools the tests need (Debian/Ubuntu), if missing: graphviz (dot),
 # poppler-utils (pdftoppm), dicom3tools (dciodvfy), orthanc + orthanc-dicomweb (a real DICOM/DICOMweb
-# receiver for tests/test_transfer.py). Idempotent; needs root or sudo.
+# receiver for tests/test_transfer.py), chromium (headless, for tests/test_report_browser.py: the management
+# report measured in a real browser). Idempotent; needs root or sudo.
 set -eu
 missing=()
 command -v dot >/dev/null      || missing+=(graphviz)
@@ -9,6 +10,7 @@ command -v pdftoppm >/dev/null || missing+=(poppler-utils)
 command -v dciodvfy >/dev/null || missing+=(dicom3tools)
 command -v Orthanc >/dev/null || [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
+command -v chromium >/dev/null || missing+=(chromium)
 [ ${#missing[@]} -eq 0 ] && exit 0
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 if ! command -v apt-get >/dev/null; then

@@ -236,16 +236,16 @@ def test_minimal_study_says_what_is_not_defined(tmp_path):
 
 
 def test_missing_weasyprint_is_a_diagnostic_not_a_crash(compiled, tmp_path, monkeypatch):
-    """Without the optional PDF renderer the other formats are written and E611 says why PDF is not."""
+    """Without the optional PDF renderer the other formats are written and E900 names the extra to install."""
     import sys
 
-    from imtrial_dsl.diagnostics import CompileErrors
+    from imtrial_dsl.extras import MissingExtra
 
-    monkeypatch.setitem(sys.modules, "weasyprint", None)  # makes 'import weasyprint' raise ImportError
+    monkeypatch.setitem(sys.modules, "weasyprint", None)  # makes 'import weasyprint' raise ModuleNotFoundError
     trial, graph = compiled["oncology_ct"]
-    with pytest.raises(CompileErrors) as exc:
+    with pytest.raises(MissingExtra) as exc:
         docs.export(trial, graph, tmp_path)
-    assert [d.code for d in exc.value.diagnostics] == ["E611"]
+    assert exc.value.diagnostic.code == "E900" and exc.value.diagnostic.hint == "pip install 'imtrial[docs]'"
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["charter.html", "charter.md", "graph.svg", "graph_pipeline.svg", "graph_tasks.svg",
                      "site_manual.html", "site_manual.md"]
