@@ -164,7 +164,7 @@ def joined(token_lists):
 
 device = st.tuples(
     name, st.sampled_from(["MR", "CT"]), vendor,
-    some_of(["model", "software", "serial", "station", "institution"]),
+    some_of(["model", "software", "serial", "station", "institution", "ae_title"]),
     string, num, st.lists(string, max_size=2), st.sampled_from(["yes", "no", "true", "false"]),
 ).map(lambda t: ["device", t[0], "{", "modality", t[1], "vendor", *t[2], *[tok for k in t[3] for tok in (k, t[4])],
                  "field", t[5], "T", "coils", "[", *[tok for i, s in enumerate(t[6]) for tok in ([","] if i else []) + [s]],

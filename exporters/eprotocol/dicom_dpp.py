@@ -160,6 +160,12 @@ def _code(value: str, meaning: str, scheme: str = LOCAL_SCHEME):
     return d
 
 
+def protocol_code(p: ir.Protocol):
+    """The code that names a study protocol (local scheme 99IMTRIAL): the e-protocol's Potential Scheduled
+    Protocol Code and the Modality Worklist's Scheduled Protocol Code, so a scanner can map one to the other."""
+    return _code(p.name, p.title or p.name)
+
+
 def _integer_bounds(k: ir.ConstraintKind, values: list[Any]) -> list[Any]:
     """Integer-VR attributes hold integers: round each bound in the direction that keeps its meaning
     (x >= 7.5 is x >= 8 for integers); EQUAL/SET_OF round to nearest (a fraction can never match)."""
@@ -306,7 +312,7 @@ def to_dicom(trial: ir.Trial, t: Target):
     ds.SoftwareVersions = __version__
     # Protocol Context
     ds.ProtocolName = _lo(p.name)
-    ds.PotentialScheduledProtocolCodeSequence = [_code(p.name, p.title or p.name)]
+    ds.PotentialScheduledProtocolCodeSequence = [protocol_code(p)]
     ds.PotentialRequestedProcedureCodeSequence = []
     ds.ResponsibleGroupCodeSequence = [_code(f"{code}_IMG"[:16], f"{code} imaging core")]
     custodian = Dataset()
