@@ -160,7 +160,7 @@ def matches(query, entry) -> bool:
     return True
 
 
-def project(query, entry):
+def project(query, entry, top: bool = True):
     """A response identifier: exactly the keys of ``query``, filled from ``entry`` (sequences recursively)."""
     from pydicom.dataset import Dataset
 
@@ -170,18 +170,17 @@ def project(query, entry):
         if not kw:
             continue
         if kw == "SpecificCharacterSet":
-            out.SpecificCharacterSet = entry.get("SpecificCharacterSet", "ISO_IR 192")
             continue
         if elem.VR == "SQ":
             sub = entry.get(kw)
             if sub is None:
                 setattr(out, kw, [])
             elif elem.value:
-                setattr(out, kw, [project(elem.value[0], it) for it in sub])
+                setattr(out, kw, [project(elem.value[0], it, False) for it in sub])
             else:
                 setattr(out, kw, list(sub))
         else:
             setattr(out, kw, entry.get(kw, ""))
-    if "SpecificCharacterSet" not in out:
+    if top:
         out.SpecificCharacterSet = entry.get("SpecificCharacterSet", "ISO_IR 192")
     return out

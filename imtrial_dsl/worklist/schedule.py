@@ -172,7 +172,7 @@ def _baseline_patient(db, workdir: Path, code: str, subject_id: str) -> dict:
     return patient
 
 
-def _first_devices(db, code: str, subject_id: str) -> dict[str, str]:
+def first_devices(db, code: str, subject_id: str) -> dict[str, str]:
     """modality -> the device of the subject's first exam with that modality."""
     out: dict[str, str] = {}
     for r in db.execute("SELECT modality, device FROM subject_exams WHERE trial=? AND subject_id=? AND device IS NOT NULL "
@@ -243,7 +243,7 @@ def plan(trial: ir.Trial, workdir: str | Path) -> dict:
             for subj in subjects_day0(trial, db, Path(workdir)):
                 had = {r["visit"] for r in db.execute("SELECT visit FROM exams WHERE trial=? AND subject_id=? "
                                                       "AND visit IS NOT NULL", (code, subj["subject_id"]))}
-                first = _first_devices(db, code, subj["subject_id"]) if same_device else {}
+                first = first_devices(db, code, subj["subject_id"]) if same_device else {}
                 for v in visits:
                     if subj["source"] == "baseline" and bv is not None and _days(v.offset) <= _days(bv.offset):
                         continue
@@ -301,7 +301,7 @@ def add(trial: ir.Trial, workdir: str | Path, subject_id: str, visit: str, *, da
             day = visit_window(v, subj["day0"])[0]
         else:
             raise WorklistError(f"subject {subject_id} has no day 0 (no enrolment, no baseline exam): give --date", code="E870")
-        first = _first_devices(db, trial_code(trial), subject_id) if has_same_device_rule(trial) else {}
+        first = first_devices(db, trial_code(trial), subject_id) if has_same_device_rule(trial) else {}
         rows = []
         with tx(db):
             for m, prots in mods.items():

@@ -19,7 +19,7 @@ from .. import ir
 from ..store import connect_workdir
 from . import WorklistError
 from .items import item, matches, project
-from .schedule import ACTIVE, set_status, steps, trial_code
+from .schedule import ACTIVE, first_devices, has_same_device_rule, set_status, steps, trial_code
 
 DEFAULT_AE = "IMTRIAL_MWL"
 
@@ -55,6 +55,13 @@ def query(trial: ir.Trial, workdir: str | Path, calling_ae: str, identifier) -> 
     db = connect_workdir(workdir)
     try:
         rows = steps(trial, workdir, site=site.code, status=ACTIVE, db=db)
+        if has_same_device_rule(trial):  # a subject scanned since the step was planned: its first device now
+            firsts: dict[str, dict] = {}
+            for st in rows:
+                if not st.get("device"):
+                    sid = st["subject_id"]
+                    firsts.setdefault(sid, first_devices(db, trial_code(trial), sid))
+                    st["device"] = firsts[sid].get(st["modality"])
     finally:
         db.close()
     out = []
