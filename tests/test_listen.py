@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from dcmtk import dcmtk
 
 from imtrial_dsl.compiler import compile_file
 from imtrial_dsl.listen.service import listen
@@ -57,9 +58,22 @@ def site(tmp_path, monkeypatch):
             "tmp": tmp_path}
 
 
+def _final(L, files: list[Path], timeout: float = 30) -> dict:
+    """The verdict on the whole series of ``files`` (a loaded machine may let the quiet time pass mid-series: that
+    partial series is judged too, and judged again when it grows)."""
+    uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with L.lock:
+            hit = [v for v in L.verdicts if v["series_uid"] == uid and v["received"] == len(files)]
+        if hit:
+            return hit[-1]
+        time.sleep(0.05)
+    raise AssertionError(f"no verdict on the complete series {uid} in {timeout} s: {L.verdicts}")
+
+
 def _storescu(port: int, files: list[Path]) -> float:
-    exe = shutil.which("storescu")
-    assert exe, "dcmtk's storescu is not installed: run scripts/sysdeps.sh"
+    exe = dcmtk("storescu")
     proc = subprocess.run([exe, "-aet", "HOSMR1", "-aec", "IMTRIAL_SCP", "127.0.0.1", str(port), *map(str, files)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -101,11 +115,11 @@ def test_storescu_conformant_pass_and_planted_deviation_fail_within_seconds(site
     L = listen(site["trial"], site["work"], port=_free_port(), quiet_s=1.0, notify=lines.append)
     try:
         sent = _storescu(L.port, site["t2"])
-        (ok,) = L.wait_for(1, timeout=30)
+        ok = _final(L, site["t2"])
         assert time.time() - sent < 10
         assert ok["verdict"] == "PASS" and ok["message"] == "T2w: PASS" and ok["n_instances"] == 6
         sent = _storescu(L.port, site["bad"])
-        v = L.wait_for(2, timeout=30)[1]
+        v = _final(L, site["bad"])
         assert time.time() - sent < 10 and v["latency_s"] < 10
         assert v["verdict"] == "FAIL"
         assert v["message"] == "T2w: FAIL RepetitionTime 2500 ms, expected 4000 ms ± 1% — repeat the series"
@@ -114,10 +128,11 @@ def test_storescu_conformant_pass_and_planted_deviation_fail_within_seconds(site
         html = urllib.request.urlopen(f"http://127.0.0.1:{L.http_port}/", timeout=10).read().decode()
         assert 'http-equiv="refresh"' in html and "FAIL" in html and "RepetitionTime 2500 ms" in html
         doc = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{L.http_port}/status.json", timeout=10).read())
-        assert [x["verdict"] for x in doc["verdicts"]] == ["FAIL", "PASS"]
+        assert [x["verdict"] for x in doc["verdicts"]][0] == "FAIL" and "PASS" in [x["verdict"] for x in doc["verdicts"]]
         # the study's contacts: the site's imaging PI (it lists no technologist) gets the FAIL by e-mail
-        (eml,) = (site["work"] / "listen" / "outbox").glob("*.eml")
-        msg = email.message_from_bytes(eml.read_bytes())
+        emls = sorted((site["work"] / "listen" / "outbox").glob("*.eml"))
+        assert emls
+        msg = email.message_from_bytes(emls[-1].read_bytes())
         assert msg["To"] == "tester@hos.example" and "FAIL RepetitionTime 2500 ms" in msg["Subject"]
     finally:
         L.stop()
@@ -135,11 +150,11 @@ def test_pynetdicom_scanner_mpps_completed_gives_the_verdict_before_the_quiet_ti
     L = listen(site["trial"], site["work"], port=_free_port(), quiet_s=60.0)
     try:
         last = _pynetdicom_scanner(L.port, site["bad"], mpps_complete=True)
-        (v,) = L.wait_for(1, timeout=30)
+        v = _final(L, site["bad"])
         assert time.time() - last < 10 and v["verdict"] == "FAIL" and "RepetitionTime 2500 ms" in v["message"]
         # a conformant series from the same scanner, judged after the quiet time would be far too late: MPPS again
         last = _pynetdicom_scanner(L.port, site["t2"], mpps_complete=True)
-        v2 = L.wait_for(2, timeout=30)[1]
+        v2 = _final(L, site["t2"])
         assert time.time() - last < 10 and v2["verdict"] == "PASS"
     finally:
         L.stop()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from dcmtk import dcmtk
 
 from imtrial_dsl.compiler import compile_file
 from imtrial_dsl.runner.run import run_study
@@ -66,8 +67,7 @@ def site(tmp_path, monkeypatch):
 
 
 def _findscu(port: int, calling: str, *keys: str) -> list[pydicom.Dataset]:
-    exe = shutil.which("findscu")
-    assert exe, "dcmtk's findscu is not installed: run scripts/sysdeps.sh"
+    exe = dcmtk("findscu")
     out = Path(os.environ.get("TMPDIR", "/tmp")) / f"findscu-{os.getpid()}-{time.monotonic_ns()}"
     out.mkdir()
     args = [exe, "-W", "-aet", calling, "-aec", "IMTRIAL_MWL", "-X", "-od", str(out), "127.0.0.1", str(port)]
@@ -125,7 +125,7 @@ def test_findscu_sees_its_sites_steps_with_trial_attributes_and_the_eprotocol_co
     oth = _findscu(site["svc"].port, "OTHMR1", "ClinicalTrialSubjectID", "PatientID")
     assert sorted(x.ClinicalTrialSubjectID for x in oth) == ["MINI01-OTH-201", "MINI01-OTH-201"]
     # an AE title that is no device of the inventory is refused
-    proc = subprocess.run([shutil.which("findscu"), "-W", "-aet", "INTRUDER", "-aec", "IMTRIAL_MWL", "127.0.0.1",
+    proc = subprocess.run([dcmtk("findscu"), "-W", "-aet", "INTRUDER", "-aec", "IMTRIAL_MWL", "127.0.0.1",
                            str(site["svc"].port), "-k", "PatientName"], capture_output=True, text=True, timeout=30)
     assert "Calling AE Title Not Recognized" in proc.stderr
 
