@@ -333,3 +333,33 @@ def test_registry_subject_differs_from_worklist_subject(site, tmp_path):
     assert d["error"] == "worklist_mismatch" and d["detail"] == (f"the registry knows this patient as {known['subject_id']}, the worklist attributes say "
                            "MINI01-HOS-101")
     st.close()
+
+
+def test_schedule_commands(tmp_path, monkeypatch, capsys):
+    import json as _json
+
+    from imtrial_dsl.cli import main
+
+    monkeypatch.setenv("IMTRIAL_KEY", KEY)
+    study = tmp_path / "mini.imtrial"
+    study.write_text(STUDY)
+    (tmp_path / "enroll.csv").write_text(ENROLL)
+    w = str(tmp_path / "w")
+    assert main(["schedule", "enroll", str(study), "--workdir", w, "--csv", str(tmp_path / "enroll.csv")]) == 0
+    assert "scheduled 6 new step(s)" in capsys.readouterr().out
+    assert main(["schedule", "list", str(study), "--workdir", w, "--site", "OTH", "--json"]) == 0
+    rows = _json.loads(capsys.readouterr().out)
+    assert [(r["subject_id"], r["visit"], r["date"]) for r in rows] == [
+        ("MINI01-OTH-201", "baseline", "2026-03-04"), ("MINI01-OTH-201", "m06", "2026-08-31")]
+    acc = rows[0]["accession"]
+    assert main(["schedule", "cancel", str(study), acc, "--workdir", w]) == 0
+    assert "CANCELLED" in capsys.readouterr().out
+    assert main(["schedule", "list", str(study), "--workdir", w, "--site", "OTH"]) == 0
+    assert acc not in capsys.readouterr().out          # list shows active steps; --all shows every one
+    assert main(["schedule", "move", str(study), acc, "--workdir", w, "--date", "2026-03-20"]) == 0
+    assert "2026-03-20" in capsys.readouterr().out
+    assert main(["schedule", "export", str(study), "--workdir", w, "--out", str(tmp_path / "s.csv")]) == 0
+    assert main(["schedule", "import", str(study), "--workdir", w, "--csv", str(tmp_path / "s.csv")]) == 0
+    assert "0 new, 6 updated" in capsys.readouterr().out
+    assert main(["schedule", "move", str(study), "RNOSUCH", "--workdir", w, "--date", "2026-03-20"]) == 1
+    assert "no scheduled step with accession number 'RNOSUCH'" in capsys.readouterr().err
