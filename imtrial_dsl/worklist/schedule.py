@@ -82,22 +82,26 @@ def _time(t: Optional[str], where: str) -> Optional[str]:
 
 # --------------------------------------------------------------------------- enrolment
 
+def _csv_rows(path: str | Path, what: str, need: set[str], hint: str) -> Iterable[tuple[int, dict]]:
+    """(line number, row with stripped keys and values) of a CSV file whose header holds ``need`` (else E871)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise WorklistError(f"cannot read {what} file {path}: {exc.strerror or exc}", code="E871") from None
+    reader = csv.DictReader(text.splitlines())
+    if not reader.fieldnames or not need <= {f.strip() for f in reader.fieldnames}:
+        raise WorklistError(f"{path}: the header must contain {','.join(sorted(need))} {hint}", code="E871")
+    return [(line, {k.strip(): (v or "").strip() for k, v in row.items() if k})
+            for line, row in enumerate(reader, start=2)]
+
+
 def read_enrollment(path: str | Path) -> list[dict]:
     """Rows of an enrolment CSV: ``subject_id,site,enrolled_on`` (as for ``imtrial reminders``) plus the
     patient as the hospital knows them: ``patient_id`` (required), ``issuer``, ``patient_name``,
     ``birth_date``, ``sex``. Raises WorklistError E871 naming the line of a bad row."""
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise WorklistError(f"cannot read enrolment file {path}: {exc.strerror or exc}", code="E871") from None
-    reader = csv.DictReader(text.splitlines())
-    need = {"subject_id", "site", "enrolled_on", "patient_id"}
-    if not reader.fieldnames or not need <= {f.strip() for f in reader.fieldnames}:
-        raise WorklistError(f"{path}: the header must contain {','.join(sorted(need))} "
-                            f"(and optionally issuer,patient_name,birth_date,sex)", code="E871")
     out = []
-    for line, row in enumerate(reader, start=2):
-        row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+    for line, row in _csv_rows(path, "enrolment", {"subject_id", "site", "enrolled_on", "patient_id"},
+                               "(and optionally issuer,patient_name,birth_date,sex)"):
         where = f"{path}:{line}"
         if not row.get("subject_id") or not row.get("site") or not row.get("patient_id"):
             raise WorklistError(f"{where}: subject_id, site and patient_id are required", code="E871")
@@ -416,20 +420,11 @@ def import_csv(trial: ir.Trial, workdir: str | Path, path: str | Path) -> dict:
     """Apply a schedule CSV (as exported, edited in a spreadsheet): each row's date, time and status replace
     the step's; a row without an accession number schedules a new step. Every row is checked before any is
     written (E871 names the line)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise WorklistError(f"cannot read schedule file {path}: {exc.strerror or exc}", code="E871") from None
-    reader = csv.DictReader(text.splitlines())
-    need = {"subject_id", "visit", "modality", "date"}
-    if not reader.fieldnames or not need <= {f.strip() for f in reader.fieldnames}:
-        raise WorklistError(f"{path}: the header must contain {','.join(sorted(need))} (export one with "
-                            f"'imtrial schedule export')", code="E871")
     code = trial_code(trial)
     visits = {v.name: v for v in (trial.schedule.visits if trial.schedule else [])}
     planned = []
-    for line, row in enumerate(reader, start=2):
-        row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+    for line, row in _csv_rows(path, "schedule", {"subject_id", "visit", "modality", "date"},
+                               "(export one with 'imtrial schedule export')"):
         where = f"{path}:{line}"
         status = (row.get("status") or "SCHEDULED").upper()
         if status not in STATUSES:
