@@ -119,6 +119,7 @@ class Device(Node):
     serial: Optional[str] = None
     station: Optional[str] = None
     institution: Optional[str] = None
+    ae_title: Optional[str] = Field(default=None, description="The device's DICOM AE title (worklist and listener calls).")
     coils: list[str] = []
     research_agreement: Optional[bool] = Field(default=None, description="None: not declared (unknown, not 'no').")
 

@@ -144,7 +144,7 @@ def test_edited_dpp_imports_with_the_edit(tmp_path):
     assert "KVP = 120 kV ± 20 kV" in text
     by_kw = {c.keyword: c for c in protocols[0].constraints}
     assert by_kw["SliceThickness"].values[1].value == 3.0 and by_kw["KVP"].tolerance.value == 20.0
-    said = [d.message for d in notes if d.code == "W435"]
+    said = [d.message for d in notes if d.code == "W612"]
     assert any("SliceThickness" in m and "3" in m for m in said) and any("KVP" in m and "± 20" in m for m in said)
 
 
@@ -158,7 +158,7 @@ def test_edited_dpp_asymmetric_range_reads_as_a_range(tmp_path):
     ds.save_as(tmp_path / "e.dcm", enforce_file_format=True)
     protocols, notes = ep.import_report([tmp_path / "e.dcm"])
     assert "KVP in 110 .. 140 kV" in ep.protocol_to_source(protocols[0])
-    assert any(d.code == "W435" and "not centred" in d.message for d in notes)
+    assert any(d.code == "W612" and "not centred" in d.message for d in notes)
 
 
 def test_edited_json_imports_with_the_edit(tmp_path):
@@ -171,7 +171,7 @@ def test_edited_json_imports_with_the_edit(tmp_path):
     out.write_text(json.dumps(doc))
     protocols, notes = ep.import_report([out])
     assert "SliceThickness in 2.5 .. 3 mm" in ep.protocol_to_source(protocols[0])
-    assert [d.code for d in notes].count("W436") >= 1
+    assert [d.code for d in notes].count("W613") >= 1
 
 
 def test_import_several_files_merges_them(tmp_path):
@@ -372,7 +372,7 @@ def test_edited_constraint_type_wins_and_is_reported(fixture_export, tmp_path):
     kw = str(item.SelectorAttributeKeyword)
     c = next(c for c in protocols[0].constraints if c.keyword == kw)
     assert c.kind == ir.ConstraintKind.GREATER_OR_EQUAL and c.tolerance is None
-    assert any(d.code == "W435" and "Constraint Type" in d.message for d in notes)
+    assert any(d.code == "W612" and "Constraint Type" in d.message for d in notes)
 
 
 def test_outputs_are_deterministic(tmp_path):
@@ -442,7 +442,7 @@ def test_meaning_checks_reject_each_kind_of_nonsense(fixture_export):
         mutate(bad)
         problems = json_io.meaning_problems(bad)
         assert any(words in p for p in problems), (name, problems)
-        if name != "dicom values":   # an edit that left dicom.values behind imports (values[].value wins, W436)
+        if name != "dicom values":   # an edit that left dicom.values behind imports (values[].value wins, W613)
             path = Path(os.environ.get("TMPDIR", "/tmp")) / f"imtrial-meaning-{name.replace(' ', '_')}.json"
             path.write_text(json.dumps(bad))
             with pytest.raises(ValueError, match=words.split()[0]):

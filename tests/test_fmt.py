@@ -164,7 +164,7 @@ def joined(token_lists):
 
 device = st.tuples(
     name, st.sampled_from(["MR", "CT"]), vendor,
-    some_of(["model", "software", "serial", "station", "institution"]),
+    some_of(["model", "software", "serial", "station", "institution", "ae_title"]),
     string, num, st.lists(string, max_size=2), st.sampled_from(["yes", "no", "true", "false"]),
 ).map(lambda t: ["device", t[0], "{", "modality", t[1], "vendor", *t[2], *[tok for k in t[3] for tok in (k, t[4])],
                  "field", t[5], "T", "coils", "[", *[tok for i, s in enumerate(t[6]) for tok in ([","] if i else []) + [s]],
@@ -339,7 +339,7 @@ def program(draw):
 
 
 # no shrinking: the failing program is in the assertion message, and shrinking these can take minutes
-@settings(max_examples=100, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate], derandomize=True,
+@settings(max_examples=200, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate], derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(program())
 def test_generated_programs_roundtrip(text):
@@ -362,7 +362,7 @@ def test_generator_covers_every_statement():
     from imtrial_dsl.fmt import STATEMENTS
 
     if not SEEN_RULES:
-        @settings(max_examples=80, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+        @settings(max_examples=200, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
         @given(program())
         def collect(text):
             tree, _diags = parse(text, "x")

@@ -160,6 +160,12 @@ def _code(value: str, meaning: str, scheme: str = LOCAL_SCHEME):
     return d
 
 
+def protocol_code(p: ir.Protocol):
+    """The code that names a study protocol (local scheme 99IMTRIAL): the e-protocol's Potential Scheduled
+    Protocol Code and the Modality Worklist's Scheduled Protocol Code, so a scanner can map one to the other."""
+    return _code(p.name, p.title or p.name)
+
+
 def _integer_bounds(k: ir.ConstraintKind, values: list[Any]) -> list[Any]:
     """Integer-VR attributes hold integers: round each bound in the direction that keeps its meaning
     (x >= 7.5 is x >= 8 for integers); EQUAL/SET_OF round to nearest (a fraction can never match)."""
@@ -306,7 +312,7 @@ def to_dicom(trial: ir.Trial, t: Target):
     ds.SoftwareVersions = __version__
     # Protocol Context
     ds.ProtocolName = _lo(p.name)
-    ds.PotentialScheduledProtocolCodeSequence = [_code(p.name, p.title or p.name)]
+    ds.PotentialScheduledProtocolCodeSequence = [protocol_code(p)]
     ds.PotentialRequestedProcedureCodeSequence = []
     ds.ResponsibleGroupCodeSequence = [_code(f"{code}_IMG"[:16], f"{code} imaging core")]
     custodian = Dataset()
@@ -484,7 +490,7 @@ def _selector_values(item, vr: str) -> list[Any]:
 def _constraint_from_item(item, notes: list, where: str) -> tuple[Optional[ir.Constraint], str, int]:
     """One Attribute Value Constraint item as an IR constraint. The standard attributes are the truth: where
     imtrial's private copy disagrees with them (a vendor tool edited the object), the standard wins and
-    ``notes`` gets a W435 saying what was taken from where."""
+    ``notes`` gets a W612 saying what was taken from where."""
     from pydicom.datadict import keyword_for_tag
 
     extras = _read_private_json(item, 0x01) or {}
@@ -553,7 +559,7 @@ def _constraint_from_item(item, notes: list, where: str) -> tuple[Optional[ir.Co
 def _note(message: str):
     from imtrial_dsl.diagnostics import Diagnostic, Severity
 
-    return Diagnostic(severity=Severity.WARNING, code="W435", message=message,
+    return Diagnostic(severity=Severity.WARNING, code="W612", message=message,
                       hint="the standard DICOM attributes are the truth; the printed protocol shows what the scanner enforces")
 
 
@@ -629,7 +635,7 @@ def _quantity_from_dicom(keyword: str, v: float, meta: dict, note=None) -> ir.Qu
 def read(path: Path, notes: Optional[list] = None) -> tuple[ir.Protocol, list[tuple[ir.Constraint, str]], Optional[dict]]:
     """(protocol header, origin-tagged constraints, variant or None) of one DPP file, ours or another writer's.
 
-    Disagreements between the standard attributes and imtrial's private copy go to ``notes`` (W435)."""
+    Disagreements between the standard attributes and imtrial's private copy go to ``notes`` (W612)."""
     notes = [] if notes is None else notes
     import pydicom
 

@@ -15,7 +15,7 @@ from .targets import base_with_overridden, variant_from_header
 
 class Imported:
     """One file read back: the protocol header, its origin-tagged constraints, its variant (if any), the base
-    constraints the variant overrides, and what the import had to say (W435/W436)."""
+    constraints the variant overrides, and what the import had to say (W612/W613)."""
 
     def __init__(self, protocol: ir.Protocol, params: list[tuple[ir.Constraint, str]], variant: Optional[dict],
                  notes: list[Diagnostic]):
@@ -70,7 +70,7 @@ def import_report(paths: Iterable[Path | str]) -> tuple[list[ir.Protocol], list[
     """Read several files and merge them per protocol: base constraints from the base file (else from the
     variant files, which carry them), one variant per variant file in their original order. Protocols come out
     in first-seen order; the diagnostics say where a file's standard values overrode imtrial's private copy
-    (W435/W436) and where files of one protocol disagree about its base (W437)."""
+    (W612/W613) and where files of one protocol disagree about its base (W614)."""
     groups: dict[str, list[tuple[Path, Imported]]] = {}
     notes: list[Diagnostic] = []
     for p in paths:
@@ -86,7 +86,7 @@ def import_report(paths: Iterable[Path | str]) -> tuple[list[ir.Protocol], list[
         key = json.dumps(ir.strip_spans(base_constraints), sort_keys=True)
         for p, i in items:
             if i is not head and json.dumps(ir.strip_spans(i.base), sort_keys=True) != key:
-                notes.append(Diagnostic(severity=Severity.WARNING, code="W437",
+                notes.append(Diagnostic(severity=Severity.WARNING, code="W614",
                                         message=f"{p.name}: the base constraints of protocol {name} differ from "
                                                 f"{head_path.name}'s; {head_path.name}'s are used",
                                         hint="import the files of one export together, or re-export after editing"))

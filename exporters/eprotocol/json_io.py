@@ -181,7 +181,7 @@ def read(path: Path, notes: Optional[list] = None) -> tuple[ir.Protocol, list[tu
     """(protocol header, origin-tagged constraints, variant or None) of one ``.json`` file.
 
     ``values[].value`` is the canonical number: where an edit left ``source_value`` behind, the value wins
-    and ``notes`` gets a W436."""
+    and ``notes`` gets a W613."""
     notes = [] if notes is None else notes
     doc = json.loads(path.read_text(encoding="utf-8"))
     if doc.get("format") != FORMAT:
@@ -193,7 +193,7 @@ def read(path: Path, notes: Optional[list] = None) -> tuple[ir.Protocol, list[tu
     from imtrial_dsl.diagnostics import Diagnostic, Severity
 
     for text in sorted(set(meaning_problems(doc)) - set(problems)):  # dicom.values left behind by an edit
-        notes.append(Diagnostic(severity=Severity.WARNING, code="W436", message=f"{where}: {text}; values[].value is used",
+        notes.append(Diagnostic(severity=Severity.WARNING, code="W613", message=f"{where}: {text}; values[].value is used",
                                 hint="values[].value is the canonical number; dicom.values is derived from it"))
     params = [(_checked(constraint_from_json(d), where, notes), d.get("origin", "base")) for d in doc["parameters"]]
     variant = doc.get("variant")
@@ -217,7 +217,7 @@ def _checked(c: ir.Constraint, where: str, notes: list) -> ir.Constraint:
                 factor = units.to_canonical(1.0, v.source_unit)[0] if v.source_unit else 1.0
                 new_sv = float(f"{v.value / factor:.12g}")
                 notes.append(Diagnostic(
-                    severity=Severity.WARNING, code="W436",
+                    severity=Severity.WARNING, code="W613",
                     message=f"{where}: {c.keyword}: value {v.value:g} {v.unit} disagrees with source_value "
                             f"{v.source_value:g} {v.source_unit}; {new_sv:g} {v.source_unit} is used",
                     hint="values[].value is the canonical number; source_value only says how it was written"))

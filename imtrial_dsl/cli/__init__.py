@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from .. import __version__
 from ..diagnostics import CompileErrors, ImtrialError
-from . import desk, language, ops, pipeline, render, transfer
+from . import desk, language, ops, pipeline, relay, render, scanner, transfer
 from .common import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, UsageError
 
 EXIT_INTERRUPTED = 130  # the shell's convention for a process ended by SIGINT
@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     language.register(sub)
     pipeline.register(sub)
     transfer.register(sub)
+    relay.register(sub)
+    scanner.register(sub)
     ops.register(sub)
     desk.register(sub)
     return ap
