@@ -117,8 +117,8 @@ LOWER_ERRORS = [
     ('protocol A modality MR { EchoTime in 2 s .. 3 mm }', [(1, 35, "E202", "incompatible units in range")]),
     ('protocol A modality MR { FlipAngle = 9 deg ± 1 mm }', [(1, 44, "E202", "tolerance unit 'mm'")]),
     ('protocol A modality MR { EchoTime = 3 ms severity fatal }', [(1, 51, "E204", "unknown severity 'fatal'")]),
-    ('protocol A modality MR { SeriesDescription ~ "([" }', [(1, 46, "E206", "invalid regular expression")]),
-    ('protocol A modality MR { match SeriesDescription ~ "(" }', [(1, 52, "E206", "invalid regular expression")]),
+    ('protocol A modality MR { SeriesDescription ~ "([" }', [(1, 48, "E206", "invalid regular expression")]),  # the caret at the unclosed "[" (position 1 of the pattern)
+    ('protocol A modality MR { match SeriesDescription ~ "(" }', [(1, 53, "E206", "invalid regular expression")]),
     ('protocol A modality MR { PixelSpacing[0.5] < 1 mm }', [(1, 39, "E203", "whole number")]),
     ('protocol A modality MR { EchoTime = 1e400 ms }', [(1, 37, "E203", "out of range")]),
     ('protocol A modality MR { Rows > "x" }', [(1, 33, "E202", "compares numbers")]),
