@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .diagnostics import Span
 
@@ -321,6 +321,13 @@ class Visit(Node):
     window_after: Optional[Days] = Field(default=None, description="Days allowed after the target.")
     acquire: list[Acquisition] = []
     optional: bool = False
+
+    @field_validator("acquire", mode="before")
+    @classmethod
+    def _refs(cls, v: Any) -> Any:
+        """A plain :class:`Ref` is a required acquisition of one series."""
+        return [Acquisition(**r.model_dump()) if isinstance(r, Ref) and not isinstance(r, Acquisition) else r
+                for r in v] if isinstance(v, list) else v
 
     def scheduled(self) -> bool:
         """A visit on the calendar (not triggered by an event)."""

@@ -181,7 +181,8 @@ class Lowerer:
             what = "a calendar unit (d, week, month, year)" if calendar else "a measurement unit"
             self.error("E202", tok, f"'{u}' is not {what} here")
             return None
-        hint = did_you_mean(u, list(table))
+        dim = self.unit_dimension if not calendar and self.unit_dimension != "none" else None
+        hint = (did_you_mean(u, units_of(dim)) if dim else None) or did_you_mean(u, list(table))
         if calendar:
             hint = hint or "calendar units: " + ", ".join(CALENDAR)
         elif self.unit_dimension and self.unit_dimension != "none":

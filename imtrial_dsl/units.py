@@ -134,6 +134,9 @@ DICOM_UNITS: dict[str, tuple[str, str]] = {
     "ContrastFlowRate": ("flow_rate", "ml/s"),
     "ContrastFlowDuration": ("time", "s"),
     "ContrastBolusIngredientConcentration": ("none", ""),
+    # derived quantities (imtrial_dsl/derived.py), in the unit their computation returns
+    "UptakeTime": ("time", "min"),
+    "InjectedActivityPerKg": ("activity_per_mass", "MBq/kg"),
 }
 
 

@@ -109,10 +109,20 @@ def tag_text(tag: Optional[int]) -> Optional[str]:
     return None if tag is None else f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
+def in_dpp(c: ir.Constraint) -> bool:
+    """Can a DICOM Defined Procedure Protocol carry this constraint? Not: paths into sequences or private
+    elements, value counts, 'if present', has/!has/has all/has any/present, derived quantities (no
+    Attribute Value Constraint type or Selector Attribute says these). The JSON e-protocol carries them."""
+    from imtrial_dsl.derived import DERIVED
+
+    return (not c.path and c.measure == "value" and not c.if_present and c.kind in _KIND_TO_DICOM
+            and (c.keyword not in DERIVED or dicom_info(c.keyword)[0] is not None))
+
+
 def constraint_type(c: ir.Constraint) -> str:
     if c.kind == ir.ConstraintKind.EQUAL and c.tolerance is not None:
         return "RANGE_INCL"
-    return _KIND_TO_DICOM[c.kind]
+    return _KIND_TO_DICOM.get(c.kind, "UNCONSTRAINED")
 
 
 def dicom_values(c: ir.Constraint) -> tuple[list[Any], Optional[Any]]:
@@ -126,7 +136,7 @@ def dicom_values(c: ir.Constraint) -> tuple[list[Any], Optional[Any]]:
             return v.value
         return v
 
-    if c.kind == ir.ConstraintKind.MATCHES:
+    if c.kind == ir.ConstraintKind.MATCHES or c.kind not in _KIND_TO_DICOM:
         return [], None
     if c.kind == ir.ConstraintKind.EQUAL and c.tolerance is not None:
         tol = source.tolerance_abs(c)
@@ -343,7 +353,8 @@ def to_dicom(trial: ir.Trial, t: Target):
     # General Defined Acquisition / Reconstruction. PS3.3 C.34.9: one item per attribute and addressing
     # (read here per value index, so PixelSpacing[0] and PixelSpacing[1] may both be constrained).
     seen: dict[tuple[str, Optional[int]], ir.Constraint] = {}
-    for c, _ in t.constraints:
+    carried = [(c, origin) for c, origin in t.constraints if in_dpp(c)]
+    for c, _ in carried:
         key = (c.keyword, c.index)
         if key in seen:
             first = seen[key]
@@ -353,6 +364,8 @@ def to_dicom(trial: ir.Trial, t: Target):
         seen[key] = c
     acq, rec = [], []
     for pos, (c, origin) in enumerate(t.constraints):
+        if not in_dpp(c):
+            continue
         if c.keyword in RECONSTRUCTION_KEYWORDS:
             rec.append(_constraint_item(c, origin, pos, RECON_ELEMENT_SEQ, 1, p.modality))
         else:

@@ -50,8 +50,10 @@ def _value_from_json(v: Any) -> ir.Value:
     return v
 
 
-def constraint_to_json(c: ir.Constraint, origin: str) -> dict:
-    tag, vr, name = dicom_dpp.dicom_info(c.keyword)
+def constraint_to_json(c: ir.Constraint, origin: str, condition: Optional[ir.Conditional] = None) -> dict:
+    from imtrial_dsl.derived import DERIVED
+
+    tag, vr, name = dicom_dpp.dicom_info(c.keyword) if not c.path else (None, None, source.parameter(c))
     exact, default = dicom_dpp.dicom_values(c)
     dvals = dicom_dpp.held_values(vr, c.kind, exact)
     d = {
@@ -70,6 +72,11 @@ def constraint_to_json(c: ir.Constraint, origin: str) -> dict:
         "note": c.note,
         "origin": origin,
         "requirement": source.rhs(c, source.PROSE),
+        "path": [s.model_dump(exclude={"span"}) for s in c.path],
+        "measure": c.measure,
+        "if_present": c.if_present,
+        "condition": source.conditional(condition, source.REPORT) if condition is not None else None,
+        "derived": DERIVED[c.keyword].description if c.keyword in DERIVED and not c.path else None,
         "dicom": {
             "constraint_type": dicom_dpp.constraint_type(c),
             "values": [_num(v) if isinstance(v, float) else v for v in dvals],
@@ -89,6 +96,8 @@ def constraint_from_json(d: dict) -> ir.Constraint:
         tolerance=ir.Tolerance(**tol) if tol else None,
         significance=ir.Significance(d.get("significance", "error")),
         modifiable=bool(d.get("modifiable", False)), index=d.get("index"), note=d.get("note"),
+        path=[ir.PathStep(**s) for s in d.get("path") or []], measure=d.get("measure", "value"),
+        if_present=bool(d.get("if_present", False)),
     )
 
 
@@ -168,7 +177,8 @@ def to_json(trial: ir.Trial, t: Target) -> dict:
         "label": t.label,
         "equipment": [_device_json(s, d) for s, d in t.devices],
         "series_naming": series_naming(p),
-        "parameters": [constraint_to_json(c, origin) for c, origin in t.constraints],
+        "parameters": [constraint_to_json(c, origin) for c, origin in t.constraints]
+        + [constraint_to_json(c, origin, w) for w, origin in t.conditionals for c in w.constraints],
         "contacts": _contacts(t),
         "dicom_sop_instance_uid": dicom_dpp.sop_instance_uid(trial, t) if p.modality in dicom_dpp.DPP_MODALITIES else None,
     }
