@@ -54,3 +54,16 @@ def software_matches(pattern: Optional[str], versions: Iterable[str] | str | Non
         if any(fnmatch.fnmatchcase(tok, pat) for tok in re.split(r"[\s_/]+", v) if tok):
             return True
     return False
+
+
+# Manufacturer (0008,0070) spellings real headers carry, for did-you-mean on a vendor no alias knows.
+KNOWN_SPELLINGS = (
+    "SIEMENS", "Siemens Healthineers", "GE MEDICAL SYSTEMS", "GE HEALTHCARE", "Philips", "Philips Medical Systems",
+    "Philips Healthcare", "TOSHIBA", "Toshiba", "Canon Medical Systems", "CANON_MEC", "Hitachi", "FUJIFILM",
+    "United Imaging Healthcare", "UIH", "Bruker",
+)
+
+
+def is_known_vendor(name: Optional[str]) -> bool:
+    """Does the alias table recognize ``name`` (so variants and device matching can rely on it)?"""
+    return normalize_vendor(name) in CANONICAL_VENDORS

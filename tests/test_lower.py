@@ -175,7 +175,7 @@ def test_unknown_unit_lists_the_units_of_the_attributes_dimension():
     tree, _ = parse('protocol A modality PT { RadionuclideTotalDose <= 10 mCu  DiffusionBValue = 1000 smm }', "x")
     _t, diags = lower(tree, "x")
     assert [d.hint for d in diags] == ["did you mean 'mCi'?; units of activity: Bq, kBq, MBq, GBq, uCi, µCi, mCi",
-                                       "did you mean 's/mm2'?; units of diffusion: s/mm2, s/mm²"]
+                                       "did you mean 's/mm²'?; units of diffusion: s/mm2, s/mm²"]
 
 
 def test_lower_never_raises_on_none():

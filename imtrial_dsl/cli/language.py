@@ -1,4 +1,4 @@
-"""The language commands: ``imtrial check | compile | fmt | graph | schema | export | import``."""
+"""The language commands: ``imtrial check | compile | fmt | graph | schema | export | import | explain``."""
 from __future__ import annotations
 
 import importlib
@@ -24,8 +24,10 @@ def cmd_check(args) -> int:
     worst = EXIT_OK
     all_diags: list[dict] = []
     for path in args.files:
+        from ..compiler import study_file_problems
+
         res = compile_path(path)
-        diags = res.diagnostics
+        diags = sorted(res.diagnostics + study_file_problems(res, path), key=Diagnostic.sort_key)
         if args.werror:
             diags = [d.model_copy(update={"severity": Severity.ERROR}) if d.severity == Severity.WARNING else d for d in diags]
         e, w = counts(diags)
@@ -154,6 +156,14 @@ def cmd_import(args) -> int:
     return EXIT_OK
 
 
+def cmd_explain(args) -> int:
+    from ..explain import explain_text
+
+    trial, _ = load_study(args.file)
+    write_out(explain_text(trial, args.protocol, args.device), args.output)
+    return EXIT_OK
+
+
 def register(sub) -> None:
     """Add the language commands to the ``imtrial`` subparsers."""
     p = sub.add_parser("check", help="check study files and report every problem")
@@ -192,6 +202,13 @@ def register(sub) -> None:
                    help="cwl: one tool per pipeline node (step, the default) or one per exam (exam)")
     p.add_argument("--docker-image", metavar="IMAGE", help="cwl: a DockerRequirement hint naming this image")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("explain", help="print the effective protocol for one device (variants merged)")
+    p.add_argument("protocol", metavar="PROTOCOL")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--device", required=True, metavar="DEVICE", help="the inventory device id")
+    p.add_argument("-o", "--output", metavar="OUT")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("import", help="import an electronic protocol as .imtrial text")
     p.add_argument("kind", metavar="KIND", help="eprotocol")
