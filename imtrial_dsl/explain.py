@@ -11,7 +11,7 @@ from .diagnostics import ImtrialError, did_you_mean
 
 
 class ExplainError(ImtrialError):
-    code = "E320"
+    code = "E115"
 
 
 def effective(trial: ir.Trial, protocol: str, device: str) -> tuple[ir.Protocol, ir.Site, ir.Device, list[ir.Variant]]:
