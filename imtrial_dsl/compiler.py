@@ -129,6 +129,7 @@ def study_file_problems(res: CompileResult, path: str | Path) -> list[Diagnostic
         return [Diagnostic(code="E113", message="empty file: there is no study to check", span=where,
                            hint="start with a 'study CODE \"Title\" { … }' block; see docs/language.md")]
     if res.trial is not None and res.trial.study is None:
-        return [Diagnostic(code="E114", message="no 'study' block: this file declares no study", span=where,
+        # a warning, not an error: protocol-only files (imtrial import eprotocol, shared declarations) are checked too
+        return [Diagnostic(severity=Severity.WARNING, code="E114", message="no 'study' block: this file declares no study", span=where,
                            hint="add 'study CODE \"Title\" { … }'; a file of shared declarations is imported by one that has it")]
     return []
