@@ -10,7 +10,7 @@ import networkx as nx
 from pydantic import ValidationError
 
 from . import ir
-from .diagnostics import CompileErrors, Diagnostic, Severity
+from .diagnostics import CompileErrors, Diagnostic, Severity, Span
 
 
 @dataclass
@@ -113,3 +113,23 @@ def load_trial(path: str | Path) -> ir.Trial:
     if not trial.source_sha256:
         trial.source_sha256 = hashlib.sha256(data).hexdigest()
     return trial
+
+
+def study_file_problems(res: CompileResult, path: str | Path) -> list[Diagnostic]:
+    """What makes a file no study at all: E113 an empty file, E114 no ``study`` block (files meant
+    to be imported, such as the stdlib's, are not studies; ``imtrial check`` asks this of its files)."""
+    text = res.sources.get(str(path))
+    if text is None:
+        text = next((t for f, t in res.sources.items() if Path(f).resolve() == Path(path).resolve()), None)
+    if text is None or any(d.code == "E001" for d in res.diagnostics):
+        return []
+    where = Span(file=str(path), line=1, col=1, end_line=1, end_col=2)
+    body = "\n".join(line.split("#", 1)[0] for line in text.splitlines()).strip()
+    if not body:
+        return [Diagnostic(code="E113", message="empty file: there is no study to check", span=where,
+                           hint="start with a 'study CODE \"Title\" { … }' block; see docs/language.md")]
+    if res.trial is not None and res.trial.study is None:
+        # a warning, not an error: protocol-only files (imtrial import eprotocol, shared declarations) are checked too
+        return [Diagnostic(severity=Severity.WARNING, code="E114", message="no 'study' block: this file declares no study", span=where,
+                           hint="add 'study CODE \"Title\" { … }'; a file of shared declarations is imported by one that has it")]
+    return []

@@ -27,13 +27,13 @@ study_prop arms endpoint contact irb timezone device dev_modality dev_vendor dev
 dev_agreement proto_text match_rule constraint variant remove visit same_device remind escalate deid_attrs
 replace key date_shift blank burned_in profile_rule id_subject id_check id_source id_issuer an_input
 an_output an_run an_measure an_timeout an_description ar_path ar_retention ar_keep ar_hash sections
-q_protocols q_phantom q_requalify
+q_protocols q_phantom q_requalify when scope
 """.split())
 
 # Rules whose "{ ... }" is a block of statements (a set literal's braces are not).
 BLOCKS = frozenset("""
 study site device protocol variant schedule deidentify deid_profile identifiers analysis archive report
-qualification
+qualification when
 """.split())
 
 # reads (image interpretation) and document control
@@ -114,7 +114,7 @@ def _join(tokens: list[Token]) -> str:
                 or t.type == "RBRACE"  # only a set literal or an empty block closes mid-line
                 or (t.type == "UNIT" and s == "%")
                 or (s == "(" and prev.type in ("NAME", "ATTR"))
-                or (s == "[" and prev.type == "ATTR")
+                or (s == "[" and prev.type in ("ATTR", "TAG"))
             )
             if not tight:
                 out.append(" ")

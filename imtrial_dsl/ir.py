@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .diagnostics import Span
 
@@ -110,7 +110,9 @@ class Approval(Node):
 
 class Device(Node):
     id: str
-    modality: str
+    modality: str = Field(description="The first (or only) modality the device acquires.")
+    modalities: list[str] = Field(default=[], description="Every modality of a hybrid device (PET/CT: ['PT', 'CT']); "
+                                  "empty means [modality]. Use :meth:`acquires`.")
     vendor: str = Field(description="Canonical vendor (see vendors.normalize_vendor).")
     vendor_text: str = Field(default="", description="Vendor as written in the source.")
     model: Optional[str] = None
@@ -122,6 +124,13 @@ class Device(Node):
     ae_title: Optional[str] = Field(default=None, description="The device's DICOM AE title (worklist and listener calls).")
     coils: list[str] = []
     research_agreement: Optional[bool] = Field(default=None, description="None: not declared (unknown, not 'no').")
+
+    def all_modalities(self) -> list[str]:
+        return list(self.modalities) or ([self.modality] if self.modality else [])
+
+    def acquires(self, modality: str) -> bool:
+        """Does this device acquire ``modality`` (one of a hybrid's modalities)?"""
+        return modality.upper() in {m.upper() for m in self.all_modalities()}
 
 
 class Site(Node):
@@ -140,6 +149,7 @@ class MatchOp(str, Enum):
     EQUALS = "equals"        # exact string ('=')
     CONTAINS = "contains"    # value (or any of a multi-valued attribute) equals ('has'), e.g. ImageType has "ORIGINAL"
     NOT_MATCHES = "not_matches"  # '!~'
+    NOT_CONTAINS = "not_contains"  # '!has': no value of the attribute equals
 
 
 class MatchRule(Node):
@@ -166,6 +176,12 @@ class ConstraintKind(str, Enum):
     LESS_THAN = "LESS_THAN"
     SET_OF = "SET_OF"          # value in {a, b, c}
     MATCHES = "MATCHES"        # string matches regex (no DICOM equivalent; exported in JSON only)
+    # multi-valued attributes (no DICOM equivalent; exported in JSON only)
+    CONTAINS = "CONTAINS"          # 'has v': one of the values equals v
+    NOT_CONTAINS = "NOT_CONTAINS"  # '!has v': no value equals v
+    CONTAINS_ALL = "CONTAINS_ALL"  # 'has all {a, b}'
+    CONTAINS_ANY = "CONTAINS_ANY"  # 'has any {a, b}'
+    PRESENT = "PRESENT"            # 'present': the attribute is there with a value
 
 
 class Significance(str, Enum):
@@ -181,15 +197,34 @@ class Tolerance(Node):
     source_unit: Optional[str] = None
 
 
+class PathStep(Node):
+    """One step of an attribute path: a keyword, or a private element by creator, with a selector.
+
+    On a sequence, ``item`` picks its items (a number, 'any' or 'every'; None means every item);
+    on the last step it is the value index (PixelSpacing[0]).
+    """
+
+    keyword: Optional[str] = None
+    creator: Optional[str] = Field(default=None, description="Private creator, e.g. 'GEMS_PARM_01'.")
+    tag: Optional[str] = Field(default=None, description="Private element '(gggg,xxee)'.")
+    item: Optional[Union[int, Literal["any", "every"]]] = None
+
+
 class Constraint(Node):
-    """A parameter constraint on a DICOM attribute keyword.
+    """A parameter constraint on a DICOM attribute keyword (or an attribute path).
 
     ``values``: EQUAL/NOT_EQUAL/comparisons one value; RANGE_* two (low, high); SET_OF many;
     MATCHES one regex string. ``index`` selects one value of a multi-valued attribute
     (e.g. PixelSpacing[0]); None means every value must satisfy the constraint.
+    ``path`` is set when the attribute is not a plain top-level keyword: the steps into
+    sequences and/or a private element (``keyword``/``index`` then mirror the last step;
+    for a private element ``keyword`` is its tag text).
     """
 
     keyword: str
+    path: list[PathStep] = []
+    measure: Literal["value", "count"] = Field(default="value", description="'count': the constraint is on the number of values.")
+    if_present: bool = Field(default=False, description="Holds when the attribute is absent ('if present').")
     kind: ConstraintKind
     values: list[Value]
     tolerance: Optional[Tolerance] = None
@@ -199,18 +234,52 @@ class Constraint(Node):
     note: Optional[str] = None
 
 
-class Variant(Node):
-    """Overrides for one vendor (optionally model and software release).
+class Conditional(Node):
+    """'when COND { … }': constraints on the frames (Enhanced objects) or instances where COND holds."""
 
-    A constraint here replaces the base constraint on the same keyword; ``remove`` drops one.
+    condition: "Constraint"
+    constraints: list["Constraint"] = []
+
+
+class Variant(Node):
+    """Overrides for one vendor (optionally model and software release), one site or one device.
+
+    A constraint here replaces the base constraint on the same attribute; ``remove`` drops one.
+    Variants layer in the order of :data:`MERGE_ORDER` (see :func:`effective_chain`).
     """
 
-    vendor: str
+    vendor: str = ""
+    site: Optional[str] = None
+    device: Optional[str] = None
     vendor_text: str = ""
     model: Optional[str] = None
     software: Optional[str] = Field(default=None, description="Software release or glob, e.g. 'XA30' or 'R5.*'.")
     constraints: list[Constraint] = []
+    conditionals: list[Conditional] = []
     remove: list[str] = []
+
+    def layer(self) -> str:
+        """Which layer of :data:`MERGE_ORDER` this variant is."""
+        if self.device:
+            return "device"
+        if self.site:
+            return "site"
+        return "vendor" + ("+model" if self.model else "") + ("+software" if self.software else "")
+
+    def describe(self) -> str:
+        if self.device:
+            return f"device {self.device}"
+        if self.site:
+            return f"site {self.site}"
+        return " ".join(x for x in (self.vendor, f'model "{self.model}"' if self.model else "",
+                                    f'software "{self.software}"' if self.software else "") if x)
+
+
+class Scope(Node):
+    """'for site S, device D': the protocol applies at these sites and devices only."""
+
+    sites: list[str] = []
+    devices: list[str] = []
 
 
 class Protocol(Node):
@@ -222,20 +291,48 @@ class Protocol(Node):
     contrast: Optional[str] = None
     match: list[MatchRule] = []
     constraints: list[Constraint] = []
+    conditionals: list[Conditional] = []
     variants: list[Variant] = []
+    scope: Optional[Scope] = None
     notes: list[str] = []
+
+    def applies_to(self, site: Optional[str], device: Optional[str]) -> bool:
+        """Is the protocol in scope for a device (True without a scope)?"""
+        if self.scope is None:
+            return True
+        return (site in self.scope.sites) or (device in self.scope.devices)
 
 
 # --------------------------------------------------------------------------- schedule
+
+class Acquisition(Ref):
+    """A protocol a visit acquires: ``optional``, and how many series it needs ('at least 2')."""
+
+    optional: bool = False
+    at_least: int = 1
+
 
 class Visit(Node):
     name: str
     kind: Literal["screening", "baseline", "followup", "unscheduled"] = "followup"
     offset: Days
+    event: Optional[str] = Field(default=None, description="An unscheduled visit triggered by this event, not a day; "
+                                 "its window counts from the event.")
     window_before: Optional[Days] = Field(default=None, description="Days allowed before the target (positive number).")
     window_after: Optional[Days] = Field(default=None, description="Days allowed after the target.")
-    acquire: list[Ref] = []
+    acquire: list[Acquisition] = []
     optional: bool = False
+
+    @field_validator("acquire", mode="before")
+    @classmethod
+    def _refs(cls, v: Any) -> Any:
+        """A plain :class:`Ref` is a required acquisition of one series."""
+        return [Acquisition(**r.model_dump()) if isinstance(r, Ref) and not isinstance(r, Acquisition) else r
+                for r in v] if isinstance(v, list) else v
+
+    def scheduled(self) -> bool:
+        """A visit on the calendar (not triggered by an event)."""
+        return self.event is None
 
 
 class ReminderPolicy(Node):
@@ -545,9 +642,9 @@ class Trial(Node):
         base: list[tuple[Site, Device]] = []
         per_variant: list[list[tuple[Site, Device]]] = [[] for _ in protocol.variants]
         for site, dev in self.devices():
-            if dev.modality != protocol.modality:
+            if not dev.acquires(protocol.modality):
                 continue
-            _, chosen = effective_constraints(protocol, dev.vendor, dev.software, dev.model)
+            _, chosen = effective_constraints(protocol, dev.vendor, dev.software, dev.model, site=site.code, device=dev.id)
             if chosen is None:
                 base.append((site, dev))
             else:
@@ -562,31 +659,65 @@ class Trial(Node):
         ]
 
 
-def effective_constraints(protocol: Protocol, vendor: str = "", software: Optional[str] | list[str] = None,
-                          model: Optional[str] = None) -> tuple[list[Constraint], Optional[Variant]]:
-    """The constraints that apply to a device: base constraints overridden by the best matching variant.
+#: The order variants layer in, least specific first: each layer's constraints replace those of the
+#: layers before it on the same attribute, and its ``remove`` drops them.
+MERGE_ORDER = ("vendor", "vendor+model", "vendor+software", "vendor+model+software", "site", "device")
 
-    The most specific variant wins (vendor+model+software > vendor+software > vendor).
-    """
+
+def constraint_key(c: Constraint) -> str:
+    """What a variant's constraint replaces: the attribute as written (path and value index included)."""
+    from .source import parameter
+
+    return ("count " if c.measure == "count" else "") + parameter(c)
+
+
+def effective_chain(protocol: Protocol, vendor: str = "", software: Optional[str] | list[str] = None,
+                    model: Optional[str] = None, *, site: Optional[str] = None,
+                    device: Optional[str] = None) -> list[Variant]:
+    """The variants that apply to a device, in merge order (see :data:`MERGE_ORDER`)."""
     from .vendors import normalize_vendor, software_matches
 
     v = normalize_vendor(vendor)
-    best, best_score = None, -1
-    for var in protocol.variants:
+    hits: list[tuple[int, int, Variant]] = []
+    for i, var in enumerate(protocol.variants):
+        if var.device or var.site:
+            if (var.device and var.device == device) or (var.site and var.site == site):
+                hits.append((MERGE_ORDER.index(var.layer()), i, var))
+            continue
         if var.vendor != v:
             continue
         if var.model and (not model or var.model.lower() != str(model).lower()):
             continue
         if var.software and not software_matches(var.software, software):
             continue
-        score = (2 if var.software else 0) + (1 if var.model else 0)
-        if score > best_score:
-            best, best_score = var, score
-    if best is None:
+        hits.append((MERGE_ORDER.index(var.layer()), i, var))
+    return [var for _, _, var in sorted(hits, key=lambda h: (h[0], h[1]))]
+
+
+def merge(base: list[Constraint], chain: list[Variant]) -> list[tuple[Constraint, Optional[Variant]]]:
+    """Layer ``chain`` over ``base``: (constraint, the variant it came from or None for the base)."""
+    out: list[tuple[Constraint, Optional[Variant]]] = [(c, None) for c in base]
+    for var in chain:
+        drop = {constraint_key(c) for c in var.constraints} | set(var.remove)
+        out = [(c, src) for c, src in out if constraint_key(c) not in drop and c.keyword not in var.remove]
+        out += [(c, var) for c in var.constraints]
+    return out
+
+
+def effective_constraints(protocol: Protocol, vendor: str = "", software: Optional[str] | list[str] = None,
+                          model: Optional[str] = None, *, site: Optional[str] = None,
+                          device: Optional[str] = None) -> tuple[list[Constraint], Optional[Variant]]:
+    """The constraints that apply to a device: the base constraints with every applicable variant
+    layered over them in :data:`MERGE_ORDER`; also the most specific variant applied (or None)."""
+    chain = effective_chain(protocol, vendor, software, model, site=site, device=device)
+    if not chain:
         return list(protocol.constraints), None
-    overridden = {c.keyword for c in best.constraints} | set(best.remove)
-    merged = [c for c in protocol.constraints if c.keyword not in overridden] + list(best.constraints)
-    return merged, best
+    return [c for c, _ in merge(list(protocol.constraints), chain)], chain[-1]
+
+
+def effective_conditionals(protocol: Protocol, chain: list[Variant]) -> list[Conditional]:
+    """The protocol's 'when' blocks plus those of the applicable variants."""
+    return list(protocol.conditionals) + [w for var in chain for w in var.conditionals]
 
 
 def strip_spans(obj: Any) -> Any:

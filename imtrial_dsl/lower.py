@@ -23,7 +23,7 @@ from lark import Token, Tree
 
 from . import ir
 from .diagnostics import Diagnostic, Severity, Span, did_you_mean
-from .units import CALENDAR, UNITS, to_canonical
+from .units import CALENDAR, DICOM_UNITS, UNITS, to_canonical, units_of
 from .vendors import normalize_vendor
 
 ACTION_CODES = ("D", "Z", "X", "K", "C", "U", "X/Z", "X/D", "X/Z/D", "Z/D", "X/Z/U*")
@@ -39,7 +39,8 @@ ROLE_KINDS = ("central", "site", "reader", "sponsor", "monitor", "statistician")
 SCOPES = ("all", "own")
 REPORT_KINDS = ("management", "qc", "adherence", "enrollment", "qualification")
 ARCHIVE_HASHES = ("sha256",)
-MATCH_OPS = {"~": ir.MatchOp.MATCHES, "!~": ir.MatchOp.NOT_MATCHES, "=": ir.MatchOp.EQUALS, "has": ir.MatchOp.CONTAINS}
+MATCH_OPS = {"~": ir.MatchOp.MATCHES, "!~": ir.MatchOp.NOT_MATCHES, "=": ir.MatchOp.EQUALS, "has": ir.MatchOp.CONTAINS,
+             "!has": ir.MatchOp.NOT_CONTAINS}
 CMP_KINDS = {">=": ir.ConstraintKind.GREATER_OR_EQUAL, "<=": ir.ConstraintKind.LESS_OR_EQUAL,
              ">": ir.ConstraintKind.GREATER_THAN, "<": ir.ConstraintKind.LESS_THAN}
 _ESCAPES = {"n": "\n", "t": "\t", '"': '"', "\\": "\\"}
@@ -60,6 +61,7 @@ class Lowerer:
     def __init__(self, filename: str):
         self.file = filename
         self.diags: list[Diagnostic] = []
+        self.unit_dimension: Optional[str] = None  # the dimension the attribute being lowered needs (for E201 hints)
 
     # ------------------------------------------------------------------ helpers
     def span(self, item: Optional[Item]) -> Optional[Span]:
@@ -137,9 +139,24 @@ class Lowerer:
         pattern = self.text(tok)
         try:
             re.compile(pattern)
-        except (re.error, RecursionError, OverflowError) as exc:
+        except re.error as exc:
+            self.error("E206", self.regex_span(tok, exc.pos), f"invalid regular expression: {exc.msg}"
+                       + (f" at position {exc.pos}" if exc.pos is not None else ""))
+        except (RecursionError, OverflowError) as exc:
             self.error("E206", tok, f"invalid regular expression: {exc}")
         return pattern
+
+    def regex_span(self, tok: Token, pos: Optional[int]) -> Optional[Span]:
+        """The column of character ``pos`` of a STRING token's value (escapes counted as written)."""
+        span = self.span(tok)
+        if pos is None or span is None or span.line is None or tok.type != "STRING":
+            return span
+        body, i, seen = str(tok)[1:-1], 0, 0
+        while i < len(body) and seen < pos:  # a written escape (\" or \\) is one character of the value
+            i += 2 if body[i] == "\\" and i + 1 < len(body) and body[i + 1] in '"\\nt' else 1
+            seen += 1
+        col = span.col + 1 + i
+        return Span(file=self.file, line=span.line, col=col, end_line=span.line, end_col=col + 1)
 
     def date(self, tok: Optional[Token]) -> Optional[str]:
         if tok is None:
@@ -164,8 +181,13 @@ class Lowerer:
             what = "a calendar unit (d, week, month, year)" if calendar else "a measurement unit"
             self.error("E202", tok, f"'{u}' is not {what} here")
             return None
-        self.error("E201", tok, f"unknown unit '{u}'", did_you_mean(u, list(table)) or
-                   ("calendar units: " + ", ".join(CALENDAR) if calendar else None))
+        dim = self.unit_dimension if not calendar and self.unit_dimension != "none" else None
+        hint = (did_you_mean(u, units_of(dim)) if dim else None) or did_you_mean(u, list(table))
+        if calendar:
+            hint = hint or "calendar units: " + ", ".join(CALENDAR)
+        elif self.unit_dimension and self.unit_dimension != "none":
+            hint = (hint + "; " if hint else "") + f"units of {self.unit_dimension}: " + ", ".join(units_of(self.unit_dimension))
+        self.error("E201", tok, f"unknown unit '{u}'", hint)
         return None
 
     def quantity(self, tree: Tree, default_unit: Optional[str] = None) -> Optional[ir.Quantity]:
@@ -301,7 +323,10 @@ class Lowerer:
         for c in self.kids(item):
             if c.data == "dev_modality":
                 self.once(props, "modality", c, f"device {dev_id}")
-                fields["modality"] = str(c.children[0])
+                mods = [str(t) for t in c.children]
+                fields["modality"] = mods[0]
+                if len(mods) > 1:
+                    fields["modalities"] = mods
             elif c.data == "dev_vendor":
                 self.once(props, "vendor", c, f"device {dev_id}")
                 text = self.text(c.children[0].children[0])
@@ -356,31 +381,115 @@ class Lowerer:
                     proto.constraints.append(con)
             elif c.data == "variant":
                 proto.variants.append(self.variant(c))
+            elif c.data == "when":
+                w = self.conditional(c)
+                if w is not None:
+                    proto.conditionals.append(w)
+            elif c.data == "scope":
+                scope = proto.scope or ir.Scope(span=self.span(c))  # several 'for' lines add up
+                for t in c.children:
+                    (scope.sites if str(t.children[0]) == "site" else scope.devices).append(str(t.children[1]))
+                proto.scope = scope
         trial.protocols.append(proto)
 
+    def conditional(self, item: Tree) -> Optional[ir.Conditional]:
+        """'when ATTR COND { constraints }': the condition is lowered like a constraint."""
+        attr, cond = item.children[0], item.children[1]
+        head = self.constraint_parts(attr, cond, [], item)
+        if head is None:
+            return None
+        w = ir.Conditional(span=self.span(item), condition=head)
+        for c in self.kids(item)[2:]:
+            con = self.constraint(c)
+            if con is not None:
+                w.constraints.append(con)
+        return w
+
     def variant(self, item: Tree) -> ir.Variant:
-        vendor_tree, model, software = item.children[0], item.children[1], item.children[2]
-        text = self.text(vendor_tree.children[0])
-        var = ir.Variant(span=self.span(item), vendor=normalize_vendor(text), vendor_text=text,
-                         model=self.text(model), software=self.text(software))
-        for c in self.kids(item):
+        head = item.children[0]
+        if head.data == "var_scope":
+            kind, target = str(head.children[0]), str(head.children[1])
+            var = ir.Variant(span=self.span(item), **{kind: target})
+            body = self.kids(item)[1:]
+        else:
+            model, software = item.children[1], item.children[2]
+            text = self.text(head.children[0])
+            var = ir.Variant(span=self.span(item), vendor=normalize_vendor(text), vendor_text=text,
+                             model=self.text(model), software=self.text(software))
+            body = self.kids(item)[1:]
+        for c in body:
             if c.data == "constraint":
                 con = self.constraint(c)
                 if con is not None:
                     var.constraints.append(con)
             elif c.data == "remove":
                 var.remove.extend(str(t) for t in c.children)
+            elif c.data == "when":
+                w = self.conditional(c)
+                if w is not None:
+                    var.conditionals.append(w)
         return var
 
-    def constraint(self, item: Tree) -> Optional[ir.Constraint]:
-        attr = item.children[0]
-        keyword = str(attr.children[0])
-        index = None
-        if attr.children[1] is not None:
-            index = self.integer(attr.children[1], "an attribute index", lo=0)
-        cond = item.children[1]
-        fields: dict[str, Any] = {}
+    def path(self, attr: Tree) -> tuple[str, Optional[int], list[ir.PathStep], bool]:
+        """(keyword, value index, path steps when not a plain keyword, ok)."""
+        steps: list[ir.PathStep] = []
         ok = True
+        for st in attr.children:
+            sel = st.children[-1]
+            item: Any = None
+            if sel is not None:
+                tok = sel.children[0]
+                if tok.type == "NUMBER":
+                    item = self.integer(tok, "an item or value index", lo=0)
+                    ok = ok and item is not None
+                else:
+                    item = str(tok)
+            if st.data == "private_step":
+                creator, tag = self.text(st.children[0]), str(st.children[1])
+                if not re.fullmatch(r"\([0-9A-Fa-f]{3}[13579BbDdFf],[xX]{2}[0-9A-Fa-f]{2}\)", tag):
+                    self.error("E110", st.children[1], f"'{tag}' is not a private element of a creator's block",
+                               "write the private group (odd) and the element's low byte, e.g. (0043,xx39)")
+                    ok = False
+                if not creator.strip():
+                    self.error("E110", st.children[0], "a private element needs its creator", 'e.g. private "GEMS_PARM_01" (0043,xx39)')
+                    ok = False
+                steps.append(ir.PathStep(span=self.span(st), creator=creator, tag=tag.lower(), item=item))
+            else:
+                steps.append(ir.PathStep(span=self.span(st), keyword=str(st.children[0]), item=item))
+        last = steps[-1]
+        if isinstance(last.item, str):
+            self.error("E111", attr, f"[{last.item}] selects sequence items; on the last step write a value index",
+                       "e.g. ImageType[2], or a 'has' constraint for any value")
+            ok = False
+        for s_ in steps[:-1]:
+            if s_.tag:
+                self.error("E111", attr, "a private element can only be the last step of a path")
+                ok = False
+        keyword = last.keyword or f"private {last.creator} {last.tag}"
+        index = last.item if isinstance(last.item, int) else None
+        plain = len(steps) == 1 and last.tag is None
+        return keyword, index, ([] if plain else steps), ok
+
+    def constraint(self, item: Tree) -> Optional[ir.Constraint]:
+        return self.constraint_parts(item.children[0], item.children[1], item.children[2:], item)
+
+    def constraint_parts(self, attr: Tree, cond: Tree, modifiers: list, item: Tree) -> Optional[ir.Constraint]:
+        keyword, index, steps, ok = self.path(attr)
+        fields: dict[str, Any] = {}
+        if steps:
+            fields["path"] = steps
+        if cond.data == "count":
+            fields["measure"] = "count"
+            cond = cond.children[0]
+            self.unit_dimension = "none"
+        else:
+            self.unit_dimension = DICOM_UNITS.get(keyword, (None, ""))[0]
+        try:
+            return self._constraint(keyword, index, cond, modifiers, item, fields, ok)
+        finally:
+            self.unit_dimension = None
+
+    def _constraint(self, keyword, index, cond, modifiers, item, fields, ok) -> Optional[ir.Constraint]:
         if cond.data == "eq":
             val = self.value(cond.children[0])
             fields["kind"], fields["values"] = ir.ConstraintKind.EQUAL, [val]
@@ -416,8 +525,16 @@ class Lowerer:
             fields["kind"], fields["values"] = ir.ConstraintKind.SET_OF, vals
         elif cond.data == "regex":
             fields["kind"], fields["values"] = ir.ConstraintKind.MATCHES, [self.regex(cond.children[0])]
+        elif cond.data in ("has", "nhas", "has_all", "has_any"):
+            vals = [self.value(v) for v in cond.children]
+            ok = ok and all(v is not None for v in vals)
+            fields["kind"] = {"has": ir.ConstraintKind.CONTAINS, "nhas": ir.ConstraintKind.NOT_CONTAINS,
+                              "has_all": ir.ConstraintKind.CONTAINS_ALL, "has_any": ir.ConstraintKind.CONTAINS_ANY}[cond.data]
+            fields["values"] = vals
+        elif cond.data == "present":
+            fields["kind"], fields["values"] = ir.ConstraintKind.PRESENT, []
         mods: dict = {}
-        for m in item.children[2:]:
+        for m in modifiers:
             self.once(mods, m.data, m, f"the constraint on {keyword}")
             if m.data == "severity":
                 sev = self.choice(m.children[0], SEVERITIES, "severity")
@@ -427,6 +544,8 @@ class Lowerer:
                 fields["modifiable"] = True
             elif m.data == "note":
                 fields["note"] = self.text(m.children[0])
+            elif m.data == "if_present":
+                fields["if_present"] = True
         if not ok:
             return None
         return ir.Constraint(span=self.span(item), keyword=keyword, index=index, **fields)
@@ -496,15 +615,24 @@ class Lowerer:
 
     def visit(self, item: Tree) -> Optional[ir.Visit]:
         name, kind_tok, offset = item.children[0], item.children[1], item.children[2]
+        fields: dict[str, Any] = {}
         if kind_tok is not None:
             kind = self.choice(kind_tok, VISIT_KINDS, "visit kind") or "followup"
         else:
             low = str(name).lower()
             kind = "screening" if low.startswith("screen") else "baseline" if low.startswith("baseline") else "followup"
-        a, b = offset.children
-        num, unit = (b, a) if a.type == "UNIT" else (a, b)
-        off = self.days(num, unit, offset)
-        fields: dict[str, Any] = {}
+        if offset.data == "on_event":
+            fields["event"] = self.text(offset.children[0])
+            if kind_tok is None:
+                kind = "unscheduled"
+            elif kind != "unscheduled":
+                self.error("E112", kind_tok, f"visit {name} is triggered by an event, so it is 'unscheduled', not '{kind}'",
+                           f"write 'visit {name} unscheduled on event …' or give it a day with 'at'")
+            off = ir.Days(span=self.span(offset), days=0, source_value=0)
+        else:
+            a, b = offset.children
+            num, unit = (b, a) if a.type == "UNIT" else (a, b)
+            off = self.days(num, unit, offset)
         props: dict = {}
         for c in self.kids(item)[1:]:
             self.once(props, c.data, c, f"visit {name}")
@@ -519,12 +647,19 @@ class Lowerer:
                                                           source_unit=lo.source_unit)
                         fields["window_after"] = hi
             elif c.data == "acquire":
-                fields["acquire"] = [ir.Ref(span=self.span(t), name=str(t)) for t in c.children]
+                fields["acquire"] = [self.acquisition(t) for t in c.children]
             elif c.data == "optional":
                 fields["optional"] = True
         if off is None:
             return None
         return ir.Visit(span=self.span(item), name=str(name), kind=kind, offset=off, **fields)
+
+    def acquisition(self, item: Tree) -> ir.Acquisition:
+        opt, name, count = item.children
+        at_least = 1
+        if count is not None:
+            at_least = self.integer(count.children[0], "a series count", lo=1) or 1
+        return ir.Acquisition(span=self.span(name), name=str(name), optional=opt is not None, at_least=at_least)
 
     # ------------------------------------------------------------------ de-identification
     def _top_deidentify(self, item, trial, seen):

@@ -238,12 +238,22 @@ class _Errors:
             return
         shown = ch if ch.isprintable() and ch.strip() else repr(ch).strip("'")
         hint = _expected_words(self.lark, e.allowed) or None
+        if not ch.isascii() and (ch.isalnum() or ch == "_"):
+            self.add("E101", f"unexpected character '{shown}': names must be ASCII", self._span(e.line, e.column),
+                     "names use the letters A-Z and a-z, digits and '_'; put other text in a \"string\"")
+            return
         self.add("E101", f"unexpected character '{shown}'", self._span(e.line, e.column), hint)
 
     def _token(self, e: UnexpectedToken) -> None:
         tok = e.token
         if tok.type == "$END":
             exp = _expected_words(self.lark, self._accepts(e))
+            opened = _open_block(self.text) if "RBRACE" in (e.expected or ()) else None
+            if opened is not None:
+                head, line = opened
+                self.add("E104", f"unexpected end of file: the '{head}' block opened at line {line} is never closed",
+                         self._eof_span(), f"add the closing '}}' of '{head}'" + (f"; {exp}" if exp else ""))
+                return
             self.add("E104", "unexpected end of file" + (f", {exp}" if exp else ""), self._eof_span(),
                      "a '{' block may be missing its closing '}'" if "RBRACE" in (e.expected or ()) else None)
             return
@@ -314,6 +324,38 @@ class _Errors:
             ip.feed_token(Token.new_borrow_pos(ttype, tok.value, tok) if ttype != tok.type else tok)
         except Exception:
             ps.state_stack[:], ps.value_stack[:] = saved_s, saved_v
+
+
+def _open_block(text: str) -> Optional[tuple[str, int]]:
+    """The innermost '{' left open at the end of ``text`` (strings and comments skipped): the
+    first two words of the statement it opens ('protocol T1w') and its line."""
+    stack: list[int] = []
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == '"':
+            j = i + 1
+            while j < n and text[j] not in '"\n':
+                j += 2 if text[j] == "\\" else 1
+            i = j + 1
+            continue
+        if ch == "#":
+            j = text.find("\n", i)
+            i = n if j < 0 else j
+            continue
+        if ch == "{":
+            stack.append(i)
+        elif ch == "}" and stack:
+            stack.pop()
+        i += 1
+    if not stack:
+        return None
+    pos = stack[-1]
+    start = max(text.rfind(c, 0, pos) for c in "{};\n") + 1
+    while start > 0 and not text[start:pos].strip():  # '{' on a line of its own: the head is above
+        start = max(text.rfind(c, 0, start - 1) for c in "{};\n") + 1
+    words = re.sub(r'"[^"\n]*"|#[^\n]*', " ", text[start:pos]).split()
+    return " ".join(words[:2]) or "{", text.count("\n", 0, pos) + 1
 
 
 @lru_cache(maxsize=None)

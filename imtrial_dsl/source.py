@@ -60,8 +60,16 @@ def header_text(v: ir.Value) -> str:
     return str(v).strip()
 
 
+def step(s: ir.PathStep) -> str:
+    """One path step as written: 'RadiopharmaceuticalInformationSequence[0]', 'private "GEMS_PARM_01" (0043,xx39)'."""
+    head = f"private {quote(s.creator or '')} {s.tag}" if s.tag else (s.keyword or "")
+    return head + (f"[{s.item}]" if s.item is not None else "")
+
+
 def parameter(c: ir.Constraint) -> str:
-    """The constrained attribute as written: 'EchoTime', 'PixelSpacing[0]'."""
+    """The constrained attribute as written: 'EchoTime', 'PixelSpacing[0]', 'Seq[0].Keyword'."""
+    if c.path:
+        return ".".join(step(s) for s in c.path)
     return c.keyword + (f"[{c.index}]" if c.index is not None else "")
 
 
@@ -126,13 +134,19 @@ class Style:
     #: range ends written in the same unit name it once, on the high end ('2 .. 3.5 ms'), when this holds
     shares_unit: Callable[[str], bool] = lambda unit: False
     tolerance: Callable[[ir.Constraint], str] = _with_tolerance
+    #: how a constraint on the number of values starts
+    count: str = "count "
 
 
 _SYNTAX = {
     _K.EQUAL: "= {v}{tol}", _K.NOT_EQUAL: "!= {v}", _K.RANGE_INCL: "in {lo} .. {hi}",
     _K.RANGE_EXCL: "in {lo} .. {hi} exclusive", _K.GREATER_OR_EQUAL: ">= {v}", _K.LESS_OR_EQUAL: "<= {v}",
     _K.GREATER_THAN: "> {v}", _K.LESS_THAN: "< {v}", _K.SET_OF: "in {{{vs}}}", _K.MATCHES: "~ {pattern}",
+    _K.CONTAINS: "has {v}", _K.NOT_CONTAINS: "!has {v}", _K.CONTAINS_ALL: "has all {{{vs}}}",
+    _K.CONTAINS_ANY: "has any {{{vs}}}", _K.PRESENT: "present",
 }
+_MULTI_PROSE = {_K.CONTAINS: "includes {v}", _K.NOT_CONTAINS: "does not include {v}", _K.CONTAINS_ALL: "includes all of {vs}",
+                _K.CONTAINS_ANY: "includes one of {vs}", _K.PRESENT: "present"}
 
 SOURCE = Style(_SYNTAX, quote, shares_unit=lambda unit: True)
 REPORT = Style({**_SYNTAX, _K.RANGE_EXCL: "in {lo} .. {hi} (exclusive)"}, plain_quote, shares_unit=lambda unit: True)
@@ -141,13 +155,14 @@ PROSE = Style({
     _K.EQUAL: "{v}{tol}", _K.NOT_EQUAL: "not {v}", _K.RANGE_INCL: "between {lo} and {hi} (inclusive)",
     _K.RANGE_EXCL: "strictly between {lo} and {hi}", _K.GREATER_OR_EQUAL: "at least {v}", _K.LESS_OR_EQUAL: "at most {v}",
     _K.GREATER_THAN: "more than {v}", _K.LESS_THAN: "less than {v}", _K.SET_OF: "one of {vs}",
-    _K.MATCHES: "matches the pattern /{pattern}/",
-}, plain_quote, pattern=str, tolerance=_with_accepted)
+    _K.MATCHES: "matches the pattern /{pattern}/", **_MULTI_PROSE,
+}, plain_quote, pattern=str, tolerance=_with_accepted, count="number of values: ")
 DOCUMENT = Style({
     _K.EQUAL: "= {v}", _K.NOT_EQUAL: "≠ {v}", _K.RANGE_INCL: "{lo} – {hi} (inclusive)",
     _K.RANGE_EXCL: "between {lo} and {hi} (exclusive)", _K.GREATER_OR_EQUAL: "≥ {v}", _K.LESS_OR_EQUAL: "≤ {v}",
     _K.GREATER_THAN: "> {v}", _K.LESS_THAN: "< {v}", _K.SET_OF: "one of {vs}", _K.MATCHES: "matches {pattern}",
-}, str, shares_unit=lambda unit: unit != "%")
+    **_MULTI_PROSE,
+}, str, shares_unit=lambda unit: unit != "%", count="number of values ")
 
 
 def rhs(c: ir.Constraint, style: Style = SOURCE) -> str:
@@ -164,16 +179,24 @@ def rhs(c: ir.Constraint, style: Style = SOURCE) -> str:
         else:
             fields["lo"] = value(lo, style.quote)
         fields["hi"] = value(hi, style.quote)
-    elif c.kind == _K.SET_OF:
+    elif c.kind in (_K.SET_OF, _K.CONTAINS_ALL, _K.CONTAINS_ANY):
         fields["vs"] = ", ".join(value(v, style.quote) for v in vals)
-    else:
+    elif vals:
         fields["v"] = value(vals[0], style.quote)
-    return style.forms[c.kind].format(**fields)
+    out = style.forms[c.kind].format(**fields)
+    if c.measure == "count":
+        out = style.count + out
+    return out
 
 
 def text(c: ir.Constraint, style: Style = SOURCE) -> str:
     """Attribute and constraint: 'EchoTime in 2 .. 3 ms' (MESSAGE: 'EchoTime in 2 ms .. 3 ms')."""
     return f"{parameter(c)} {rhs(c, style)}"
+
+
+def conditional(w: ir.Conditional, style: Style = SOURCE) -> str:
+    """The head of a 'when' block: 'when DiffusionBValue = 2500 s/mm2'."""
+    return f"when {text(w.condition, style)}"
 
 
 def constraint(c: ir.Constraint) -> str:
@@ -183,6 +206,8 @@ def constraint(c: ir.Constraint) -> str:
         tail += f"   severity {c.significance.value}"
     if c.modifiable:
         tail += "   modifiable"
+    if c.if_present:
+        tail += "   if present"
     if c.note:
         tail += f"   note {quote(c.note)}"
     return f"{text(c, SOURCE)}{tail}"

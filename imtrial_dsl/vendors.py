@@ -78,3 +78,16 @@ def scanner_manufacturers(vendor: str, written: str = "") -> list[str]:
     if text and text != canonical and text not in known:
         known.insert(0, text)
     return known or [text or canonical]
+
+
+# Manufacturer (0008,0070) spellings real headers carry, for did-you-mean on a vendor no alias knows.
+KNOWN_SPELLINGS = (
+    "SIEMENS", "Siemens Healthineers", "GE MEDICAL SYSTEMS", "GE HEALTHCARE", "Philips", "Philips Medical Systems",
+    "Philips Healthcare", "TOSHIBA", "Toshiba", "Canon Medical Systems", "CANON_MEC", "Hitachi", "FUJIFILM",
+    "United Imaging Healthcare", "UIH", "Bruker",
+)
+
+
+def is_known_vendor(name: Optional[str]) -> bool:
+    """Does the alias table recognize ``name`` (so variants and device matching can rely on it)?"""
+    return normalize_vendor(name) in CANONICAL_VENDORS

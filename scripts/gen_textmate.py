@@ -68,7 +68,7 @@ def build() -> dict:
             "keyword": {"patterns": [
                 {"match": rf"\b(?:{_alt(BLOCKS + DECLARATIONS)})\b", "name": "storage.type.imtrial"},
                 {"match": rf"\b(?:{_alt(other)})\b", "name": "keyword.other.imtrial"}]},
-            "operator": {"match": r"!~|!=|>=|<=|\+/-|\.\.|[~=<>±%]", "name": "keyword.operator.imtrial"},
+            "operator": {"match": r"!has\b|!~|!=|>=|<=|\+/-|\.\.|[~=<>±%]", "name": "keyword.operator.imtrial"},
             "name": {"patterns": [
                 {"match": r"\b(?:[A-Z]|dBdt)[A-Za-z0-9_]*\b", "name": "support.variable.attribute.imtrial"},
                 {"match": r"[A-Za-zµ_][A-Za-z0-9_]*(?:/[A-Za-z]+)?", "name": "variable.other.name.imtrial"}]},

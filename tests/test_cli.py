@@ -46,7 +46,8 @@ def test_check_json_and_werror(tmp_path: Path) -> None:
     p = imtrial("check", "--format", "json", str(ROOT / "tests" / "scenarios" / "identifiers_check_digit.imtrial"))
     assert p.returncode == 0  # a warning only
     data = json.loads(p.stdout)
-    assert [d["code"] for d in data] == ["W406"] and data[0]["span"]["line"] == 2
+    # E114 (a warning): a scenario file has no study block
+    assert [d["code"] for d in data] == ["E114", "W406"] and data[1]["span"]["line"] == 2
     p = imtrial("check", "--werror", str(ROOT / "tests" / "scenarios" / "identifiers_check_digit.imtrial"))
     assert p.returncode == 1 and "error[W406]: check_digit mod97" in p.stderr
 

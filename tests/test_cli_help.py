@@ -143,7 +143,7 @@ def test_bash_completion_completes_commands_and_options():
               'complete_for "imtrial expl"; complete_for "imtrial status --a"; complete_for "imtrial completion "')
     p = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=60)
     first, second, third = [[w.strip() for w in part.split("\n") if w.strip()] for part in p.stdout.split("--\n")[:3]]
-    assert first == ["explain-code"], p.stdout + p.stderr
+    assert first == ["explain", "explain-code"], p.stdout + p.stderr
     assert second == ["--all"], p.stdout
     assert {"bash", "fish", "zsh"} <= set(third) and "lsp" not in third, p.stdout
 

@@ -646,7 +646,8 @@ def _constraint(draw):
         return ir.Constraint(keyword=kw, kind=kind, values=vals, significance=sig, modifiable=mod, note=note)
     kw = draw(st.sampled_from(sorted(_NUMERIC)))
     unit = _NUMERIC[kw]
-    kind = draw(st.sampled_from([k for k in ir.ConstraintKind if k != ir.ConstraintKind.MATCHES]))
+    # the kinds a DICOM Defined Procedure Protocol carries (the others: test_json_only_constructs)
+    kind = draw(st.sampled_from([k for k in dicom_dpp._KIND_TO_DICOM if k != ir.ConstraintKind.MATCHES]))
     if kind in (ir.ConstraintKind.RANGE_INCL, ir.ConstraintKind.RANGE_EXCL):
         a, b = sorted([draw(_nums), draw(_nums)])
         vals = [_q(a, unit), _q(b, unit)]
@@ -697,3 +698,29 @@ def test_same_attribute_twice_is_a_diagnostic_for_dicom(tmp_path):
     cap.constraints.pop()
     cap.constraints.append(ir.Constraint(keyword="PixelSpacing", kind=ir.ConstraintKind.LESS_THAN, values=[_q(1, "mm")], index=1))
     ep.export(trial, None, tmp_path / "ok")
+
+
+def test_json_only_constructs_round_trip_in_json_and_stay_out_of_the_dpp(tmp_path):
+    """Paths, private elements, value counts, 'if present', has/present and derived quantities: the JSON
+    e-protocol carries them (and reads them back); a DICOM DPP cannot, so they are left out of it."""
+    src = """
+    study S "s" { }
+    protocol P modality CT {
+      KVP = 120 kV
+      RadiopharmaceuticalInformationSequence[0].RadionuclideTotalDose in 185 .. 370 MBq
+      private "GEMS_PARM_01" (0043,xx39)[0] = 1000
+      ImageType has "AXIAL"
+      ImageType count >= 3
+      ContrastBolusAgent present
+      CTDIvol <= 10 mGy if present
+      TemporalResolution <= 200 ms
+    }
+    """
+    from imtrial_dsl.compiler import compile_text
+
+    trial = compile_text(src, "s.imtrial").trial
+    paths = ep.export(trial, None, tmp_path)
+    [got] = ep.import_files(_by_suffix(paths, ".json"))
+    assert ir.strip_spans(got) == ir.strip_spans(trial.protocols[0])
+    [dpp] = ep.import_files(_by_suffix(paths, ".dcm"))
+    assert [c.keyword for c in dpp.constraints] == ["KVP", "TemporalResolution"]

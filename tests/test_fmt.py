@@ -117,11 +117,18 @@ def quantity(draw, units=UNITS):
 @st.composite
 def constraint(draw):
     attr = [draw(st.sampled_from(ATTRS))]
+    prefix = draw(st.sampled_from([[], ["RadiopharmaceuticalInformationSequence", "[", "0", "]", "."],
+                                   ["MRDiffusionSequence", "[", "any", "]", "."], ["SharedFunctionalGroupsSequence", "."]]))
+    if draw(st.booleans()):
+        attr = ["private", draw(st.sampled_from(['"GEMS_PARM_01"', '"Philips Imaging DD 001"'])),
+                draw(st.sampled_from(["(0043,xx39)", "(2001,xx03)"]))]
+    attr = prefix + attr
     if draw(st.booleans()):
         attr += ["[", draw(st.sampled_from(["0", "1"])), "]"]
-    u = draw(st.sampled_from(["ms", "mm", "deg", ""]))
+    u = draw(st.sampled_from(["ms", "mm", "deg", "", "MBq", "s/mm2", "mGy·cm"]))
     q = lambda: [draw(num)] + ([u] if u else [])  # noqa: E731
-    form = draw(st.sampled_from(["eq", "eqtol", "eqpct", "ne", "cmp", "range", "range2", "set", "regex", "str"]))
+    form = draw(st.sampled_from(["eq", "eqtol", "eqpct", "ne", "cmp", "range", "range2", "set", "regex", "str",
+                                 "has", "nhas", "hasall", "hasany", "count", "present"]))
     body = {
         "eq": lambda: ["="] + q(),
         "eqtol": lambda: ["=", *q(), draw(st.sampled_from(["±", "+/-"])), *q()],
@@ -133,12 +140,18 @@ def constraint(draw):
         "set": lambda: ["in", "{", *draw(listed(st.one_of(string, num))), "}"],
         "regex": lambda: ["~", draw(st.sampled_from(['"(?i)t1"', '"\\d+"', '"^a|b$"']))],
         "str": lambda: ["=", draw(string)],
+        "has": lambda: ["has", draw(string)],
+        "nhas": lambda: ["!has", draw(string)],
+        "hasall": lambda: ["has", "all", "{", *draw(listed(string)), "}"],
+        "hasany": lambda: ["has", "any", "{", *draw(listed(string)), "}"],
+        "count": lambda: ["count", draw(st.sampled_from([">=", "<=", ">", "<"])), draw(st.sampled_from(["1", "3"]))],
+        "present": lambda: ["present"],
     }[form]()
-    mods = draw(some_of(["sev", "mod", "note"]))
+    mods = draw(some_of(["sev", "mod", "note", "if"]))
     out = attr + body
     for m in mods:
         out += {"sev": ["severity", draw(st.sampled_from(["error", "warning", "info"]))],
-                "mod": ["modifiable"], "note": ["note", draw(string)]}[m]
+                "mod": ["modifiable"], "note": ["note", draw(string)], "if": ["if", "present"]}[m]
     return out
 
 
@@ -163,10 +176,10 @@ def joined(token_lists):
 
 
 device = st.tuples(
-    name, st.sampled_from(["MR", "CT"]), vendor,
+    name, st.sampled_from(["MR", "CT", "PT, CT", "PT, MR"]), vendor,
     some_of(["model", "software", "serial", "station", "institution", "ae_title"]),
     string, num, st.lists(string, max_size=2), st.sampled_from(["yes", "no", "true", "false"]),
-).map(lambda t: ["device", t[0], "{", "modality", t[1], "vendor", *t[2], *[tok for k in t[3] for tok in (k, t[4])],
+).map(lambda t: ["device", t[0], "{", "modality", *t[1].replace(",", " ,").split(), "vendor", *t[2], *[tok for k in t[3] for tok in (k, t[4])],
                  "field", t[5], "T", "coils", "[", *[tok for i, s in enumerate(t[6]) for tok in ([","] if i else []) + [s]],
                  "]", "research_agreement", t[7], "}"])
 
@@ -179,25 +192,34 @@ site = block(
 site_irb = seq("irb", one(st.sampled_from(["approved", "pending", "expired", "not_required"])), opt(one(string)),
                opt(seq("date", one(st.just("2026-01-15")))), opt(seq("expires", one(st.just("2027-01-15")))))
 
+when = seq("when", one(st.sampled_from(ATTRS)), "=", one(num), "{",
+           st.lists(constraint(), max_size=3).map(lambda cs: [t for c in cs for t in c]), "}")
+scope = seq("for", joined(st.lists(seq(one(st.sampled_from(["site", "device"])), one(name)), min_size=1, max_size=3)))
 variant = block(
-    seq("variant", vendor, opt(seq("model", one(string))), opt(seq("software", one(string)))),
-    st.one_of(constraint(), seq("remove", listed(st.sampled_from(ATTRS)))))
+    st.one_of(seq("variant", vendor, opt(seq("model", one(string))), opt(seq("software", one(string)))),
+              seq("variant", one(st.sampled_from(["site", "device"])), one(name))),
+    st.one_of(constraint(), seq("remove", listed(st.sampled_from(ATTRS))), when))
 
 protocol = block(
     seq("protocol", one(name), "modality", one(st.sampled_from(["MR", "CT", "PT"])), opt(one(string))),
     st.one_of(
         seq(one(st.sampled_from(["prepare", "remark"])), one(string)),
-        seq("match", one(st.sampled_from(ATTRS)), one(st.sampled_from(["~", "!~", "=", "has"])), one(st.just('"x"'))),
+        seq("match", one(st.sampled_from(ATTRS)), one(st.sampled_from(["~", "!~", "=", "has", "!has"])), one(st.just('"x"'))),
         constraint(),
         variant,
+        when,
+        scope,
     ), max_size=6)
 
-visit = seq("visit", one(name), opt(one(st.sampled_from(["screening", "baseline", "followup", "unscheduled"]))), "at",
-            st.one_of(seq(one(cal), one(num)), seq(one(num), one(cal))),
+acq_item = seq(opt(st.just(["optional"])), one(name), opt(seq("at", "least", one(st.sampled_from(["1", "2"])))))
+visit = seq("visit", one(name),
+            st.one_of(seq(opt(one(st.sampled_from(["screening", "baseline", "followup", "unscheduled"]))),
+                          "at", st.one_of(seq(one(cal), one(num)), seq(one(num), one(cal)))),
+                      seq(opt(st.just(["unscheduled"])), "on", "event", one(string))),
             some_of(["window", "acquire", "optional"]).flatmap(lambda ks: st.tuples(
                 *[{"window": seq("window", one(st.sampled_from(["-3", "-1", "0"])), opt(one(cal)), "..",
                                  one(st.sampled_from(["+0", "2", "+5"])), one(cal)),
-                   "acquire": seq("acquire", listed(name)),
+                   "acquire": seq("acquire", joined(st.lists(acq_item, min_size=1, max_size=3))),
                    "optional": st.just(["optional"])}[k] for k in ks]).map(lambda xs: [t for x in xs for t in x])))
 schedule = block(st.just(["schedule"]), visit, max_size=3)
 schedule_tail = some_of(["same", "remind", "escalate"]).flatmap(lambda ks: st.tuples(*[{

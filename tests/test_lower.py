@@ -117,8 +117,8 @@ LOWER_ERRORS = [
     ('protocol A modality MR { EchoTime in 2 s .. 3 mm }', [(1, 35, "E202", "incompatible units in range")]),
     ('protocol A modality MR { FlipAngle = 9 deg ± 1 mm }', [(1, 44, "E202", "tolerance unit 'mm'")]),
     ('protocol A modality MR { EchoTime = 3 ms severity fatal }', [(1, 51, "E204", "unknown severity 'fatal'")]),
-    ('protocol A modality MR { SeriesDescription ~ "([" }', [(1, 46, "E206", "invalid regular expression")]),
-    ('protocol A modality MR { match SeriesDescription ~ "(" }', [(1, 52, "E206", "invalid regular expression")]),
+    ('protocol A modality MR { SeriesDescription ~ "([" }', [(1, 48, "E206", "invalid regular expression")]),  # the caret at the unclosed "[" (position 1 of the pattern)
+    ('protocol A modality MR { match SeriesDescription ~ "(" }', [(1, 53, "E206", "invalid regular expression")]),
     ('protocol A modality MR { PixelSpacing[0.5] < 1 mm }', [(1, 39, "E203", "whole number")]),
     ('protocol A modality MR { EchoTime = 1e400 ms }', [(1, 37, "E203", "out of range")]),
     ('protocol A modality MR { Rows > "x" }', [(1, 33, "E202", "compares numbers")]),
@@ -168,7 +168,14 @@ def test_lowering_errors(src, expected):
 def test_unknown_unit_has_did_you_mean():
     tree, _ = parse('protocol A modality MR { EchoTime = 3 msec }', "x")
     _t, diags = lower(tree, "x")
-    assert diags[0].hint == "did you mean 'ms'?"
+    assert diags[0].hint == "did you mean 'ms'?; units of time: us, ms, s, min, h"
+
+
+def test_unknown_unit_lists_the_units_of_the_attributes_dimension():
+    tree, _ = parse('protocol A modality PT { RadionuclideTotalDose <= 10 mCu  DiffusionBValue = 1000 smm }', "x")
+    _t, diags = lower(tree, "x")
+    assert [d.hint for d in diags] == ["did you mean 'mCi'?; units of activity: Bq, kBq, MBq, GBq, uCi, µCi, mCi",
+                                       "did you mean 's/mm²'?; units of diffusion: s/mm2, s/mm²"]
 
 
 def test_lower_never_raises_on_none():

@@ -109,10 +109,20 @@ def tag_text(tag: Optional[int]) -> Optional[str]:
     return None if tag is None else f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
+def in_dpp(c: ir.Constraint) -> bool:
+    """Can a DICOM Defined Procedure Protocol carry this constraint? Not: paths into sequences or private
+    elements, value counts, 'if present', has/!has/has all/has any/present, derived quantities (no
+    Attribute Value Constraint type or Selector Attribute says these). The JSON e-protocol carries them."""
+    from imtrial_dsl.derived import DERIVED
+
+    return (not c.path and c.measure == "value" and not c.if_present and c.kind in _KIND_TO_DICOM
+            and (c.keyword not in DERIVED or dicom_info(c.keyword)[0] is not None))
+
+
 def constraint_type(c: ir.Constraint) -> str:
     if c.kind == ir.ConstraintKind.EQUAL and c.tolerance is not None:
         return "RANGE_INCL"
-    return _KIND_TO_DICOM[c.kind]
+    return _KIND_TO_DICOM.get(c.kind, "UNCONSTRAINED")
 
 
 def dicom_values(c: ir.Constraint) -> tuple[list[Any], Optional[Any]]:
@@ -126,7 +136,7 @@ def dicom_values(c: ir.Constraint) -> tuple[list[Any], Optional[Any]]:
             return v.value
         return v
 
-    if c.kind == ir.ConstraintKind.MATCHES:
+    if c.kind == ir.ConstraintKind.MATCHES or c.kind not in _KIND_TO_DICOM:
         return [], None
     if c.kind == ir.ConstraintKind.EQUAL and c.tolerance is not None:
         tol = source.tolerance_abs(c)
@@ -194,9 +204,16 @@ def _clamp(vr: str, values: list[Any]) -> list[Any]:
     return [min(max(v, float(lo)), float(hi)) if isinstance(v, float) else v for v in values]
 
 
-def held_values(vr: Optional[str], kind: ir.ConstraintKind, exact: list[Any]) -> list[Any]:
-    """The constraint's values as an attribute of ``vr`` can hold them (integer VRs: rounded and clamped)."""
-    return _clamp(vr, _integer_bounds(kind, exact)) if vr in INTEGER_VRS else exact
+def held_values(vr: Optional[str], kind: ir.ConstraintKind, exact: list[Any], tolerance: bool = False) -> list[Any]:
+    """The constraint's values as an attribute of ``vr`` can hold them (integer VRs: rounded and clamped).
+
+    ``= v ± t`` is written as the range [v-t, v+t], so its bounds round inward as a range's do
+    (integers within 0 ± 0.6 are {0}, not -1 .. 1)."""
+    if vr not in INTEGER_VRS:
+        return exact
+    if kind == ir.ConstraintKind.EQUAL and tolerance:
+        kind = ir.ConstraintKind.RANGE_INCL
+    return _clamp(vr, _integer_bounds(kind, exact))
 
 
 def _selector_value_item(vr: str, value: Any):
@@ -249,7 +266,7 @@ def _constraint_item(c: ir.Constraint, origin: str, pos: int, element_seq: int =
     if vr == "SQ":
         raise ImtrialError(c, f"'{c.keyword}' is a sequence; constraints on sequences have no DPP encoding")
     exact, default = dicom_values(c)
-    dvals = held_values(vr, c.kind, exact)
+    dvals = held_values(vr, c.kind, exact, c.tolerance is not None)
     item = Dataset()
     item.SelectorAttribute = tag
     item.SelectorValueNumber = 0 if c.index is None else c.index + 1
@@ -349,7 +366,8 @@ def to_dicom(trial: ir.Trial, t: Target):
     # General Defined Acquisition / Reconstruction. PS3.3 C.34.9: one item per attribute and addressing
     # (read here per value index, so PixelSpacing[0] and PixelSpacing[1] may both be constrained).
     seen: dict[tuple[str, Optional[int]], ir.Constraint] = {}
-    for c, _ in t.constraints:
+    carried = [(c, origin) for c, origin in t.constraints if in_dpp(c)]
+    for c, _ in carried:
         key = (c.keyword, c.index)
         if key in seen:
             first = seen[key]
@@ -359,6 +377,8 @@ def to_dicom(trial: ir.Trial, t: Target):
         seen[key] = c
     acq, rec = [], []
     for pos, (c, origin) in enumerate(t.constraints):
+        if not in_dpp(c):
+            continue
         if c.keyword in RECONSTRUCTION_KEYWORDS:
             rec.append(_constraint_item(c, origin, pos, RECON_ELEMENT_SEQ, 1, p.modality))
         else:

@@ -51,10 +51,12 @@ def _value_from_json(v: Any) -> ir.Value:
     return v
 
 
-def constraint_to_json(c: ir.Constraint, origin: str) -> dict:
-    tag, vr, name = dicom_dpp.dicom_info(c.keyword)
+def constraint_to_json(c: ir.Constraint, origin: str, condition: Optional[ir.Conditional] = None) -> dict:
+    from imtrial_dsl.derived import DERIVED
+
+    tag, vr, name = dicom_dpp.dicom_info(c.keyword) if not c.path else (None, None, source.parameter(c))
     exact, default = dicom_dpp.dicom_values(c)
-    dvals = dicom_dpp.held_values(vr, c.kind, exact)
+    dvals = dicom_dpp.held_values(vr, c.kind, exact, c.tolerance is not None)
     d = {
         "keyword": c.keyword,
         "name": name,
@@ -71,6 +73,11 @@ def constraint_to_json(c: ir.Constraint, origin: str) -> dict:
         "note": c.note,
         "origin": origin,
         "requirement": source.rhs(c, source.PROSE),
+        "path": [s.model_dump(exclude={"span"}) for s in c.path],
+        "measure": c.measure,
+        "if_present": c.if_present,
+        "condition": source.conditional(condition, source.REPORT) if condition is not None else None,
+        "derived": DERIVED[c.keyword].description if c.keyword in DERIVED and not c.path else None,
         "dicom": {
             "constraint_type": dicom_dpp.constraint_type(c),
             "values": [_num(v) if isinstance(v, float) else v for v in dvals],
@@ -90,6 +97,8 @@ def constraint_from_json(d: dict) -> ir.Constraint:
         tolerance=ir.Tolerance(**tol) if tol else None,
         significance=ir.Significance(d.get("significance", "error")),
         modifiable=bool(d.get("modifiable", False)), index=d.get("index"), note=d.get("note"),
+        path=[ir.PathStep(**s) for s in d.get("path") or []], measure=d.get("measure", "value"),
+        if_present=bool(d.get("if_present", False)),
     )
 
 
@@ -169,7 +178,8 @@ def to_json(trial: ir.Trial, t: Target) -> dict:
         "label": t.label,
         "equipment": [_device_json(s, d) for s, d in t.devices],
         "series_naming": series_naming(p),
-        "parameters": [constraint_to_json(c, origin) for c, origin in t.constraints],
+        "parameters": [constraint_to_json(c, origin) for c, origin in t.constraints]
+        + [constraint_to_json(c, origin, w) for w, origin in t.conditionals for c in w.constraints],
         # the base constraints a variant replaces or removes, so that one variant file alone is a whole protocol
         "base_overridden": [dict(constraint_to_json(c, "base"), base_position=i) for i, c in t.overridden_base],
         "contacts": _contacts(t),
@@ -235,10 +245,21 @@ def meaning_problems(doc: dict, dicom: bool = True) -> list[str]:
 
     from imtrial_dsl import units
 
+    from imtrial_dsl.derived import DERIVED
+
     problems = []
     for n, d in enumerate(doc.get("parameters", []) + doc.get("base_overridden", [])):
         kw = d.get("keyword", "")
         where = f"parameter {n + 1} ({kw})"
+        path = d.get("path") or []
+        if path:  # a path into sequences or a private element: every named step must be a keyword
+            bad = [s.get("keyword") for s in path if s.get("keyword") and tag_for_keyword(s["keyword"]) is None]
+            bad += [f"private {s.get('creator')} {s.get('tag')}" for s in path if not s.get("keyword")
+                    and not (s.get("creator") and s.get("tag"))]
+            problems += [f"{where}: path step '{b}' is not a DICOM keyword or a private element" for b in bad]
+            continue   # DICOM cannot carry a path constraint: there is no dicom part to compare
+        if kw in DERIVED:
+            continue   # a derived quantity (e.g. UptakeTime): computed from the header, no DICOM part
         tag = tag_for_keyword(kw)
         if tag is None:
             problems.append(f"{where}: '{kw}' is not a DICOM keyword")
@@ -270,7 +291,7 @@ def meaning_problems(doc: dict, dicom: bool = True) -> list[str]:
             continue
         _, vr, _ = dicom_dpp.dicom_info(kw)
         exact, default = dicom_dpp.dicom_values(c)
-        want = dicom_dpp.held_values(vr, c.kind, exact)
+        want = dicom_dpp.held_values(vr, c.kind, exact, c.tolerance is not None)
         got = (d.get("dicom") or {}).get("values", [])
         same = len(want) == len(got) and all(
             math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-9) if isinstance(a, (int, float)) and not isinstance(a, bool)

@@ -26,13 +26,31 @@ class Target:
         self.protocol, self.variant, self.index, self.devices, self.label = protocol, variant, index, devices, label
 
     @property
-    def constraints(self) -> list[tuple[ir.Constraint, str]]:
-        """Effective constraints with their origin ('base' or 'variant'), in effective_constraints order."""
-        if self.variant is None:
-            return [(c, "base") for c in self.protocol.constraints]
+    def chain(self) -> list[ir.Variant]:
+        """The variant layered on the variants it builds on (ir.MERGE_ORDER): for a vendor variant, the
+        less specific variants of its vendor it refines; a site or device variant stands alone here."""
         v = self.variant
-        overridden = {c.keyword for c in v.constraints} | set(v.remove)
-        return [(c, "base") for c in self.protocol.constraints if c.keyword not in overridden] + [(c, "variant") for c in v.constraints]
+        if v is None:
+            return []
+        if v.site or v.device:
+            return [v]
+        under = [u for u in self.protocol.variants if u is not v and not (u.site or u.device) and u.vendor == v.vendor
+                 and (not u.model or (v.model or "").lower() == u.model.lower())
+                 and (not u.software or u.software == v.software)
+                 and ir.MERGE_ORDER.index(u.layer()) < ir.MERGE_ORDER.index(v.layer())]
+        return sorted(under, key=lambda u: ir.MERGE_ORDER.index(u.layer())) + [v]
+
+    @property
+    def constraints(self) -> list[tuple[ir.Constraint, str]]:
+        """Effective constraints with their origin ('base', 'variant', or 'inherited' from a less specific
+        variant this one builds on), in merge order."""
+        return [(c, "base" if src is None else "variant" if src is self.variant else "inherited")
+                for c, src in ir.merge(list(self.protocol.constraints), self.chain)]
+
+    @property
+    def conditionals(self) -> list[tuple[ir.Conditional, str]]:
+        """The 'when' blocks of the protocol and of the variants in :attr:`chain`."""
+        return [(w, "base") for w in self.protocol.conditionals] + [(w, "variant") for v in self.chain for w in v.conditionals]
 
     @property
     def overridden_base(self) -> list[tuple[int, ir.Constraint]]:
@@ -45,6 +63,8 @@ class Target:
 
 
 def _variant_label(v: ir.Variant) -> str:
+    if v.site or v.device:
+        return slug(f"site-{v.site}" if v.site else f"device-{v.device}")
     parts = [v.vendor] + ([v.model] if v.model else []) + ([v.software] if v.software else [])
     return "-".join(slug(p) for p in parts)
 
@@ -77,7 +97,7 @@ def variant_header(t: Target) -> Optional[dict]:
     if v is None:
         return None
     return {"index": t.index, "vendor": v.vendor, "vendor_text": v.vendor_text, "model": v.model,
-            "software": v.software, "remove": list(v.remove)}
+            "software": v.software, "site": v.site, "device": v.device, "remove": list(v.remove)}
 
 
 def base_with_overridden(effective_base: list[ir.Constraint], overridden: list[tuple[int, ir.Constraint]]) -> list[ir.Constraint]:
@@ -91,7 +111,8 @@ def base_with_overridden(effective_base: list[ir.Constraint], overridden: list[t
 
 def variant_from_header(v: dict, constraints: list[ir.Constraint]) -> ir.Variant:
     return ir.Variant(vendor=v["vendor"], vendor_text=v.get("vendor_text", ""), model=v.get("model"),
-                      software=v.get("software"), constraints=constraints, remove=list(v.get("remove", [])))
+                      software=v.get("software"), site=v.get("site"), device=v.get("device"),
+                      constraints=constraints, remove=list(v.get("remove", [])))
 
 
 def protocol_from_header(h: dict) -> ir.Protocol:

@@ -126,15 +126,50 @@ def regex(ctx: Context, node: Any, pattern: str) -> bool:
         return False
 
 
-def constraints(ctx: Context, cons: list[ir.Constraint], where: str) -> None:
+_MULTI = {ir.ConstraintKind.CONTAINS, ir.ConstraintKind.NOT_CONTAINS, ir.ConstraintKind.CONTAINS_ALL,
+          ir.ConstraintKind.CONTAINS_ANY, ir.ConstraintKind.PRESENT}
+
+
+def _path_ok(ctx: Context, c: ir.Constraint, where: str) -> bool:
+    """Every keyword of a path is a DICOM keyword; the steps before the last are sequences (E317)."""
+    ok = True
+    for i, st in enumerate(c.path):
+        if st.tag:
+            continue
+        if not keyword(ctx, st, st.keyword, f"constraint of {where}"):
+            ok = False
+        elif i < len(c.path) - 1 and vr_of(st.keyword) != "SQ":
+            ctx.error("E317", st, f"{st.keyword} is not a sequence (VR {vr_of(st.keyword)}), so '{source.parameter(c)}' "
+                      "cannot step into it", "only sequences (VR SQ) have items to step into")
+            ok = False
+        elif i == len(c.path) - 1 and vr_of(st.keyword) == "SQ":
+            ctx.error("E317", st, f"{st.keyword} is a sequence: constrain an attribute inside it",
+                      f"e.g. {st.keyword}[0].<Keyword>")
+            ok = False
+    return ok
+
+
+def constraints(ctx: Context, cons: list[ir.Constraint], where: str, modality: str = "") -> None:
     """Each constraint on its own, then those on one attribute together."""
+    from ..derived import DERIVED
+    from ..nested import NESTED
+
     by_key: dict[str, list[ir.Constraint]] = defaultdict(list)
     for c in cons:
-        if not keyword(ctx, c, c.keyword, f"constraint of {where}"):
+        if c.path:
+            if not _path_ok(ctx, c, where):
+                continue
+        elif c.keyword not in DERIVED and not keyword(ctx, c, c.keyword, f"constraint of {where}"):
             continue
+        if not c.path and c.keyword in NESTED.get(modality.upper(), {}):
+            seq, module = NESTED[modality.upper()][c.keyword]
+            ctx.warning("W408", c, f"{c.keyword} occurs only inside {seq} in {modality} images (PS3.3 {module}); "
+                        f"it is read from the sequence's items",
+                        f"write {seq}[0].{c.keyword} (or [any] / [every]) to say which item")
         if not constraint(ctx, c):
             continue
-        by_key[c.keyword].append(c)
+        if c.measure == "value" and c.kind not in _MULTI and not c.if_present:
+            by_key[source.parameter(c) if c.path else c.keyword].append(c)
     for group in by_key.values():
         contradictions(ctx, group)
 
@@ -142,8 +177,17 @@ def constraints(ctx: Context, cons: list[ir.Constraint], where: str) -> None:
 def constraint(ctx: Context, c: ir.Constraint) -> bool:
     """Units, types and ranges of one constraint; False when it is too broken to reason about further."""
     ok = True
-    dim_unit = units.DICOM_UNITS.get(c.keyword)
-    vr = vr_of(c.keyword)
+    if c.kind == ir.ConstraintKind.PRESENT:
+        return True
+    if c.measure == "count":  # the number of values: plain numbers
+        for q in c.values:
+            if not isinstance(q, ir.Quantity) or q.dimension != "none":
+                ctx.error("E401", c, f"'{_text(c)}' counts values: write a plain number", "e.g. ImageType count >= 3")
+                return False
+        return True
+    last = c.path[-1] if c.path else None
+    dim_unit = units.DICOM_UNITS.get(c.keyword) if last is None or not last.tag else None
+    vr = vr_of(c.keyword) if last is None or not last.tag else None
     numeric_vr = vr is not None and any(x in NUMERIC_VRS for x in vr.split(" or "))
     quantities = [v for v in c.values if isinstance(v, ir.Quantity)]
     strings = [v for v in c.values if isinstance(v, str)]
@@ -157,6 +201,8 @@ def constraint(ctx: Context, c: ir.Constraint) -> bool:
         ctx.error("E407", c, f"{c.keyword} is numeric (VR {vr}) but '{_text(c)}' compares text",
                   f"write a number{' with a unit, e.g. ' + units.CANONICAL[dim_unit[0]] if dim_unit and dim_unit[1] else ''}")
         return False
+    if c.kind in _MULTI:
+        return ok
     if strings and c.kind in _NUMERIC_KINDS:
         ctx.error("E407", c, f"'{_text(c)}' compares text with a numeric operator", "use = , != , in {…} or ~ for text")
         return False

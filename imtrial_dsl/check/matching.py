@@ -10,9 +10,11 @@ from .. import ir
 from ..matchsets import Term, alphabet_for, common_string
 from .context import Context
 
-# ImageType value 1 is ORIGINAL or DERIVED, value 2 PRIMARY or SECONDARY (PS3.3 C.7.6.1.1.2).
-_EXCLUSIVE_IMAGE_TYPE = ({"ORIGINAL", "DERIVED"}, {"PRIMARY", "SECONDARY"})
-_MODES = {"has": (), "search": ("search", "full"), "full": ("full",), "equal": ("equal",), "not": ("search",)}
+# ImageType value 1 is ORIGINAL or DERIVED, value 2 PRIMARY or SECONDARY (PS3.3 C.7.6.1.1.2); an MR
+# image is one complex component, which classic headers flag with one of M, P, R, I (Siemens value 3,
+# Philips value 4: the magnitude and phase series of a field map; Enhanced MR's ComplexImageComponent).
+_EXCLUSIVE_IMAGE_TYPE = ({"ORIGINAL", "DERIVED"}, {"PRIMARY", "SECONDARY"}, {"M", "P", "R", "I"})
+_MODES = {"has": (), "!has": (), "search": ("search", "full"), "full": ("full",), "equal": ("equal",), "not": ("search",)}
 
 
 def _alternatives(p: ir.Protocol) -> list[dict[str, list[tuple[str, str]]]]:
@@ -36,7 +38,9 @@ def _alternatives(p: ir.Protocol) -> list[dict[str, list[tuple[str, str]]]]:
         elif r.op == ir.MatchOp.EQUALS:
             rules[r.attribute].append(("equal", r.value.strip()))
         elif r.op == ir.MatchOp.CONTAINS:
-            rules[r.attribute].append(("has", r.value.strip().upper()))
+            rules[r.attribute].append(("has", r.value.strip()))
+        elif r.op == ir.MatchOp.NOT_CONTAINS:
+            rules[r.attribute].append(("!has", r.value.strip()))
     return [dict(rules)]
 
 
@@ -47,11 +51,16 @@ def _typical_witness(a: dict, b: dict, alphabet: str) -> tuple[Optional[dict[str
     for attr in sorted(set(a) | set(b)):
         decided = True  # per attribute: one attribute proven disjoint decides the pair
         has = {v for op, v in a.get(attr, []) + b.get(attr, []) if op == "has"}
-        if attr == "ImageType" and any(pair <= has for pair in _EXCLUSIVE_IMAGE_TYPE):
+        hasnt = {v for op, v in a.get(attr, []) + b.get(attr, []) if op == "!has"}
+        if has & hasnt:
             return None, True
-        ra = [r for r in a.get(attr, []) if r[0] != "has"]
-        rb = [r for r in b.get(attr, []) if r[0] != "has"]
+        if attr == "ImageType" and any(len(group & has) > 1 for group in _EXCLUSIVE_IMAGE_TYPE):
+            return None, True
+        ra = [r for r in a.get(attr, []) if r[0] not in ("has", "!has")]
+        rb = [r for r in b.get(attr, []) if r[0] not in ("has", "!has")]
         if not ra and not rb:
+            if has:  # the witness carries every value a 'has' rule asks for
+                witness[attr] = "\\".join(sorted(has))
             continue
         positives = [i for i, (op, _) in enumerate(ra) if op in ("search", "equal", "full")]
         choices = positives or [None]
@@ -72,8 +81,31 @@ def _typical_witness(a: dict, b: dict, alphabet: str) -> tuple[Optional[dict[str
             decided = decided and res.decided
         if found is None:
             return None, decided
+        if has:
+            # a multi-valued witness: the 'has' values, then the text the patterns accept; it must still
+            # satisfy every rule of both protocols as the classifier reads them
+            found = "\\".join(sorted(has) + [found]) if found else "\\".join(sorted(has))
+            if not _holds(a.get(attr, []) + b.get(attr, []), found):
+                return None, False
         witness[attr] = found
     return witness, True
+
+
+def _holds(rules: list[tuple[str, str]], value: str) -> bool:
+    """Do these rules hold for one attribute value, as ``runner.classify.rule_matches`` reads them?"""
+    parts = value.split("\\")
+    for op, v in rules:
+        if op == "has" and v not in parts:
+            return False
+        if op == "!has" and v in parts:
+            return False
+        if op == "equal" and value != v:
+            return False
+        if op in ("search", "full") and re.search(v, value) is None:
+            return False
+        if op == "not" and re.search(v, value) is not None:
+            return False
+    return True
 
 
 def check(ctx: Context) -> None:

@@ -1,4 +1,4 @@
-"""The language commands: ``imtrial check | compile | fmt | graph | schema | export | import``."""
+"""The language commands: ``imtrial check | compile | fmt | graph | schema | export | import | explain``."""
 from __future__ import annotations
 
 import importlib
@@ -24,9 +24,11 @@ def _exporter(name: str):
 def cmd_check(args) -> int:
     worst = EXIT_OK
     all_diags: list[dict] = []
+    from ..compiler import study_file_problems
+
     for path in args.studies:
         res = compile_path(path)
-        diags = res.diagnostics
+        diags = sorted(res.diagnostics + study_file_problems(res, path), key=Diagnostic.sort_key)
         if args.werror:
             diags = [d.model_copy(update={"severity": Severity.ERROR}) if d.severity == Severity.WARNING else d for d in diags]
         e, w = counts(diags)
@@ -158,6 +160,14 @@ def cmd_import(args) -> int:
     return EXIT_OK
 
 
+def cmd_explain(args) -> int:
+    from ..explain import explain_text
+
+    trial, _ = load_study(args.study)
+    write_out(explain_text(trial, args.protocol, args.device), args.out)
+    return EXIT_OK
+
+
 def register(sub) -> None:
     """Add the language commands to the ``imtrial`` subparsers."""
     p = command(sub, "check", "check study files and report every problem at once", examples=[
@@ -225,6 +235,17 @@ def register(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress display (it is off anyway when stderr "
                                                                   "is not a terminal)")
     p.set_defaults(func=cmd_export)
+
+    p = command(sub, "explain", "print the effective protocol for one device (variants merged)", examples=[
+        "imtrial explain T1w examples/amyloid_mri.imtrial --device BOS_MR1"],
+        details="Each constraint of the protocol as it applies on that device, with the layer it comes from: "
+                "the base, then vendor, model, software, site and device variants in that order, each building "
+                "on the ones before.")
+    p.add_argument("protocol", metavar="PROTOCOL", help="the protocol's name")
+    add_study(p)
+    p.add_argument("--device", required=True, metavar="DEVICE", help="the inventory device id")
+    add_out(p, "write to OUT instead of stdout", old_spelling=True)
+    p.set_defaults(func=cmd_explain)
 
     p = command(sub, "import", "import electronic protocols (DPP .dcm or JSON) as .imtrial text", examples=[
         "imtrial import eprotocol out/eprotocol/AMY01_T1w_GE.json -o t1w.imtrial",

@@ -133,9 +133,9 @@ def index_tree(tree: Tree, file: str) -> Index:
                 if isinstance(c, Tree) and c.data in ("an_output", "an_measure"):
                     tok = _names_tokens(c)[0]
                     define("output" if c.data == "an_output" else "measurement", tok, f"{first}.{tok}")
-        elif d in ("acquire", "q_protocols") or (d == "qc_protocols"):
-            for tok in (_names_tokens(t) if d == "acquire" else [x for c in t.children if isinstance(c, Tree)
-                                                                   for x in _names_tokens(c)]):
+        elif d in ("acq_item", "q_protocols") or (d == "qc_protocols"):
+            for tok in (_names_tokens(t) if d == "acq_item" else [x for c in t.children if isinstance(c, Tree)
+                                                                    for x in _names_tokens(c)]):
                 ref("protocol", tok)
         elif d == "an_input":
             r = next((c for c in t.children if isinstance(c, Tree) and c.data == "ref"), None)

@@ -29,9 +29,10 @@ STATUSES = ("upcoming", "window_open", "overdue", "received_in_window", "receive
 @dataclass
 class AcquisitionStatus:
     protocol: str
-    status: str                       # ok | missing | failed_adherence | failed_qc | not_checked
+    status: str                       # ok | missing | too_few | failed_adherence | failed_qc | not_checked | optional_missing
     series: list[str] = field(default_factory=list)
     detail: str = ""
+    optional: bool = False            # 'acquire optional X': its absence leaves the visit complete
 
 
 @dataclass
@@ -59,7 +60,8 @@ class VisitStatus:
     @property
     def incomplete(self) -> bool:
         """Received, but a required acquisition is missing or failed."""
-        return self.received and any(a.status != "ok" for a in self.acquisitions)
+        return self.received and any(a.status != "ok" and not (a.optional and a.status == "optional_missing")
+                                     for a in self.acquisitions)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -116,14 +118,18 @@ def _acquisitions(trial: ir.Trial, visit: ir.Visit, exams: list[ExamRecord]) -> 
     for ref in visit.acquire:
         series = [s for e in exams for s in e.series if s.protocol == ref.name]
         if not series:
-            out.append(AcquisitionStatus(ref.name, "missing", detail="no series classified as " + ref.name))
+            out.append(AcquisitionStatus(ref.name, "optional_missing" if ref.optional else "missing",
+                                         detail="no series classified as " + ref.name, optional=ref.optional))
             continue
         uids = [s.series_uid for s in series]
         proto = trial.protocol(ref.name)
         qc_applies = bool(proto and trial.qc_for(proto))
         good = [s for s in series if s.adherence in ("pass", "warn") and (s.qc in ("pass", "warn") or (not qc_applies and s.qc is None))]
-        if good:
-            out.append(AcquisitionStatus(ref.name, "ok", uids))
+        if good and len(good) < ref.at_least:
+            out.append(AcquisitionStatus(ref.name, "too_few", uids, f"{len(good)} of at least {ref.at_least} series "
+                                         f"classified as {ref.name} passed", optional=ref.optional))
+        elif good:
+            out.append(AcquisitionStatus(ref.name, "ok", uids, optional=ref.optional))
         elif any(s.adherence == "fail" for s in series) and not any(s.adherence in ("pass", "warn") for s in series):
             reasons = sorted({r for s in series for r in s.reasons})
             out.append(AcquisitionStatus(ref.name, "failed_adherence", uids, "; ".join(reasons)))

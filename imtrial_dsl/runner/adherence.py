@@ -126,11 +126,52 @@ def _as_float(x: Any) -> Optional[float]:
     return f if math.isfinite(f) else None
 
 
+def _missing(raw: Any) -> bool:
+    return raw is dicomio.MISSING or raw is None or raw == "" or raw == []
+
+
+def _multi_ok(c: ir.Constraint, values: list[Any]) -> bool:
+    """has / !has / has all / has any: each wanted value against the attribute's values (numbers by value)."""
+    def equal(v: Any, w: ir.Value) -> bool:
+        if isinstance(w, ir.Quantity):
+            x = _as_float(v)
+            return x is not None and _close(units.from_dicom(x, c.keyword), w.value)
+        return dicomio.text(v).upper() == source.header_text(w).upper() if isinstance(w, bool) \
+            else dicomio.text(v) == source.header_text(w)
+
+    hits = [any(equal(v, w) for v in values) for w in c.values]
+    k = c.kind
+    if k == ir.ConstraintKind.CONTAINS:
+        return hits[0]
+    if k == ir.ConstraintKind.NOT_CONTAINS:
+        return not hits[0]
+    if k == ir.ConstraintKind.CONTAINS_ALL:
+        return all(hits)
+    return any(hits)
+
+
+_MULTI = {ir.ConstraintKind.CONTAINS, ir.ConstraintKind.NOT_CONTAINS, ir.ConstraintKind.CONTAINS_ALL,
+          ir.ConstraintKind.CONTAINS_ANY}
+
+
 def evaluate_value(c: ir.Constraint, raw: Any) -> tuple[bool, Any, str]:
     """Check one raw header value (one frame's) against a constraint: (ok, actual canonical, detail)."""
-    if raw is dicomio.MISSING or raw is None or raw == "" or raw == []:
+    if c.kind == ir.ConstraintKind.PRESENT:
+        return (not _missing(raw)), (None if _missing(raw) else dicomio.text(raw)), ("" if not _missing(raw) else "attribute missing")
+    if c.measure == "count":
+        n = 0 if _missing(raw) else len(dicomio.as_list(raw))
+        ok = _numeric_ok(c, float(n))
+        return ok, f"{n} value(s)", "" if ok else "out of constraint"
+    if _missing(raw):
+        if c.if_present:
+            return True, None, "absent (constraint applies if present)"
+        if c.kind == ir.ConstraintKind.NOT_CONTAINS:
+            return True, None, ""
         return False, None, "attribute missing"
     values = dicomio.as_list(raw)
+    if c.kind in _MULTI:
+        ok = _multi_ok(c, values)
+        return ok, "\\".join(dicomio.text(v) for v in values), "" if ok else "out of constraint"
     if c.index is not None:
         if c.index >= len(values):
             return False, None, f"attribute has {len(values)} value(s), no index {c.index}"
@@ -156,7 +197,7 @@ def evaluate_value(c: ir.Constraint, raw: Any) -> tuple[bool, Any, str]:
 
 def _fmt_actual(c: ir.Constraint, actual: Any) -> str:
     if actual is None:
-        return "missing"
+        return "absent" if c.if_present else "missing"
     unit = units.DICOM_UNITS.get(c.keyword, ("none", ""))[0]
     canon = units.CANONICAL.get(unit, "")
     if isinstance(actual, list):
@@ -166,9 +207,12 @@ def _fmt_actual(c: ir.Constraint, actual: Any) -> str:
     return str(actual)
 
 
-def evaluate_constraint(c: ir.Constraint, raw_values: Sequence[Any]) -> dict[str, Any]:
-    """One parameter row: every distinct raw value (per frame) must satisfy the constraint."""
-    results = [evaluate_value(c, r) for r in raw_values] or [evaluate_value(c, dicomio.MISSING)]
+def evaluate_constraint(c: ir.Constraint, raw_values: Sequence[Any], *,
+                        results: Optional[list[tuple[bool, Any, str]]] = None) -> dict[str, Any]:
+    """One parameter row: every distinct raw value (per frame) must satisfy the constraint
+    (or pass the evaluations already made, ``results``)."""
+    if results is None:
+        results = [evaluate_value(c, r) for r in raw_values] or [evaluate_value(c, dicomio.MISSING)]
     ok = all(r[0] for r in results)
     actuals = [r[1] for r in results]
     actual = actuals[0] if len(actuals) == 1 else actuals
@@ -207,16 +251,42 @@ def _variant_info(var: Optional[ir.Variant]) -> Optional[dict[str, Any]]:
     return {"vendor": var.vendor, "model": var.model, "software": var.software}
 
 
-def select_constraints(protocol: ir.Protocol, ident: dict[str, Any]) -> tuple[list[ir.Constraint], Optional[ir.Variant]]:
-    """The device's effective constraints, from the identity the header reports."""
+def select_constraints(protocol: ir.Protocol, ident: dict[str, Any], *, site: Optional[str] = None,
+                       device: Optional[str] = None) -> tuple[list[ir.Constraint], Optional[ir.Variant]]:
+    """The device's effective constraints, from the identity the header reports (and the inventory
+    device it matched, for site and device variants)."""
     return ir.effective_constraints(protocol, normalize_vendor(ident.get("manufacturer")),
-                                    ident.get("software") or None, ident.get("model") or None)
+                                    ident.get("software") or None, ident.get("model") or None, site=site, device=device)
+
+
+def _all_constraints(p: ir.Protocol) -> list[ir.Constraint]:
+    """Every constraint of a protocol, its variants and 'when' blocks, conditions included."""
+    out = list(p.constraints) + [c for v in p.variants for c in v.constraints]
+    for w in list(p.conditionals) + [w for v in p.variants for w in v.conditionals]:
+        out += [w.condition] + list(w.constraints)
+    return out
 
 
 def _constraint_tags(constraints: Iterable[ir.Constraint]) -> tuple[int, ...]:
+    """The top-level elements a constraint reads: its keyword (and aliases), the first step of a path,
+    a derived quantity's sources, a bare nested keyword's sequence, every slot of a private group."""
+    from ..derived import DERIVED
+    from ..nested import NESTED
+
     tags: set[int] = set()
     for c in constraints:
-        for kw in dicomio._keywords(c.keyword):
+        first = c.path[0] if c.path else None
+        if first is not None and first.tag:
+            group = int(first.tag[1:5], 16)
+            tags.update((group << 16) | b for b in range(0x10, 0x100))
+            low = int(first.tag[-3:-1], 16)
+            tags.update((group << 16) | (b << 8) | low for b in range(0x10, 0x100))
+            continue
+        kws = list(dicomio._keywords(first.keyword if first is not None else c.keyword))
+        if c.keyword in DERIVED:
+            kws += list(DERIVED[c.keyword].sources)
+        kws += [home for table in NESTED.values() for k, (home, _) in table.items() if k == c.keyword]
+        for kw in kws:
             t = tag_for_keyword(kw)
             if t is not None:
                 tags.add(t)
@@ -225,7 +295,7 @@ def _constraint_tags(constraints: Iterable[ir.Constraint]) -> tuple[int, ...]:
 
 def study_tags(trial: ir.Trial) -> tuple[int, ...]:
     """Every element any protocol or variant of the study constrains (for ``classify.scan`` fingerprints)."""
-    cons = [c for p in trial.protocols for c in list(p.constraints) + [c for v in p.variants for c in v.constraints]]
+    cons = [c for p in trial.protocols for c in _all_constraints(p)]
     derived_from = (0x00189008, 0x00189009)  # EchoPulseSequence, InversionRecovery (ScanningSequence of Enhanced MR)
     return tuple(sorted(set(_constraint_tags(cons)) | set(derived_from)))
 
@@ -249,40 +319,124 @@ def _instance_groups(series: Any) -> list[tuple[Dataset, int]]:
             for inst in series.instances if inst.header is not None]
 
 
-def check_series(protocol: ir.Protocol, headers: Sequence[Dataset] | Any, ident: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+class _Any(list):
+    """The leaf values of a path with an ``[any]`` selector: one of them satisfying is enough."""
+
+
+def _header_values(ds: Dataset, c: ir.Constraint, frame: Optional[int] = None) -> list[Any]:
+    """The raw values one constraint reads from one header: one entry per frame (or per distinct
+    frame value) for a plain keyword; for a path, its leaf values (an :class:`_Any` for ``[any]``)."""
+    from ..derived import DERIVED, compute
+
+    if c.path:
+        frames = [frame] if frame is not None else (range(dicomio.frame_count(ds)) if _path_per_frame(ds, c) else [None])
+        out = []
+        for f in frames:
+            leaves, mode = dicomio.path_values(ds, c.path, frame=f)
+            if mode == "any":
+                out.append(_Any(leaves))
+            else:
+                out.extend(leaves or [dicomio.MISSING])
+        return out
+    if c.keyword in DERIVED and not (c.keyword == "TemporalResolution" and "TemporalResolution" in ds):
+        return [compute(c.keyword, ds, frame=frame)]
+    vals = [dicomio.get_param(ds, c.keyword, frame=frame)] if frame is not None else dicomio.get_param_values(ds, c.keyword)
+    if all(v is dicomio.MISSING for v in vals):
+        home = dicomio.nested_home(c.keyword, dicomio.text(dicomio.get_param(ds, "Modality")))
+        if home is not None:  # a bare keyword that lives in a sequence: where scanners put it
+            leaves, _ = dicomio.path_values(ds, [ir.PathStep(keyword=home), ir.PathStep(keyword=c.keyword, item=c.index)])
+            return leaves or [dicomio.MISSING]
+    return vals
+
+
+def _path_per_frame(ds: Dataset, c: ir.Constraint) -> bool:
+    """Does the path start in the Per-frame Functional Groups (so each frame has its own value)?"""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if not per_frame or len(per_frame) < 2 or dicomio._step_elem(ds, c.path[0]) is not None:
+        return False
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    return not (shared and dicomio._step_elem(shared[0], c.path[0]) is not None)
+
+
+def _eval_raw(c: ir.Constraint, raw: Any) -> tuple[bool, Any, str]:
+    if isinstance(raw, _Any):
+        results = [evaluate_value(c, r) for r in raw] or [evaluate_value(c, dicomio.MISSING)]
+        return next((r for r in results if r[0]), results[0])
+    return evaluate_value(c, raw)
+
+
+def _row(c: ir.Constraint, reps: list[tuple[Dataset, int]], n: int, values_of) -> dict[str, Any]:
+    """One parameter row from the distinct values ``values_of(ds)`` gives over the representatives."""
+    distinct: list[Any] = []
+    per_rep: list[tuple[list[Any], int]] = []
+    for ds, count in reps:
+        vals = values_of(ds)
+        per_rep.append((vals, count))
+        for raw in vals:
+            if raw not in distinct:
+                distinct.append(raw)
+    results = [_eval_raw(c, r) for r in distinct] or [evaluate_value(c, dicomio.MISSING)]
+    row = evaluate_constraint(c, [], results=results)
+    if not row["ok"] and n > 1:
+        bad = [r for r, res in zip(distinct, results) if not res[0]]
+        row["instances_failing"] = sum(count for vals, count in per_rep if any(v in bad for v in vals))
+    return row
+
+
+def _conditional_rows(w: ir.Conditional, reps: list[tuple[Dataset, int]], n: int) -> list[dict[str, Any]]:
+    """Rows of a 'when' block: its constraints on the frames (Enhanced) or instances where the condition holds."""
+    selected: list[tuple[Dataset, int, Optional[int]]] = []
+    for ds, count in reps:
+        per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+        frames = range(len(per_frame)) if per_frame and len(per_frame) > 1 else [None]
+        for f in frames:
+            if all(_eval_raw(w.condition, r)[0] for r in _header_values(ds, w.condition, frame=f)):
+                selected.append((ds, count, f))
+    head = source.conditional(w, source.REPORT)
+    rows = []
+    for c in w.constraints:
+        if not selected:
+            row = evaluate_constraint(c, [], results=[(True, None, "no frame or instance satisfies the condition")])
+        else:
+            distinct: list[Any] = []
+            for ds, _, f in selected:
+                distinct += [r for r in _header_values(ds, c, frame=f) if r not in distinct]
+            results = [_eval_raw(c, r) for r in distinct]
+            row = evaluate_constraint(c, [], results=results)
+            row["frames_selected"] = len(selected)
+        row["parameter"] = f"{head}: {row['parameter']}"
+        row["condition"] = head
+        rows.append(row)
+    return rows
+
+
+def check_series(protocol: ir.Protocol, headers: Sequence[Dataset] | Any, ident: Optional[dict[str, Any]] = None,
+                 *, site: Optional[str] = None, device: Optional[str] = None) -> dict[str, Any]:
     """Adherence of one series (all its instances) to a protocol.
 
     ``headers``: the instances' datasets, or a ``classify.Series`` from a scan. Instances whose
     constrained elements carry identical bytes are evaluated once: a series whose instances
-    agree costs one evaluation, one that drifts is reported per value.
+    agree costs one evaluation, one that drifts is reported per value. ``site``/``device``: the
+    inventory device the exam matched (site and device variants apply to it).
     """
     from_scan = hasattr(headers, "instances")
     first = headers.header if from_scan else (headers[0] if headers else None)
     if first is None:
         raise ValueError("a series has at least one instance")
     ident = ident or dicomio.device_identity(first)
-    constraints, variant = select_constraints(protocol, ident)
+    chain = ir.effective_chain(protocol, normalize_vendor(ident.get("manufacturer")), ident.get("software") or None,
+                               ident.get("model") or None, site=site, device=device)
+    constraints, variant = select_constraints(protocol, ident, site=site, device=device)
+    conditionals = ir.effective_conditionals(protocol, chain)
     if from_scan:
         reps = _instance_groups(headers)
         n = len(headers.instances)
     else:
-        reps = _groups(headers, _constraint_tags(constraints))
+        reps = _groups(headers, _constraint_tags(constraints + [x for w in conditionals for x in [w.condition, *w.constraints]]))
         n = len(headers)
-    rows = []
-    for c in constraints:
-        distinct: list[Any] = []
-        per_rep: list[tuple[list[Any], int]] = []
-        for ds, count in reps:
-            vals = dicomio.get_param_values(ds, c.keyword)
-            per_rep.append((vals, count))
-            for raw in vals:
-                if raw not in distinct:
-                    distinct.append(raw)
-        row = evaluate_constraint(c, distinct)
-        if not row["ok"] and n > 1:
-            bad = [r for r in distinct if not evaluate_value(c, r)[0]]
-            row["instances_failing"] = sum(count for vals, count in per_rep if any(v in bad for v in vals))
-        rows.append(row)
+    rows = [_row(c, reps, n, lambda ds, c=c: _header_values(ds, c)) for c in constraints]
+    for w in conditionals:
+        rows += _conditional_rows(w, reps, n)
     return {
         "protocol": protocol.name,
         "variant": _variant_info(variant),
@@ -429,7 +583,14 @@ def check_exam(trial: ir.Trial, classification: dict[str, Any], headers_by_serie
         headers = headers_by_series.get(entry["series_uid"]) or []
         if proto is None or not headers:
             continue
-        res = check_series(proto, headers, device or dicomio.device_identity(headers.header if hasattr(headers, "instances") else headers[0]))
+        res = check_series(proto, headers, device or dicomio.device_identity(headers.header if hasattr(headers, "instances") else headers[0]),
+                           site=hit["site"] if hit else None, device=hit["device"] if hit else None)
+        if hit and not proto.applies_to(hit["site"], hit["device"]):
+            findings.append({"code": "protocol_out_of_scope", "severity": "warning", "device": hit["device"],
+                             "protocol": proto.name,
+                             "message": f"protocol {proto.name} is for {_scope_text(proto.scope)}, "
+                                        f"but series {entry.get('series_number') or entry['series_uid']} was acquired on "
+                                        f"{hit['device']} at site {hit['site']}"})
         res.update({"series_uid": entry["series_uid"], "series_number": entry.get("series_number"),
                     "series_description": entry.get("series_description")})
         series_out.append(res)
@@ -446,6 +607,12 @@ def check_exam(trial: ir.Trial, classification: dict[str, Any], headers_by_serie
                     "warn": sum(s["verdict"] == "warn" for s in series_out),
                     "fail": sum(s["verdict"] == "fail" for s in series_out), "findings": len(findings)},
     }
+
+
+def _scope_text(scope: Optional[ir.Scope]) -> str:
+    if scope is None:
+        return "every site"
+    return ", ".join([f"site {s}" for s in scope.sites] + [f"device {d}" for d in scope.devices])
 
 
 def headers_for(classification: dict[str, Any], root: Path, *, matched_only: bool = True) -> dict[str, list[Dataset]]:

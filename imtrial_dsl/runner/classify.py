@@ -35,10 +35,10 @@ def rule_matches(rule: ir.MatchRule, ds: Dataset) -> bool:
     """Does one match rule hold for a header? A missing attribute only satisfies ``not_matches``."""
     value = dicomio.get_param(ds, rule.attribute)
     if value is dicomio.MISSING:
-        return rule.op == ir.MatchOp.NOT_MATCHES
-    if rule.op == ir.MatchOp.CONTAINS:
+        return rule.op in (ir.MatchOp.NOT_MATCHES, ir.MatchOp.NOT_CONTAINS)
+    if rule.op in (ir.MatchOp.CONTAINS, ir.MatchOp.NOT_CONTAINS):
         want = rule.value.strip()
-        return any(dicomio.text(v) == want for v in dicomio.as_list(value))
+        return any(dicomio.text(v) == want for v in dicomio.as_list(value)) == (rule.op == ir.MatchOp.CONTAINS)
     txt = dicomio.text(value)
     if rule.op == ir.MatchOp.EQUALS:
         return txt == rule.value.strip()

@@ -395,3 +395,108 @@ def first_present(ds: Dataset, keywords: Iterable[str]) -> Any:
         if v is not MISSING:
             return v
     return MISSING
+
+
+# --------------------------------------------------------------------------- attribute paths
+
+def private_block(ds: Dataset, group: int, creator: str) -> Optional[int]:
+    """The block byte (0x10-0xFF) that ``creator`` reserved in ``group`` of ``ds`` (PS3.5 7.8.1), or None."""
+    want = creator.strip()
+    for block in range(0x10, 0x100):
+        elem = _elem(ds, (group << 16) | block)
+        if elem is not None and text(plain(elem.value) if not isinstance(elem.value, bytes)
+                                     else elem.value.decode("latin-1")).strip() == want:
+            return block
+    return None
+
+
+def _private_value(elem: Any, creator: str) -> Any:
+    """A private element's value; undecoded bytes (VR UN, e.g. after a round trip through implicit
+    VR) are read with the VR pydicom's private dictionary gives for this creator, else as text."""
+    v = elem.value
+    if not isinstance(v, bytes):
+        return plain(v)
+    from pydicom.datadict import private_dictionary_VR
+    from pydicom.dataelem import RawDataElement
+    from pydicom.values import convert_value
+    try:
+        vr = private_dictionary_VR(elem.tag, creator)
+    except KeyError:
+        vr = None
+    if vr and vr not in ("UN", "OB", "OW", "SQ"):
+        try:
+            return plain(convert_value(vr, RawDataElement(elem.tag, vr, len(v), v, 0, False, True)))
+        except Exception:  # a vendor's bytes that do not fit the dictionary VR: fall back to text
+            pass
+    txt = v.decode("latin-1").strip(" \x00")
+    parts = txt.split("\\")
+    return parts if len(parts) > 1 else txt
+
+
+def _step_elem(item: Dataset, step: Any) -> Any:
+    """The element one path step names in ``item`` (None when absent)."""
+    if step.tag:
+        group, low = int(step.tag[1:5], 16), int(step.tag[-3:-1], 16)
+        block = private_block(item, group, step.creator or "")
+        tag = (group << 16) | (block << 8) | low if block is not None else None
+        return item[tag] if tag is not None and tag in item else None
+    try:
+        return item[step.keyword] if step.keyword in item else None
+    except (KeyError, ValueError):
+        return None
+
+
+def _items(elem: Any, selector: Any) -> list[Dataset]:
+    seq = list(elem.value or []) if elem is not None and elem.VR == "SQ" else []
+    if isinstance(selector, int):
+        return seq[selector:selector + 1]
+    return seq
+
+
+def path_values(ds: Dataset, steps: list, frame: Optional[int] = None) -> tuple[list[Any], str]:
+    """The leaf values an attribute path reaches, and how they combine: 'every' (each must hold)
+    or 'any' (one must hold; a ``[any]`` selector anywhere on the path).
+
+    The first step is looked up at the top level, else in the Shared Functional Groups item, else
+    in the Per-frame Functional Groups item of ``frame`` (default the first): a functional-group
+    macro such as ``MRDiffusionSequence`` is written as the first step. An absent leaf in a
+    selected item counts as :data:`MISSING`.
+    """
+    mode = "any" if any(s.item == "any" for s in steps[:-1]) else "every"
+    roots: list[Dataset] = [ds]
+    if _step_elem(ds, steps[0]) is None:
+        shared = ds.get("SharedFunctionalGroupsSequence")
+        per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+        if shared and _step_elem(shared[0], steps[0]) is not None:
+            roots = [shared[0]]
+        elif per_frame and (frame or 0) < len(per_frame):
+            roots = [per_frame[frame or 0]]
+    level = roots
+    for st in steps[:-1]:
+        level = [it for item in level for it in _items(_step_elem(item, st), st.item)]
+    out = []
+    last = steps[-1]
+    for item in level:
+        elem = _step_elem(item, last)
+        if elem is None or elem.VR == "SQ":
+            out.append(MISSING)
+        elif last.tag:
+            out.append(_private_value(elem, last.creator or ""))
+        else:
+            out.append(plain(elem.value))
+    return out, mode
+
+
+def frame_count(ds: Dataset) -> int:
+    """Frames with their own functional-group item (1 for a classic image)."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    return len(per_frame) if per_frame else 1
+
+
+# Keywords that PS3.3 defines only inside a sequence of a modality's image IODs, with the sequence
+# they live in: scanners put them there, so a protocol that names the bare keyword is looked up
+# there too (and the checker says so, W408). Generated: scripts/gen_nested_keywords.py.
+def nested_home(keyword: str, modality: str) -> Optional[str]:
+    from ..nested import NESTED
+
+    return NESTED.get(modality.upper(), {}).get(keyword, (None,))[0]
