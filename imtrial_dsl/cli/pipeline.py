@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..workdir import Workdir
-from .common import EXIT_INPUT, EXIT_OK, EXIT_USAGE, UsageError, load_trial
+from .common import EXIT_ENVIRONMENT, EXIT_INPUT, EXIT_OK, EXIT_USAGE, UsageError, load_trial
 from .render import exam_status, run_summary
 
 
@@ -35,7 +35,15 @@ def cmd_run(args) -> int:
         print(json.dumps(summary, indent=2, default=str))
     else:
         print(run_summary(summary))
-    return EXIT_INPUT if summary["failed"] else EXIT_OK
+    if summary["failed"]:
+        env = all(str(f.get("error") or "").startswith("environment error") for f in summary["failed"])
+        return EXIT_ENVIRONMENT if env else EXIT_INPUT
+    if summary["this_run"]["ingest"].get("not_removed"):  # --move could not delete (read-only inbox): E854
+        print(f"imtrial run: environment error [E854]: {len(summary['this_run']['ingest']['not_removed'])} inbox "
+              f"file(s) recorded and copied but not removed (--move): "
+              f"{summary['this_run']['ingest']['not_removed'][0]['reason']}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    return EXIT_OK
 
 
 def progress_bar(desc: str, total: int):
@@ -144,7 +152,7 @@ def cmd_synth(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from ..runner.archive import verify
+    from ..runner.archive import checkpoint_key, verify
 
     if not (args.archive or args.workdir):
         print("imtrial verify: give --workdir DIR or --archive DIR", file=sys.stderr)
@@ -153,13 +161,24 @@ def cmd_verify(args) -> int:
     if not (root / "audit.log.jsonl").exists():
         print(f"imtrial verify: no archive at {root}", file=sys.stderr)
         return EXIT_INPUT
-    res = verify(root, deep=not args.shallow)
+    key = None
+    if args.study:
+        key = checkpoint_key(load_trial(args.study))
+        if key is None:
+            print("imtrial verify: the study names no key (or it is not set): the checkpoint's MAC is not checked",
+                  file=sys.stderr)
+    state = args.workdir if args.workdir and Workdir(args.workdir).state_db.exists() else None
+    res = verify(root, deep=not args.shallow, state=state, key=key)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
-        print(f"{'OK' if res['ok'] else 'BROKEN'}: {res['records']} audit record(s), {res['objects']} object(s), head {res['head'][:16]}")
+        print(f"{'OK' if res['ok'] else 'BROKEN'}: {res['records']} audit record(s), {res['objects']} object(s) "
+              f"({res['current']} current instance version(s)), head {res['head'][:16]}"
+              + (" [shallow: stored files not re-hashed]" if args.shallow else ""))
         for e in res["errors"]:
             print(f"  {e}")
+        for n in res["notes"]:
+            print(f"  note: {n}")
     return EXIT_OK if res["ok"] else EXIT_INPUT
 
 
@@ -216,9 +235,11 @@ def register(sub) -> None:
     p.add_argument("--start-date", metavar="YYYY-MM-DD", help="first baseline date")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("verify", help="verify the archive's hash-chained audit log and object hashes")
-    p.add_argument("--workdir", metavar="DIR")
+    p = sub.add_parser("verify", help="verify the archive's hash-chained audit log, its anchors and object hashes")
+    p.add_argument("--workdir", metavar="DIR", help="the workdir (its state database holds the chain's anchor)")
     p.add_argument("--archive", metavar="DIR", help="archive folder (default WORKDIR/archive)")
-    p.add_argument("--shallow", action="store_true", help="check the chain only, not the stored files")
+    p.add_argument("--study", metavar="FILE", help="the study: its key checks the checkpoint's MAC")
+    p.add_argument("--shallow", action="store_true",
+                   help="do not re-hash the stored files (chain, anchors and which files exist are still checked)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)

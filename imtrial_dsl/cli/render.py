@@ -77,6 +77,11 @@ def run_summary(s: dict) -> str:
         f"qc           {kv(s['qc'])}",
         f"quarantined  {s['quarantined']}" + (f" ({kv(s['quarantine_reasons'])})" if s['quarantined'] else "")
         + f", duplicates {s['duplicates']}",
+        *([f"not read     {s['skipped']} inbox entr{'y' if s['skipped'] == 1 else 'ies'} ({kv(s['skip_reasons'])})"]
+          + [f"  - {k['path']}: {k['reason']}: {k['detail']}" for k in s["skipped_entries"][:20]]
+          if s.get("skipped") else []),
+        *([f"not removed  {len(s['this_run']['ingest']['not_removed'])} inbox file(s) (--move): "
+           f"{s['this_run']['ingest']['not_removed'][0]['reason']}"] if s["this_run"]["ingest"].get("not_removed") else []),
         f"unmatched    {len(s['unmatched'])}" + (f": {', '.join(s['unmatched'])}" if s['unmatched'] else ""),
         f"measurements {s['measurements']}",
     ]
