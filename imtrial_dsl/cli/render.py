@@ -85,6 +85,11 @@ def run_summary(s: dict) -> str:
         f"unmatched    {len(s['unmatched'])}" + (f": {', '.join(s['unmatched'])}" if s['unmatched'] else ""),
         f"measurements {s['measurements']}",
     ]
+    study = s["this_run"].get("study") or {}
+    if study.get("changed"):
+        lines.append(f"warning      the compiled study changed since the last run ({study['previous_sha256'][:12]} -> "
+                     f"{study['compiled_sha256'][:12]}): {study['nodes_rerun']} node(s) re-run on "
+                     f"{study['exams_rejudged']} exam(s); changed archive sidecars are new versions")
     if s["warnings"]:
         lines.append(f"warnings     {kv(s['warnings'])}")
         # rare findings first: one software upgrade must not hide behind twenty routine ones

@@ -458,6 +458,10 @@ def ingest_inbox(trial, inbox: str | Path, workdir: str | Path, *, move: bool = 
         if (k is None or (k["size"], k["mtime_ns"]) != stats[rel][:2]
                 or (k.get("ctime_ns") is not None and k["ctime_ns"] != stats[rel][2])):
             todo.append((p, rel))
+    if move:  # recorded before, but not removed then (a read-only inbox, or a run without --move)
+        left = [rel for rel in stats if rel in known and rel not in {r for _, r in todo}]
+        if left:
+            os.sync()  # their copies were written by an earlier run, perhaps without fsync
     attrs = source_attrs_for(trial)
     out: dict[str, Any] = {"seen": len(stats), "new_paths": len(todo), "ingested": 0, "quarantined": 0,
                            "duplicates": 0, "skipped": 0, "quarantined_files": [], "duplicate_files": [],
@@ -527,6 +531,14 @@ def ingest_inbox(trial, inbox: str | Path, workdir: str | Path, *, move: bool = 
         if len(pending) >= BATCH:
             flush()
     flush()
+    if move:
+        for rel in left:
+            try:
+                where[rel].unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                out["not_removed"].append({"path": rel, "reason": exc.strerror or str(exc)})
     if bar:
         bar.close()
     out["skipped"] = len(skipped)

@@ -131,6 +131,13 @@ def static_fingerprint(trial: ir.Trial, node: pipeline.Node) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def compiled_hash(trial: ir.Trial) -> str:
+    """A hash of the compiled study (the IR without source positions or the source file's own name/hash): equal
+    for studies that mean the same, so an edited comment is not a change, a moved threshold is."""
+    doc = {k: v for k, v in _dump(trial).items() if k not in ("source_file", "source_sha256")}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def make_plan(trial: ir.Trial, graph: Optional[nx.DiGraph] = None) -> Plan:
     """Cut the graph into phases: study/ordered nodes alone, the exam nodes between them as segments."""
     g = graph if graph is not None else build_graph(trial)
@@ -292,7 +299,10 @@ def _run_locked(trial: ir.Trial, W: Workdir, inbox: Path, jobs: int, move: bool,
                                 mp_context=multiprocessing.get_context("spawn")) if jobs > 1 else None)
     ran: dict[str, set[str]] = {}        # exam key -> nodes that ran in this run
     failed: set[str] = set()             # exams with a node that failed in this run
-    this_run: dict[str, Any] = {"ingest": {}, "identified": 0, "exams_processed": 0}
+    this_run: dict[str, Any] = {"ingest": {}, "identified": 0, "exams_processed": 0,
+                                "study": {"compiled_sha256": compiled_hash(trial)}}
+    before = [r for r in store.runs() if r["finished"] and r["summary"]]
+    last = ((before[-1]["summary"].get("this_run") or {}).get("study") or {}).get("compiled_sha256") if before else None
     recorded = store.fingerprints()
     fps: dict[str, dict[str, str]] = {}
 
@@ -358,6 +368,12 @@ def _run_locked(trial: ir.Trial, W: Workdir, inbox: Path, jobs: int, move: bool,
 
         anchor(W.archive, key=checkpoint_key(trial), store=store)
     this_run["seconds"] = round(time.time() - started, 2)
+    if last and last != this_run["study"]["compiled_sha256"]:  # say so: verdicts of archived exams may change
+        rerun = {k: sorted(v - {"ingest"}) for k, v in ran.items() if v - {"ingest"}}
+        this_run["study"].update(changed=True, previous_sha256=last, exams_rejudged=len(rerun),
+                                 nodes_rerun=sum(len(v) for v in rerun.values()))
+        log(f"the compiled study changed since the last run: {this_run['study']['nodes_rerun']} node(s) re-run "
+            f"on {len(rerun)} exam(s)")
     summary = summarize(store, this_run=this_run)
     with store.tx() as db:
         db.execute("UPDATE runs SET finished=?, summary=? WHERE id=?", (time.time(), json.dumps(summary, default=str), run_id))

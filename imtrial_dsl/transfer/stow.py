@@ -137,8 +137,8 @@ def _post(opener, req, token: Optional[str], describe: str) -> dict:
         why = exc.reason
         text = "connection refused" if isinstance(why, ConnectionRefusedError) else str(why)
         out.update(error=f"cannot reach {describe}: {_redact(text, token)}", retryable=True)
-    except http.client.IncompleteRead as exc:
-        out.update(error=f"protocol error from {describe}: the response was cut short (IncompleteRead: "
+    except http.client.IncompleteRead as exc:  # the status line came, the body did not: nothing is acknowledged
+        out.update(http_status=None, error=f"protocol error from {describe}: the response was cut short (IncompleteRead: "
                          f"{len(exc.partial)} byte(s) read, {exc.expected if exc.expected is not None else 'more'} expected)",
                    retryable=True)
     except http.client.RemoteDisconnected:
