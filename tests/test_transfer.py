@@ -543,6 +543,7 @@ def quick_retries(monkeypatch):
     from imtrial_dsl.transfer import sender
 
     monkeypatch.setattr(sender, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(sender, "RETRIES", 2)
 
 
 @pytest.mark.parametrize("behaviour, words", [
@@ -554,7 +555,7 @@ def test_http_protocol_errors_are_recorded_retryable_failures(site, tmp_path, mo
     rx = FakeReceiver([behaviour])
     state = tmp_path / "state.sqlite"
     try:
-        s = transfer(site["trial"], site["w"] / "archive", "central", state=state, url_override=rx.url, retries=2)
+        s = transfer(site["trial"], site["w"] / "archive", "central", state=state, url_override=rx.url)
     finally:
         rx.close()
     n = len(site["objects"])
@@ -573,15 +574,16 @@ def test_http_protocol_errors_are_recorded_retryable_failures(site, tmp_path, mo
     assert (s["sent"], s["failed"]) == (n, 0)
 
 
-def test_the_cli_reports_a_protocol_error_not_an_internal_error(site, tmp_path, quick_retries):
+def test_the_cli_reports_a_protocol_error_not_an_internal_error(site, tmp_path):
     rx = FakeReceiver([_garbage])
     w = tmp_path / "w"
     shutil.copytree(site["w"], w)
     try:
         r = _cli("transfer", str(site["study"]), "--workdir", str(w), "--to", "central", "--url-override", rx.url,
-                 "--retries", "0", env={"CENTRAL_TOKEN": "t"})
+                 env={"CENTRAL_TOKEN": "t"})
     finally:
         rx.close()
+    assert len(rx.requests) == 4                                        # 3 retries by default (1 + 2 + 4 s)
     assert r.returncode == 1 and "internal error" not in r.stderr and "protocol error" in r.stdout, r.stdout + r.stderr
 
 
@@ -656,7 +658,7 @@ def test_a_retry_after_longer_than_the_run_waits_is_a_recorded_failure(site, tmp
 def test_cstore_to_a_closed_port_says_connection_refused(site, tmp_path, quick_retries):
     port = _free_ports(1)[0]  # nothing listens there
     s = transfer(site["trial"], site["w"] / "archive", "pacs", state=tmp_path / "state.sqlite",
-                 host_override="127.0.0.1", port_override=port, retries=2)
+                 host_override="127.0.0.1", port_override=port)
     assert s["sent"] == 0 and s["failed"] == len(site["objects"])
     reasons = {p["reason"] for p in s["problems"]}
     assert any("connection refused" in r for r in reasons) and not any("aborted" in r for r in reasons), reasons

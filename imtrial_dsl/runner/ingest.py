@@ -153,9 +153,17 @@ def _dataset_cut(ds, size: int) -> Optional[tuple[str, str]]:
 def _undecodable(ds, ts: str) -> Optional[str]:
     """Why encapsulated (compressed) pixel data cannot be decoded, or None: every frame is decoded once, so
     a file that passes here is one the QC step and the analyses can read."""
+    import sys
+
     from pydicom.pixels import iter_pixels
     from pydicom.uid import UID
 
+    # Pillow (one of pydicom's decoders) fills a cut-short image with grey when LOAD_TRUNCATED_IMAGES is set,
+    # which some libraries set process-wide on import (WeasyPrint does): a damaged stream must not pass here.
+    image_file = sys.modules.get("PIL.ImageFile")  # only when something imported Pillow
+    lenient = image_file.LOAD_TRUNCATED_IMAGES if image_file is not None else False
+    if image_file is not None:
+        image_file.LOAD_TRUNCATED_IMAGES = False
     try:
         for _ in iter_pixels(ds, raw=True):
             pass
@@ -163,6 +171,9 @@ def _undecodable(ds, ts: str) -> Optional[str]:
         first = str(exc).strip().splitlines()
         why = " ".join(x.strip() for x in first[:3])[:400]
         return f"pixel data in {UID(ts).name or ts} ({ts}) cannot be decoded: {why or type(exc).__name__}"
+    finally:
+        if image_file is not None:
+            image_file.LOAD_TRUNCATED_IMAGES = lenient
     return None
 
 

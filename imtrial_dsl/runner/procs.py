@@ -20,7 +20,8 @@ def run_guarded(argv: list[str], *, timeout: Optional[float], env: dict, cwd: st
     are killed when the run dies, and on timeout the whole group goes, not only the program (a leftover child
     holding the output pipes would otherwise hang the run). Raises ``subprocess.TimeoutExpired``, and
     ``OSError`` when ``argv[0]`` is not found."""
-    if shutil.which(argv[0], path=env.get("PATH")) is None:
+    prog = os.path.join(cwd, argv[0]) if os.sep in argv[0] else argv[0]  # a relative path is the program's cwd's
+    if shutil.which(prog, path=env.get("PATH")) is None:
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv[0])
     guard = subprocess.Popen([sys.executable, "-I", "-S", GUARD, str(os.getpid()), "--", *argv], env=env, cwd=cwd,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)

@@ -301,8 +301,9 @@ def _run_locked(trial: ir.Trial, W: Workdir, inbox: Path, jobs: int, move: bool,
     failed: set[str] = set()             # exams with a node that failed in this run
     this_run: dict[str, Any] = {"ingest": {}, "identified": 0, "exams_processed": 0,
                                 "study": {"compiled_sha256": compiled_hash(trial)}}
-    before = [r for r in store.runs() if r["finished"] and r["summary"]]
-    last = ((before[-1]["summary"].get("this_run") or {}).get("study") or {}).get("compiled_sha256") if before else None
+    row = store.db.execute("SELECT summary FROM runs WHERE finished IS NOT NULL AND summary IS NOT NULL "
+                           "ORDER BY id DESC LIMIT 1").fetchone()
+    last = (((json.loads(row["summary"]) if row else {}).get("this_run") or {}).get("study") or {}).get("compiled_sha256")
     recorded = store.fingerprints()
     fps: dict[str, dict[str, str]] = {}
 
