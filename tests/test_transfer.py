@@ -672,6 +672,9 @@ def test_a_corrected_instance_is_sent_again_and_replaces_the_old_one(site, clean
     monkeypatch.setenv(AE_ENV, OUR_AE)
     w = tmp_path / "w"
     shutil.copytree(site["w"], w)
+    led = Ledger(w / "state.sqlite")
+    led.db.execute("DELETE FROM transfers")  # the module's site may have been sent to this Orthanc before
+    led.close()
     kw = dict(state=w / "state.sqlite", host_override="127.0.0.1", port_override=clean.dicom)
     n = len(site["objects"])
     assert transfer(site["trial"], w / "archive", "pacs", **kw)["sent"] == n
