@@ -18,7 +18,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 
 from imtrial_dsl.compiler import compile_file
 from imtrial_dsl.runner.archive import Archive, verify
@@ -27,20 +26,10 @@ from imtrial_dsl.runner.run import run_study
 from imtrial_dsl.store import Store
 from imtrial_dsl.tools.minicorpus import make_corpus
 from imtrial_dsl.transfer.objects import archived_objects
+from syntax_corpus import SYNTAXES, UNDECODABLE, transfer_syntax_inbox  # tests/syntax_corpus.py
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "integrity-test-key-0123456789"
-# pydicom-data files, one per transfer syntax the pipeline must carry (JPEG-lossy.dcm: 12-bit JPEG Extended,
-# which no installed decoder reads — it must be quarantined as undecodable)
-SYNTAXES = {
-    "image_dfl.dcm": "1.2.840.10008.1.2.1.99",          # deflated explicit VR little endian
-    "MR_small_bigendian.dcm": "1.2.840.10008.1.2.2",     # explicit VR big endian
-    "SC_rgb_jpeg_dcmtk.dcm": "1.2.840.10008.1.2.4.50",   # JPEG baseline
-    "MR_small_jpeg_ls_lossless.dcm": "1.2.840.10008.1.2.4.80",
-    "MR_small_jp2klossless.dcm": "1.2.840.10008.1.2.4.90",
-    "MR_small_RLE.dcm": "1.2.840.10008.1.2.5",
-}
-UNDECODABLE = "JPEG-lossy.dcm"
 
 
 def _cli(*args: str, env: dict | None = None, wrap: list[str] | None = None, timeout: float = 300):
@@ -55,38 +44,6 @@ def _cli(*args: str, env: dict | None = None, wrap: list[str] | None = None, tim
 def mini(tmp_path, monkeypatch):
     monkeypatch.setenv("IMTRIAL_KEY", KEY)
     return make_corpus(tmp_path / "corpus", subjects=1, slices=3)
-
-
-def _into_exam(src: str, like: pydicom.Dataset, description: str, number: int) -> pydicom.Dataset:
-    """A pydicom-data file re-labelled as one more T2 series of ``like``'s exam, keeping its transfer syntax."""
-    ds = pydicom.dcmread(get_testdata_file(src))
-    for k in ("PatientID", "PatientName", "IssuerOfPatientID", "StudyInstanceUID", "StudyDate", "StudyTime",
-              "Manufacturer", "ManufacturerModelName", "DeviceSerialNumber", "StationName", "SoftwareVersions",
-              "InstitutionName", "RepetitionTime", "EchoTime", "SliceThickness"):
-        if k in like:
-            setattr(ds, k, like.get(k))
-    ds.Modality = "MR"
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = like.SOPClassUID
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SeriesDescription, ds.SeriesNumber = description, number
-    return ds
-
-
-def transfer_syntax_inbox(mini) -> dict[str, str]:
-    """Adds one series per transfer syntax (and the undecodable file) to the mini corpus' baseline exam;
-    returns file name -> SOPInstanceUID."""
-    inbox = Path(mini["inbox"])
-    like = pydicom.dcmread(sorted(inbox.rglob("t2_*.dcm"))[0])
-    folder = sorted(inbox.rglob("t2_*.dcm"))[0].parent
-    uids = {}
-    for i, name in enumerate([*SYNTAXES, UNDECODABLE]):
-        ds = _into_exam(name, like, f"t2 {name}", 100 + i)
-        ds.save_as(folder / f"ts_{name}", enforce_file_format=True)
-        assert pydicom.dcmread(folder / f"ts_{name}").file_meta.TransferSyntaxUID == \
-            (SYNTAXES.get(name) or "1.2.840.10008.1.2.4.51")
-        uids[name] = str(ds.SOPInstanceUID)
-    return uids
 
 
 # ----------------------------------------------------------------------------- 1. non-UTF-8 names

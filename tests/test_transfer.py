@@ -694,3 +694,38 @@ def test_a_corrected_instance_is_sent_again_and_replaces_the_old_one(site, clean
     held = clean.received()[old["sop_uid"]]
     assert held["tags"].get("ImageComments") == "corrected after the first transfer"
     assert len(clean.get("/instances")) == n
+
+
+def test_every_transfer_syntax_reaches_the_receiver_as_it_was_archived(clean, tmp_path, monkeypatch):
+    """Point 2, end to end: deflate, big endian, JPEG baseline, JPEG-LS, JPEG 2000 and RLE instances are run,
+    archived and sent by C-STORE (one presentation context per syntax) and by STOW-RS; Orthanc stores each
+    in the syntax it was archived in."""
+    from imtrial_dsl.compiler import compile_file
+    from imtrial_dsl.runner.run import run_study
+    from imtrial_dsl.tools.minicorpus import make_corpus
+    from syntax_corpus import SYNTAXES, transfer_syntax_inbox  # tests/syntax_corpus.py
+
+    monkeypatch.setenv("IMTRIAL_KEY", KEY)
+    mini = make_corpus(tmp_path / "corpus", subjects=1, slices=2)
+    transfer_syntax_inbox(mini)
+    study = tmp_path / "study.imtrial"
+    study.write_text(Path(mini["study"]).read_text() + '\ntransfer pacs dicom ae "ORTHANC" host "pacs.invalid" port 104\n'
+                     'transfer central dicomweb "https://central.invalid/dicom-web" auth env CENTRAL_TOKEN\n')
+    trial = compile_file(study).trial
+    w = tmp_path / "w"
+    assert not run_study(trial, inbox=mini["inbox"], workdir=w, jobs=1)["failed"]
+    archived = {}
+    for o in archived_objects(w / "archive"):
+        ds = pydicom.dcmread(o["path"], stop_before_pixels=True)
+        archived[o["sop_uid"]] = (str(ds.SeriesDescription), str(ds.file_meta.TransferSyntaxUID))
+    assert {ts for _, ts in archived.values()} >= set(SYNTAXES.values())
+    monkeypatch.setenv(AE_ENV, OUR_AE)
+    monkeypatch.setenv("CENTRAL_TOKEN", clean.token)
+    for dest, kw in (("pacs", dict(host_override="127.0.0.1", port_override=clean.dicom)),
+                     ("central", dict(url_override=clean.dicomweb))):
+        clean.clear()
+        s = transfer(trial, w / "archive", dest, state=w / "state.sqlite", **kw)
+        assert (s["sent"], s["failed"], s["refused"]) == (len(archived), 0, 0), s["problems"][:3]
+        for uid, inst in clean.received().items():
+            meta = clean.get(f"/instances/{inst['id']}/metadata?expand")
+            assert meta["TransferSyntax"] == archived[uid][1], (dest, archived[uid])
