@@ -124,3 +124,31 @@ def render(diags: Sequence[Diagnostic], sources: dict[str, str], color: bool = F
         if d.hint:
             out.append(f"  {cyan}hint{reset}: {d.hint}")
     return "\n".join(out)
+
+
+# An OSError / SQLite error caused by the machine, not by imtrial or its input: (code, what) by errno.
+_ENV_ERRNO = {28: ("E850", "no space left on device"), 122: ("E850", "disk quota exceeded"),
+              30: ("E851", "read-only file system"), 13: ("E852", "permission denied"),
+              1: ("E852", "operation not permitted"), 5: ("E853", "input/output error")}
+_ENV_SQLITE = (("database or disk is full", "E850", "no space left on device (state database)"),
+               ("readonly database", "E851", "the state database is read-only"),
+               ("unable to open database", "E852", "the state database cannot be opened"),
+               ("disk i/o error", "E853", "input/output error (state database)"))
+
+
+def environment_error(exc: BaseException) -> Optional[tuple[str, str]]:
+    """``(code, message)`` when ``exc`` is a problem of the environment — a full disk, a read-only path,
+    missing permissions, an I/O error — rather than a bug or bad input; else None (docs/diagnostics.md E850–E853)."""
+    import sqlite3
+
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc).lower()
+        for needle, code, what in _ENV_SQLITE:
+            if needle in text:
+                return code, f"{what}: {exc}"
+        return None
+    if isinstance(exc, OSError) and exc.errno is not None:
+        code, what = _ENV_ERRNO.get(exc.errno, ("E853", exc.strerror or "operating-system error"))
+        where = f": {exc.filename}" if exc.filename else ""
+        return code, f"{what}{where}"
+    return None

@@ -33,9 +33,15 @@ CREATE TABLE IF NOT EXISTS files (
   exam_key TEXT, series_uid TEXT, sop_uid TEXT, stored_path TEXT,   -- relative to the workdir
   reason TEXT, header TEXT, first_inbox TEXT, first_path TEXT, first_seen REAL);
 -- every inbox path seen (a duplicate path points at the same sha256); size+mtime tell a changed file
+-- rel_path: the path's bytes as text, losslessly (runner/ingest.py:path_text: non-UTF-8 bytes as backslash-x-HH)
 CREATE TABLE IF NOT EXISTS file_sources (
   inbox TEXT NOT NULL, rel_path TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER, mtime_ns INTEGER, seen REAL,
+  ctime_ns INTEGER,
   PRIMARY KEY (inbox, rel_path, sha256));
+-- inbox entries the last look at an inbox did not read (FIFOs, dangling links, loops ...), with the reason
+CREATE TABLE IF NOT EXISTS inbox_skipped (
+  inbox TEXT NOT NULL, rel_path TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT, seen REAL,
+  PRIMARY KEY (inbox, rel_path));
 CREATE TABLE IF NOT EXISTS exams (
   exam_key TEXT PRIMARY KEY, study_uid TEXT, trial TEXT, subject_id TEXT, site TEXT, device TEXT,
   visit TEXT, visit_kind TEXT, exam_date TEXT, shifted_date TEXT, days_from_baseline REAL,
@@ -60,6 +66,9 @@ CREATE TABLE IF NOT EXISTS measurements (
 CREATE TABLE IF NOT EXISTS runs (
   id INTEGER PRIMARY KEY AUTOINCREMENT, started REAL, finished REAL, study TEXT, study_sha256 TEXT,
   inbox TEXT, summary TEXT);
+-- the archive's audit chain as last anchored (runner/archive.py): `imtrial verify` compares the log with it
+CREATE TABLE IF NOT EXISTS archive_anchor (
+  archive TEXT PRIMARY KEY, records INTEGER NOT NULL, head TEXT NOT NULL, time TEXT NOT NULL);
 
 -- ---------------------------------------------------------------- identity registry (site-side)
 -- lookup key is a keyed hash of the source identifiers when the study names a key (runner/identify.py)
@@ -143,6 +152,10 @@ CREATE TABLE IF NOT EXISTS transfers (
 """
 
 
+# (table, column, declaration) added to an existing table; connect() adds them to an older database
+ADDED_COLUMNS = [("file_sources", "ctime_ns", "INTEGER")]
+
+
 class StoreError(ImtrialError):
     """The state database is missing or was written by an incompatible imtrial."""
 
@@ -162,6 +175,9 @@ def connect(path: str | Path, *, create: bool = True) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     db.executescript(SCHEMA)
+    for table, column, decl in ADDED_COLUMNS:  # columns added after a table first shipped
+        if column not in {r[1] for r in db.execute(f"PRAGMA table_info({table})")}:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
     row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     if row is None:
         db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -225,8 +241,8 @@ class Store:
         return dict(row) if row else None
 
     def known_paths(self, inbox: Optional[str | Path] = None) -> dict[str, dict]:
-        """Relative path -> {sha256, size, mtime_ns} of the latest sighting, for one inbox (absolute path) or all."""
-        q, args = "SELECT rel_path, sha256, size, mtime_ns FROM file_sources", ()
+        """Relative path -> {sha256, size, mtime_ns, ctime_ns} of the latest sighting, for one inbox (absolute path) or all."""
+        q, args = "SELECT rel_path, sha256, size, mtime_ns, ctime_ns FROM file_sources", ()
         if inbox is not None:
             q, args = q + " WHERE inbox=?", (str(Path(inbox).resolve()),)
         return {r["rel_path"]: dict(r) for r in self.db.execute(q + " ORDER BY seen", args)}
@@ -255,6 +271,19 @@ class Store:
                 db.execute("UPDATE files SET status='quarantined', reason=?, stored_path=?, "
                            "first_seen=COALESCE(first_seen, ?) WHERE sha256=?",
                            (json.dumps(reason), f"quarantine/{q['sha256']}/file", time.time(), q["sha256"]))
+
+    def record_skipped(self, inbox: str | Path, entries: list[dict]) -> None:
+        """The inbox entries the last look at ``inbox`` did not read (``{path, reason, detail}``)."""
+        inbox, now = str(Path(inbox).resolve()), time.time()
+        with self.tx() as db:
+            db.execute("DELETE FROM inbox_skipped WHERE inbox=?", (inbox,))
+            db.executemany("INSERT OR REPLACE INTO inbox_skipped(inbox, rel_path, reason, detail, seen) VALUES (?, ?, ?, ?, ?)",
+                           [(inbox, e["path"], e["reason"], e.get("detail"), now) for e in entries])
+
+    def skipped(self) -> list[dict]:
+        """Inbox entries that were not read, with the reason (every inbox, as of its last look)."""
+        return [dict(r) for r in self.db.execute("SELECT inbox, rel_path, reason, detail FROM inbox_skipped "
+                                                 "ORDER BY inbox, rel_path")]
 
     def duplicates(self) -> list[dict]:
         """Inbox paths whose content was already seen under another path."""

@@ -25,6 +25,7 @@ STATE_DB = "state.sqlite"
 # Exam-relative paths (the vocabulary of step inputs and outputs). A trailing "/" marks a folder.
 EXAM_JSON = "exam.json"             # site-side summary of what was ingested (holds source identifiers)
 ORIGINAL = "original/"              # ingested instances: original/<series16>/<sha256>.dcm
+SUPERSEDED = "superseded/"          # earlier versions of corrected instances (same SOPInstanceUID), kept site-side
 DEID = "deid/"                      # de-identified instances: deid/<SOPInstanceUID>.dcm
 RESULTS = "results/"
 IDENTITY = "results/identity.json"

@@ -135,6 +135,8 @@ def orthanc(tmp_path_factory):
            "DicomModalities": {"imtrial": [OUR_AE, "127.0.0.1", 104]},
            "Plugins": [plugin], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "LuaScripts": [str(d / "auth.lua")],
            "SaveJobs": False, "SyncStorageArea": False, "HttpThreadsCount": 4, "DicomThreadsCount": 2,
+           # a re-sent SOP instance with new content (a corrected version) replaces the stored one
+           "OverwriteInstances": True,
            "StableAge": 1}
     (d / "orthanc.json").write_text(json.dumps(cfg, indent=2))
     log = open(d / "orthanc.log", "wb")
@@ -431,3 +433,299 @@ def test_stow_response_per_instance_status_xml_and_json():
     js = json.dumps({"00081198": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["9.9"]},
                                                           "00081197": {"vr": "US", "Value": [0x0111]}}]}}).encode()
     assert parse_stow_response(js, "application/dicom+json") == {"9.9": ("sent", "already at the destination (duplicate SOP instance)")}
+
+
+# ----------------------------------------------------------------------------- receivers that misbehave (issue 10)
+
+class FakeReceiver:
+    """A loopback TCP server that reads each HTTP request (headers and body) and answers with the next
+    ``behaviour(request_bytes, conn)`` of a list (the last one repeats); bounded, stops with the test."""
+
+    def __init__(self, behaviours):
+        import threading
+
+        self.behaviours, self.requests = list(behaviours), []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/dicom-web"
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _read(self, conn) -> bytes:
+        conn.settimeout(10)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next((int(h.split(b":", 1)[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")), 0)
+        while len(body) < length:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return head + b"\r\n\r\n" + body
+
+    def _serve(self) -> None:
+        while not self.stop.is_set() and len(self.requests) < 200:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            with conn:
+                req = self._read(conn)
+                self.requests.append(req)
+                b = self.behaviours[min(len(self.requests), len(self.behaviours)) - 1]
+                try:
+                    b(req, conn)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+def _sop_uids(request: bytes) -> list[str]:
+    """The SOPInstanceUIDs of the instances in a STOW-RS request body."""
+    import io
+
+    body = request.partition(b"\r\n\r\n")[2]
+    boundary = request.split(b"boundary=", 1)[1].split(b"\r\n", 1)[0].strip(b'"')
+    uids = []
+    for part in body.split(b"--" + boundary)[1:-1]:
+        data = part.partition(b"\r\n\r\n")[2].rsplit(b"\r\n", 1)[0]
+        uids.append(str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID))
+    return uids
+
+
+def _json_answer(status: int, doc, extra: str = ""):
+    def answer(req, conn):
+        body = json.dumps(doc).encode()
+        conn.sendall(f"HTTP/1.1 {status} X\r\nContent-Type: application/dicom+json\r\nContent-Length: {len(body)}\r\n"
+                     f"{extra}Connection: close\r\n\r\n".encode() + body)
+    return answer
+
+
+def _stored(uids):
+    return {"00081199": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": [u]}} for u in uids]}}
+
+
+def _acknowledge_all(req, conn):
+    _json_answer(200, _stored(_sop_uids(req)))(req, conn)
+
+
+def _garbage(req, conn):
+    conn.sendall(b"this is not HTTP at all\r\n\r\n")
+
+
+def _cut_short(req, conn):
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/dicom+json\r\nContent-Length: 5000\r\n\r\n{\"00081199\"")
+
+
+def _reset(req, conn):
+    import struct
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
+
+
+def _hang_up(req, conn):
+    pass  # close without a word
+
+
+@pytest.fixture
+def quick_retries(monkeypatch):
+    from imtrial_dsl.transfer import sender
+
+    monkeypatch.setattr(sender, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(sender, "RETRIES", 2)
+
+
+@pytest.mark.parametrize("behaviour, words", [
+    (_garbage, "BadStatusLine"), (_cut_short, "IncompleteRead"), (_reset, "reset"),
+    (_hang_up, "closed the connection without a response"),
+])
+def test_http_protocol_errors_are_recorded_retryable_failures(site, tmp_path, monkeypatch, quick_retries, behaviour, words):
+    monkeypatch.setenv("CENTRAL_TOKEN", "t")
+    rx = FakeReceiver([behaviour])
+    state = tmp_path / "state.sqlite"
+    try:
+        s = transfer(site["trial"], site["w"] / "archive", "central", state=state, url_override=rx.url)
+    finally:
+        rx.close()
+    n = len(site["objects"])
+    assert (s["sent"], s["failed"], s["ok"]) == (0, n, False)
+    assert len(rx.requests) == 3                                        # the first request and two retries
+    rows = Ledger(state).rows()
+    assert len(rows) == n and {r["status"] for r in rows} == {"failed"}
+    assert any(words in r["detail"]["reason"] for r in rows), rows[0]["detail"]
+    assert all(r["detail"]["reason"].startswith("not attempted") or r["detail"].get("retryable") for r in rows)
+    # … and a later run retries them (the receiver behaves now)
+    rx = FakeReceiver([_acknowledge_all])
+    try:
+        s = transfer(site["trial"], site["w"] / "archive", "central", state=state, url_override=rx.url)
+    finally:
+        rx.close()
+    assert (s["sent"], s["failed"]) == (n, 0)
+
+
+def test_the_cli_reports_a_protocol_error_not_an_internal_error(site, tmp_path):
+    rx = FakeReceiver([_garbage])
+    w = tmp_path / "w"
+    shutil.copytree(site["w"], w)
+    try:
+        r = _cli("transfer", str(site["study"]), "--workdir", str(w), "--to", "central", "--url-override", rx.url,
+                 env={"CENTRAL_TOKEN": "t"})
+    finally:
+        rx.close()
+    assert len(rx.requests) == 4                                        # 3 retries by default (1 + 2 + 4 s)
+    assert r.returncode == 1 and "internal error" not in r.stderr and "protocol error" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_200_listing_other_instances_acknowledges_only_those(site, tmp_path, monkeypatch):
+    monkeypatch.setenv("CENTRAL_TOKEN", "t")
+
+    def others(req, conn):
+        uids = _sop_uids(req)
+        _json_answer(200, _stored(uids[:2] + ["1.2.3.4.5.6.7.8.9"]))(req, conn)   # 2 of ours, one stranger
+
+    rx = FakeReceiver([others])
+    state = tmp_path / "state.sqlite"
+    try:
+        s = transfer(site["trial"], site["w"] / "archive", "central", state=state, url_override=rx.url)
+    finally:
+        rx.close()
+    batches = len(rx.requests)
+    assert s["sent"] == 2 * batches and s["failed"] == len(site["objects"]) - 2 * batches
+    rows = {r["detail"]["sop_uid"]: r for r in Ledger(state).rows()}
+    for req in rx.requests:
+        uids = _sop_uids(req)
+        assert [rows[u]["status"] for u in uids[:2]] == ["sent", "sent"]
+        assert all(rows[u]["status"] == "failed" and "lists other SOP instances" in rows[u]["detail"]["reason"]
+                   for u in uids[2:])
+        assert rows[uids[0]]["detail"]["acknowledged"] == uids[0]
+
+
+def test_retry_after_is_honoured_inside_the_run(site, clean, tmp_path, monkeypatch):
+    """A proxy in front of the real Orthanc answers the first two requests 503 with Retry-After: 1, then
+    forwards: the run waits as asked and everything arrives in one run."""
+    monkeypatch.setenv("CENTRAL_TOKEN", clean.token)
+
+    def busy(req, conn):
+        conn.sendall(b"HTTP/1.1 503 Busy\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+    def forward(req, conn):
+        head, _, body = req.partition(b"\r\n\r\n")
+        headers = {k.decode(): v.decode().strip() for k, v in (h.split(b":", 1) for h in head.split(b"\r\n")[1:])
+                   if k.lower() not in (b"host", b"content-length", b"connection")}
+        r = urllib.request.Request(clean.dicomweb + "/studies", data=body, headers=headers, method="POST")
+        with urllib.request.urlopen(r, timeout=60) as resp:
+            data = resp.read()
+            conn.sendall(f"HTTP/1.1 {resp.status} OK\r\nContent-Type: {resp.headers['Content-Type']}\r\n"
+                         f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
+
+    rx = FakeReceiver([busy, busy, forward])
+    t0 = time.time()
+    try:
+        s = transfer(site["trial"], site["w"] / "archive", "central", state=tmp_path / "state.sqlite", url_override=rx.url)
+    finally:
+        rx.close()
+    assert time.time() - t0 >= 2.0                                      # waited 1 s twice, as asked
+    n = len(site["objects"])
+    assert (s["sent"], s["failed"]) == (n, 0)
+    rows = Ledger(tmp_path / "state.sqlite").rows()
+    assert max(r["detail"]["tries"] for r in rows) == 3
+    assert set(clean.received()) == {o["sop_uid"] for o in site["objects"]}
+
+
+def test_a_retry_after_longer_than_the_run_waits_is_a_recorded_failure(site, tmp_path, monkeypatch):
+    monkeypatch.setenv("CENTRAL_TOKEN", "t")
+    rx = FakeReceiver([lambda req, conn: conn.sendall(
+        b"HTTP/1.1 429 Too Many\r\nRetry-After: 86400\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")])
+    try:
+        s = transfer(site["trial"], site["w"] / "archive", "central", state=tmp_path / "state.sqlite", url_override=rx.url)
+    finally:
+        rx.close()
+    assert len(rx.requests) == 1 and s["failed"] == len(site["objects"])
+    assert "retry after 86400 s" in s["problems"][0]["reason"]
+
+
+def test_cstore_to_a_closed_port_says_connection_refused(site, tmp_path, quick_retries):
+    port = _free_ports(1)[0]  # nothing listens there
+    s = transfer(site["trial"], site["w"] / "archive", "pacs", state=tmp_path / "state.sqlite",
+                 host_override="127.0.0.1", port_override=port)
+    assert s["sent"] == 0 and s["failed"] == len(site["objects"])
+    reasons = {p["reason"] for p in s["problems"]}
+    assert any("connection refused" in r for r in reasons) and not any("aborted" in r for r in reasons), reasons
+    rows = Ledger(tmp_path / "state.sqlite").rows()
+    assert max(r["detail"].get("tries", 0) for r in rows) == 3
+
+
+def test_a_corrected_instance_is_sent_again_and_replaces_the_old_one(site, clean, tmp_path, monkeypatch):
+    """Point 6 + 11: a new version of an archived instance (same SOPInstanceUID, other bytes) is the only
+    instance sent after a correction, and the receiver then holds the new bytes; the ledger has a row per version."""
+    monkeypatch.setenv(AE_ENV, OUR_AE)
+    w = tmp_path / "w"
+    shutil.copytree(site["w"], w)
+    led = Ledger(w / "state.sqlite")
+    led.db.execute("DELETE FROM transfers")  # the module's site may have been sent to this Orthanc before
+    led.close()
+    kw = dict(state=w / "state.sqlite", host_override="127.0.0.1", port_override=clean.dicom)
+    n = len(site["objects"])
+    assert transfer(site["trial"], w / "archive", "pacs", **kw)["sent"] == n
+    old = site["objects"][0]
+    ds = pydicom.dcmread(old["path"])
+    ds.ImageComments = "corrected after the first transfer"
+    fixed = tmp_path / "fixed.dcm"
+    ds.save_as(fixed)
+    (sha, added), = Archive(w / "archive").put_objects([(fixed, {k: old[k] for k in ("subject", "visit", "series_uid", "sop_uid")})])
+    assert added
+    s = transfer(site["trial"], w / "archive", "pacs", **kw)
+    assert (s["archived"], s["already_sent"], s["sent"]) == (n, n - 1, 1)   # the newest version of each instance
+    rows = {r["sha256"]: r for r in transfers(w, s["ledger_destination"])}
+    assert rows[old["sha256"]]["status"] == "sent" and rows[sha]["status"] == "sent"
+    assert rows[sha]["detail"]["version"] == 2 and rows[sha]["detail"]["supersedes"] == old["sha256"]
+    assert rows[sha]["detail"]["replaces_sent_version"] and rows[sha]["detail"]["acknowledged"] == old["sop_uid"]
+    held = clean.received()[old["sop_uid"]]
+    assert held["tags"].get("ImageComments") == "corrected after the first transfer"
+    assert len(clean.get("/instances")) == n
+
+
+def test_every_transfer_syntax_reaches_the_receiver_as_it_was_archived(clean, tmp_path, monkeypatch):
+    """Point 2, end to end: deflate, big endian, JPEG baseline, JPEG-LS, JPEG 2000 and RLE instances are run,
+    archived and sent by C-STORE (one presentation context per syntax) and by STOW-RS; Orthanc stores each
+    in the syntax it was archived in."""
+    from imtrial_dsl.compiler import compile_file
+    from imtrial_dsl.runner.run import run_study
+    from imtrial_dsl.tools.minicorpus import make_corpus
+    from syntax_corpus import SYNTAXES, transfer_syntax_inbox  # tests/syntax_corpus.py
+
+    monkeypatch.setenv("IMTRIAL_KEY", KEY)
+    mini = make_corpus(tmp_path / "corpus", subjects=1, slices=2)
+    transfer_syntax_inbox(mini)
+    study = tmp_path / "study.imtrial"
+    study.write_text(Path(mini["study"]).read_text() + '\ntransfer pacs dicom ae "ORTHANC" host "pacs.invalid" port 104\n'
+                     'transfer central dicomweb "https://central.invalid/dicom-web" auth env CENTRAL_TOKEN\n')
+    trial = compile_file(study).trial
+    w = tmp_path / "w"
+    assert not run_study(trial, inbox=mini["inbox"], workdir=w, jobs=1)["failed"]
+    archived = {}
+    for o in archived_objects(w / "archive"):
+        ds = pydicom.dcmread(o["path"], stop_before_pixels=True)
+        archived[o["sop_uid"]] = (str(ds.SeriesDescription), str(ds.file_meta.TransferSyntaxUID))
+    assert {ts for _, ts in archived.values()} >= set(SYNTAXES.values())
+    monkeypatch.setenv(AE_ENV, OUR_AE)
+    monkeypatch.setenv("CENTRAL_TOKEN", clean.token)
+    for dest, kw in (("pacs", dict(host_override="127.0.0.1", port_override=clean.dicom)),
+                     ("central", dict(url_override=clean.dicomweb))):
+        clean.clear()
+        s = transfer(trial, w / "archive", dest, state=w / "state.sqlite", **kw)
+        assert (s["sent"], s["failed"], s["refused"]) == (len(archived), 0, 0), s["problems"][:3]
+        for uid, inst in clean.received().items():
+            meta = clean.get(f"/instances/{inst['id']}/metadata?expand")
+            assert meta["TransferSyntax"] == archived[uid][1], (dest, archived[uid])

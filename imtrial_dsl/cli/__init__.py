@@ -1,6 +1,7 @@
 """The ``imtrial`` command line: the only code that parses arguments, prints or exits.
 
 Exit codes: 0 ok, 1 errors in the input, 2 usage errors, 3 internal error (a bug: please report),
+4 environment error (a full disk, a read-only path, missing permissions, an I/O error: E850–E854),
 130 interrupted (Ctrl-C). Diagnostics go to stderr (coloured on a terminal unless NO_COLOR is set);
 data goes to stdout or ``-o``. Every error the library raises on purpose is an
 :class:`~imtrial_dsl.diagnostics.ImtrialError`, rendered here as a diagnostic (exit 1).
@@ -13,9 +14,9 @@ import sys
 from typing import Optional, Sequence
 
 from .. import __version__
-from ..diagnostics import CompileErrors, ImtrialError
+from ..diagnostics import CompileErrors, ImtrialError, environment_error
 from . import desk, language, ops, pipeline, relay, render, scanner, transfer
-from .common import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, UsageError
+from .common import EXIT_ENVIRONMENT, EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, UsageError
 
 EXIT_INTERRUPTED = 130  # the shell's convention for a process ended by SIGINT
 
@@ -73,5 +74,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as exc:  # a bug, not bad input: say so without a traceback unless asked
         if os.environ.get("IMTRIAL_DEBUG"):
             raise
+        env = environment_error(exc)
+        if env is not None:  # the machine, not a bug: nothing to report upstream, something to fix here
+            print(f"imtrial: environment error [{env[0]}]: {env[1]}", file=sys.stderr)
+            return EXIT_ENVIRONMENT
         print(f"imtrial: internal error: {type(exc).__name__}: {exc} (set IMTRIAL_DEBUG=1 for a traceback)", file=sys.stderr)
         return EXIT_INTERNAL

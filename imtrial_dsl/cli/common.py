@@ -11,6 +11,7 @@ from typing import Sequence
 from .render import print_diagnostics
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_ENVIRONMENT = 4  # the machine, not imtrial or its input: a full disk, a read-only path, permissions
 
 
 class UsageError(Exception):

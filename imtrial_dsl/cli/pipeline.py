@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..workdir import Workdir
-from .common import (EXIT_INPUT, EXIT_OK, EXIT_USAGE, KEY_ENV, UsageError, add_json, add_out, add_study, add_workdir,
-                     command, load_trial)
+from .common import (EXIT_ENVIRONMENT, EXIT_INPUT, EXIT_OK, EXIT_USAGE, KEY_ENV, UsageError, add_json, add_out,
+                     add_study, add_workdir, command, load_trial)
 from .render import exam_status, progress_for, run_summary
 
 
@@ -36,7 +36,15 @@ def cmd_run(args) -> int:
         print(json.dumps(summary, indent=2, default=str))
     else:
         print(run_summary(summary))
-    return EXIT_INPUT if summary["failed"] else EXIT_OK
+    if summary["failed"]:
+        env = all(str(f.get("error") or "").startswith("environment error") for f in summary["failed"])
+        return EXIT_ENVIRONMENT if env else EXIT_INPUT
+    if summary["this_run"]["ingest"].get("not_removed"):  # --move could not delete (read-only inbox): E854
+        print(f"imtrial run: environment error [E854]: {len(summary['this_run']['ingest']['not_removed'])} inbox "
+              f"file(s) recorded and copied but not removed (--move): "
+              f"{summary['this_run']['ingest']['not_removed'][0]['reason']}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    return EXIT_OK
 
 
 def _pairs(values: Optional[list[str]], flag: str) -> list[tuple[str, Path]]:
@@ -138,7 +146,7 @@ def cmd_synth(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from ..runner.archive import verify
+    from ..runner.archive import checkpoint_key, verify
 
     if not (args.archive or args.workdir):
         print("imtrial verify: give --workdir DIR or --archive DIR", file=sys.stderr)
@@ -147,13 +155,24 @@ def cmd_verify(args) -> int:
     if not (root / "audit.log.jsonl").exists():
         print(f"imtrial verify: no archive at {root}", file=sys.stderr)
         return EXIT_INPUT
-    res = verify(root, deep=not args.shallow)
+    key = None
+    if args.study:
+        key = checkpoint_key(load_trial(args.study))
+        if key is None:
+            print("imtrial verify: the study names no key (or it is not set): the checkpoint's MAC is not checked",
+                  file=sys.stderr)
+    state = args.workdir if args.workdir and Workdir(args.workdir).state_db.exists() else None
+    res = verify(root, deep=not args.shallow, state=state, key=key)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
-        print(f"{'OK' if res['ok'] else 'BROKEN'}: {res['records']} audit record(s), {res['objects']} object(s), head {res['head'][:16]}")
+        print(f"{'OK' if res['ok'] else 'BROKEN'}: {res['records']} audit record(s), {res['objects']} object(s) "
+              f"({res['current']} current instance version(s)), head {res['head'][:16]}"
+              + (" [shallow: stored files not re-hashed]" if args.shallow else ""))
         for e in res["errors"]:
             print(f"  {e}")
+        for n in res["notes"]:
+            print(f"  note: {n}")
     return EXIT_OK if res["ok"] else EXIT_INPUT
 
 
@@ -234,11 +253,16 @@ def register(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal)")
     p.set_defaults(func=cmd_synth)
 
-    p = command(sub, "verify", "verify the archive's hash-chained audit log and object hashes", examples=[
-        "imtrial verify --workdir work", "imtrial verify --archive /data/amy01/archive --shallow"],
-        details="Exit 1 when the chain is broken or a stored file does not match its hash.")
-    add_workdir(p, "the run's workdir (its archive/ is verified)", required=False)
+    p = command(sub, "verify", "verify the archive's hash-chained audit log, its anchors and object hashes", examples=[
+        "imtrial verify --workdir work --study study.imtrial", "imtrial verify --archive /data/amy01/archive --shallow"],
+        details="Checks the audit chain record by record, against its anchor (the head hash and record count kept "
+                "in the state database and in a checkpoint signed with the study's key), and the stored files "
+                "against the log both ways. Exit 1 when anything does not hold.",
+        env=[(KEY_ENV, "the study's key, with --study: checks the checkpoint's signature")])
+    add_workdir(p, "the workdir (its state database holds the chain's anchor)", required=False)
     p.add_argument("--archive", metavar="DIR", help="archive folder (default WORKDIR/archive)")
-    p.add_argument("--shallow", action="store_true", help="check the chain only, not the stored files")
+    p.add_argument("--study", metavar="STUDY", help="the study: its key checks the checkpoint's MAC")
+    p.add_argument("--shallow", action="store_true",
+                   help="do not re-hash the stored files (chain, anchors and which files exist are still checked)")
     add_json(p)
     p.set_defaults(func=cmd_verify)

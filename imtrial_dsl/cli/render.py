@@ -93,6 +93,11 @@ def run_summary(s: dict) -> str:
         f"qc           {kv(s['qc'])}",
         f"quarantined  {s['quarantined']}" + (f" ({kv(s['quarantine_reasons'])})" if s['quarantined'] else "")
         + f", duplicates {s['duplicates']}",
+        *([f"not read     {s['skipped']} inbox entr{'y' if s['skipped'] == 1 else 'ies'} ({kv(s['skip_reasons'])})"]
+          + [f"  - {k['path']}: {k['reason']}: {k['detail']}" for k in s["skipped_entries"][:20]]
+          if s.get("skipped") else []),
+        *([f"not removed  {len(s['this_run']['ingest']['not_removed'])} inbox file(s) (--move): "
+           f"{s['this_run']['ingest']['not_removed'][0]['reason']}"] if s["this_run"]["ingest"].get("not_removed") else []),
         f"unmatched    {len(s['unmatched'])}" + (f": {', '.join(s['unmatched'])}" if s['unmatched'] else ""),
         f"measurements {s['measurements']}",
     ]
@@ -103,6 +108,11 @@ def run_summary(s: dict) -> str:
             lines.append(f"  - {i.get('subject') or i['exam_key']} {i.get('visit') or ''}: missing {', '.join(i['missing'])}")
         if len(incomplete) > 10:
             lines.append(f"  … {len(incomplete) - 10} more (imtrial status --all --workdir W)")
+    study = s["this_run"].get("study") or {}
+    if study.get("changed"):
+        lines.append(f"warning      the compiled study changed since the last run ({study['previous_sha256'][:12]} -> "
+                     f"{study['compiled_sha256'][:12]}): {study['nodes_rerun']} node(s) re-run on "
+                     f"{study['exams_rejudged']} exam(s); changed archive sidecars are new versions")
     if s["warnings"]:
         lines.append(f"warnings     {kv(s['warnings'])}")
         lines += grouped_findings(s["warning_list"], limit=20)

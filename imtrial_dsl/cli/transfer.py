@@ -23,7 +23,7 @@ def cmd_transfer(args) -> int:
     try:
         summary = transfer(trial, Workdir(w).archive, args.to, state=Workdir(w).state_db, url_override=args.url_override,
                            host_override=args.host_override, port_override=args.port_override,
-                           path_override=args.path_override, dry_run=args.dry_run, log=log)
+                           path_override=args.path_override, dry_run=args.dry_run, log=log, retries=args.retries)
     except TransferError as exc:  # the transfer could not start (nothing was sent): a usage problem, exit 2
         print(f"imtrial transfer: {exc.diagnostic.message}", file=sys.stderr)
         return EXIT_USAGE
@@ -53,6 +53,9 @@ def register(sub) -> None:
     g.add_argument("--path-override", metavar="DIR", help="folder to use instead of the declared one")
     p.add_argument("--port-override", type=int, metavar="PORT", help="DICOM port to use instead of the declared one")
     p.add_argument("--dry-run", action="store_true", help="report what would be sent; send nothing, record nothing")
+    p.add_argument("--retries", type=int, default=None, metavar="N",
+                   help="repeat a request that may pass (refused, reset, protocol error, HTTP 408/429/5xx) up to N "
+                        "times in this run, with backoff and honouring Retry-After (default 3)")
     add_json(p, "print the summary as JSON")
     add_out(p, "also write the JSON summary to FILE", metavar="FILE")
     p.add_argument("--verbose", "-v", action="store_true", help="log each batch on stderr")

@@ -1,8 +1,8 @@
 """Step 8, analyses and measurements: run the study's analysis programs and gather a tidy table.
 
 An analysis' ``command`` is an argv template; ``{name}`` placeholders are the analysis' input and
-output names (``{input}``/``{output}`` mean the first of each). It runs with ``subprocess.run(list,
-shell=False)`` and a timeout — never through a shell. A leading ``python3``/``python`` is the running
+output names (``{input}``/``{output}`` mean the first of each). It runs as an argv list with a timeout — never
+through a shell — in a process group of its own that is killed when the run dies (``runner/procs.py``). A leading ``python3``/``python`` is the running
 interpreter, so ``python3 -m imtrial_dsl.tools.volume`` finds this package in any venv.
 
 Measurement convention: an output file that is JSON holds, per declared measurement name, a number or
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..diagnostics import ImtrialError
+from .procs import run_guarded
 
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 CSV_COLUMNS = ("subject", "visit", "site", "protocol", "analysis", "measurement", "value", "unit")
@@ -211,7 +212,7 @@ def run_one(ctx, analysis, adir: Path) -> dict:
                PYTHONPATH=os.pathsep.join([pkg_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     t0 = time.time()
     try:
-        proc = subprocess.run(argv, shell=False, capture_output=True, timeout=timeout, env=env, cwd=str(adir))
+        proc = run_guarded(argv, timeout=timeout, env=env, cwd=str(adir))  # dies with the run (runner/procs.py)
     except subprocess.TimeoutExpired:
         return {"analysis": analysis.name, "status": "failed", "reason": f"timed out after {timeout:g} s"}
     except OSError as exc:

@@ -7,6 +7,17 @@ Layout under the archive root::
     records/<subject>/<visit>/<kind>-<uid>/v0001.json   series/exam sidecars (adherence, QC, provenance);
                                         a correction is v0002 with ``supersedes`` = v0001's sha256
     audit.log.jsonl                     one JSON record per line; ``prev`` = previous record's ``hash``
+    checkpoint.json                     the chain's anchor: record count and head hash, with a keyed MAC
+
+Versions of an instance: an object whose SOPInstanceUID the archive already holds with other bytes (a
+corrected instance) is a new version: its ``object.add`` record names the version it ``supersedes``;
+both stay, and the newest is the instance's current version (what sidecars, reports and transfer use).
+
+Anchored: the audit chain alone cannot show that its last records were removed, or that it was rewritten
+consistently from some record on. So the record count and head hash are also kept in the state database
+(table ``archive_anchor``) and in ``checkpoint.json`` (HMAC-SHA256 under a key derived from the study's
+pseudonymization key), and :func:`verify` compares the log with both, and the files on disk with the log
+both ways.
 
 Idempotent: an object already in the log is never added again; a record whose content is unchanged
 gets no new version. Crash-safe: files are written temp-then-rename *before* their audit record, so a
@@ -18,6 +29,8 @@ from __future__ import annotations
 
 import fcntl
 import getpass
+import hashlib
+import hmac
 import json
 import os
 import socket
@@ -27,10 +40,12 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from ..diagnostics import ImtrialError
-from ..files import sha256_bytes
+from ..files import atomic_write_bytes, sha256_bytes, sha256_file
 
 
 GENESIS = "0" * 64
+CHECKPOINT = "checkpoint.json"
+_OBJECT_ACTIONS = ("object.add", "object.current")
 
 
 class ArchiveError(ImtrialError):
@@ -69,6 +84,8 @@ class Archive:
         self._head = GENESIS
         self._seq = 0
         self._objects: set[str] = set()
+        self._current: dict[str, str] = {}          # SOPInstanceUID -> sha256 of its newest version
+        self._versions: dict[str, int] = {}         # SOPInstanceUID -> number of versions recorded
         self._records: dict[str, list[dict]] = {}
 
     # ------------------------------------------------------------------ locking and the log index
@@ -99,8 +116,12 @@ class Archive:
 
     def _index(self, rec: dict) -> None:
         self._head, self._seq = rec["hash"], rec["seq"]
-        if rec["action"] == "object.add":
+        if rec["action"] in _OBJECT_ACTIONS:
             self._objects.add(rec["sha256"])
+            uid = rec.get("sop_uid")
+            if uid:
+                self._current[uid] = rec["sha256"]
+                self._versions[uid] = self._versions.get(uid, 0) + 1
         elif rec["action"] in ("record.add", "record.correct"):
             self._records.setdefault(rec["key"], []).append(rec)
 
@@ -140,51 +161,59 @@ class Archive:
 
     def put_object(self, src: str | Path, **meta: Any) -> tuple[str, bool]:
         """Store one file by content; returns (sha256, added). Same bytes are never stored twice."""
-        data = Path(src).read_bytes()
-        sha = sha256_bytes(data)
-        with self.locked():
-            if sha in self._objects:
-                return sha, False
-            dest = self.object_path(sha)
-            if not (dest.exists() and sha256_bytes(dest.read_bytes()) == sha):
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-                with open(tmp, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.chmod(tmp, 0o444)
-                os.replace(tmp, dest)
-            self._append("object.add", sha256=sha, size=len(data), path=str(dest.relative_to(self.root)), **meta)
-            return sha, True
+        return self.put_objects([(src, meta)])[0]
 
     def put_objects(self, items: list[tuple[str | Path, dict]]) -> list[tuple[str, bool]]:
-        """Store many files at once: all bytes are written and flushed to disk (one ``os.sync``) before
-        their audit records are appended, so the log never names an object that a power cut could lose."""
+        """Store many files at once; returns (sha256, added) per item. Same bytes are never stored twice.
+
+        An item whose ``sop_uid`` the archive holds with other bytes becomes that instance's new version
+        (``supersedes`` names the previous one; bytes that were an earlier version become current again with an
+        ``object.current`` record). All bytes are written and flushed to disk (one ``os.sync``) before their audit
+        records are appended, so the log never names an object that a power cut could lose."""
         data = [(Path(src).read_bytes(), meta) for src, meta in items]
         out: list[tuple[str, bool]] = []
         with self.locked():
-            todo = []
+            todo: list[tuple[str, str, int, Path, dict]] = []   # (action, sha, size, path, meta)
+            planned: dict[str, str] = {}                        # sop_uid -> sha made current by this call
             for blob, meta in data:
                 sha = sha256_bytes(blob)
-                if sha in self._objects or any(sha == t[0] for t in todo):
+                uid = meta.get("sop_uid")
+                current = planned.get(uid, self._current.get(uid)) if uid else None
+                known = sha in self._objects or any(sha == t[1] for t in todo)
+                if (known and not uid) or (uid and current == sha):
                     out.append((sha, False))
                     continue
+                extra = dict(meta)
+                if uid and current is not None:
+                    extra["supersedes"] = current
+                    extra["version"] = self._versions.get(uid, 0) + sum(t[4].get("sop_uid") == uid for t in todo) + 1
                 dest = self.object_path(sha)
+                if known:  # an earlier version's bytes, current again
+                    todo.append(("object.current", sha, len(blob), dest, extra))
+                    planned[uid] = sha
+                    out.append((sha, False))
+                    continue
                 if not (dest.exists() and dest.stat().st_size == len(blob) and sha256_bytes(dest.read_bytes()) == sha):
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
                     tmp.write_bytes(blob)
                     os.chmod(tmp, 0o444)
                     os.replace(tmp, dest)
-                todo.append((sha, len(blob), dest, meta))
+                todo.append(("object.add", sha, len(blob), dest, extra))
+                if uid:
+                    planned[uid] = sha
                 out.append((sha, True))
             if todo:
                 os.sync()
-                for i, (sha, size, dest, meta) in enumerate(todo):
-                    self._append("object.add", sync=(i == len(todo) - 1), sha256=sha, size=size,
+                for i, (action, sha, size, dest, meta) in enumerate(todo):
+                    self._append(action, sync=(i == len(todo) - 1), sha256=sha, size=size,
                                  path=str(dest.relative_to(self.root)), **meta)
         return out
+
+    def current_objects(self) -> dict[str, str]:
+        """SOPInstanceUID -> sha256 of the instance's newest version."""
+        with self.locked():
+            return dict(self._current)
 
     # ------------------------------------------------------------------ records (sidecars)
     def history(self, key: str) -> list[dict]:
@@ -227,11 +256,31 @@ class Archive:
                                path=str(dest.relative_to(self.root)), supersedes=supersedes)
             return rec, True
 
-    # ------------------------------------------------------------------ verification
-    def verify(self, *, deep: bool = True) -> dict:
-        """Check the hash chain, and (deep) that every object and record file still has its logged hash."""
+    # ------------------------------------------------------------------ anchoring and verification
+    def checkpoint(self, key: Optional[bytes] = None) -> dict:
+        """Write ``checkpoint.json`` (record count, head hash, MAC under ``key``) for the chain as it is now;
+        returns the anchor ``{records, head, time}``. Monotonic: written under the archive's lock."""
+        with self.locked():
+            self._repair_tail()
+            anchor = {"records": self._seq, "head": self._head,
+                      "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            doc = {**anchor, "mac": _mac(key, anchor) if key else None}
+            atomic_write_bytes(self.root / CHECKPOINT, json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n",
+                               durable=True)
+            return anchor
+
+    def verify(self, *, deep: bool = True, anchor: Optional[dict] = None, key: Optional[bytes] = None) -> dict:
+        """Check the archive; ``{"ok", "records", "objects", "current", "head", "errors", "notes"}``.
+
+        Always: each record's hash and its link to the previous one; the chain against ``checkpoint.json`` and
+        against ``anchor`` (the state database's, when given): fewer records than anchored means records were
+        removed, another hash at the anchored position means the chain was rewritten; the checkpoint's MAC
+        when ``key`` is given; every file under ``objects/`` and ``records/`` named by the log, and every
+        logged file present. ``deep`` (the default) also re-hashes every stored file against its logged sha256."""
         errors: list[str] = []
+        notes: list[str] = []
         prev, n = GENESIS, 0
+        hashes: list[str] = []
         raw = self.log.read_bytes()
         lines = raw.split(b"\n")
         if lines and lines[-1] == b"":
@@ -239,6 +288,8 @@ class Archive:
         elif lines and lines[-1]:
             errors.append("last line is incomplete (torn write)")
             lines.pop()
+        logged: dict[str, str] = {}
+        objects = 0
         for i, line in enumerate(lines, 1):
             try:
                 rec = json.loads(line)
@@ -252,21 +303,141 @@ class Archive:
                 errors.append(f"line {i}: record hash mismatch (record altered)")
             if rec.get("seq") != i:
                 errors.append(f"line {i}: sequence number {rec.get('seq')} (expected {i})")
-            if deep and rec.get("path"):
+            if rec.get("path"):
+                logged[rec["path"]] = rec.get("sha256")
                 p = self.root / rec["path"]
                 if not p.exists():
                     errors.append(f"line {i}: {rec['path']} is missing")
-                elif sha256_bytes(p.read_bytes()) != rec["sha256"]:
+                elif deep and sha256_file(p) != rec["sha256"]:
                     errors.append(f"line {i}: {rec['path']} content does not match its logged sha256")
+            objects += rec.get("action") == "object.add"
             prev = rec.get("hash")
+            hashes.append(prev)
             n += 1
-        objects = sum(1 for ln in lines if b'"action":"object.add"' in ln)
-        return {"ok": not errors, "records": n, "objects": objects, "head": prev, "errors": errors}
+        for sub in ("objects", "records"):  # the other way: every stored file is in the log
+            for p in sorted((self.root / sub).rglob("*")):
+                if not p.is_file():
+                    continue
+                rel = p.relative_to(self.root).as_posix()
+                if rel in logged:
+                    continue
+                if p.name.startswith(".") and p.name.endswith(".tmp"):
+                    notes.append(f"{rel}: a temporary file of an interrupted write (removed by the next run)")
+                else:
+                    errors.append(f"{rel} is stored but not in the audit log (an object nobody recorded)")
+        cp_path = self.root / CHECKPOINT
+        checkpoint = None
+        if cp_path.exists():
+            try:
+                checkpoint = json.loads(cp_path.read_text())
+                checkpoint = {k: checkpoint[k] for k in ("records", "head", "time", "mac")}
+            except (ValueError, KeyError, TypeError):
+                errors.append(f"{CHECKPOINT} is not a checkpoint (unreadable or altered)")
+                checkpoint = None
+        if checkpoint is not None:
+            if key is None:
+                notes.append(f"{CHECKPOINT}: MAC not checked (no key given)")
+            elif checkpoint["mac"] is None:
+                errors.append(f"{CHECKPOINT} is unsigned, but a key was given")
+            elif not hmac.compare_digest(str(checkpoint["mac"]), _mac(key, checkpoint)):
+                errors.append(f"{CHECKPOINT}: MAC does not match (the checkpoint was altered, or written under another key)")
+        anchors = [(f"{CHECKPOINT}", checkpoint)] + ([("the state database", anchor)] if anchor is not None else [])
+        for where, a in anchors:
+            if a is None:
+                continue
+            m = int(a["records"])
+            if n < m:
+                errors.append(f"the log has {n} record(s), {where} anchored {m}: records were removed "
+                              "(or the log replaced)")
+            elif m and hashes[m - 1] != a["head"]:
+                errors.append(f"record {m} does not have the head hash {where} anchored: the chain was rewritten")
+            elif n > m:
+                notes.append(f"{n - m} record(s) after the anchor in {where} (appended since; the next run anchors them)")
+        if anchor is None and checkpoint is None and n:
+            notes.append("the chain is not anchored (no checkpoint, no state database): removed last records "
+                         "or a consistent rewrite cannot be detected")
+        current = _current_of(lines)
+        return {"ok": not errors, "records": n, "objects": objects, "current": len(current), "head": prev,
+                "anchored": {w: (a["records"] if a else None) for w, a in anchors}, "errors": errors, "notes": notes}
 
 
-def verify(root: str | Path, *, deep: bool = True) -> dict:
-    """Verify an archive's audit chain (and object/record hashes when ``deep``)."""
-    return Archive(root).verify(deep=deep)
+def _mac(key: bytes, anchor: dict) -> str:
+    """The checkpoint's MAC: HMAC-SHA256 of its record count and head under a key derived for this use only."""
+    k = hmac.new(key, b"imtrial archive checkpoint v1", hashlib.sha256).digest()
+    return hmac.new(k, _canon({"records": int(anchor["records"]), "head": anchor["head"]}), hashlib.sha256).hexdigest()
+
+
+def _current_of(lines: list[bytes]) -> dict[str, str]:
+    cur: dict[str, str] = {}
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            break
+        if rec.get("action") in _OBJECT_ACTIONS:
+            cur[rec.get("sop_uid") or rec["sha256"]] = rec["sha256"]
+    return cur
+
+
+def checkpoint_key(trial) -> Optional[bytes]:
+    """The key a study's archive checkpoints are signed with: its pseudonymization key (derived for this use
+    inside :func:`_mac`), or None when the study names none or it is not available."""
+    from ..secrets import SecretError, read_secret
+
+    src = (trial.deidentify.key if trial is not None and trial.deidentify else None) or \
+        (trial.identifiers.key if trial is not None and trial.identifiers else None)
+    if src is None:
+        return None
+    try:
+        return read_secret(src, study_file=trial.source_file)
+    except SecretError:
+        return None
+
+
+def anchor_name(root: str | Path, workdir: Optional[str | Path] = None) -> str:
+    """The archive's name in table ``archive_anchor``: relative to the workdir when inside it (a moved workdir
+    keeps its anchor), else the absolute path."""
+    root = Path(root).resolve()
+    if workdir is not None:
+        try:
+            return root.relative_to(Path(workdir).resolve()).as_posix()
+        except ValueError:
+            pass
+    return str(root)
+
+
+def anchor(root: str | Path, *, key: Optional[bytes], store=None) -> dict:
+    """Checkpoint the archive and, with a state ``store``, record the anchor there too (never moving it back)."""
+    a = Archive(root).checkpoint(key)
+    if store is not None and a["records"]:
+        with store.tx() as db:
+            db.execute("INSERT INTO archive_anchor(archive, records, head, time) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT(archive) DO UPDATE SET records=excluded.records, head=excluded.head, "
+                       "time=excluded.time WHERE excluded.records > archive_anchor.records",
+                       (anchor_name(root, store.workdir), a["records"], a["head"], a["time"]))
+    return a
+
+
+def verify(root: str | Path, *, deep: bool = True, state=None, key: Optional[bytes] = None) -> dict:
+    """Verify an archive (see :meth:`Archive.verify`); ``state``: the workdir whose state database holds its anchor."""
+    a = None
+    if state is not None:
+        from ..store import Store
+
+        st = Store(state, create=False)
+        try:
+            row = st.db.execute("SELECT records, head FROM archive_anchor WHERE archive=?",
+                                (anchor_name(root, state),)).fetchone()
+        finally:
+            st.close()
+        if row is None:
+            res = Archive(root).verify(deep=deep, key=key)
+            if res["records"]:
+                res["notes"].append("the state database holds no anchor for this archive (written before anchors "
+                                    "existed? the next 'imtrial run' anchors it)")
+            return res
+        a = dict(row)
+    return Archive(root).verify(deep=deep, anchor=a, key=key)
 
 
 # ------------------------------------------------------------------ the step
@@ -418,5 +589,13 @@ def archive_step(ctx) -> dict:
     new_versions += new
     res = {"instances": len(files), "objects_added": added, "series": len(by_series),
            "records": records, "new_record_versions": new_versions}
+    key = checkpoint_key(trial)
+    if ctx.workdir is not None and Path(ctx.archive_root) == ctx.workdir.archive:
+        from ..store import Store
+
+        with Store(ctx.workdir.root) as st:
+            anchor(arch.root, key=key, store=st)
+    else:  # a staged archive (CWL): the checkpoint file is its anchor
+        anchor(arch.root, key=key)
     ctx.write_json(ARCHIVED, res)
     return res

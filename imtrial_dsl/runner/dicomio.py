@@ -36,6 +36,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
 # Functional-group sequences are searched this deep (macro item -> attribute -> one nested level).
 _MAX_DEPTH = 2
 
+DEFLATED = "1.2.840.10008.1.2.1.99"
 UNCOMPRESSED_SYNTAXES = {
     "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99",
 }
@@ -325,6 +326,12 @@ def read_header_checked(path: str | os.PathLike) -> tuple[Dataset, bool, str]:
         start = fp.tell()
         head = fp.read(12)
         size = os.fstat(fp.fileno()).st_size
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and raw_text(meta, 0x00020010) == DEFLATED:
+        # the file's bytes after the meta group are deflated: check the inflated Pixel Data element instead
+        elem = pydicom.dcmread(path, force=True).get_item(0x7FE00010)
+        head, start = (struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, elem.length) if elem is not None else b""), 0
+        size = 12 + len(elem.value or b"") if elem is not None else 0
     ok, detail = _pixel_length_ok(ds, head, size - start)
     return ds, ok, detail
 

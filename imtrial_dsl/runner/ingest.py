@@ -28,8 +28,22 @@ REASONS = {
     "not_dicom": "not a DICOM file (no Part-10 preamble and no readable dataset)",
     "unreadable": "DICOM parsing failed",
     "truncated": "pixel data shorter than the image attributes declare (or missing)",
+    "truncated_header": "the file ends inside its header (File Meta Information or a data element before Pixel Data)",
+    "corrupt_header": "the bytes after the DICM prefix are not a DICOM File Meta Information group",
+    "undecodable": "the pixel data's transfer syntax cannot be decoded (no decoder, or the encoded stream is damaged)",
     "missing_essentials": "a required identifying attribute is missing or empty",
     "dicomdir": "a DICOMDIR media directory, not an instance",
+}
+# Inbox entries that are not files with content: never read, each listed in the run summary with one of these.
+SKIP_REASONS = {
+    "fifo": "a named pipe (FIFO): reading it would block, so it is not read",
+    "socket": "a socket, not a file",
+    "device": "a device node, not a file",
+    "dangling_symlink": "a symbolic link whose target does not exist",
+    "symlink_loop": "a symbolic link that resolves to itself (too many levels of links)",
+    "directory_loop": "a link to a folder that contains it: the folder is listed once, not again through the link",
+    "directory_seen": "a link to a folder already listed under another path: listed once",
+    "unreadable": "the entry could not be read (permissions or an I/O error)",
 }
 BATCH = 64  # records per state-DB transaction
 NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
@@ -69,6 +83,104 @@ WORKLIST_ATTRS = ("AccessionNumber", "ClinicalTrialProtocolID", "ClinicalTrialSi
                   "ClinicalTrialTimePointID")
 
 
+# VRs whose explicit-VR element header has a 4-byte length (PS3.5 7.1.2)
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_VRS = _LONG_VRS | {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN",
+                    b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
+
+
+def _meta_problem(data: bytes) -> Optional[tuple[str, str]]:
+    """Walk the File Meta Information after ``DICM`` (always explicit VR little endian, group 0002):
+    ``(reason, detail)`` when it is cut short or is not DICOM at all, else None."""
+    import struct
+
+    off, n, has_ts = 132, 0, False
+    while True:
+        if off == len(data):
+            return ("truncated_header", f"the file ends after the File Meta Information, at byte {off}: no data set")\
+                if n else ("truncated_header", "the file ends right after the DICM prefix")
+        if off + 8 > len(data):
+            return "truncated_header", f"the file ends inside an element header at byte {off} ({len(data) - off} byte(s) left)"
+        group, elem = struct.unpack_from("<HH", data, off)
+        if group != 0x0002:
+            if n == 0:
+                return "corrupt_header", (f"the bytes after DICM are not File Meta Information: first tag "
+                                          f"({group:04X},{elem:04X}) at byte 132 is not in group 0002")
+            if not has_ts:
+                return "corrupt_header", "the File Meta Information has no Transfer Syntax UID (0002,0010)"
+            return None
+        vr = data[off + 4:off + 6]
+        if vr not in _VRS:
+            return "corrupt_header", (f"File Meta element ({group:04X},{elem:04X}) at byte {off} has no valid VR "
+                                      f"(bytes {vr.hex()})")
+        if vr in _LONG_VRS:
+            if off + 12 > len(data):
+                return "truncated_header", f"the file ends inside the header of element ({group:04X},{elem:04X}) at byte {off}"
+            length, head = struct.unpack_from("<I", data, off + 8)[0], 12
+        else:
+            length, head = struct.unpack_from("<H", data, off + 6)[0], 8
+        if off + head + length > len(data):
+            return "truncated_header", (f"the file ends inside File Meta element ({group:04X},{elem:04X}) at byte {off}: "
+                                        f"it declares {length} byte(s), {len(data) - off - head} present")
+        off += head + length
+        n += 1
+        has_ts = has_ts or elem == 0x0010
+
+
+def _dataset_cut(ds, size: int) -> Optional[tuple[str, str]]:
+    """The file ends inside the data set's last element (pydicom reads a cut file without complaint):
+    ``("truncated_header" | "truncated", detail)``, else None. Offsets are in the file's own bytes,
+    so a deflated data set (inflated while read) is not checked here."""
+    from pydicom.dataelem import RawDataElement
+
+    if not len(ds):
+        return None
+    tag = max(ds.keys())
+    raw = ds._dict.get(tag)
+    if not isinstance(raw, RawDataElement) or raw.length == 0xFFFFFFFF or raw.value_tell is None:
+        return None
+    present = len(raw.value or b"")
+    if present >= raw.length and raw.value_tell + raw.length <= size:
+        return None
+    from pydicom.datadict import keyword_for_tag
+
+    name = keyword_for_tag(tag) or "private element"
+    if raw.length > size and not keyword_for_tag(tag):  # a cut file ends in an element it knows, noise does not
+        return "corrupt_header", (f"element {tag} {name} declares {raw.length} byte(s), more than the whole file "
+                                  f"({size}): the bytes are not a DICOM data set")
+    what = f"element {tag} {name} declares {raw.length} byte(s), {min(present, max(size - raw.value_tell, 0))} present"
+    if int(tag) == 0x7FE00010:
+        return "truncated", f"the file ends inside Pixel Data: {what}"
+    return "truncated_header", f"the file ends inside {what}"
+
+
+def _undecodable(ds, ts: str) -> Optional[str]:
+    """Why encapsulated (compressed) pixel data cannot be decoded, or None: every frame is decoded once, so
+    a file that passes here is one the QC step and the analyses can read."""
+    import sys
+
+    from pydicom.pixels import iter_pixels
+    from pydicom.uid import UID
+
+    # Pillow (one of pydicom's decoders) fills a cut-short image with grey when LOAD_TRUNCATED_IMAGES is set,
+    # which some libraries set process-wide on import (WeasyPrint does): a damaged stream must not pass here.
+    image_file = sys.modules.get("PIL.ImageFile")  # only when something imported Pillow
+    lenient = image_file.LOAD_TRUNCATED_IMAGES if image_file is not None else False
+    if image_file is not None:
+        image_file.LOAD_TRUNCATED_IMAGES = False
+    try:
+        for _ in iter_pixels(ds, raw=True):
+            pass
+    except Exception as exc:  # no plugin for the syntax, or a damaged stream: the decoders raise many types
+        first = str(exc).strip().splitlines()
+        why = " ".join(x.strip() for x in first[:3])[:400]
+        return f"pixel data in {UID(ts).name or ts} ({ts}) cannot be decoded: {why or type(exc).__name__}"
+    finally:
+        if image_file is not None:
+            image_file.LOAD_TRUNCATED_IMAGES = lenient
+    return None
+
+
 def check_dataset(data: bytes, source_attrs: Iterable[str] = ("PatientID", "IssuerOfPatientID")) -> dict:
     """Inspect one file's bytes: ``{"ok": True, "header": {...}}`` or ``{"ok": False, "reason", "detail"}``."""
     import pydicom
@@ -77,6 +189,10 @@ def check_dataset(data: bytes, source_attrs: Iterable[str] = ("PatientID", "Issu
     if not data:
         return {"ok": False, "reason": "empty", "detail": REASONS["empty"]}
     has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
+    if has_preamble:
+        problem = _meta_problem(data)
+        if problem:
+            return {"ok": False, "reason": problem[0], "detail": problem[1]}
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
     except InvalidDicomError as exc:
@@ -88,6 +204,11 @@ def check_dataset(data: bytes, source_attrs: Iterable[str] = ("PatientID", "Issu
             return {"ok": False, "reason": "dicomdir", "detail": REASONS["dicomdir"]}
     except AttributeError:
         pass
+    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "1.2.840.10008.1.2") or "1.2.840.10008.1.2")
+    if ts != "1.2.840.10008.1.2.1.99" and (has_preamble or len(ds)):
+        cut = _dataset_cut(ds, len(data))
+        if cut and (has_preamble or cut[0] == "truncated"):
+            return {"ok": False, "reason": cut[0], "detail": cut[1]}
     try:
         missing = [k for k in ESSENTIALS if not str(ds.get(k, "") or "").strip()]
     except Exception as exc:
@@ -104,11 +225,14 @@ def check_dataset(data: bytes, source_attrs: Iterable[str] = ("PatientID", "Issu
             return {"ok": False, "reason": "truncated", "detail": f"pixel data unreadable: {exc}"}
         if pixel is None and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
             return {"ok": False, "reason": "truncated", "detail": "image attributes present but no pixel data"}
-        ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "1.2.840.10008.1.2") or "1.2.840.10008.1.2")
         expected = _expected_pixel_bytes(ds)
         if pixel is not None and ts in NATIVE_SYNTAXES and expected is not None and len(pixel) < expected:
             return {"ok": False, "reason": "truncated",
                     "detail": f"pixel data has {len(pixel)} bytes, the image attributes declare {expected}"}
+        if pixel is not None and ts not in NATIVE_SYNTAXES:
+            why = _undecodable(ds, ts)
+            if why:
+                return {"ok": False, "reason": "undecodable", "detail": why}
     header = {
         "sop_uid": str(ds.SOPInstanceUID), "sop_class": str(ds.SOPClassUID),
         "study_uid": str(ds.StudyInstanceUID), "series_uid": str(ds.SeriesInstanceUID),
@@ -116,6 +240,7 @@ def check_dataset(data: bytes, source_attrs: Iterable[str] = ("PatientID", "Issu
         "instance_number": _int(ds.get("InstanceNumber")), "series_description": str(ds.get("SeriesDescription", "") or ""),
         "study_date": str(ds.get("StudyDate", "") or ds.get("SeriesDate", "") or ds.get("AcquisitionDate", "")
                           or ds.get("ContentDate", "") or ""),
+        "transfer_syntax": ts,
         "device": {k: _text(ds.get(v)) for k, v in DEVICE_ATTRS.items()},
         "patient": {a: _text(ds.get(a)) for a in source_attrs if a},
     }
@@ -141,7 +266,10 @@ def ingest_one(src: str | Path, rel: str, out: str | Path, quarantine: str | Pat
     ``known`` maps sha256 -> an earlier record: content already placed is not copied again.
     """
     src = Path(src)
-    data = src.read_bytes()
+    try:
+        data = src.read_bytes()
+    except OSError as exc:  # the inbox entry, not the workdir: recorded as not read, the run goes on
+        return {"rel_path": rel, "status": "unreadable", "detail": f"cannot be read: {exc.strerror or exc}"}
     sha = sha256_bytes(data)
     rec: dict[str, Any] = {"sha256": sha, "rel_path": rel, "size": len(data)}
     if known is not None and sha in known:
@@ -166,8 +294,21 @@ def ingest_one(src: str | Path, rel: str, out: str | Path, quarantine: str | Pat
             "stored_path": rel_store, "header": h}
 
 
+def current_versions(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """``(current, superseded)`` of an exam's ingested records in arrival order: a later file with the same
+    SOPInstanceUID and other content is a corrected version and supersedes the earlier ones."""
+    latest: dict[str, dict] = {}
+    for r in records:
+        latest[r["header"]["sop_uid"]] = r
+    keep = {id(r) for r in latest.values()}
+    return [r for r in records if id(r) in keep], [r for r in records if id(r) not in keep]
+
+
 def exam_summary(exam_key: str, records: list[dict]) -> dict:
-    """exam.json content from the ingested records of one study (site-side: holds source identifiers)."""
+    """exam.json content from the ingested records of one study (site-side: holds source identifiers).
+
+    ``records`` in arrival order; of several versions of one SOP instance only the newest is listed."""
+    records = current_versions(records)[0]
     recs = sorted(records, key=lambda r: ((r["header"].get("series_number") or 0), r["header"]["series_uid"],
                                           (r["header"].get("instance_number") or 0), r["sha256"]))
     first = recs[0]["header"]
@@ -191,17 +332,107 @@ def exam_summary(exam_key: str, records: list[dict]) -> dict:
     }
 
 
-def list_inbox(inbox: str | Path) -> list[tuple[Path, str]]:
-    """Every regular file under the inbox (hidden files too: nothing is skipped), sorted by relative path."""
-    inbox = Path(inbox)
+def path_text(raw: bytes) -> str:
+    """A path's bytes as text, losslessly (the state DB, reports and JSON hold text): UTF-8 as it is, a
+    backslash doubled, every byte that is not part of valid UTF-8 as ``\\xHH``. :func:`path_bytes` inverts it."""
     out = []
-    for root, dirs, files in os.walk(inbox, followlinks=True):
-        dirs.sort()
-        for name in sorted(files):
-            p = Path(root) / name
-            if p.is_file():
-                out.append((p, p.relative_to(inbox).as_posix()))
-    return out
+    for ch in raw.decode("utf-8", "surrogateescape"):
+        o = ord(ch)
+        if 0xDC80 <= o <= 0xDCFF:
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif ch == "\\":
+            out.append("\\\\")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def path_bytes(text: str) -> bytes:
+    """The path bytes that :func:`path_text` wrote as ``text``."""
+    out, i = bytearray(), 0
+    while i < len(text):
+        if text.startswith("\\\\", i):
+            out += b"\\"
+            i += 2
+        elif text.startswith("\\x", i):
+            out.append(int(text[i + 2:i + 4], 16))
+            i += 4
+        else:
+            out += text[i].encode("utf-8")
+            i += 1
+    return bytes(out)
+
+
+def scan_inbox(inbox: str | Path) -> tuple[list[tuple[Path, str]], list[dict]]:
+    """``(files, skipped)``: every regular file under the inbox (hidden ones too; symbolic links followed, each
+    folder listed once), sorted by relative path, and every entry that is not read, with a reason from
+    :data:`SKIP_REASONS`. Relative paths are :func:`path_text` of the path bytes."""
+    import errno
+    import stat as st_
+
+    inbox = Path(inbox)
+    files: list[tuple[Path, str]] = []
+    skipped: list[dict] = []
+    listed: dict[tuple[int, int], str] = {}
+
+    def skip(rel: str, reason: str, detail: str = "") -> None:
+        skipped.append({"path": rel, "reason": reason, "detail": detail or SKIP_REASONS[reason]})
+
+    def walk(folder: Path, rel: str, ancestors: tuple[tuple[int, int], ...]) -> None:
+        trel = path_text(os.fsencode(rel))
+        try:
+            st = os.stat(folder)
+        except OSError as exc:
+            skip(trel or ".", "unreadable", f"folder cannot be read: {exc.strerror}")
+            return
+        key = (st.st_dev, st.st_ino)
+        if key in listed:
+            where = listed[key] or "the inbox itself"
+            if key in ancestors:
+                skip(trel, "directory_loop", f"links back to {where}, which contains it: listed once")
+            else:
+                skip(trel, "directory_seen", f"the same folder as {where}: listed once")
+            return
+        listed[key] = trel
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: os.fsencode(e.name))
+        except OSError as exc:
+            skip(trel or ".", "unreadable", f"folder cannot be listed: {exc.strerror}")
+            return
+        for e in entries:
+            erel = path_text(os.fsencode(rel + "/" + e.name if rel else e.name))
+            path = folder / e.name
+            try:
+                est = os.stat(path)  # follows symbolic links
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    skip(erel, "symlink_loop")
+                elif exc.errno == errno.ENOENT and e.is_symlink():
+                    skip(erel, "dangling_symlink", f"a symbolic link to {path_text(os.fsencode(os.readlink(path)))}, "
+                                                   "which does not exist")
+                elif exc.errno != errno.ENOENT:  # a file that vanished while listing was never there for us
+                    skip(erel, "unreadable", exc.strerror or str(exc))
+                continue
+            if st_.S_ISDIR(est.st_mode):
+                walk(path, rel + "/" + e.name if rel else e.name, ancestors + (key,))
+            elif st_.S_ISREG(est.st_mode):
+                files.append((path, erel))
+            elif st_.S_ISFIFO(est.st_mode):
+                skip(erel, "fifo")
+            elif st_.S_ISSOCK(est.st_mode):
+                skip(erel, "socket")
+            else:
+                skip(erel, "device")
+
+    walk(inbox, "", ())
+    files.sort(key=lambda f: path_bytes(f[1]))
+    return files, skipped
+
+
+def list_inbox(inbox: str | Path) -> list[tuple[Path, str]]:
+    """Every regular file under the inbox (see :func:`scan_inbox`), sorted by relative path."""
+    return scan_inbox(inbox)[0]
 
 
 def source_attrs_for(trial) -> list[str]:
@@ -218,10 +449,13 @@ def ingest_inbox(trial, inbox: str | Path, workdir: str | Path, *, move: bool = 
     """Ingest the inbox paths not seen before into the workdir; returns what happened to each.
 
     Every inbox path is recorded (``file_sources``), every distinct content once (``files``): placed under
-    its exam, or quarantined with a reason. A path whose size and mtime are unchanged since it was last
-    seen is not read again. New content for an exam rewrites its ``exam.json`` (the runner then redoes
-    the exam's steps whose inputs changed). With ``move``, an inbox file is deleted only after its record
-    is committed and its copy is durable.
+    its exam, or quarantined with a reason; every entry that is not a readable file (a FIFO, a dangling
+    link, a loop) is recorded with a reason in ``inbox_skipped``. A path whose size, mtime and ctime are
+    unchanged since it was last seen is not read again. New content for an exam rewrites its ``exam.json``
+    (the runner then redoes the exam's steps whose inputs changed); a new file with the SOPInstanceUID of
+    an earlier one is a corrected version: the earlier file moves to the exam's ``superseded/``. With
+    ``move``, an inbox file is deleted only after its record is committed and its copy is durable; a file
+    that cannot be deleted (read-only inbox) is listed in ``not_removed`` and stays.
     """
     from ..store import Store
     from ..workdir import Workdir
@@ -230,16 +464,28 @@ def ingest_inbox(trial, inbox: str | Path, workdir: str | Path, *, move: bool = 
     st = store or Store(W.root)
     inbox = Path(inbox).resolve()
     known = st.known_paths(inbox)
-    todo, stats = [], {}
-    for p, rel in list_inbox(inbox):
-        stt = p.stat()
-        stats[rel] = (stt.st_size, stt.st_mtime_ns)
+    listed, skipped = scan_inbox(inbox)
+    todo, stats, where = [], {}, {}
+    for p, rel in listed:
+        try:
+            stt = p.stat()
+        except OSError:  # vanished since it was listed
+            continue
+        stats[rel] = (stt.st_size, stt.st_mtime_ns, stt.st_ctime_ns)
+        where[rel] = p
         k = known.get(rel)
-        if k is None or (k["size"], k["mtime_ns"]) != stats[rel]:  # new, or changed under the same name
+        # new, or changed under the same name (ctime too: a copy that keeps size and mtime still changes it)
+        if (k is None or (k["size"], k["mtime_ns"]) != stats[rel][:2]
+                or (k.get("ctime_ns") is not None and k["ctime_ns"] != stats[rel][2])):
             todo.append((p, rel))
+    if move:  # recorded before, but not removed then (a read-only inbox, or a run without --move)
+        left = [rel for rel in stats if rel in known and rel not in {r for _, r in todo}]
+        if left:
+            os.sync()  # their copies were written by an earlier run, perhaps without fsync
     attrs = source_attrs_for(trial)
     out: dict[str, Any] = {"seen": len(stats), "new_paths": len(todo), "ingested": 0, "quarantined": 0,
-                           "duplicates": 0, "quarantined_files": [], "duplicate_files": []}
+                           "duplicates": 0, "skipped": 0, "quarantined_files": [], "duplicate_files": [],
+                           "skipped_entries": skipped, "not_removed": []}
     touched: set[str] = set()
     pending: list[dict] = []
 
@@ -249,13 +495,17 @@ def ingest_inbox(trial, inbox: str | Path, workdir: str | Path, *, move: bool = 
         now = time.time()
         with st.tx() as db:
             for rec in pending:
-                row = db.execute("SELECT first_path FROM files WHERE sha256=?", (rec["sha256"],)).fetchone()
-                size, mtime = stats.get(rec["rel_path"], (rec["size"], None))
-                db.execute("INSERT OR REPLACE INTO file_sources(inbox, rel_path, sha256, size, mtime_ns, seen) "
-                           "VALUES (?, ?, ?, ?, ?, ?)", (str(inbox), rec["rel_path"], rec["sha256"], size, mtime, now))
+                if rec["status"] == "unreadable":
+                    skipped.append({"path": rec["rel_path"], "reason": "unreadable", "detail": rec["detail"]})
+                    continue
+                row = db.execute("SELECT first_inbox, first_path FROM files WHERE sha256=?", (rec["sha256"],)).fetchone()
+                size, mtime, ctime = stats.get(rec["rel_path"], (rec["size"], None, None))
+                db.execute("INSERT OR REPLACE INTO file_sources(inbox, rel_path, sha256, size, mtime_ns, ctime_ns, seen) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)", (str(inbox), rec["rel_path"], rec["sha256"], size, mtime, ctime, now))
                 if row is not None:
-                    out["duplicates"] += 1
-                    out["duplicate_files"].append({"path": rec["rel_path"], "of": row["first_path"]})
+                    if (row["first_inbox"], row["first_path"]) != (str(inbox), rec["rel_path"]):  # not the same path re-read
+                        out["duplicates"] += 1
+                        out["duplicate_files"].append({"path": rec["rel_path"], "of": row["first_path"]})
                     continue
                 if rec["status"] == "quarantined":
                     out["quarantined"] += 1
@@ -279,9 +529,15 @@ def ingest_inbox(trial, inbox: str | Path, workdir: str | Path, *, move: bool = 
                 touched.add(key)
         if move:
             for rec in pending:
-                p = inbox / rec["rel_path"]
-                if p.exists():
+                if rec["status"] == "unreadable":
+                    continue
+                p = where.get(rec["rel_path"], inbox / rec["rel_path"])
+                try:
                     p.unlink()
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:  # e.g. a read-only inbox: the file is recorded and copied, it just stays
+                    out["not_removed"].append({"path": rec["rel_path"], "reason": exc.strerror or str(exc)})
         pending.clear()
 
     bar = progress("ingest", len(todo)) if progress else None
@@ -295,8 +551,18 @@ def ingest_inbox(trial, inbox: str | Path, workdir: str | Path, *, move: bool = 
         if len(pending) >= BATCH:
             flush()
     flush()
+    if move:
+        for rel in left:
+            try:
+                where[rel].unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                out["not_removed"].append({"path": rel, "reason": exc.strerror or str(exc)})
     if bar:
         bar.close()
+    out["skipped"] = len(skipped)
+    st.record_skipped(inbox, skipped)
     # exam.json for every exam that got files now, and for any a killed run left without one
     for row in st.db.execute("SELECT exam_key FROM exams").fetchall():
         key = row["exam_key"]
@@ -304,9 +570,10 @@ def ingest_inbox(trial, inbox: str | Path, workdir: str | Path, *, move: bool = 
         if key in touched or not exam_json.exists():
             recs = [{"sha256": r["sha256"], "stored_path": r["stored_path"], "header": json.loads(r["header"])}
                     for r in st.db.execute("SELECT sha256, stored_path, header FROM files WHERE exam_key=? AND "
-                                           "status='ingested'", (key,))]
+                                           "status='ingested' ORDER BY rowid", (key,))]
             if not recs:
                 continue
+            _supersede(st, W.exam(key), current_versions(recs)[1])
             summary = exam_summary(key, recs)
             atomic_write_json(exam_json, summary)
             with st.tx() as db:
@@ -324,8 +591,25 @@ def ingest_inbox(trial, inbox: str | Path, workdir: str | Path, *, move: bool = 
     return out
 
 
+def _supersede(st, exam, old: list[dict]) -> None:
+    """Move earlier versions of corrected instances out of ``original/`` (which the later steps read) into
+    ``superseded/``, and mark them ``superseded`` in ``files``. Safe to redo after a kill at any point."""
+    from ..workdir import ORIGINAL, SUPERSEDED
+
+    for r in old:
+        rel = r["stored_path"]
+        new_rel = SUPERSEDED + rel[len(ORIGINAL):] if rel.startswith(ORIGINAL) else rel
+        src, dst = exam.path(rel), exam.path(new_rel)
+        if src.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+        with st.tx() as db:
+            db.execute("UPDATE files SET status='superseded', stored_path=? WHERE sha256=?", (new_rel, r["sha256"]))
+
+
 def exam_content_hash(store, exam_key: str) -> str:
-    """What an exam's ingested content is: one hash over its instances' sha256s (the root of its fingerprints)."""
+    """What an exam's ingested content is: one hash over its current instances' sha256s (the root of its
+    fingerprints; a corrected instance replaces its earlier version here)."""
     rows = store.db.execute("SELECT sha256 FROM files WHERE exam_key=? AND status='ingested' ORDER BY sha256",
                             (exam_key,)).fetchall()
     return sha256_bytes("\n".join(r["sha256"] for r in rows).encode())

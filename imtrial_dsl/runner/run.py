@@ -131,6 +131,13 @@ def static_fingerprint(trial: ir.Trial, node: pipeline.Node) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def compiled_hash(trial: ir.Trial) -> str:
+    """A hash of the compiled study (the IR without source positions or the source file's own name/hash): equal
+    for studies that mean the same, so an edited comment is not a change, a moved threshold is."""
+    doc = {k: v for k, v in _dump(trial).items() if k not in ("source_file", "source_sha256")}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def make_plan(trial: ir.Trial, graph: Optional[nx.DiGraph] = None) -> Plan:
     """Cut the graph into phases: study/ordered nodes alone, the exam nodes between them as segments."""
     g = graph if graph is not None else build_graph(trial)
@@ -211,12 +218,22 @@ def walk_exam(trial: ir.Trial, W: Optional[Workdir], store: Optional[Store], exa
                 except Exception as exc:  # one node's failure is recorded; the exam's other branches go on
                     state[n.id] = "failed"
                     record(n.id, "failed",
-                                   {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc(limit=3)},
+                                   {"error": _error_text(exc), "trace": traceback.format_exc(limit=3)},
                                    started=started[n.id], fingerprint=fps.get(n.id))
                     continue
                 state[n.id] = "skipped" if detail.get("status") == "skipped" else "done"
                 record(n.id, state[n.id], short(detail), started=started[n.id], fingerprint=fps.get(n.id))
     return state
+
+
+def _error_text(exc: BaseException) -> str:
+    """A failed node's error: an environment error (full disk, read-only path …) says so, with its code."""
+    from ..diagnostics import environment_error
+
+    env = environment_error(exc)
+    if env is not None:
+        return f"environment error [{env[0]}]: {env[1]}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def process_subject(trial: ir.Trial, workdir: str, nodes: list[pipeline.Node], preds: dict[str, list[str]],
@@ -282,7 +299,11 @@ def _run_locked(trial: ir.Trial, W: Workdir, inbox: Path, jobs: int, move: bool,
                                 mp_context=multiprocessing.get_context("spawn")) if jobs > 1 else None)
     ran: dict[str, set[str]] = {}        # exam key -> nodes that ran in this run
     failed: set[str] = set()             # exams with a node that failed in this run
-    this_run: dict[str, Any] = {"ingest": {}, "identified": 0, "exams_processed": 0}
+    this_run: dict[str, Any] = {"ingest": {}, "identified": 0, "exams_processed": 0,
+                                "study": {"compiled_sha256": compiled_hash(trial)}}
+    row = store.db.execute("SELECT summary FROM runs WHERE finished IS NOT NULL AND summary IS NOT NULL "
+                           "ORDER BY id DESC LIMIT 1").fetchone()
+    last = (((json.loads(row["summary"]) if row else {}).get("this_run") or {}).get("study") or {}).get("compiled_sha256")
     recorded = store.fingerprints()
     fps: dict[str, dict[str, str]] = {}
 
@@ -306,7 +327,7 @@ def _run_locked(trial: ir.Trial, W: Workdir, inbox: Path, jobs: int, move: bool,
                 detail = node.step.function()(ctx) or {}
                 store.set_step("", node.id, "done", short(detail), started=t0, fingerprint=plan.static[node.id])
                 if node.id == "ingest":
-                    this_run["ingest"] = {k: v for k, v in detail.items() if not isinstance(v, list)}
+                    this_run["ingest"] = {k: v for k, v in detail.items() if not isinstance(v, list) or k == "not_removed"}
                     log(f"ingest: {detail.get('ingested', 0)} new instance(s), {detail.get('quarantined', 0)} "
                         f"quarantined, {detail.get('duplicates', 0)} duplicate(s)")
                     fps.clear()
@@ -328,7 +349,7 @@ def _run_locked(trial: ir.Trial, W: Workdir, inbox: Path, jobs: int, move: bool,
                     try:
                         detail = call_node(node, ctx)
                     except Exception as exc:
-                        store.set_step(key, node.id, "failed", {"error": f"{type(exc).__name__}: {exc}"}, started=t0,
+                        store.set_step(key, node.id, "failed", {"error": _error_text(exc)}, started=t0,
                                        fingerprint=fingerprints(key)[node.id])
                         failed.add(key)
                         record_exam(store, trial, key)
@@ -343,7 +364,17 @@ def _run_locked(trial: ir.Trial, W: Workdir, inbox: Path, jobs: int, move: bool,
     finally:
         if pool is not None:
             pool.shutdown()
+    if (W.archive / "audit.log.jsonl").exists():  # anchor the chain as this run leaves it (archive.py)
+        from .archive import anchor, checkpoint_key
+
+        anchor(W.archive, key=checkpoint_key(trial), store=store)
     this_run["seconds"] = round(time.time() - started, 2)
+    if last and last != this_run["study"]["compiled_sha256"]:  # say so: verdicts of archived exams may change
+        rerun = {k: sorted(v - {"ingest"}) for k, v in ran.items() if v - {"ingest"}}
+        this_run["study"].update(changed=True, previous_sha256=last, exams_rejudged=len(rerun),
+                                 nodes_rerun=sum(len(v) for v in rerun.values()))
+        log(f"the compiled study changed since the last run: {this_run['study']['nodes_rerun']} node(s) re-run "
+            f"on {len(rerun)} exam(s)")
     summary = summarize(store, this_run=this_run)
     with store.tx() as db:
         db.execute("UPDATE runs SET finished=?, summary=? WHERE id=?", (time.time(), json.dumps(summary, default=str), run_id))
@@ -531,12 +562,19 @@ def summarize(st, *, this_run: Optional[dict] = None) -> dict:
     for q in quarantined:
         r = (q["reason"] or {}).get("reason", "unknown")
         q_reasons[r] = q_reasons.get(r, 0) + 1
+    skipped = st.skipped()
+    s_reasons: dict[str, int] = {}
+    for k in skipped:
+        s_reasons[k["reason"]] = s_reasons.get(k["reason"], 0) + 1
     return {
         "exams": len(exams), "subjects": len({(e["trial"], e["subject_id"]) for e in exams if e["subject_id"]}),
         "series": len(series), "instances": sum(e["n_instances"] or 0 for e in exams),
         "exam_status": {s: sum(e["status"] == s for e in exams) for s in sorted({e["status"] for e in exams})},
         "classification": cls, "adherence": verdicts("adherence"), "qc": verdicts("qc"),
         "quarantined": len(quarantined), "quarantine_reasons": q_reasons, "duplicates": len(st.duplicates()),
+        "skipped": len(skipped), "skip_reasons": s_reasons,
+        "skipped_entries": [{"inbox": k["inbox"], "path": k["rel_path"], "reason": k["reason"], "detail": k["detail"]}
+                            for k in skipped],
         "unmatched": [e["exam_key"] for e in exams if e["status"] == "unmatched"],
         "failed": failed, "warnings": warn_counts, "warning_list": warn_list,
         # exams whose visit lacks a protocol it should acquire (the classify step's missing_protocols)

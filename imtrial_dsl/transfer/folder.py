@@ -30,12 +30,17 @@ def send_folder(ep: Endpoint, items: list[Item], base: Optional[Path], emit: Cal
             dest = root / safe(m.get("subject"), "unknown") / safe(m.get("visit"), "unscheduled") / \
                 safe(m.get("series_uid"), "series") / f"{safe(it.sop_uid, it.sha256)}.dcm"
             try:
+                replaces = None
                 if dest.exists():
-                    if hashlib.sha256(dest.read_bytes()).hexdigest() == it.sha256:
-                        out.add(it.sha256, "sent", {"reason": "already present", "file": str(dest)})
-                    else:
+                    there = hashlib.sha256(dest.read_bytes()).hexdigest()
+                    if there == it.sha256:
+                        out.add(it.sha256, "sent", {"reason": "already present", "file": str(dest),
+                                                    "acknowledged": it.sop_uid})
+                        continue
+                    if there != m.get("supersedes"):
                         out.add(it.sha256, "failed", {"reason": f"{dest} exists with different content; not overwritten"})
-                    continue
+                        continue
+                    replaces = there  # the earlier version of this instance, which this one corrects
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")  # hidden: a folder watcher ignores it
                 with open(tmp, "wb") as fh:
@@ -44,7 +49,8 @@ def send_folder(ep: Endpoint, items: list[Item], base: Optional[Path], emit: Cal
                     os.fsync(fh.fileno())
                 os.replace(tmp, dest)
                 if hashlib.sha256(dest.read_bytes()).hexdigest() == it.sha256:
-                    out.add(it.sha256, "sent", {"reason": "copied", "file": str(dest)})
+                    out.add(it.sha256, "sent", {"reason": "copied" + (" (replaced the earlier version)" if replaces else ""),
+                                                "file": str(dest), "acknowledged": it.sop_uid})
                 else:
                     out.add(it.sha256, "failed", {"reason": "copy verification failed (sha256 differs)"})
             except OSError as exc:

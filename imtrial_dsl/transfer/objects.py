@@ -12,26 +12,31 @@ from . import TransferError
 
 
 def archived_objects(archive: str | Path) -> list[dict]:
-    """Every object of the archive in audit-log order: ``{sha256, path, subject, visit, series_uid, sop_uid}``.
+    """The current version of every instance in the archive, in audit-log order:
+    ``{sha256, path, subject, visit, series_uid, sop_uid, version, supersedes}``.
 
+    A corrected instance (same SOPInstanceUID, new bytes) is archived as a new version that supersedes the
+    earlier one (runner/archive.py); only the newest version of each instance is a candidate to send.
     Read-only (no lock, no repair): a torn last line was never a committed record and is ignored."""
     root = Path(archive)
     log = root / "audit.log.jsonl"
     if not log.is_file():
         raise TransferError(f"no archive at {root} (no audit.log.jsonl): run 'imtrial run' first", code="E834")
-    out, seen = [], set()
+    current: dict[str, dict] = {}
     data = log.read_bytes()
     for line in data[: data.rfind(b"\n") + 1].splitlines():
         if not line.strip():
             continue
         rec = json.loads(line)
-        if rec.get("action") != "object.add" or rec["sha256"] in seen:
+        if rec.get("action") not in ("object.add", "object.current"):
             continue
-        seen.add(rec["sha256"])
         sha = rec["sha256"]
-        out.append({"sha256": sha, "path": root / (rec.get("path") or f"objects/sha256/{sha[:2]}/{sha[2:]}"),
-                    **{k: rec.get(k) for k in ("subject", "visit", "series_uid", "sop_uid")}})
-    return out
+        key = rec.get("sop_uid") or sha
+        current.pop(key, None)  # re-inserted: the order is that of the newest version's record
+        current[key] = {"sha256": sha, "path": root / (rec.get("path") or f"objects/sha256/{sha[:2]}/{sha[2:]}"),
+                        **{k: rec.get(k) for k in ("subject", "visit", "series_uid", "sop_uid")},
+                        "version": rec.get("version") or 1, "supersedes": rec.get("supersedes")}
+    return list(current.values())
 
 
 @dataclass

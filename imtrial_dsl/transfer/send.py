@@ -20,11 +20,12 @@ def transfer(trial, archive: str | Path, destination: str, *, state: Optional[st
              url_override: Optional[str] = None, host_override: Optional[str] = None,
              port_override: Optional[int] = None, path_override: Optional[str] = None,
              dry_run: bool = False, base: Optional[str | Path] = None,
-             log: Callable[[str], None] = lambda s: None) -> dict:
+             log: Callable[[str], None] = lambda s: None, retries: Optional[int] = None) -> dict:
     """Send every archived instance not yet acknowledged by ``destination``; returns a JSON-able summary.
 
     ``state`` is the SQLite file holding the ``transfers`` ledger (without it every instance is sent
-    and nothing is remembered). ``base`` resolves a relative folder destination (default: cwd).
+    and nothing is remembered). ``base`` resolves a relative folder destination (default: cwd). ``retries``: how
+    often a request that may pass is repeated inside this run (default ``sender.RETRIES``).
     Raises :class:`TransferError` for a request that cannot start (nothing is sent then)."""
     ep = resolve(trial, destination, url_override=url_override, host_override=host_override,
                  port_override=port_override, path_override=path_override)
@@ -92,7 +93,12 @@ def transfer(trial, archive: str | Path, destination: str, *, state: Optional[st
                 rows = []
                 for sha, (status, detail) in batch.items():
                     it = by_sha.pop(sha)
-                    detail = {**detail, "sop_uid": it.sop_uid, "endpoint": ep.describe(), "attempts": attempts(sha)}
+                    detail = {**detail, "sop_uid": it.sop_uid, "endpoint": ep.describe(), "attempts": attempts(sha),
+                              "version": it.meta.get("version") or 1}
+                    if it.meta.get("supersedes"):
+                        detail["supersedes"] = it.meta["supersedes"]
+                        if before.get(it.meta["supersedes"], ("",))[0] == "sent":
+                            detail["replaces_sent_version"] = True
                     if ep.via:
                         detail["via"] = list(ep.via)
                     rows.append((sha, status, detail))
@@ -106,9 +112,9 @@ def transfer(trial, archive: str | Path, destination: str, *, state: Optional[st
             if items:
                 log(f"transfer: {len(items)} instance(s) to {destination} ({ep.kind} {ep.describe()})")
                 if ep.kind == "dicomweb":
-                    send_stow(ep, items, token, emit, log)
+                    send_stow(ep, items, token, emit, log, retries=retries)
                 elif ep.kind == "dicom":
-                    send_cstore(ep, items, emit, log)
+                    send_cstore(ep, items, emit, log, retries=retries)
                 else:
                     send_folder(ep, items, Path(base) if base else Path.cwd(), emit, log)
             if by_sha:  # a sender bug must not make an instance vanish from the record

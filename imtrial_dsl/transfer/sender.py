@@ -5,10 +5,43 @@ batch by batch, so the ledger is current when a run is interrupted.
 """
 from __future__ import annotations
 
-from typing import Callable
+import email.utils
+import time
+from typing import Callable, Optional
 
 Result = dict[str, tuple[str, dict]]
 TIMEOUT = 60  # seconds, per request / DIMSE message
+# Retries inside one run, for failures that may pass (connection refused or reset, a protocol error, HTTP 408/429/5xx):
+# attempt k (0-based) waits BACKOFF_S * 2**k, or what the receiver's Retry-After asks when it asks at most MAX_WAIT_S.
+RETRIES = 3
+BACKOFF_S = 1.0
+MAX_WAIT_S = 120.0
+
+
+def retry_after(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
+    """Seconds a ``Retry-After`` header asks to wait (delay-seconds or an HTTP-date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def wait_before_retry(attempt: int, asked: Optional[float], *, backoff: float = None, cap: float = None) -> Optional[float]:
+    """How long to wait before retry ``attempt`` (0-based): the receiver's ``asked`` Retry-After when given, else
+    exponential backoff; None when the receiver asks for longer than ``cap`` (then the run does not wait)."""
+    backoff = BACKOFF_S if backoff is None else backoff
+    cap = MAX_WAIT_S if cap is None else cap
+    if asked is not None:
+        return asked if asked <= cap else None
+    return min(cap, backoff * (2 ** attempt))
 
 # PS3.18 / PS3.4 status codes a receiver may report per instance.
 _STATUS_TEXT = {
