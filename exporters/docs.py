@@ -24,6 +24,7 @@ import jinja2
 from imtrial_dsl import __version__, ir, source, templating
 from imtrial_dsl.diagnostics import CompileErrors, Diagnostic
 from imtrial_dsl.files import atomic_write_bytes, atomic_write_text
+from imtrial_dsl.secrets import subprocess_env
 
 TEMPLATES = Path(__file__).resolve().parent / "templates" / "docs"
 
@@ -833,7 +834,8 @@ def graph_svg(graph) -> tuple[Optional[str], Optional[str]]:
     if exe is None:
         return None, "graphviz 'dot' is not installed, so the picture could not be drawn"
     try:
-        proc = subprocess.run([exe, "-Tsvg"], input=layout_dot(graph).encode(), capture_output=True, timeout=60)
+        proc = subprocess.run([exe, "-Tsvg"], input=layout_dot(graph).encode(), capture_output=True, timeout=60,
+                              env=subprocess_env())   # no key or token reaches graphviz
     except (OSError, subprocess.TimeoutExpired) as exc:
         return None, f"graphviz 'dot' failed: {exc}"
     if proc.returncode != 0:

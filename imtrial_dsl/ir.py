@@ -333,6 +333,8 @@ class Identifiers(Node):
     source: list[str] = Field(default=["PatientID"], description="Attributes that identify a person at a site.")
     issuer: Optional[str] = Field(default="IssuerOfPatientID", description="Attribute naming the assigning authority.")
     key: Optional[KeySource] = Field(default=None, description="Key for keyed hashing of source identifiers in the registry.")
+    reidentification_log: bool = Field(default=False, description="Keep the plain re-identification maps (original "
+                                       "identifiers and UIDs) site-side; otherwise only keyed hashes are stored.")
 
 
 # --------------------------------------------------------------------------- QC and analyses
@@ -376,6 +378,8 @@ class Analysis(Node):
     measurements: list[Measurement] = []
     timeout: Optional[Quantity] = None
     description: str = ""
+    env: list[str] = Field(default=[], description="Environment variables passed to the program beyond the minimal "
+                                                   "allow-list (PATH, HOME, locale, TMPDIR).")
 
 
 # --------------------------------------------------------------------------- transfer, archive, roles, reports
@@ -390,6 +394,8 @@ class Destination(Node):
     path: Optional[str] = None
     relay: Optional[Ref] = None
     auth: Optional[KeySource] = None
+    identified: bool = Field(default=False, description="The destination may receive identified data (instances whose "
+                                                        "PatientIdentityRemoved is NO because overrides keep identity).")
 
 
 class Archive(Node):

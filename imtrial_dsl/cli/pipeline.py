@@ -18,7 +18,7 @@ def cmd_run(args) -> int:
     if not Path(args.inbox).is_dir():
         print(f"imtrial run: inbox {args.inbox} is not a directory", file=sys.stderr)
         return EXIT_USAGE
-    problems = preflight(trial)
+    problems = preflight(trial, args.workdir)
     if problems:
         for p in problems:
             print(f"imtrial run: {p}", file=sys.stderr)
