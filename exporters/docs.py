@@ -24,6 +24,7 @@ import jinja2
 from imtrial_dsl import __version__, ir, source, templating
 from imtrial_dsl.diagnostics import CompileErrors, Diagnostic
 from imtrial_dsl.files import atomic_write_bytes, atomic_write_text
+from imtrial_dsl.deid.plan import keeps_identity
 from imtrial_dsl.secrets import subprocess_env
 
 TEMPLATES = Path(__file__).resolve().parent / "templates" / "docs"
@@ -527,6 +528,8 @@ def _deid(trial: ir.Trial) -> Optional[dict]:
         "key": key_text(d.key),
         "key_uses": join_words(key_uses(d)),
         "quarantine_burned_in": d.quarantine_burned_in,
+        "identity_kept": keeps_identity(trial),
+        "identified_destinations": [t.name for t in trial.transfers if t.identified],
     }
 
 
@@ -536,12 +539,28 @@ def _identifiers(trial: ir.Trial) -> Optional[dict]:
         return None
     check = {"luhn": "a Luhn check digit", "mod11": "an ISO 7064 MOD 11-2 style check character",
              "mod97": "an ISO 7064 MOD 97-10 check number", "iso7064": "an ISO 7064 check character"}
+    d = trial.deidentify
+    if i.key is not None:
+        registry = f"The registry stores source identifiers as keyed hashes (HMAC-SHA256); the key is {key_text(i.key)}."
+    elif d is not None and d.key is not None:
+        registry = ("The registry stores source identifiers as keyed hashes (HMAC-SHA256) under a key derived from the "
+                    "study key.")
+    else:
+        registry = "The study names no key: the registry stores source identifiers as they are."
+    if i.reidentification_log:
+        registry += (" The study keeps a re-identification log: the original identifiers and UIDs beside their research "
+                     "identifiers and pseudonyms, in the site's registry (the workdir's state database) only, for site "
+                     "staff authorized to act on findings; it never leaves the site and can be purged.")
+    else:
+        registry += (" No re-identification log is kept: going from an identifier to a subject takes the site's "
+                     "registry and the key.")
     return {
         "format": i.subject_format,
         "check_digit": check.get(i.check_digit or "", None),
         "source": list(i.source),
         "issuer": i.issuer,
         "key": key_text(i.key),
+        "registry": registry,
     }
 
 

@@ -405,12 +405,16 @@ class Archive(Node):
     keep_originals: bool = False
 
 
+#: The fields a role's ``hide`` may name (ops/reports.py removes each everywhere; the checker refuses others).
+ROLE_HIDE_FIELDS = ("arm", "site", "device", "exam_date", "subject_id")
+
+
 class Role(Node):
     name: str
     kind: Literal["central", "site", "reader", "sponsor", "monitor", "statistician"] = "central"
     scope: Literal["all", "own"] = "all"
     blinded: bool = False
-    hide: list[str] = Field(default=[], description="Fields this role must not see: arm, reader_results, site, ...")
+    hide: list[str] = Field(default=[], description="Fields this role must not see: " + ", ".join(ROLE_HIDE_FIELDS) + ".")
 
 
 class ReportAudience(Node):

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from .. import ir
 from ..diagnostics import Diagnostic
-from . import analyses, deid, identifiers, matching, names, protocols, qc, schedule, transfers
+from . import analyses, deid, identifiers, matching, names, privacy, protocols, qc, schedule, transfers
 from .context import Context
 
 # Each pass reads the trial and records what it finds; the order only breaks ties between equal sort keys.
 _PASSES = (
     names.duplicates, names.endpoints, protocols.check, matching.check, schedule.check, deid.check,
     identifiers.check, qc.check, analyses.check, transfers.check, names.report_roles, names.qualification_protocols,
+    privacy.check,
 )
 
 

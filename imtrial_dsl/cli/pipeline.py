@@ -1,4 +1,4 @@
-"""The pipeline commands: ``imtrial run | step | status | synth | verify``."""
+"""The pipeline commands: ``imtrial run | step | status | synth | verify | keygen``."""
 from __future__ import annotations
 
 import json
@@ -88,6 +88,7 @@ def cmd_step(args) -> int:
             result = run_staged(trial, node, _pairs(args.inputs, "--in"), Path(args.out or "."),
                                 study_inputs=dict(_pairs(args.study_inputs, "--study-in")),
                                 registry=Path(args.registry) if args.registry else None,
+                                registry_dir=Path(args.registry_dir) if args.registry_dir else None,
                                 archive=Path(args.archive) if args.archive else None)
     print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return EXIT_OK
@@ -163,8 +164,37 @@ def cmd_verify(args) -> int:
     return EXIT_OK if res["ok"] else EXIT_INPUT
 
 
+def cmd_keygen(args) -> int:
+    """Print a new random key (or write it to a new file readable only by its owner)."""
+    import os
+
+    from ..secrets import KEYGEN_BYTES, generate_key
+
+    if args.bytes < 16:
+        raise UsageError("imtrial keygen: --bytes must be at least 16 (128 bits)")
+    key = generate_key(args.bytes or KEYGEN_BYTES)
+    if not args.output:
+        print(key)
+        return EXIT_OK
+    try:   # O_EXCL: never overwrite a key (a study's pseudonyms depend on it); 0600: the site's eyes only
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        print(f"imtrial keygen: {args.output} exists; a key is never overwritten", file=sys.stderr)
+        return EXIT_INPUT
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+    print(f"imtrial keygen: wrote a {args.bytes * 8}-bit key to {args.output} (mode 600); name it with "
+          f"`key file \"{args.output}\"`", file=sys.stderr)
+    return EXIT_OK
+
+
 def register(sub) -> None:
     """Add the pipeline commands to the ``imtrial`` subparsers."""
+    p = sub.add_parser("keygen", help="generate a pseudonymization key (random, URL-safe base64)")
+    p.add_argument("--bytes", type=int, default=32, metavar="N", help="random bytes (default 32; at least 16)")
+    p.add_argument("-o", "--output", metavar="FILE", help="write it to a new file (mode 600) instead of stdout")
+    p.set_defaults(func=cmd_keygen)
+
     p = sub.add_parser("run", help="run the per-exam pipeline over an inbox (resumable)")
     p.add_argument("study", metavar="STUDY", help=".imtrial file (or IR JSON)")
     p.add_argument("--inbox", required=True, metavar="DIR")
@@ -189,6 +219,8 @@ def register(sub) -> None:
     p.add_argument("--study-in", dest="study_inputs", action="append", metavar="OBJ=PATH",
                    help="a study object (e.g. inbox/=DIR)")
     p.add_argument("--registry", metavar="FILE", help="an identity registry to continue (steps on the registry)")
+    p.add_argument("--registry-dir", metavar="DIR", help="the site's registry folder, used in place (state.sqlite "
+                                                         "inside; what the CWL tools are given)")
     p.add_argument("--archive", metavar="DIR", help="an archive to add to (the archive step)")
     p.add_argument("--out", metavar="DIR", help="where outputs go, at their exam-relative paths (default .)")
     p.add_argument("--list", action="store_true", help="list the step table (and a study's nodes)")

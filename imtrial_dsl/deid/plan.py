@@ -1,7 +1,7 @@
 """The de-identification plan: a profile, the study's options and its overrides compiled once into one
 operation per tag, and :func:`resolve_action`, the one owner of "which action applies to a profile row".
 
-The checker calls :func:`resolve_action` for its W403/W404/W407 warnings, so that what it reports is what the
+The checker calls :func:`resolve_action` for its W403/W404 warnings (and the E705–E707 rules), so that what it reports is what the
 engine does; this module therefore loads without pydicom (``imtrial check`` never pays for it). The choices
 where PS3.15 leaves room are explained in ``docs/deidentification.md``.
 """

@@ -30,7 +30,7 @@ from .plan import (AEPSEUDO, CLEAN, DEL, DUMMY, EMPTY, HASH, KEEP, OP_NAMES, SEQ
                    SEQ_STRICT, SET, SHIFT, UID, DeidError, Plan, compile_plan)
 from .pseudonyms import pseudonymizer, shift_date, shift_datetime
 from .text import clean_text, instance_tokens
-from .vr import ASCII_VRS, DATE_VRS, DUMMY_NUM, DUMMY_TEXT, FREE_TEXT_VRS, TEXT_VRS
+from .vr import ASCII_VRS, DATE_VRS, DUMMY_NUM, DUMMY_TEXT, TEXT_VRS
 
 
 @dataclass
@@ -173,7 +173,7 @@ class Deidentifier:
                     vr = elem_vr(d[tag], tag)
                     if mode == 1:
                         seen[(tag, self._strict_unlisted(d, tag, vr))] += 1
-                    elif vr in FREE_TEXT_VRS:
+                    elif vr in TEXT_VRS:            # clean structured content: every text (codes stay as written)
                         self._clean(ds, tag, ctx)
                         seen[(tag, "clean")] += 1
                     else:

@@ -399,6 +399,9 @@ def identify_exam(trial, exam: dict, db: sqlite3.Connection, *, exam_key: Option
         # serial/station stay in the site-side exam.json: identity.json carries no original identifiers
         warnings.append({"code": "unknown_device", "detail": "device not in the inventory: " + ", ".join(
             f"{k}={dev.get(k)}" for k in ("manufacturer", "model") if dev.get(k))})
+    if exam.get("study_split"):
+        warnings.append({"code": "study_split", "detail": f"the study's instances name {exam['study_split']} different "
+                                                          "patients (or some none): split into one exam per patient"})
     if exam.get("devices_differ"):
         warnings.append({"code": "multiple_devices", "detail": "the study's instances report more than one device; "
                                                                "the first series' device was used"})
