@@ -65,6 +65,8 @@ ALLOWED = {"X": {"X"}, "Z": {"Z"}, "D": {"D"}, "K": {"K"}, "C": {"C"}, "U": {"U"
 CHOSEN = {"X/Z": "Z", "X/D": "D", "X/Z/D": "Z", "Z/D": "D", "X/Z/U*": "U*"}
 RANK = {"X": 5, "Z": 4, "D": 3, "U": 2, "U*": 2, "C": 1, "K": 0}
 CONTAINER = 0x00189006            # MR Imaging Modifier Sequence: not in Table E.1-1, kept, profile applied inside
+# the rows of group 0000 are written into a dataset body on purpose (point 5): pydicom expects implicit VR there
+pytestmark = pytest.mark.filterwarnings("ignore:Expected implicit VR:UserWarning")
 
 
 @lru_cache(maxsize=1)

@@ -7,7 +7,7 @@ where PS3.15 leaves room are explained in ``docs/deidentification.md``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 from .. import ir
@@ -139,8 +139,9 @@ class Plan:
     method_text: str
     actions: dict[str, tuple[str, Optional[str]]]   # rule tag -> resolve_action(): what ``ops`` was compiled from
     identity_kept: tuple[str, ...] = ()             # overrides that keep identity (PatientIdentityRemoved NO)
-    decided: dict[int, tuple[str, str, Optional[str]]] = None   # tag -> (table action, applied, by) for reports
-    overrides: dict[int, str] = None                # tag -> override verb ("keep", "remove", …)
+    # tag -> (table action, operation, deciding option or None): what the conformance report says
+    decided: dict[int, tuple[str, str, Optional[str]]] = field(default_factory=dict)
+    overrides: dict[int, str] = field(default_factory=dict)   # tag -> override verb ("keep", "remove", …)
 
     def action_for(self, tag: int) -> str:
         """Human-readable operation for a tag (docs, tests)."""

@@ -17,7 +17,6 @@ cleaned text) is the specification.
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 from typing import Iterable
 
 from pydicom.datadict import DicomDictionary, tag_for_keyword
@@ -34,7 +33,8 @@ IDENTIFIER_KEYWORDS = ("PatientID", "OtherPatientIDs", "AccessionNumber", "Issue
 _PN_TAGS = frozenset(t for t, e in DicomDictionary.items() if e[0] == "PN")
 _ID_TAGS = frozenset(tag_for_keyword(k) for k in IDENTIFIER_KEYWORDS) - {None}
 _TOKEN_TAGS = _ID_TAGS | _PN_TAGS
-_SQ_TAGS = frozenset(t for t, e in DicomDictionary.items() if e[0] == "SQ")
+# functional groups hold acquisition parameters, one item per frame: not where names live, and large
+_SQ_TAGS = frozenset(t for t, e in DicomDictionary.items() if e[0] == "SQ") - {0x52009229, 0x52009230}
 _NAME_SPLIT = re.compile(r"[\s^=,]+")
 _MAX_DEPTH = 4
 
@@ -120,12 +120,21 @@ def clean_text(text: str, tokens: Iterable[str] = ()) -> str:
     return s.strip(_EDGE).strip()
 
 
-@lru_cache(maxsize=256)
-def _token_pattern(tokens: tuple[str, ...]) -> re.Pattern:
-    alternatives = "|".join(re.escape(t) for t in tokens)
-    return re.compile(rf"(?<![^\W_])(?:{alternatives})(?![^\W_])", re.IGNORECASE)
-
-
 def _remove_tokens(text: str, tokens: tuple[str, ...]) -> str:
-    """Remove each token where it stands as a whole word (letters and digits on neither side)."""
-    return _token_pattern(tokens).sub(" ", text)
+    """Remove each token where it stands as a whole word (no letter or digit on either side).
+
+    Plain string search, not a regex: the tokens differ in every instance, and compiling a pattern per instance
+    would cost more than the rest of the cleaning."""
+    low = text.lower()
+    if len(low) != len(text):               # case mapping changed the length: match case-blind with a regex
+        for t in tokens:
+            text = re.sub(rf"(?<![^\W_]){re.escape(t)}(?![^\W_])", " ", text, flags=re.IGNORECASE)
+        return text
+    for t in tokens:
+        i = low.find(t)
+        while i >= 0:
+            j = i + len(t)
+            if (i == 0 or not low[i - 1].isalnum()) and (j == len(low) or not low[j].isalnum()):
+                text, low = text[:i] + " " + text[j:], low[:i] + " " + low[j:]
+            i = low.find(t, i + 1)
+    return text

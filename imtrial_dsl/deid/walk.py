@@ -143,48 +143,50 @@ class Deidentifier:
         for tag in list(d):
             group = tag >> 16
             if group in (0x0000, 0x0002) or not tag & 0xFFFF:
-                seen[(tag, "remove")] += 1
+                seen[(tag, "remove")] = seen.get((tag, "remove"), 0) + 1
                 self._del(d, tag)   # command/file-meta groups do not belong in a dataset; group lengths go stale
                 continue
             op = plan_ops.get(tag)
             if op is None:
                 if group & 1:
-                    seen[(tag, self._private(ds, tag))] += 1
+                    _count(seen, (tag, self._private(ds, tag)))
                 elif 0x5000 <= group <= 0x50FF:
                     if self.plan.curve_op == DEL:
                         self._del(d, tag)
-                    seen[(tag, "remove" if self.plan.curve_op == DEL else "keep")] += 1
+                    _count(seen, (tag, "remove" if self.plan.curve_op == DEL else "keep"))
                 elif 0x6000 <= group <= 0x60FF:
                     if self.plan.overlay_op == DEL:
                         self._del(d, tag)
-                        seen[(tag, "remove")] += 1
+                        _count(seen, (tag, "remove"))
                     elif (tag & 0xFFFF) == 0x3000:
                         ctx.overlays.append(tag)
-                        seen[(tag, "clean")] += 1
+                        _count(seen, (tag, "clean"))
                     elif elem_vr(d[tag], tag) in TEXT_VRS:
                         self._clean(ds, tag, ctx)
-                        seen[(tag, "clean")] += 1
+                        _count(seen, (tag, "clean"))
                     else:
-                        seen[(tag, "keep")] += 1
+                        _count(seen, (tag, "keep"))
                 elif tag in SQ_TAGS:
                     self._recurse(ds, tag, ctx, mode)
-                    seen[(tag, "recurse_strict" if mode == 1 else "recurse")] += 1
+                    _count(seen, (tag, "recurse_strict" if mode == 1 else "recurse"))
                 elif mode:
                     vr = elem_vr(d[tag], tag)
                     if mode == 1:
-                        seen[(tag, self._strict_unlisted(d, tag, vr))] += 1
+                        _count(seen, (tag, self._strict_unlisted(d, tag, vr)))
                     elif vr in TEXT_VRS:            # clean structured content: every text (codes stay as written)
                         self._clean(ds, tag, ctx)
-                        seen[(tag, "clean")] += 1
+                        _count(seen, (tag, "clean"))
                     else:
-                        seen[(tag, "keep")] += 1
+                        _count(seen, (tag, "keep"))
                 else:
-                    seen[(tag, "keep")] += 1
+                    k = (tag, "keep")
+                    seen[k] = seen.get(k, 0) + 1
                 continue
             code = op[0]
             if mode == 1 and tag not in self._override_tags:
                 code = _STRICT.get(code, code)
-            seen[(tag, OP_NAMES[code])] += 1
+            k = (tag, OP_NAMES[code])
+            seen[k] = seen.get(k, 0) + 1
             if code == KEEP:
                 continue
             if code == DEL:
@@ -395,6 +397,10 @@ class Deidentifier:
             items.append(it)
         d[BaseTag(0x00120064)] = DataElement(0x00120064, "SQ", Sequence(items))
         self._set(d, 0x00280303, "CS", plan.dates_state)  # LongitudinalTemporalInformationModified
+
+
+def _count(seen: dict, key: tuple) -> None:
+    seen[key] = seen.get(key, 0) + 1
 
 
 # Inside a D sequence the row's action is made strict: nothing is kept as it was.
