@@ -90,10 +90,13 @@ def _collect(ds: Dataset, toks: list[str], depth: int) -> None:
                     toks.append(" ".join(p for p in _NAME_SPLIT.split(s) if p))
                     toks.extend(p for p in _NAME_SPLIT.split(s) if len(p) >= 2)
         elif tag in _SQ_TAGS and depth < _MAX_DEPTH:
+            raw = ds._dict[tag]
             try:
                 items = ds[tag].value
             except Exception:
                 continue
+            finally:   # leave the raw element: an untouched sequence is written back byte for byte (walk.py)
+                ds._dict[tag] = raw
             for item in items or []:
                 if isinstance(item, Dataset):
                     _collect(item, toks, depth + 1)
