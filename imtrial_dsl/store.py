@@ -155,9 +155,10 @@ def check_key_fingerprint(db: sqlite3.Connection, trial: str, purpose: str, fing
     name = f"key_fingerprint/{trial}/{purpose}"
     row = db.execute("SELECT value FROM meta WHERE key=?", (name,)).fetchone()
     if row is None:
-        if record:
-            db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (name, fingerprint))
-        return
+        if not record:
+            return
+        db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (name, fingerprint))
+        row = db.execute("SELECT value FROM meta WHERE key=?", (name,)).fetchone()   # another process may have won
     if not hmac.compare_digest(str(row[0]), fingerprint):
         what = {"deidentify": "de-identification key", "identifiers": "identifiers key"}.get(purpose, purpose + " key")
         raise KeyMismatchError(source, f"the {what} of {trial} is not the key this workdir was first run with "

@@ -484,7 +484,7 @@ def preflight(trial, workdir: Optional[str | Path] = None) -> list[str]:
     """Problems that would fail every exam, found before anything is written: a key the study names but the
     environment lacks, a key too weak to use (E703), or a key other than the one ``workdir`` was first run with
     (E704; the workdir is only read)."""
-    from ..secrets import SecretError, key_fingerprint, read_key, read_secret
+    from ..secrets import SecretError, key_fingerprint, read_key
     from ..store import check_key_fingerprint, connect
 
     problems = []
@@ -495,7 +495,6 @@ def preflight(trial, workdir: Optional[str | Path] = None) -> list[str]:
             continue
         label = "identifiers key" if what == "identifiers" else "de-identification key"
         try:
-            read_secret(src, study_file=trial.source_file)
             keys[what] = read_key(src, study_file=trial.source_file, what=label)
         except SecretError as err:
             msg = err.diagnostic.message
