@@ -157,8 +157,12 @@ def build_tool(unit: Unit, trial: ir.Trial, secrets: list[str], docker_image: Op
             inputBinding=cwl.CommandLineBinding(prefix="--study-in", valueFrom=f"{s}=$(self.path)")))
     shared = {n.step.shared for n in unit.nodes} - {None}
     if "registry" in shared:
-        inputs.append(cwl.CommandInputParameter(id="registry", type_="File?", doc="An identity registry to continue",
-                                                inputBinding=cwl.CommandLineBinding(prefix="--registry")))
+        # the registry is used in place at the site, never staged and never an output (it holds real exam dates
+        # and, with a re-identification log, original identifiers: it must not travel beside the archive)
+        inputs.append(cwl.CommandInputParameter(
+            id="registry_dir", type_="string?", doc="The site's registry folder (its state.sqlite is read and "
+            "updated in place; without it the run's registry is discarded with the tool's output folder)",
+            inputBinding=cwl.CommandLineBinding(prefix="--registry-dir")))
     if "archive" in shared:
         inputs.append(cwl.CommandInputParameter(id="archive_in", type_="Directory?", doc="An archive to add to",
                                                 inputBinding=cwl.CommandLineBinding(prefix="--archive")))
@@ -174,8 +178,8 @@ def build_tool(unit: Unit, trial: ir.Trial, secrets: list[str], docker_image: Op
             glob, t = rel.rstrip("/"), _type(rel)
         outputs.append(cwl.CommandOutputParameter(id=pid(rel), type_=t, outputBinding=cwl.CommandOutputBinding(glob=glob)))
     for s in [o for n in unit.nodes for o in n.step.study_outputs]:
-        if s == "exams/":
-            continue  # its content is the per-exam outputs above
+        if s == "exams/" or s == "state.sqlite":
+            continue  # exams/: the per-exam outputs above; the registry stays at the site (registry_dir)
         oid = "registry_out" if s == "state.sqlite" else pid(s)
         outputs.append(cwl.CommandOutputParameter(id=oid, type_=_type(s),
                                                   outputBinding=cwl.CommandOutputBinding(glob=s.rstrip("/"))))
@@ -228,7 +232,7 @@ def build(trial: ir.Trial, graph: nx.DiGraph, *, granularity: str = "step", dock
             for s in u.study_inputs:
                 in_[pid(s)] = study_src[s]
             if any(n.step.shared == "registry" for n in u.nodes):
-                in_["registry"] = "registry"
+                in_["registry_dir"] = "registry_dir"
             if any(n.step.shared == "archive" for n in u.nodes):
                 in_["archive_in"] = "archive_in"
             outs = [o.id for o in tool.outputs]
@@ -237,8 +241,8 @@ def build(trial: ir.Trial, graph: nx.DiGraph, *, granularity: str = "step", dock
                                           in_=[cwl.WorkflowStepInput(id=i, source=s) for i, s in in_.items()]))
             for rel in u.writes:
                 arrays[rel] = f"{sid}/{pid(rel)}"
-            for s in [o for n in u.nodes for o in n.step.study_outputs]:
-                study_src[s] = f"{sid}/{'registry_out' if s == 'state.sqlite' else pid(s)}"
+            for s in [o for n in u.nodes for o in n.step.study_outputs if o != "state.sqlite"]:
+                study_src[s] = f"{sid}/{pid(s)}"
             continue
         # a segment: a sub-workflow (or one fused tool) scattered over the exams
         sub_id = f"exams_{k}"
@@ -282,12 +286,9 @@ def build(trial: ir.Trial, graph: nx.DiGraph, *, granularity: str = "step", dock
     for name, kind, doc in (("quarantine/", "Directory", "Inbox files that were refused, each with reason.json"),
                             ("archive/", "Directory", "The content-addressed archive (objects, sidecars, audit log)"),
                             ("measurements.csv", "File", "The tidy measurements table"),
-                            ("measurements.json", "File", "The tidy measurements table as JSON"),
-                            ("state.sqlite", "File", "The site's identity registry: SITE-SIDE ONLY — it maps original "
-                                                     "identifiers to subjects; keep it at the site, never send it on")):
+                            ("measurements.json", "File", "The tidy measurements table as JSON")):
         if name in study_src:
-            oid = "site_registry" if name == "state.sqlite" else pid(name)
-            wf_outputs.append(cwl.WorkflowOutputParameter(id=oid, type_=kind, doc=doc, outputSource=study_src[name]))
+            wf_outputs.append(cwl.WorkflowOutputParameter(id=pid(name), type_=kind, doc=doc, outputSource=study_src[name]))
     code = trial.study.code if trial.study else "study"
     title = trial.study.title if trial.study else ""
     doc = (f"imtrial pipeline for {code}: {title}. Study version "
@@ -302,7 +303,9 @@ def build(trial: ir.Trial, graph: nx.DiGraph, *, granularity: str = "step", dock
         requirements=requirements,
         inputs=[cwl.WorkflowInputParameter(id="study", type_="File", doc="Compiled study (study.ir.json)"),
                 cwl.WorkflowInputParameter(id="inbox", type_="Directory", doc="Folder of incoming DICOM files"),
-                cwl.WorkflowInputParameter(id="registry", type_="File?", doc="Existing identity registry (site-side)"),
+                cwl.WorkflowInputParameter(id="registry_dir", type_="string?",
+                                           doc="The site's identity registry folder (state.sqlite inside), used in "
+                                               "place: site-side only, never staged, never a workflow output"),
                 cwl.WorkflowInputParameter(id="archive_in", type_="Directory?", doc="Existing archive to add to")],
         outputs=wf_outputs, steps=steps)
     return wf, docs

@@ -25,6 +25,8 @@ import jinja2
 from imtrial_dsl import __version__, extras, ir, source, templating
 from imtrial_dsl.diagnostics import ImtrialError
 from imtrial_dsl.files import atomic_write_bytes, atomic_write_text
+from imtrial_dsl.deid.plan import keeps_identity
+from imtrial_dsl.secrets import subprocess_env
 
 TEMPLATES = Path(__file__).resolve().parent / "templates" / "docs"
 
@@ -550,6 +552,8 @@ def _deid(trial: ir.Trial) -> Optional[dict]:
         "key": key_text(d.key),
         "key_uses": join_words(key_uses(d)),
         "quarantine_burned_in": d.quarantine_burned_in,
+        "identity_kept": keeps_identity(trial),
+        "identified_destinations": [t.name for t in trial.transfers if t.identified],
     }
 
 
@@ -559,13 +563,28 @@ def _identifiers(trial: ir.Trial) -> Optional[dict]:
         return None
     check = {"luhn": "a Luhn check digit", "mod11": "an ISO 7064 MOD 11-2 style check character",
              "mod97": "an ISO 7064 MOD 97-10 check number", "iso7064": "an ISO 7064 check character"}
+    d = trial.deidentify
+    if i.key is not None:
+        registry = f"The registry stores source identifiers as keyed hashes (HMAC-SHA256); the key is {key_text(i.key)}."
+    elif d is not None and d.key is not None:
+        registry = ("The registry stores source identifiers as keyed hashes (HMAC-SHA256) under a key derived from the "
+                    "study key.")
+    else:
+        registry = "The study names no key: the registry stores source identifiers as they are."
+    if i.reidentification_log:
+        registry += (" The study keeps a re-identification log: the original identifiers and UIDs beside their research "
+                     "identifiers and pseudonyms, in the site's registry (the workdir's state database) only, for site "
+                     "staff authorized to act on findings; it never leaves the site and can be purged.")
+    else:
+        registry += (" No re-identification log is kept: going from an identifier to a subject takes the site's "
+                     "registry and the key.")
     return {
         "format": i.subject_format,
         "check_digit": check.get(i.check_digit or "", None),
         "source": list(i.source),
         "issuer": i.issuer,
         "key": key_text(i.key),
-        "registry": _registry(trial),
+        "registry": registry,
     }
 
 
@@ -635,33 +654,6 @@ def _reads(trial: ir.Trial) -> list[dict]:
             "unevaluable": r.unevaluable, "variability": var, "lock": r.lock,
         })
     return out
-
-
-def _registry(trial: ir.Trial) -> Optional[dict]:
-    """What the identity registry stores, read from the implementation (runner/identify.py, store.py), not asserted.
-
-    The charter's sentence about it (§6.6) is written from these facts only.
-    """
-    import sqlite3
-
-    from imtrial_dsl import store
-    from imtrial_dsl.runner.identify import source_key
-
-    i = trial.identifiers
-    if i is None:
-        return None
-    probe = source_key("T", {"PatientID": "probe"}, "ISSUER", b"k" if i.key else None)
-    keyed = probe.startswith("hmac:") and "probe" not in probe
-    db = sqlite3.connect(":memory:")
-    try:
-        db.executescript(store.SCHEMA)
-        columns = {t: [c[1] for c in db.execute(f"PRAGMA table_info({t})")]
-                   for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    finally:
-        db.close()
-    # a table with a column for the original identifier value keeps the site's re-identification map
-    originals = sorted(t for t, cols in columns.items() if "source_value" in cols)
-    return {"keyed": keyed, "originals": originals}
 
 
 # ---------------------------------------------------------------------------- Appendix C
@@ -1065,7 +1057,8 @@ def graph_svg(graph) -> tuple[Optional[str], Optional[str]]:
     if exe is None:
         return None, "graphviz 'dot' is not installed, so the picture could not be drawn"
     try:
-        proc = subprocess.run([exe, "-Tsvg"], input=layout_dot(graph).encode(), capture_output=True, timeout=60)
+        proc = subprocess.run([exe, "-Tsvg"], input=layout_dot(graph).encode(), capture_output=True, timeout=60,
+                              env=subprocess_env())   # no key or token reaches graphviz
     except (OSError, subprocess.TimeoutExpired) as exc:
         return None, f"graphviz 'dot' failed: {exc}"
     if proc.returncode != 0:

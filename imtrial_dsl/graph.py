@@ -21,6 +21,7 @@ import networkx as nx
 
 from . import ir, pipeline
 from .diagnostics import Diagnostic, Severity
+from .secrets import subprocess_env
 
 GRAPH_VERSION = "2"
 
@@ -204,7 +205,8 @@ def render_image(g: nx.DiGraph, fmt: str) -> tuple[Optional[bytes], Optional[Dia
         return None, Diagnostic(code="E601", message="graphviz 'dot' is not installed, so svg/png cannot be drawn",
                                 hint="install graphviz (e.g. apt-get install graphviz), or use --format dot|mermaid|json")
     try:
-        proc = subprocess.run([exe, f"-T{fmt}"], input=to_dot(g).encode(), capture_output=True, timeout=60)
+        proc = subprocess.run([exe, f"-T{fmt}"], input=to_dot(g).encode(), capture_output=True, timeout=60,
+                              env=subprocess_env())   # no key or token reaches graphviz
     except (OSError, subprocess.TimeoutExpired) as exc:
         return None, Diagnostic(code="E602", message=f"graphviz 'dot' failed: {exc}", hint=None)
     if proc.returncode != 0:

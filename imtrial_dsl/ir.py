@@ -431,6 +431,8 @@ class Identifiers(Node):
     source: list[str] = Field(default=["PatientID"], description="Attributes that identify a person at a site.")
     issuer: Optional[str] = Field(default="IssuerOfPatientID", description="Attribute naming the assigning authority.")
     key: Optional[KeySource] = Field(default=None, description="Key for keyed hashing of source identifiers in the registry.")
+    reidentification_log: bool = Field(default=False, description="Keep the plain re-identification maps (original "
+                                       "identifiers and UIDs) site-side; otherwise only keyed hashes are stored.")
 
 
 # --------------------------------------------------------------------------- QC and analyses
@@ -474,6 +476,8 @@ class Analysis(Node):
     measurements: list[Measurement] = []
     timeout: Optional[Quantity] = None
     description: str = ""
+    env: list[str] = Field(default=[], description="Environment variables passed to the program beyond the minimal "
+                                                   "allow-list (PATH, HOME, locale, TMPDIR).")
 
 
 # --------------------------------------------------------------------------- transfer, archive, roles, reports
@@ -488,6 +492,8 @@ class Destination(Node):
     path: Optional[str] = None
     relay: Optional[Ref] = None
     auth: Optional[KeySource] = None
+    identified: bool = Field(default=False, description="The destination may receive identified data (instances whose "
+                                                        "PatientIdentityRemoved is NO because overrides keep identity).")
 
 
 class Archive(Node):
@@ -497,12 +503,16 @@ class Archive(Node):
     keep_originals: bool = False
 
 
+#: The fields a role's ``hide`` may name (ops/reports.py removes each everywhere; the checker refuses others).
+ROLE_HIDE_FIELDS = ("arm", "site", "device", "exam_date", "subject_id")
+
+
 class Role(Node):
     name: str
     kind: Literal["central", "site", "reader", "sponsor", "monitor", "statistician"] = "central"
     scope: Literal["all", "own"] = "all"
     blinded: bool = False
-    hide: list[str] = Field(default=[], description="Fields this role must not see: arm, reader_results, site, ...")
+    hide: list[str] = Field(default=[], description="Fields this role must not see: " + ", ".join(ROLE_HIDE_FIELDS) + ".")
 
 
 class ReportAudience(Node):

@@ -164,7 +164,9 @@ def load(path: Union[str, os.PathLike]) -> tuple[ir.Trial, list[Diagnostic], Sou
     text = _decode(data, name, ld.diags)
     resolved = p.resolve()
     trial = ld.load_file(resolved, text, name)
-    trial.source_file = name
+    # absolute: a relative `key file` resolves against this folder for every reader, also of the compiled IR
+    # (imtrial step --study study.ir.json, the CWL tools), whatever their working directory
+    trial.source_file = str(resolved)
     trial.source_sha256 = hashlib.sha256(data).hexdigest()
     return _finish(trial, ld.diags, ld.sources)
 

@@ -753,7 +753,7 @@ class Lowerer:
         props: dict = {}
         for c in self.kids(item):
             key = {"id_subject": "subject", "id_check": "check_digit", "id_source": "source",
-                   "id_issuer": "issuer", "key": "key"}[c.data]
+                   "id_issuer": "issuer", "id_reid": "reidentification_log", "key": "key"}[c.data]
             self.once(props, key, c, "identifiers")
             if c.data == "id_subject":
                 fields["subject_format"] = self.text(c.children[0])
@@ -763,6 +763,8 @@ class Lowerer:
                 fields["source"] = [str(t) for t in c.children[0].children]
             elif c.data == "id_issuer":
                 fields["issuer"] = str(c.children[0])
+            elif c.data == "id_reid":
+                fields["reidentification_log"] = self.boolean(c.children[0])
             elif c.data == "key":
                 fields["key"] = self.key_source(c.children[0])
         if "subject_format" not in fields:
@@ -840,6 +842,8 @@ class Lowerer:
             elif c.data == "an_description":
                 self.once(props, "description", c, f"analysis {name}")
                 an.description = self.text(c.children[0])
+            elif c.data == "an_env":
+                an.env += [str(t) for t in c.children[0].children if str(t) not in an.env]
         trial.analyses.append(an)
 
     # ------------------------------------------------------------------ transfer, archive, roles, reports
@@ -862,6 +866,8 @@ class Lowerer:
                 fields["auth"] = self.key_source(val)
             elif key == "via":
                 fields["relay"] = ir.Ref(span=self.span(val), name=str(val))
+            elif key == "receives":
+                fields["identified"] = True
             else:
                 fields[key] = self.text(val)
         if kind is None:

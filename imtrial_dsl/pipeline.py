@@ -131,25 +131,29 @@ register(Step(
     resources=Resources(cores=1, ram_mb=2048), secrets=("deidentify",),
     study_parts=("study", "deidentify", "deid_profiles", "identifiers")))
 
+# Classification, adherence and QC read the ORIGINAL headers at the site (matching must not depend on what
+# de-identification removes or cleans); their results name series by their de-identified UIDs and carry no
+# PHI, so the archive and the analyses (which read deid/) find the de-identified files from them.
 register(Step(
     "classify", "Classify series",
-    "Match every series to a protocol by its rules.",
+    "Match every series (original headers, at the site) to a protocol by its rules; the result names the "
+    "de-identified series and files.",
     scope="exam", func="imtrial_dsl.runner.classify:classify_step",
-    inputs=(W.DEID, W.IDENTITY), outputs=(W.CLASSIFICATION,),
-    study_parts=("protocols", "schedule")))
+    inputs=(W.EXAM_JSON, W.ORIGINAL, W.IDENTITY), outputs=(W.CLASSIFICATION,), secrets=("deidentify",),
+    study_parts=("protocols", "schedule", "study", "deidentify", "deid_profiles")))
 
 register(Step(
     "adherence", "Protocol adherence",
     "Check every matched series against its protocol variant, and the device, software and same-device rules.",
     scope="exam", func="imtrial_dsl.runner.adherence:adherence_step",
-    inputs=(W.EXAM_JSON, W.DEID, W.IDENTITY, W.CLASSIFICATION), outputs=(W.ADHERENCE,),
+    inputs=(W.EXAM_JSON, W.ORIGINAL, W.IDENTITY, W.CLASSIFICATION), outputs=(W.ADHERENCE,), secrets=("deidentify",),
     study_parts=("protocols", "sites", "schedule")))
 
 register(Step(
     "qc", "Image QC",
     "A pixel QC check (numpy) on every series of the protocols it applies to.",
     scope="exam", func="imtrial_dsl.runner.qc:qc_step", per="qc", kind="qc",
-    inputs=(W.DEID, W.CLASSIFICATION), outputs=(W.QC + "{ref}.json",),
+    inputs=(W.EXAM_JSON, W.ORIGINAL, W.CLASSIFICATION), outputs=(W.QC + "{ref}.json",), secrets=("deidentify",),
     resources=Resources(cores=1, ram_mb=2048)))
 
 register(Step(

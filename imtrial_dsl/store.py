@@ -11,6 +11,7 @@ leaves the database consistent; the runner re-derives whatever was not recorded 
 """
 from __future__ import annotations
 
+import hmac
 import json
 import sqlite3
 import time
@@ -186,6 +187,30 @@ def connect(path: str | Path, *, create: bool = True) -> sqlite3.Connection:
         raise StoreError(f"{path} was written by another imtrial version (state schema {row[0]}, this one reads "
                          f"{SCHEMA_VERSION}); use a new workdir", code="E802")
     return db
+
+
+def check_key_fingerprint(db: sqlite3.Connection, trial: str, purpose: str, fingerprint: str, *,
+                          record: bool = True, source: Any = None) -> None:
+    """Refuse a key that differs from the one this state database first saw for ``trial`` / ``purpose``
+    (:class:`~imtrial_dsl.secrets.KeyMismatchError`, E704); record ``fingerprint`` at first use when ``record``.
+
+    A workdir used with another key would silently hand out new subject IDs and pseudonyms: so the keyed
+    fingerprint (``imtrial_dsl.secrets.key_fingerprint``) is compared before the caller writes anything."""
+    from .secrets import KeyMismatchError
+
+    name = f"key_fingerprint/{trial}/{purpose}"
+    row = db.execute("SELECT value FROM meta WHERE key=?", (name,)).fetchone()
+    if row is None:
+        if not record:
+            return
+        db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (name, fingerprint))
+        row = db.execute("SELECT value FROM meta WHERE key=?", (name,)).fetchone()   # another process may have won
+    if not hmac.compare_digest(str(row[0]), fingerprint):
+        what = {"deidentify": "de-identification key", "identifiers": "identifiers key"}.get(purpose, purpose + " key")
+        raise KeyMismatchError(source, f"the {what} of {trial} is not the key this workdir was first run with "
+                                       f"(its keyed fingerprint differs): nothing was written",
+                               "use the study's original key; a new key would give every subject new "
+                               "identifiers and pseudonyms (start a new workdir only for a new study)")
 
 
 @contextmanager
@@ -372,10 +397,17 @@ class Store:
         return [dict(r) for r in self.db.execute(q + " ORDER BY trial, subject_id", args)]
 
     def purge_audit_map(self, trial: Optional[str] = None) -> int:
-        """Drop the re-identification map (lookups keep working through the keyed hash)."""
+        """Drop every re-identification map — source identifiers (``identity_audit``), original UIDs and date
+        shifts (``deid_audit``), the original series UIDs kept beside the pipeline state — and return how many
+        rows went. Lookups keep working through the keyed hash."""
+        where, args = (" WHERE trial=?", (trial,)) if trial else ("", ())
         with self.tx() as db:
-            cur = db.execute("DELETE FROM identity_audit" + (" WHERE trial=?" if trial else ""), (trial,) if trial else ())
-            return cur.rowcount
+            n = db.execute("DELETE FROM identity_audit" + where, args).rowcount
+            n += db.execute("DELETE FROM deid_audit" + where, args).rowcount
+            sel = " WHERE exam_key IN (SELECT exam_key FROM exams WHERE trial=?)" if trial else ""
+            n += db.execute("UPDATE series SET original_series_uid=NULL" + (sel + " AND" if sel else " WHERE")
+                            + " original_series_uid IS NOT NULL", args).rowcount
+            return n
 
     # ------------------------------------------------------------------ measurements
     def measurements(self) -> list[dict]:

@@ -298,15 +298,17 @@ def test_pydicom_test_files_check_without_error(cons_trial):
     assert rows["SliceThickness"]["actual"] == 10.0 and not rows["SliceThickness"]["ok"]  # from SharedFunctionalGroups
 
 
-def test_steps_write_results(amy, conformant, tmp_path):
-    """The step functions through ``imtrial step``'s staged mode: inputs where they are, outputs under --out."""
+def test_steps_write_results(amy, conformant, tmp_path, monkeypatch):
+    """The step functions through ``imtrial step``'s staged mode: inputs where they are, outputs under --out.
+    Classification, adherence and QC read the original headers (the synthetic files stand for them)."""
+    monkeypatch.setenv("IMTRIAL_KEY", "adherence-test-key-0123456789")
     root, m = conformant
     e = m["exams"][1]
     out = tmp_path / "exam1"
     ident = tmp_path / "identity.json"
     ident.write_text(json.dumps({"exam_key": "exam1", "subject_id": "S1", "visit": None, "modalities": ["MR"],
                                  "prior_devices": {"MR": ["LYN_MR1"]}}))
-    staged = [("deid/", root / e["dir"]), ("results/identity.json", ident)]
+    staged = [("original/", root / e["dir"]), ("results/identity.json", ident)]
     run_staged(amy, find_node(amy, "classify"), staged, out)
     summary = run_staged(amy, find_node(amy, "adherence"), staged, out)
     res = out / "results"

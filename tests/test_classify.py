@@ -101,14 +101,15 @@ def test_synth_series_classify_to_their_protocol(amy, tmp_path):
     assert res["missing_protocols"] == ["SWI"]
 
 
-def test_classify_step_reads_identity_visit(amy, tmp_path):
+def test_classify_step_reads_identity_visit(amy, tmp_path, monkeypatch):
+    monkeypatch.setenv("IMTRIAL_KEY", "classify-test-key-0123456789")   # the result names de-identified series
     m = synth.synthesize(amy, tmp_path / "c", subjects_per_site=1, seed=5, small=True, visits=["m12"])
     e = m["exams"][0]
     exam = tmp_path / "exam"
-    shutil.copytree(tmp_path / "c" / e["dir"], exam / "deid")
+    shutil.copytree(tmp_path / "c" / e["dir"], exam / "original")
     (exam / "results").mkdir()
     (exam / "results" / "identity.json").write_text(json.dumps({"subject_id": "X", "visit": "m12"}))
-    summary = run_staged(amy, find_node(amy, "classify"), [("deid/", exam / "deid"),
+    summary = run_staged(amy, find_node(amy, "classify"), [("original/", exam / "original"),
                                                            ("results/identity.json", exam / "results" / "identity.json")], exam)
     out = json.loads((exam / "results" / "classification.json").read_text())
     assert summary["matched"] == 3 and out["visit"] == "m12" and out["missing_protocols"] == []

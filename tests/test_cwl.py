@@ -15,7 +15,7 @@ from imtrial_dsl.exporters import cwl as cwl_export
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.imtrial"))
 BIN = Path(sys.executable).parent
-KEY_ENV = {"IMTRIAL_KEY": "cwl-test-key", "CENTRAL_TOKEN": "unused"}
+KEY_ENV = {"IMTRIAL_KEY": "cwl-test-key-0123456789abcdef", "CENTRAL_TOKEN": "unused"}
 
 
 def _env():

@@ -46,7 +46,7 @@ EXAMPLE = ("deidentify using ps315_basic with retain_longitudinal_modified_dates
 
 @pytest.fixture(autouse=True)
 def _key(monkeypatch):
-    monkeypatch.setenv(KEY_ENV, "test-key-0123456789")
+    monkeypatch.setenv(KEY_ENV, "test-key-0123456789abcdef")
 
 
 def engine(block: str = BASIC) -> D.Deidentifier:
@@ -67,7 +67,7 @@ def test_example_study_compiles_to_a_plan(monkeypatch):
 
     trial, diags, _ = load(ROOT / "examples" / "amyloid_mri.imtrial")
     assert not [d for d in diags if d.severity.value == "error"], diags
-    monkeypatch.setenv("IMTRIAL_KEY", "example-key")
+    monkeypatch.setenv("IMTRIAL_KEY", "example-key-0123456789abcdef")
     eng = D.Deidentifier(trial, D.resolve_key(trial))
     assert eng.plan.ops[D.parse_tag("InstitutionName")] == (D.SET, "AMY01 imaging site")
     assert eng.plan.shift_dates and len(trial.profile("ps315_basic").rules) == 621
@@ -96,7 +96,12 @@ def test_generated_profile_has_every_table_row():
     ("StudyDate", [], D.EMPTY),
     ("StudyDate", ["retain_longitudinal_modified_dates"], D.SHIFT),
     ("StudyDate", ["retain_longitudinal_full_dates"], D.KEEP),
-    ("StudyDate", ["retain_longitudinal_full_dates", "retain_longitudinal_modified_dates"], D.KEEP),
+    ("MakerNote", ["clean_descriptors"], D.DEL),                    # C on OB: nothing to vouch for -> removed
+    ("DeviceSettingDescription", ["clean_descriptors"], D.DEL),
+    ("FrameOriginTimestamp", ["retain_longitudinal_modified_dates"], D.DEL),
+    ("CertifiedTimestamp", ["retain_longitudinal_modified_dates"], D.DEL),
+    ("ReasonForTheAttributeModification", ["clean_descriptors"], D.DUMMY),   # C on CS -> a dummy
+    ("TimezoneOffsetFromUTC", ["retain_longitudinal_modified_dates"], D.SET),  # C on SH under dates -> +0000
     ("SOPInstanceUID", [], D.UID),                                 # U
     ("SOPInstanceUID", ["retain_uids"], D.KEEP),
     ("InstitutionName", [], D.EMPTY),                              # X/Z/D -> Z (no fake device/site identity)
@@ -186,7 +191,7 @@ def test_dummy_written_for_every_D_row_present():
     out = _run(eng, ds)
     assert out.ReferringPhysicianName == ""
     assert out.ContentSequence[0].PersonName == "ANONYMIZED"
-    assert out.ContentSequence[0].ValueType == "PNAME"
+    assert out.ContentSequence[0].ValueType == "ANONYMIZED"      # inside a D sequence nothing original is kept
 
 
 def test_sequence_D_replaces_free_text_C_cleans_it():
@@ -254,7 +259,7 @@ def test_date_shift_per_subject_in_range_and_consistent():
     assert o1.AcquisitionDateTime == (d("20260315") + dt.timedelta(days=off1)).strftime("%Y%m%d") + "101500.5"
     assert o1.StudyTime == "101500"
     assert D.subject_date_shift(make_trial(EXAMPLE), "AMY01-BOS-0001") == off1
-    offs = {D.Pseudonymizer(b"k", -365, -1).date_offset(f"S{i}") for i in range(50)}
+    offs = {D.Pseudonymizer(b"k" * 16, "T", -365, -1).date_offset(f"S{i}") for i in range(50)}
     assert len(offs) > 30 and min(offs) >= -365 and max(offs) <= -1
     assert (d(o2.StudyDate) - d("20260315")).days == D.subject_date_shift(make_trial(EXAMPLE), "AMY01-BOS-0002")
 
@@ -326,12 +331,12 @@ def test_missing_key_is_a_clear_error(monkeypatch):
 
 def test_key_file_and_key_never_in_output(tmp_path):
     keyfile = tmp_path / "deid.key"
-    keyfile.write_text("FILEKEY-SECRET-987\n")
+    keyfile.write_text("FILEKEY-SECRET-987-abcdefgh\n")
     t = make_trial(f'deidentify using ps315_basic {{ key file "{keyfile}" }}')
-    assert D.resolve_key(t) == b"FILEKEY-SECRET-987"
+    assert D.resolve_key(t) == b"FILEKEY-SECRET-987-abcdefgh"
     eng = D.Deidentifier(t, D.resolve_key(t))
     _, _, data = roundtrip(eng, get_testdata_file("CT_small.dcm"))
-    assert b"FILEKEY-SECRET-987" not in data and b"test-key-0123456789" not in data
+    assert b"FILEKEY-SECRET-987-abcdefgh" not in data and b"test-key-0123456789abcdef" not in data
 
 
 # --------------------------------------------------------------------------- determinism, files
@@ -390,7 +395,8 @@ def test_exam_deidentification_quarantines_refused_files_and_records_the_audit_m
     ident = tmp_path / "identity.json"
     ident.write_text(json.dumps(SUBJECT))
     reg = tmp_path / "state.sqlite"
-    t = make_trial(EXAMPLE)
+    # the plain UID map is kept only where the study asks for a re-identification log
+    t = make_trial(EXAMPLE + '\nidentifiers {\n subject "T01-{site}-{seq:04}"\n reidentification_log yes\n}')
     out = tmp_path / "deid"
     summary = D.deidentify_exam(t, exam, json.loads(ident.read_text()), out, registry=reg,
                               quarantine=tmp_path / "quarantine")
@@ -440,7 +446,7 @@ def test_docs_example_loads_and_runs(monkeypatch):
     block = doc.split("```imtrial\n", 1)[1].split("```", 1)[0]
     trial, diags, _ = load_text(block, str(ROOT / "docs" / "example.imtrial"))
     assert not [d for d in diags if d.severity.value == "error"], diags
-    monkeypatch.setenv("IMTRIAL_KEY", "doc-key")
+    monkeypatch.setenv("IMTRIAL_KEY", "doc-key-0123456789abcdef")
     eng = D.Deidentifier(trial, D.resolve_key(trial))
     res, out, _ = roundtrip(eng, get_testdata_file("US1_UNCR.dcm"))
     assert res.pixel_cleaned and not out.pixel_array[:40].any()

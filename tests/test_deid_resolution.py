@@ -70,7 +70,11 @@ def _checker_actions(rules: list[ir.ProfileRule], options: tuple[str, ...]) -> d
     return out
 
 
-@pytest.mark.parametrize("options", _combinations(), ids=lambda c: "+".join(c) or "basic")
+_BOTH_DATES = {"retain_longitudinal_full_dates", "retain_longitudinal_modified_dates"}
+
+
+@pytest.mark.parametrize("options", [c for c in _combinations() if not _BOTH_DATES <= set(c)],
+                         ids=lambda c: "+".join(c) or "basic")
 def test_checker_reports_the_action_the_engine_takes(options):
     profile = _profile()
     rules = [r for r in profile.rules if set(options) <= set(r.options) and _addressable(r)]
@@ -83,13 +87,18 @@ def test_checker_reports_the_action_the_engine_takes(options):
     assert not mismatches, mismatches
 
 
-def test_full_dates_govern_when_a_study_names_both_date_options():
+def test_both_date_options_are_refused_by_checker_and_engine():
+    """Full and modified dates exclude each other (point 4): E706 from the checker, the engine refuses too."""
+    from imtrial_dsl.deid import DeidError
+
     profile = _profile()
-    both = compile_plan(profile, ir.Deidentify(profile=ir.Ref(name=profile.name), options=[
-        ir.DeidOption("retain_longitudinal_modified_dates"), ir.DeidOption("retain_longitudinal_full_dates")]))
-    assert not both.shift_dates and both.dates_state == "UNMODIFIED"
-    assert [c for c, _ in both.method_codes] == ["113100", "113106"]       # 113107 would claim modified dates
-    assert both.actions["(0008,0020)"] == ("K", "retain_longitudinal_full_dates")
+    with pytest.raises(DeidError) as err:
+        compile_plan(profile, ir.Deidentify(profile=ir.Ref(name=profile.name), options=[
+            ir.DeidOption("retain_longitudinal_modified_dates"), ir.DeidOption("retain_longitudinal_full_dates")]))
+    assert err.value.diagnostic.code == "E706"
+    trial, diags, _ = load_text('import "stdlib/deid/ps315.imtrial"\ndeidentify using ps315_basic with '
+                                'retain_longitudinal_full_dates, retain_longitudinal_modified_dates {\n}\n', "both.imtrial")
+    assert [d.code for d in check(trial) if d.code == "E706"] == ["E706"]
 
 
 def test_the_checker_gets_the_resolution_without_pydicom():

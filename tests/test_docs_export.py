@@ -294,17 +294,18 @@ def test_title_page_effective_date_history_and_signatures(compiled, rendered):
 
 
 def test_registry_sentence_states_what_the_registry_does(compiled, rendered):
-    """§6.6 is written from the registry implementation: keyed lookups when the study names a key."""
+    """The research-identifier section says what the registry stores, from the study's facts: keyed hashes
+    when a key is named (the registry's lookup key is an HMAC), no re-identification log unless asked."""
     from imtrial_dsl.runner.identify import source_key
 
     text = rendered["oncology_ct"]["charter.md"].read_text(encoding="utf-8")
-    section = text.split("### 6.6 Research Identifiers", 1)[1].split("\n## ", 1)[0]
-    assert source_key("ONC02", {"PatientID": "123"}, "X", b"key").startswith("hmac:")
-    assert "keyed hash (HMAC-SHA256)" in section
+    section = text.split("### 6.7 Research Identifiers", 1)[1].split("\n## ", 1)[0]
+    assert source_key("ONC02", {"PatientID": "123"}, "X", b"k" * 32).startswith("hmac:")
+    assert "keyed hashes (HMAC-SHA256)" in section and "No re-identification log is kept" in section
     trial, graph = compiled["oncology_ct"]
-    unkeyed = trial.model_copy(update={"identifiers": trial.identifiers.model_copy(update={"key": None})})
-    section = docs.render_markdown(docs.build(unkeyed, None), "charter").split("### 6.6 Research Identifiers", 1)[1]
-    assert "as written\n(not hashed)" in section and "keyed hash (HMAC" not in section.split("\n## ", 1)[0]
+    logged = trial.model_copy(update={"identifiers": trial.identifiers.model_copy(update={"reidentification_log": True})})
+    section = docs.render_markdown(docs.build(logged, None), "charter").split("### 6.7 Research Identifiers", 1)[1]
+    assert "keeps a re-identification log" in section.split("\n## ", 1)[0]
 
 
 def test_wide_graph_gets_a_landscape_page(compiled, tmp_path):

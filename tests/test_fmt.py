@@ -254,10 +254,11 @@ profile_rule = seq("rule", one(st.sampled_from(["(0008,0050)", "(50xx,xxxx)", "(
                            lambda acts: [t for o, a in zip(os, acts) for t in (o, a)])))
 deid_profile = block(seq("deid_profile", one(name), opt(one(string)), opt(seq("code", one(string)))), profile_rule)
 
-identifiers = some_of(["check", "source", "issuer", "key"]).flatmap(lambda ks: st.tuples(*[{
+identifiers = some_of(["check", "source", "issuer", "reid", "key"]).flatmap(lambda ks: st.tuples(*[{
     "check": seq("check_digit", one(st.sampled_from(["luhn", "mod11", "mod97", "iso7064"]))),
     "source": seq("source", listed(st.sampled_from(["PatientID", "OtherPatientIDs"]))),
     "issuer": seq("issuer", one(st.just("IssuerOfPatientID"))),
+    "reid": seq("reidentification_log", one(st.sampled_from(["yes", "no"]))),
     "key": seq("key", "env", one(st.just("K"))),
 }[k] for k in ks]).map(lambda xs: ["identifiers", "{", "subject", '"S-{seq:04}"'] + [t for x in xs for t in x] + ["}"]))
 
@@ -274,12 +275,13 @@ analysis = block(
         seq("input", one(name), "from", one(name), opt(seq(".", one(name)))),
         seq("output", one(name), opt(one(st.sampled_from(["file", "directory"])))),
         seq("measure", one(name), opt(one(st.sampled_from(["mm3", "count", "ms", "T"]))), opt(one(string))),
+        seq("env", listed(st.sampled_from(["OMP_NUM_THREADS", "FSLDIR"]))),
     ), max_size=4).map(lambda toks: toks[:-1] + ["run", '"tool {a} \'{b} c\'"', "timeout", "3", "min", "description", '"d"', "}"])
 
 transfer = seq("transfer", one(name), st.one_of(
     seq("dicomweb", one(st.just('"https://x.example/dw"')), opt(seq("auth", "env", one(st.just("TOKEN"))))),
     seq("dicom", "ae", one(st.just('"AE"')), "host", one(st.just('"h"')), "port", one(st.just("104")), opt(seq("via", one(name)))),
-    seq("folder", one(st.just('"/tmp/out"')))))
+    seq("folder", one(st.just('"/tmp/out"')), opt(seq("receives", "identified")))))
 
 archive = seq("archive", "{", st.permutations([["path", '"p"'], ["retention", "15", "years"], ["keep_originals", "yes"],
                                                 ["hash", "sha256"]]).flatmap(

@@ -35,9 +35,11 @@ def test_graph_shape_follows_the_ir(path: Path) -> None:
     for n, d in g.nodes(data=True):
         assert d["kind"] in KINDS and d["step"] in STEP_NAMES and d["scope"] in ("exam", "study") and d["label"], n
     # the chain every exam goes through, by data: each reads what the one before writes
-    for a, b in [("ingest", "identify"), ("identify", "deidentify"), ("deidentify", "classify"),
+    # classification reads the originals at the site (beside de-identification, not after it)
+    for a, b in [("ingest", "identify"), ("identify", "deidentify"), ("ingest", "classify"), ("identify", "classify"),
                  ("classify", "adherence"), ("adherence", "archive"), ("deidentify", "archive")]:
         assert g.has_edge(a, b), (a, b)
+    assert not g.has_edge("deidentify", "classify")
     # one node per QC check that applies to some protocol, between classification and the archive
     for q in trial.qc:
         prots = [p.name for p in trial.protocols if q in trial.qc_for(p)]

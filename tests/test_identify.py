@@ -55,7 +55,7 @@ def exam(pid, date, key, serial="166012", station="BOSMR1", series=("t1_mprage",
 
 @pytest.fixture()
 def db(tmp_path, monkeypatch):
-    monkeypatch.setenv("IMTRIAL_TEST_KEY", "k3y-for-tests")
+    monkeypatch.setenv("IMTRIAL_TEST_KEY", "k3y-for-tests-0123456789")
     con = idf.connect_registry(tmp_path / "state.sqlite")
     yield con
     con.close()
@@ -138,9 +138,12 @@ def test_registry_stores_only_keyed_hashes_for_lookup(db, tmp_path):
     assert all(r["source_key"].startswith("hmac:") for r in lookup)
     assert "MRN-123456" not in json.dumps(lookup)
     assert "MRN-123456" not in json.dumps(res["identity"])
-    # the site's re-identification map is separate and purgeable
+    # the site's audit of source identifiers holds keyed hashes too (no re-identification log asked for) …
     st = State(tmp_path)
-    assert [r["source_value"] for r in st.audit_map()] == ["MRN-123456"]
+    audit = st.audit_map()
+    assert [r["source_value"][:5] for r in audit] == ["hmac:"] and "MRN-123456" not in json.dumps(audit)
+    assert "BGH" not in json.dumps(audit)                                    # nor the issuer
+    assert idf.find_subject(t, db, {"PatientID": "MRN-123456"}, "BGH") == res["identity"]["subject_id"]
     assert st.purge_audit_map() == 1
     st.close()
     again = idf.identify_exam(t, exam("MRN-123456", "20260110", "e2"), db)["identity"]
@@ -208,7 +211,7 @@ def test_screening_rule_uses_content_and_windows(db):
 
 
 def test_identify_step_writes_identity_without_original_identifiers(tmp_path, monkeypatch):
-    monkeypatch.setenv("IMTRIAL_TEST_KEY", "k3y")
+    monkeypatch.setenv("IMTRIAL_TEST_KEY", "k3y-for-tests-0123456789")
     t = trial_for()
     src = tmp_path / "exam.json"
     src.write_text(json.dumps(exam("MRN-777", "20250110", "e1")))

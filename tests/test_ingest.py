@@ -77,10 +77,13 @@ def test_ingest_groups_quarantines_and_loses_nothing(tmp_path: Path, inbox: Path
     assert res["duplicate_files"] == [{"path": "good/mr_copy_same_bytes.dcm", "of": "good/mr.dcm"}]
 
     # good files grouped by study -> exam, series; every inbox file accounted for exactly once
-    mr_uid = str(pydicom.dcmread(get_testdata_file("MR_small.dcm")).StudyInstanceUID)
-    ct_uid = str(pydicom.dcmread(get_testdata_file("CT_small.dcm")).StudyInstanceUID)
-    assert res["exams_touched"] == sorted({exam_key_for(mr_uid), exam_key_for(ct_uid)})
-    mr_exam = json.loads((out / exam_key_for(mr_uid) / "exam.json").read_text())
+    def key_of(name):   # an exam is one study of one patient
+        ds = pydicom.dcmread(get_testdata_file(name))
+        return str(ds.StudyInstanceUID), exam_key_for(str(ds.StudyInstanceUID), {"PatientID": ds.get("PatientID")})
+
+    (mr_uid, mr_key), (ct_uid, ct_key) = key_of("MR_small.dcm"), key_of("CT_small.dcm")
+    assert res["exams_touched"] == sorted({mr_key, ct_key})
+    mr_exam = json.loads((out / mr_key / "exam.json").read_text())
     assert mr_exam["study_uid"] == mr_uid and mr_exam["n_instances"] == 2
     assert len(mr_exam["series"]) == 1 and len(mr_exam["series"][0]["files"]) == 2
     assert mr_exam["device"]["manufacturer"] == "TOSHIBA_MEC" and mr_exam["patient"]["PatientID"] == "4MR1"
@@ -111,7 +114,8 @@ def test_check_dataset_reads_header_facts():
 
 
 def test_exam_key_is_stable():
-    assert exam_key_for("1.2.3") == hashlib.sha256(b"1.2.3").hexdigest()[:16]
+    assert exam_key_for("1.2.3", {"PatientID": "P1"}) == hashlib.sha256(b"1.2.3\x00PatientID=P1").hexdigest()[:16]
+    assert exam_key_for("1.2.3", {"PatientID": "P1"}) != exam_key_for("1.2.3", {"PatientID": "P2"}) != exam_key_for("1.2.3")
 
 
 def test_runner_ingest_records_every_path_and_move_deletes_only_recorded_files(tmp_path: Path, inbox: Path):

@@ -415,7 +415,7 @@ def _hang_study(mini, tmp_path, timeout: str) -> Path:
     study = tmp_path / "hang.imtrial"
     study.write_text(Path(mini["study"]).read_text()
                      .replace('run "python3 -m imtrial_dsl.tools.volume {t2} {volume}"', f'run "python3 {hang} {{t2}} {{volume}}"')
-                     .replace("timeout 2 min", f"timeout {timeout}"))
+                     .replace("timeout 2 min", f"timeout {timeout}\n  env PIDS_FILE"))   # analyses get only what they name
     return study
 
 

@@ -233,7 +233,7 @@ def _all_elements(ds: Dataset):
 
 @pytest.mark.parametrize("option_set", sorted(OPTION_SETS))
 def test_no_marker_survives(corpus, option_set, monkeypatch):
-    monkeypatch.setenv(KEY_ENV, "leak-test-key")
+    monkeypatch.setenv(KEY_ENV, "leak-test-key-0123456789")
     trial = make_trial(OPTION_SETS[option_set])
     eng = D.Deidentifier(trial, D.resolve_key(trial))
     options = {o.value for o in trial.deidentify.options}

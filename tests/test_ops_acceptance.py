@@ -77,7 +77,7 @@ class _Sink:
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    os.environ.setdefault("IMTRIAL_KEY", "acceptance-test-key")
+    os.environ.setdefault("IMTRIAL_KEY", "acceptance-test-key-0123456789")
     res = compile_file(str(STUDY))
     assert res.ok, [str(d) for d in res.diagnostics]
     trial = res.trial

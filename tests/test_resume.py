@@ -20,7 +20,7 @@ from imtrial_dsl.runner.run import run_study
 from imtrial_dsl.tools.minicorpus import make_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
-KEY = "resume-test-key"
+KEY = "resume-test-key-0123456789"
 
 
 def _count(db: Path, sql: str) -> int:

@@ -18,7 +18,7 @@ from imtrial_dsl.store import Store as State
 from imtrial_dsl.tools import volume
 from imtrial_dsl.tools.minicorpus import make_corpus
 
-KEY = "runner-test-key"
+KEY = "runner-test-key-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_no_original_identifiers_leave_the_site_side(mini):
     for p in (work / "exams").glob("*/results/*.json"):
         data = p.read_bytes()
         assert not any(mk in data for mk in markers), p
-    for p in (work / "exams").glob("*/deid/*"):
+    for p in (work / "exams").glob("*/deid/*.dcm"):   # (deid/conformance.json: the conformance report)
         ds = pydicom.dcmread(p)
         assert ds.PatientIdentityRemoved == "YES" and ds.PatientID.startswith("MINI01-HOS-")
     assert (work / "measurements.csv").read_bytes().count(b"PAT") == 0
@@ -172,7 +172,8 @@ def test_status_and_step_commands(mini, capsys, tmp_path):
     # ... and staged, as the CWL tools run it: inputs where they are, outputs under --out
     E = work / "exams" / key
     out = tmp_path / "staged"
-    assert cli.main(["step", "classify", "--study", mini["m"]["study"], "--in", f"deid/={E / 'deid'}",
+    assert cli.main(["step", "classify", "--study", mini["m"]["study"], "--in", f"original/={E / 'original'}",
+                          "--in", f"exam.json={E / 'exam.json'}",
                           "--in", f"results/identity.json={E / 'results' / 'identity.json'}", "--out", str(out)]) == 0
     capsys.readouterr()
     assert json.loads((out / "results" / "classification.json").read_text())["summary"]["matched"] == 2
@@ -245,7 +246,13 @@ def test_synthetic_multisite_corpus_reports_every_injected_deviation(tmp_path):
     s = run_study(trial, inbox=inbox, workdir=work, jobs=2, progress=False)
     assert not s["failed"] and s["unmatched"] == []
     st = State(work)
-    subject_of = {r["source_value"]: r["subject_id"] for r in st.audit_map()}
+    from imtrial_dsl.runner.identify import find_subject
+
+    # the registry holds keyed hashes only: the way from a PatientID to its subject needs the study's key
+    assert not any(r["source_value"] == d["patient_id"] for r in st.audit_map() for d in manifest["deviations"])
+    issuer = {s["patient_id"]: s["issuer"] for s in manifest["subjects"]}
+    subject_of = {d["patient_id"]: find_subject(trial, st.db, {"PatientID": d["patient_id"]}, issuer[d["patient_id"]])
+                  for d in manifest["deviations"] if d.get("patient_id")}
     exams = {(e["subject_id"], e["visit"]): e for e in st.exams()}
     quarantined = {q["reason"]["original_path"]: q["reason"]["reason"] for q in st.quarantined()}
     for dev in manifest["deviations"]:

@@ -10,7 +10,7 @@ from imtrial_dsl import ir
 from imtrial_dsl.loader import load
 from imtrial_dsl.secrets import SecretError, read_secret
 
-SECRET = "s3cret-value-4242"
+SECRET = "s3cret-value-4242-abcdef"
 
 
 def _src(kind: str, ref: str) -> ir.KeySource:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .. import ir
 from ..diagnostics import Diagnostic
-from . import analyses, deid, devices, identifiers, matching, names, protocols, qc, schedule, transfers
+from . import analyses, deid, devices, identifiers, matching, names, privacy, protocols, qc, schedule, transfers
 from .context import Context
 from . import reads
 
@@ -18,6 +18,7 @@ _PASSES = (
     names.duplicates, names.endpoints, protocols.check, matching.check, schedule.check, deid.check,
     identifiers.check, qc.check, analyses.check, transfers.check, names.report_roles, names.qualification_protocols,
     devices.check,
+    privacy.check,
 )
 _PASSES += (reads.check,)
 

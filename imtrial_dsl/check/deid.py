@@ -1,6 +1,6 @@
 """De-identification: profile options (E315), date shift and pixel regions (E402), the profile (E305),
-overrides that contradict the profile or an option (W403/W404), match rules on attributes the
-profile removes (W407)."""
+overrides that contradict the profile or an option (W403/W404). (W407, a match rule on an attribute the
+profile removes, is retired: series are classified on the original headers at the site.)"""
 from __future__ import annotations
 
 import re
@@ -63,26 +63,3 @@ def check(ctx: Context) -> None:
         elif ov.action != "keep" and action == "K" and via:
             ctx.warning("W403", ov, f"'{ov.action} {attr}' contradicts option {via}, which retains {attr}",
                         f"drop the override, or drop the option {via}")
-    if prof is not None:
-        _match_attributes_survive(ctx, prof, by_kw, chosen, {ov.attribute for ov in d.overrides if ov.action == "keep"})
-
-
-def _match_attributes_survive(ctx: Context, prof: ir.DeidProfile, by_kw: dict, chosen: list[str], kept: set[str]) -> None:
-    """Series are classified on de-identified headers: a match rule must read an attribute that survives."""
-    seen = set()
-    for p in ctx.trial.protocols:
-        for m in p.match:
-            rule = by_kw.get(m.attribute)
-            if rule is None or m.attribute in kept or (p.name, m.attribute) in seen:
-                continue
-            action, via = resolve_action(rule, chosen)
-            if action in ("K", "C"):  # kept, or kept with identifying text cleaned out
-                continue
-            seen.add((p.name, m.attribute))
-            cleaning = [o for o, a in rule.options.items() if a in ("K", "C")]
-            ctx.warning("W407", m, f"protocol {p.name} matches on {m.attribute}, which de-identification removes "
-                        f"(profile {prof.name}, action {action}); series are classified after de-identification",
-                        f"choose the option {cleaning[0]}, or add 'keep {m.attribute}'" if cleaning
-                        else f"add 'keep {m.attribute}' or match on another attribute")
-
-

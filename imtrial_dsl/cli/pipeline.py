@@ -1,4 +1,4 @@
-"""The pipeline commands: ``imtrial run | step | status | synth | verify``."""
+"""The pipeline commands: ``imtrial run | step | status | synth | verify | keygen``."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,7 @@ def cmd_run(args) -> int:
     if not Path(args.inbox).is_dir():
         print(f"imtrial run: inbox {args.inbox} is not a directory", file=sys.stderr)
         return EXIT_USAGE
-    problems = preflight(trial)
+    problems = preflight(trial, args.workdir)
     if problems:
         for p in problems:
             print(f"imtrial run: {p}", file=sys.stderr)
@@ -90,6 +90,7 @@ def cmd_step(args) -> int:
             result = run_staged(trial, node, _pairs(args.inputs, "--in"), Path(args.out or "."),
                                 study_inputs=dict(_pairs(args.study_inputs, "--study-in")),
                                 registry=Path(args.registry) if args.registry else None,
+                                registry_dir=Path(args.registry_dir) if args.registry_dir else None,
                                 archive=Path(args.archive) if args.archive else None)
     print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return EXIT_OK
@@ -176,8 +177,42 @@ def cmd_verify(args) -> int:
     return EXIT_OK if res["ok"] else EXIT_INPUT
 
 
+def cmd_keygen(args) -> int:
+    """Print a new random key (or write it to a new file readable only by its owner)."""
+    import os
+
+    from ..secrets import KEYGEN_BYTES, generate_key
+
+    if args.bytes < 16:
+        raise UsageError("imtrial keygen: --bytes must be at least 16 (128 bits)")
+    key = generate_key(args.bytes or KEYGEN_BYTES)
+    if not args.out:
+        print(key)
+        return EXIT_OK
+    try:   # O_EXCL: never overwrite a key (a study's pseudonyms depend on it); 0600: the site's eyes only
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        print(f"imtrial keygen: {args.out} exists; a key is never overwritten", file=sys.stderr)
+        return EXIT_INPUT
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+    print(f"imtrial keygen: wrote a {args.bytes * 8}-bit key to {args.out} (mode 600); name it with "
+          f"`key file \"{args.out}\"`", file=sys.stderr)
+    return EXIT_OK
+
+
 def register(sub) -> None:
     """Add the pipeline commands to the ``imtrial`` subparsers."""
+    p = command(sub, "keygen", "generate a pseudonymization key (random, URL-safe base64)", examples=[
+        "imtrial keygen -o site.key", "imtrial keygen  # prints a key: export IMTRIAL_KEY=... from it"],
+        details="At least 128 bits of random material, as the study's key must have. With -o the key goes to a new "
+                "file readable only by you (mode 600) — name it in the study with 'key file \"site.key\"'; "
+                "otherwise it is printed. Keep it where the site keeps secrets: a lost key cannot be recovered, "
+                "and the registry refuses a different one.")
+    p.add_argument("--bytes", type=int, default=32, metavar="N", help="random bytes (default 32; at least 16)")
+    add_out(p, "write it to a new file (mode 600) instead of stdout", metavar="FILE", old_spelling=True)
+    p.set_defaults(func=cmd_keygen)
+
     p = command(sub, "run", "run the per-exam pipeline over an inbox of DICOM files (resumable)", examples=[
         "imtrial run examples/amyloid_mri.imtrial --inbox inbox --workdir work",
         "imtrial run examples/amyloid_mri.imtrial --inbox inbox --workdir work --jobs 4 --json > summary.json"],
@@ -215,6 +250,8 @@ def register(sub) -> None:
     p.add_argument("--study-in", dest="study_inputs", action="append", metavar="OBJ=PATH",
                    help="a study object (e.g. inbox/=DIR)")
     p.add_argument("--registry", metavar="FILE", help="an identity registry to continue (steps on the registry)")
+    p.add_argument("--registry-dir", metavar="DIR", help="the site's registry folder, used in place (state.sqlite "
+                                                         "inside; what the CWL tools are given)")
     p.add_argument("--archive", metavar="DIR", help="an archive to add to (the archive step)")
     add_out(p, "where outputs go, at their exam-relative paths (default .)", metavar="DIR")
     p.add_argument("--list", action="store_true", help="list the step table (and a study's nodes)")

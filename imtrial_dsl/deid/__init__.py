@@ -6,6 +6,8 @@
 - :mod:`.text`: free-text cleaning; :mod:`.elements` / :mod:`.vr`: reading elements, VR facts;
 - :mod:`.walk`: the :class:`Deidentifier`, applying a plan through nested sequences;
 - :mod:`.pixels`: burned-in annotation and overlays; :mod:`.part10`: deterministic Part 10 bytes and writes;
+- :mod:`.conformance`: ``deid/conformance.json`` (what was done to each attribute of Table E.1-1);
+- :mod:`.results`: the policy that step results carry no device or institution identity;
 - :mod:`.step`: :func:`deidentify_exam` and the registered ``deidentify`` step.
 
 Names are loaded from their module on first use (PEP 562), so that ``import imtrial_dsl.deid.plan`` (the
@@ -19,10 +21,10 @@ import importlib
 _EXPORTS = {
     "plan": ("AEPSEUDO", "CLEAN", "DEL", "DUMMY", "EMPTY", "HASH", "KEEP", "SEQ_CLEAN", "SEQ_EMPTY", "SEQ_RECURSE",
              "SEQ_STRICT", "SET", "SHIFT", "UID", "DeidError", "Plan", "compile_plan", "effective_options",
-             "resolve_action"),
+             "identity_overrides", "keeps_identity", "option_conflicts", "resolve_action"),
     "elements": ("parse_tag",),
-    "pseudonyms": ("Pseudonymizer", "audit_entries", "resolve_key", "shift_date", "shift_datetime", "store_audit",
-                   "subject_date_shift"),
+    "pseudonyms": ("Pseudonymizer", "audit_entries", "check_key", "pseudonymizer", "resolve_key", "shift_date",
+                   "shift_datetime", "store_audit", "subject_date_shift", "trial_scope"),
     "text": ("clean_text", "identifier_tokens"),
     "walk": ("Deidentifier", "InstanceResult"),
     "part10": ("ENGINE_VERSION", "IMPLEMENTATION_CLASS_UID", "IMPLEMENTATION_VERSION_NAME", "to_bytes"),

@@ -1,8 +1,9 @@
 """The study key and everything keyed by it: UID remapping (2.25 form), per-subject date shifting, keyed
 hashes and AE-title pseudonyms, and the site-side audit map (original <-> pseudonym) that records them.
 
-Every derivation is HMAC-SHA256(key, purpose, value): it depends only on the key and the original, so it is
-the same in every file, visit, re-run and process with no shared state.
+Every derivation is HMAC-SHA256(key, purpose ␀ trial ␀ value): it depends only on the key, the trial code and
+the original, so it is the same in every file, visit, re-run and process with no shared state — and two
+trials that share a key share no pseudonym (a subject in both cannot be linked through UIDs or hashes).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from .. import ir
-from ..secrets import SecretError, read_secret
+from ..secrets import SecretError, read_key
 from ..store import connect, tx
 from .plan import option_names, shifts_dates
 from .vr import MAX_LENGTH
@@ -25,7 +26,32 @@ def resolve_key(trial: ir.Trial) -> bytes:
     if deid is None or deid.key is None:
         raise SecretError(deid, "de-identification needs a key but the study names none",
                           "add `key env IMTRIAL_KEY` (or `key file \"path\"`) to the deidentify block")
-    return read_secret(deid.key, study_file=trial.source_file, what="de-identification key")
+    return read_key(deid.key, study_file=trial.source_file, what="de-identification key")
+
+
+def check_key(trial: ir.Trial, key: bytes, registry: Path, *, record: bool = True) -> None:
+    """Refuse a de-identification key other than the one ``registry`` first saw (KeyMismatchError, E704)."""
+    from ..secrets import key_fingerprint
+    from ..store import check_key_fingerprint
+
+    code = trial.study.code if trial.study else "TRIAL"      # the registry's trial column (runner/identify.py)
+    con = connect(registry)
+    try:
+        check_key_fingerprint(con, code, "deidentify", key_fingerprint(key, "deidentify", code), record=record,
+                              source=trial.deidentify.key if trial.deidentify else None)
+    finally:
+        con.close()
+
+
+def trial_scope(trial: ir.Trial) -> str:
+    """The scope of every keyed derivation: the trial code (pseudonyms of two trials never coincide)."""
+    return trial.study.code if trial.study else ""
+
+
+def pseudonymizer(trial: ir.Trial, key: bytes) -> "Pseudonymizer":
+    """The study's :class:`Pseudonymizer` (its key, trial scope and date-shift range)."""
+    lo, hi = date_shift_range(trial.deidentify) if trial.deidentify else (-365, -1)
+    return Pseudonymizer(key, trial_scope(trial), lo, hi)
 
 
 def date_shift_range(deid: ir.Deidentify) -> tuple[int, int]:
@@ -38,14 +64,15 @@ def date_shift_range(deid: ir.Deidentify) -> tuple[int, int]:
 class Pseudonymizer:
     """Keyed, deterministic replacements: UIDs (2.25 form), per-subject date offsets, hashes."""
 
-    def __init__(self, key: bytes, shift_min: int = -365, shift_max: int = -1):
+    def __init__(self, key: bytes, scope: str = "", shift_min: int = -365, shift_max: int = -1):
         self._key = key
+        self._scope = scope.encode("utf-8") + b"\x00"
         self._cache: dict[str, str] = {}                 # bounded: memory stays flat over any corpus size
         self.record: Optional[dict[str, str]] = None     # set to {} to collect the audit map of one exam
         self._lo, self._hi = min(shift_min, shift_max), max(shift_min, shift_max)
 
     def _mac(self, purpose: bytes, value: bytes) -> bytes:
-        return hmac.new(self._key, purpose + b"\x00" + value, hashlib.sha256).digest()
+        return hmac.new(self._key, purpose + b"\x00" + self._scope + value, hashlib.sha256).digest()
 
     def uid(self, old: str) -> str:
         new = self._cache.get(old)
@@ -113,7 +140,7 @@ def subject_date_shift(trial: ir.Trial, subject_id: str) -> Optional[int]:
     deid = trial.deidentify
     if deid is None or not subject_id or not shifts_dates(option_names(deid)):
         return None
-    return Pseudonymizer(resolve_key(trial), *date_shift_range(deid)).date_offset(subject_id)
+    return pseudonymizer(trial, resolve_key(trial)).date_offset(subject_id)
 
 
 def audit_entries(engine, subject_id: str) -> list[dict]:

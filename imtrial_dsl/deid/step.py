@@ -8,17 +8,27 @@ from typing import Optional
 
 from .. import ir
 from ..files import TMP_SUFFIX, atomic_write_bytes, atomic_write_json, sha256_file
+from . import conformance
 from .part10 import ENGINE_VERSION, write_instance
-from .pseudonyms import audit_entries, resolve_key, store_audit
+from .pseudonyms import audit_entries, check_key, resolve_key, store_audit
 from .walk import Deidentifier
+
+CONFORMANCE = "conformance.json"     # inside the exam's deid/ folder (the archive stores only instances)
 
 
 def deidentify_exam(trial: ir.Trial, exam: Path, identity: dict, out: Path, quarantine: Optional[Path] = None,
                     registry: Optional[Path] = None, engine: Optional[Deidentifier] = None,
                     exam_key: Optional[str] = None) -> dict:
-    """De-identify every file under ``exam/original`` into ``out/<new SOPInstanceUID>.dcm``; return a summary."""
+    """De-identify every file under ``exam/original`` into ``out/<new SOPInstanceUID>.dcm``, with
+    ``out/conformance.json`` (what was done to each attribute); return a summary. With ``registry``, a key that
+    differs from the one the registry first saw is refused before anything is written."""
     exam, out = Path(exam), Path(out)
-    engine = engine or Deidentifier(trial, resolve_key(trial))
+    if engine is None:
+        key = resolve_key(trial)
+        if registry:
+            check_key(trial, key, Path(registry))
+        engine = Deidentifier(trial, key)
+    engine.seen.clear()
     qdir = Path(quarantine) if quarantine else None
     src_root = exam / "original" if (exam / "original").is_dir() else exam
     files = sorted(p for p in src_root.rglob("*") if p.is_file() and not p.name.endswith(TMP_SUFFIX))
@@ -38,16 +48,26 @@ def deidentify_exam(trial: ir.Trial, exam: Path, identity: dict, out: Path, quar
         written += 1
         pixel_cleaned += res.pixel_cleaned
         passed_burned += res.burned_in_passed
+    atomic_write_json(out / CONFORMANCE, conformance.build(engine.plan, engine.trial.profile(engine.deid.profile.name),
+                                                       engine.deid, engine.seen, written))
     subject = str(identity.get("subject_id") or "")
     n_audit = 0
-    if registry and subject:
+    if registry and subject and reidentification_log(trial):
         code = trial.study.code if trial.study else ""
         n_audit = store_audit(Path(registry), code, exam_key or exam.name, audit_entries(engine, subject))
     return {"step": "deidentify", "engine": ENGINE_VERSION, "files": len(files), "written": written, "quarantined": quarantined,
             "pixel_cleaned": pixel_cleaned, "burned_in_passed_unchecked": passed_burned,
             "profile": trial.deidentify.profile.name if trial.deidentify else None,
             "method_codes": [c for c, _ in engine.plan.method_codes], "dates": engine.plan.dates_state,
-            "audit_rows": n_audit}
+            "patient_identity_removed": "NO" if engine.plan.identity_kept else "YES", "audit_rows": n_audit,
+            "conformance": CONFORMANCE}
+
+
+def reidentification_log(trial: ir.Trial) -> bool:
+    """Does the study ask for the plain re-identification maps (``identifiers { reidentification_log yes }``)?
+    Without it the UID map is not stored: a pseudonym is a keyed hash of the original, so the site can always
+    go forward with the key, and nobody can go back without the originals."""
+    return bool(trial.identifiers and trial.identifiers.reidentification_log)
 
 
 def _quarantine(qdir: Path, src: Path, rel: str, reason: str, detail: str) -> str:
@@ -64,7 +84,8 @@ def _quarantine(qdir: Path, src: Path, rel: str, reason: str, detail: str) -> st
 def deidentify_step(ctx) -> dict:
     """The ``deidentify`` pipeline step: PS3.15 Annex E de-identification of one exam (profile, options,
     overrides; keyed UID remap, per-subject date shift, research identifiers). In a workdir, refused
-    files are quarantined there (and recorded) and the UID/date map goes to its ``deid_audit`` table."""
+    files are quarantined there (and recorded), the key is checked against the one the workdir first saw, and
+    (with a re-identification log) the UID/date map goes to its ``deid_audit`` table."""
     from ..store import Store
     from ..workdir import DEID, ORIGINAL
 

@@ -9,6 +9,8 @@ command/file-meta elements in the body are dropped (Part 10 writing rebuilds the
 """
 from __future__ import annotations
 
+from collections import Counter
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -24,11 +26,11 @@ from .. import ir
 from ..dicom_tables import CID7050, CLEAN_PIXEL_DATA_CODE, CODING_SCHEME, SAFE_PRIVATE
 from . import part10, pixels
 from .elements import SQ_TAGS, elem_vr, parse_tag, raw_text, text_values
-from .plan import (AEPSEUDO, CLEAN, DEL, DUMMY, EMPTY, HASH, KEEP, SEQ_CLEAN, SEQ_EMPTY, SEQ_RECURSE, SEQ_STRICT, SET,
-                   SHIFT, UID, DeidError, Plan, compile_plan)
-from .pseudonyms import Pseudonymizer, date_shift_range, shift_date, shift_datetime
+from .plan import (AEPSEUDO, CLEAN, DEL, DUMMY, EMPTY, HASH, KEEP, OP_NAMES, SEQ_CLEAN, SEQ_EMPTY, SEQ_RECURSE,
+                   SEQ_STRICT, SET, SHIFT, UID, DeidError, Plan, compile_plan)
+from .pseudonyms import pseudonymizer, shift_date, shift_datetime
 from .text import clean_text, instance_tokens
-from .vr import ASCII_VRS, DATE_VRS, DUMMY_NUM, DUMMY_TEXT, FREE_TEXT_VRS, TEXT_VRS
+from .vr import ASCII_VRS, DATE_VRS, DUMMY_NUM, DUMMY_TEXT, TEXT_VRS
 
 
 @dataclass
@@ -57,7 +59,8 @@ class Deidentifier:
                                 "import \"stdlib/deid/ps315.imtrial\" for ps315_basic")
             plan = compile_plan(profile, deid)
         self.plan = plan
-        self.pseudo = Pseudonymizer(key, *date_shift_range(deid))
+        self.pseudo = pseudonymizer(trial, key)
+        self.seen: Counter = Counter()                  # (tag, operation) -> count over every instance: conformance
         self._safe_private = {(c.upper(), g, e) for (c, g, e) in SAFE_PRIVATE}
         self._override_tags = frozenset(parse_tag(o.attribute) for o in deid.overrides)
         self._changes = 0
@@ -73,7 +76,7 @@ class Deidentifier:
         if verdict is not None and verdict.refused:
             return InstanceResult(False, reason=verdict.refused, detail=verdict.detail)
         cleaned = bool(verdict and verdict.cleaned)
-        ctx = _Ctx(self, subject)
+        ctx = _Ctx(self, subject, self.seen)
         enc = ds.original_encoding if hasattr(ds, "original_encoding") else (None, None)
         self._implicit = bool(enc[0]) if enc[0] is not None else False
         self._little = bool(enc[1]) if enc[1] is not None else True
@@ -102,39 +105,88 @@ class Deidentifier:
             ts = ImplicitVRLittleEndian if self._implicit else ExplicitVRLittleEndian
         return res, part10.to_bytes(ds, ts)
 
+    # -- what the output will say, without writing it (classification on the originals) ----------------
+    def output_uid(self, tag: int, value: str) -> str:
+        """The value UID element ``tag`` holding ``value`` has in the output: its keyed remap, itself
+        (retain_uids, keep), a study's replacement, or "" (removed)."""
+        op = self.plan.ops.get(tag)
+        code = op[0] if op else KEEP
+        if code == UID:
+            return "\\".join(self.pseudo.uid(u.strip()) for u in value.split("\\") if u.strip())
+        if code == SET:
+            return str(op[1])
+        if code in (DEL, EMPTY):
+            return ""
+        return value
+
+    def preview(self, ds: Dataset, identity: dict) -> Optional[Dataset]:
+        """A de-identified copy of header ``ds`` (``ds`` is untouched; pixels are not needed), or None when the
+        instance would be refused. Nothing is recorded (audit map, conformance counts)."""
+        copy = deepcopy(ds)
+        seen, record = self.seen, self.pseudo.record
+        self.seen, self.pseudo.record = Counter(), None
+        try:
+            res = self.deidentify(copy, identity)
+        finally:
+            self.seen, self.pseudo.record = seen, record
+        return res.dataset if res.ok else None
+
     def _walk(self, ds: Dataset, ctx: "_Ctx", mode: int) -> None:
-        """Apply the plan to one dataset level; ``mode`` 0 normal, 1 strict (inside D), 2 clean (inside C)."""
+        """Apply the plan to one dataset level; ``mode`` 0 normal, 1 strict (inside D), 2 clean (inside C).
+
+        Inside a D sequence nothing of the original may survive (PS3.15 E.1.1: D is "a dummy value"): every
+        element takes its own row's action made strict (keep/clean become a dummy), and an element the table
+        does not name gets a dummy of its VR (a sequence: the same, item by item)."""
         d = ds._dict
         plan_ops = self.plan.ops
+        seen = ctx.seen
         for tag in list(d):
+            group = tag >> 16
+            if group in (0x0000, 0x0002) or not tag & 0xFFFF:
+                seen[(tag, "remove")] = seen.get((tag, "remove"), 0) + 1
+                self._del(d, tag)   # command/file-meta groups do not belong in a dataset; group lengths go stale
+                continue
             op = plan_ops.get(tag)
             if op is None:
-                group = tag >> 16
                 if group & 1:
-                    self._private(ds, tag)
-                elif not tag & 0xFFFF or group in (0x0000, 0x0002):
-                    self._del(d, tag)       # group lengths go stale; command/file-meta groups do not belong here
+                    _count(seen, (tag, self._private(ds, tag)))
                 elif 0x5000 <= group <= 0x50FF:
                     if self.plan.curve_op == DEL:
                         self._del(d, tag)
+                    _count(seen, (tag, "remove" if self.plan.curve_op == DEL else "keep"))
                 elif 0x6000 <= group <= 0x60FF:
                     if self.plan.overlay_op == DEL:
                         self._del(d, tag)
+                        _count(seen, (tag, "remove"))
                     elif (tag & 0xFFFF) == 0x3000:
                         ctx.overlays.append(tag)
+                        _count(seen, (tag, "clean"))
                     elif elem_vr(d[tag], tag) in TEXT_VRS:
                         self._clean(ds, tag, ctx)
+                        _count(seen, (tag, "clean"))
+                    else:
+                        _count(seen, (tag, "keep"))
                 elif tag in SQ_TAGS:
                     self._recurse(ds, tag, ctx, mode)
+                    _count(seen, (tag, "recurse_strict" if mode == 1 else "recurse"))
                 elif mode:
                     vr = elem_vr(d[tag], tag)
-                    if vr in FREE_TEXT_VRS:
-                        if mode == 1:
-                            self._set(d, tag, vr, DUMMY_TEXT[vr])
-                        else:
-                            self._clean(ds, tag, ctx)
+                    if mode == 1:
+                        _count(seen, (tag, self._strict_unlisted(d, tag, vr)))
+                    elif vr in TEXT_VRS:            # clean structured content: every text (codes stay as written)
+                        self._clean(ds, tag, ctx)
+                        _count(seen, (tag, "clean"))
+                    else:
+                        _count(seen, (tag, "keep"))
+                else:
+                    k = (tag, "keep")
+                    seen[k] = seen.get(k, 0) + 1
                 continue
             code = op[0]
+            if mode == 1 and tag not in self._override_tags:
+                code = _STRICT.get(code, code)
+            k = (tag, OP_NAMES[code])
+            seen[k] = seen.get(k, 0) + 1
             if code == KEEP:
                 continue
             if code == DEL:
@@ -152,7 +204,10 @@ class Deidentifier:
                 self._shift(d, tag, elem, op[1], ctx)
             elif code == DUMMY:
                 vr = elem_vr(elem, tag)
-                self._set(d, tag, vr, self._dummy(vr))
+                if vr == "SQ":
+                    self._recurse(ds, tag, ctx, 1)
+                else:
+                    self._set(d, tag, vr, self._dummy(vr))
             elif code == SEQ_RECURSE:
                 self._recurse(ds, tag, ctx, mode)
             elif code == SEQ_STRICT:
@@ -176,6 +231,26 @@ class Deidentifier:
                 except Exception:
                     old = raw_text(elem)
                 self._set(d, tag, vr, self.pseudo.hash_text(old, vr) if old else None)
+
+    def _strict_unlisted(self, d: dict, tag: int, vr: str) -> str:
+        """Inside a D sequence, an element the table does not name: a dummy of its VR (a UID: its keyed remap,
+        unless it is a DICOM-defined UID such as a SOP class, which identifies nothing). Returns what was done."""
+        elem = d[tag]
+        if vr == "UI":
+            old = raw_text(elem)
+            if not old or all(u.strip().startswith(_DICOM_UID_ROOT) for u in old.split("\\")):
+                return "keep"
+            self._set(d, tag, "UI", "\\".join(u.strip() if u.strip().startswith(_DICOM_UID_ROOT)
+                                               else self.pseudo.uid(u.strip()) for u in old.split("\\") if u.strip()))
+            return "uid"
+        dummy = self._dummy(vr)
+        if dummy is None:
+            self._del(d, tag)
+            return "remove"
+        if elem.value in (None, b"", ""):
+            return "keep"                   # empty stays empty: nothing to hide
+        self._set(d, tag, vr, dummy)
+        return "dummy"
 
     def _del(self, d: dict, tag: int) -> None:
         del d[tag]
@@ -229,6 +304,7 @@ class Deidentifier:
 
     def _shift(self, d: dict, tag: int, elem, vr: str, ctx: "_Ctx") -> None:
         if not self.plan.shift_dates:
+            self._del(d, tag)                                       # a date that cannot be shifted is not kept
             return
         vr = elem_vr(elem, tag) if vr not in DATE_VRS else vr
         if vr == "TM":
@@ -254,11 +330,12 @@ class Deidentifier:
             new = cleaned[0] if len(cleaned) == 1 else cleaned
             self._set(ds._dict, tag, vr, new if new != "" else None)
 
-    def _private(self, ds: Dataset, tag: int) -> None:
+    def _private(self, ds: Dataset, tag: int) -> str:
+        """Remove a private element unless the plan keeps safe private elements and it is on the list."""
         d = ds._dict
         if self.plan.private_op == DEL:
             self._del(d, tag)
-            return
+            return "remove"
         elem_lo = tag & 0xFFFF
         group = tag >> 16
         if 0x0010 <= elem_lo <= 0x00FF:
@@ -266,15 +343,18 @@ class Deidentifier:
             creator = raw_text(d[tag]).upper()
             if not any(c == creator and g == group for (c, g, _) in self._safe_private):
                 self._del(d, tag)
-            return
+                return "remove"
+            return "keep"
         block = elem_lo >> 8
         if block < 0x10:
             self._del(d, tag)
-            return
+            return "remove"
         ctag = (group << 16) | block
         creator = raw_text(d[ctag]).upper() if ctag in d else ""
         if (creator, group, elem_lo & 0xFF) not in self._safe_private:
             self._del(d, tag)
+            return "remove"
+        return "keep"
 
     # -- research identifiers and method ---------------------------------------------------------
     def _insert_identifiers(self, ds: Dataset, identity: dict, pixel_cleaned: bool) -> None:
@@ -301,7 +381,8 @@ class Deidentifier:
         put(0x00120030, "LO", identity.get("site"))       # ClinicalTrialSiteID
         put(0x00120050, "LO", identity.get("timepoint") or identity.get("visit"))   # ClinicalTrialTimePointID
         put(0x00120051, "ST", identity.get("timepoint_description"), 1024)          # ...TimePointDescription
-        self._set(d, 0x00120062, "CS", "YES")             # PatientIdentityRemoved
+        # PatientIdentityRemoved: NO when the study's overrides keep identity (then no 113100 either)
+        self._set(d, 0x00120062, "CS", "NO" if plan.identity_kept else "YES")
         self._set(d, 0x00120063, "LO", plan.method_text)  # DeidentificationMethod
         codes = list(plan.method_codes)
         if pixel_cleaned:
@@ -318,17 +399,28 @@ class Deidentifier:
         self._set(d, 0x00280303, "CS", plan.dates_state)  # LongitudinalTemporalInformationModified
 
 
+def _count(seen: dict, key: tuple) -> None:
+    seen[key] = seen.get(key, 0) + 1
+
+
+# Inside a D sequence the row's action is made strict: nothing is kept as it was.
+_STRICT = {KEEP: DUMMY, CLEAN: DUMMY, SHIFT: DUMMY, AEPSEUDO: DUMMY, SEQ_RECURSE: SEQ_STRICT, SEQ_CLEAN: SEQ_STRICT}
+_DICOM_UID_ROOT = "1.2.840.10008."     # UIDs the standard defines (SOP classes, coding schemes): identify nobody
+
+
 class _Ctx:
-    """Per-instance state: subject, identifier tokens (read before the walk), lazily computed date offset."""
+    """Per-instance state: subject, identifier tokens (read before the walk), lazily computed date offset,
+    and what happened to each element (``seen``: (tag, operation) -> count; the conformance report)."""
 
-    __slots__ = ("engine", "subject", "tokens", "_offset", "overlays")
+    __slots__ = ("engine", "subject", "tokens", "_offset", "overlays", "seen")
 
-    def __init__(self, engine: Deidentifier, subject: str):
+    def __init__(self, engine: Deidentifier, subject: str, seen: Optional[Counter] = None):
         self.engine = engine
         self.subject = subject
         self.tokens: tuple[str, ...] = ()
         self._offset: Optional[int] = None
         self.overlays: list[int] = []
+        self.seen: Counter = seen if seen is not None else Counter()
 
     def offset(self) -> int:
         if self._offset is None:

@@ -8,7 +8,13 @@ JSON) can contain what the role may not see:
 - a ``blinded`` role never sees the treatment arm; every name in ``hide`` is removed
   (``arm``, ``site`` — then site and device columns, per-site/per-device tables and plots go, and
   subject IDs are replaced by a reader code, since IDs like ``AMY01-BOS-0001`` embed the site —,
-  ``exam_date``, ``device``, ``subject_id``).
+  ``exam_date``, ``device``, ``subject_id``); any other name is refused (E708);
+- no real date leaves the site: only a site role's report for its own site shows real exam dates. Every
+  other report shows each subject's dates shifted by that subject's keyed offset (the dates its
+  de-identified images carry) or, when the study does not shift dates, no calendar dates at all (days
+  from baseline and from target stay);
+- reader codes and the exam codes of reports outside the site are keyed (HMAC-SHA256 with the study key,
+  scoped to the trial): neither can be recomputed from a subject ID or a StudyInstanceUID without the key.
 
 Pass rates count series with a verdict; ``warn`` counts as a pass (a warning-level deviation only).
 """
@@ -16,9 +22,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import hmac
 import io
+import json
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -58,6 +66,10 @@ def audience(trial: ir.Trial, role: ir.Role, site: Optional[str] = None) -> Audi
         scope = "own"
     if scope == "own" and not site:
         raise OpsError(f"role {role.name!r} sees only its own site: give a site")
+    unknown = [h for h in role.hide if h not in ir.ROLE_HIDE_FIELDS]
+    if unknown:   # hiding a misspelt field would silently hide nothing (the checker reports it as E708)
+        raise OpsError(f"role {role.name!r} hides unknown field(s) {', '.join(unknown)}; fields: "
+                       f"{', '.join(ir.ROLE_HIDE_FIELDS)}", code="E708")
     hidden = set(role.hide) | ({"arm"} if role.blinded else set())
     sections = tuple(decl[0].sections) if decl and decl[0].sections else ALL_SECTIONS
     sections = tuple(dict.fromkeys(sections + ("exams", "upgrades")))
@@ -74,10 +86,40 @@ def _pct(v: Optional[float]) -> str:
     return "" if v is None else f"{v:.0%}"
 
 
-def reader_code(trial: ir.Trial, subject_id: str) -> str:
-    """A stable code that does not reveal the site (for roles that hide it)."""
+def study_key(trial: ir.Trial) -> bytes:
+    """The key that codes and shifts reports outside the site: the de-identification key, else the identifiers key.
+    Raises OpsError (E712) when the study names neither; SecretError when the named key is unavailable."""
+    from imtrial_dsl.deid import resolve_key
+    from imtrial_dsl.secrets import read_key
+
+    if trial.deidentify is not None and trial.deidentify.key is not None:
+        return resolve_key(trial)
+    if trial.identifiers is not None and trial.identifiers.key is not None:
+        return read_key(trial.identifiers.key, study_file=trial.source_file, what="identifiers key")
+    raise OpsError("reports for roles outside the site need the study's key (reader codes, exam codes and date "
+                   "shifts are keyed), but the study names none", code="E712")
+
+
+def _keyed(key: bytes, purpose: str, trial: ir.Trial, value: str, n: int) -> str:
     code = trial.study.code if trial.study else ""
-    return "R-" + hashlib.sha256(f"{code}\0{subject_id}".encode()).hexdigest()[:10].upper()
+    return hmac.new(key, f"{purpose}\0{code}\0{value}".encode(), hashlib.sha256).hexdigest()[:n].upper()
+
+
+def reader_code(trial: ir.Trial, subject_id: str, key: bytes) -> str:
+    """A stable code that does not reveal the site (for roles that hide it): keyed, so enumerating subject IDs
+    (``AMY01-BOS-0001`` …) does not recover it."""
+    return "R-" + _keyed(key, "reader-code", trial, subject_id, 10)
+
+
+def exam_code(trial: ir.Trial, exam_key: str, key: bytes) -> str:
+    """What a report outside the site calls an exam: a keyed code, not the site's exam key (which is a plain
+    hash of the original StudyInstanceUID)."""
+    return "E-" + _keyed(key, "exam-code", trial, exam_key, 12)
+
+
+def site_side(aud: "Audience") -> bool:
+    """A site role's report for its own site: the only audience that may see that site's real dates."""
+    return aud.role.kind == "site" and aud.site is not None
 
 
 def _exam_row(trial: ir.Trial, e: ExamRecord, visit_status: dict[tuple[str, str], VisitStatus], arm: Optional[str],
@@ -109,8 +151,12 @@ def _exam_row(trial: ir.Trial, e: ExamRecord, visit_status: dict[tuple[str, str]
     }
 
 
-def build(trial: ir.Trial, data: StudyData, aud: Audience, as_of: date, workdir: Optional[str | Path] = None) -> dict:
-    """The report model for one audience, computed from data already restricted to what it may see."""
+def build(trial: ir.Trial, data: StudyData, aud: Audience, as_of: date, workdir: Optional[str | Path] = None,
+          key: Optional[bytes] = None) -> dict:
+    """The report model for one audience, computed from data already restricted to what it may see.
+    ``key``: the study key (:func:`study_key`; looked up when needed and not given)."""
+    if key is None and not site_side(aud):
+        key = study_key(trial)
     if aud.site:
         data = data.only_site(aud.site)
     hidden = aud.hidden
@@ -197,7 +243,9 @@ def build(trial: ir.Trial, data: StudyData, aud: Audience, as_of: date, workdir:
         "overdue": [r for r in visit_rows if r["status"] == "overdue" and not r["optional"]],
         "enrollment": {k: [(d.isoformat(), n) for d, n in v] for k, v in enroll.items()},
     }
-    return _redact(trial, model, hidden, show_arm)
+    if not site_side(aud):
+        _away_from_site(trial, model, key, day0, subjects)
+    return _redact(trial, model, hidden, show_arm, key)
 
 
 def hidden_parts(m: dict) -> set[str]:
@@ -213,7 +261,51 @@ def hidden_parts(m: dict) -> set[str]:
     return out
 
 
-def _redact(trial: ir.Trial, m: dict, hidden: frozenset[str], show_arm: bool) -> dict:
+_VISIT_DATES = ("target", "opens", "closes", "exam_date")
+
+
+def _away_from_site(trial: ir.Trial, m: dict, key: bytes, day0: dict[str, date], subjects: dict[str, str]) -> None:
+    """A report that leaves the site: every subject's dates shifted by its keyed offset (the dates of its
+    de-identified images), or no calendar dates when the study does not shift them; keyed exam codes."""
+    from imtrial_dsl.deid import subject_date_shift
+
+    shifts = {sid: subject_date_shift(trial, sid) for sid in sorted(set(day0) | set(subjects))}
+    shifting = any(v is not None for v in shifts.values())
+
+    def moved(sid: str, iso: str) -> str:
+        if not iso:
+            return iso
+        off = shifts.get(sid)
+        return (date.fromisoformat(iso) + timedelta(days=off)).isoformat() if off is not None else ""
+
+    for r in m["exams"]:
+        sid = r.get("subject_id") or ""
+        if shifting:
+            r["exam_date"] = moved(sid, r.get("exam_date", ""))
+        else:
+            d0 = day0.get(sid)
+            r["day"] = (date.fromisoformat(r["exam_date"]) - d0).days if r.get("exam_date") and d0 else ""
+            r.pop("exam_date", None)
+        r["exam_key"] = exam_code(trial, r["exam_key"], key)
+    for r in m["visits"]:               # the overdue rows are the same objects
+        for k in _VISIT_DATES:
+            if shifting:
+                r[k] = moved(r["subject_id"], r.get(k, ""))
+            else:
+                r.pop(k, None)
+    for u in m["upgrades"]:
+        u.pop("exam_date", None)
+        u["message"] = u.get("message", "").replace(u.get("exam_key", "") or "\0", exam_code(trial, u["exam_key"], key))
+        u["exam_key"] = exam_code(trial, u["exam_key"], key)
+    curve: dict[str, list[date]] = {}
+    for sid, d in day0.items():
+        if shifts.get(sid) is not None and sid in subjects:
+            curve.setdefault(subjects[sid], []).append(d + timedelta(days=shifts[sid]))
+    m["enrollment"] = {site: [(d.isoformat(), i + 1) for i, d in enumerate(sorted(curve.get(site, [])))]
+                       for site in m["enrollment"]} if shifting else {}
+
+
+def _redact(trial: ir.Trial, m: dict, hidden: frozenset[str], show_arm: bool, key: Optional[bytes]) -> dict:
     """Drop hidden fields everywhere (columns, tables, plots)."""
     drop = set(hidden)
     if not show_arm:
@@ -228,10 +320,14 @@ def _redact(trial: ir.Trial, m: dict, hidden: frozenset[str], show_arm: bool) ->
         for r in m["sites"]:
             r.pop("device_qualification", None)
     mask_subjects = "site" in hidden or "subject_id" in hidden
+    done: set[int] = set()
     for table in ("exams", "visits", "overdue"):
         for r in m[table]:
+            if id(r) in done:           # an overdue row is also a visit row
+                continue
+            done.add(id(r))
             if mask_subjects and "subject_id" in r:
-                r["subject_id"] = reader_code(trial, r["subject_id"])
+                r["subject_id"] = reader_code(trial, r["subject_id"], key or study_key(trial))
             for k in list(r):
                 if k in drop:
                     del r[k]
@@ -341,15 +437,51 @@ def generate(trial: ir.Trial, data: StudyData, out_dir: str | Path, as_of: date,
         record_upgrades(trial, scan_upgrades(trial, data), workdir)
     out: dict[str, list[Path]] = {}
     auds = audiences(trial, role, site)
+    key = study_key(trial) if any(not site_side(a) for a in auds) else None
     bar = progress("report", len(auds)) if progress else None
     for aud in auds:
         sub = Path(out_dir) / aud.role.name / (aud.site or "")
-        out[aud.label] = write(build(trial, data, aud, as_of, workdir), sub)
+        conformance = write_conformance(trial, data, aud, as_of, workdir, sub)
+        m = build(trial, data, aud, as_of, workdir, key)
+        m["deid_conformance"] = "conformance.html" if conformance else ""
+        out[aud.label] = write(m, sub) + conformance
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     return out
+
+
+def write_conformance(trial: ir.Trial, data: StudyData, aud: Audience, as_of: date, workdir: Optional[str | Path],
+                      out_dir: str | Path) -> list[Path]:
+    """``conformance.json`` and ``conformance.html``: the de-identification conformance of the exams this audience
+    sees (each exam's ``deid/conformance.json``, added up). Tags, actions and counts only — no value, no exam key.
+    Nothing is written when no exam of the workdir has been de-identified yet."""
+    from imtrial_dsl.deid.conformance import merge
+    from imtrial_dsl.workdir import DEID, Workdir
+
+    if workdir is None:
+        return []
+    W = Workdir(workdir)
+    exams = [e for e in data.exams if aud.site is None or e.site == aud.site]
+    docs = []
+    for e in sorted(exams, key=lambda e: e.exam_key):
+        p = W.exam(e.exam_key).path(DEID) / "conformance.json"
+        if p.is_file():
+            try:
+                docs.append(json.loads(p.read_text()))
+            except ValueError:
+                continue
+    merged = merge(docs)
+    if not merged:
+        return []
+    out = Path(out_dir)
+    pj, ph = out / "conformance.json", out / "conformance.html"
+    atomic_write_json(pj, merged)
+    env = templating.environment(TEMPLATES)
+    atomic_write_text(ph, env.get_template("conformance.html.j2").render(
+        c=merged, study=trial.study, audience=aud.label, as_of=as_of.isoformat()))
+    return [pj, ph]
 
 
 def to_text(m: dict) -> str:

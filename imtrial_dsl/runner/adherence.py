@@ -705,15 +705,16 @@ def _exam_json_device(exam: dict) -> Optional[dict[str, Any]]:
 
 def adherence_step(ctx) -> dict:
     """Check every matched series against its protocol (variant by vendor/software) and the device rules."""
-    from ..workdir import ADHERENCE, CLASSIFICATION, DEID
-    from .classify import exam_scan
+    from ..deid.results import scrub_device_identity
+    from ..workdir import ADHERENCE, CLASSIFICATION
+    from .classify import original_series
 
     cls = ctx.read_json(CLASSIFICATION, {})
     ident = ctx.identity
-    scanned = exam_scan(ctx, ctx.path(DEID))
-    headers = {uid: s for uid, s in scanned.series.items()}
+    headers = original_series(ctx)      # the original headers at the site, by de-identified series UID
     result = check_exam(ctx.trial, cls, headers, prior_devices=ident.get("prior_devices") or {},
                         modalities=ident.get("modalities") or [], device=_exam_json_device(ctx.exam_info))
+    result = scrub_device_identity(result, ctx.exam_info)
     result["exam"] = ctx.key
     ctx.write_json(ADHERENCE, result)
     return {"verdict": result["verdict"], **result["summary"]}

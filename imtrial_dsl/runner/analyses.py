@@ -2,8 +2,11 @@
 
 An analysis' ``command`` is an argv template; ``{name}`` placeholders are the analysis' input and
 output names (``{input}``/``{output}`` mean the first of each). It runs as an argv list with a timeout — never
-through a shell — in a process group of its own that is killed when the run dies (``runner/procs.py``). A leading ``python3``/``python`` is the running
-interpreter, so ``python3 -m imtrial_dsl.tools.volume`` finds this package in any venv.
+through a shell — in a process group of its own that is killed when the run dies (``runner/procs.py``). A
+leading ``python3``/``python`` is the running interpreter, so ``python3 -m imtrial_dsl.tools.volume`` finds this
+package in any venv. The program gets a minimal environment: PATH, HOME, TMPDIR and the locale, the variables
+the analysis names (``env NAME, …``) and the ``IMTRIAL_*`` variables below — never the study's keys or transfer
+tokens.
 
 Measurement convention: an output file that is JSON holds, per declared measurement name, a number or
 ``{"value": v, "unit": u}`` (at top level or under ``"measurements"``); an analysis that declares exactly one
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..diagnostics import ImtrialError
+from ..secrets import secret_variables, subprocess_env
 from .procs import run_guarded
 
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -204,12 +208,15 @@ def run_one(ctx, analysis, adir: Path) -> dict:
         return {"analysis": analysis.name, "status": "failed", "reason": "the analysis has no command"}
     timeout = analysis.timeout.value / 1000.0 if analysis.timeout else DEFAULT_TIMEOUT_S
     pkg_root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, IMTRIAL_ANALYSIS=analysis.name,
-               IMTRIAL_MEASUREMENTS=",".join(m.name for m in analysis.measurements),
-               IMTRIAL_SUBJECT=str(ident.get("subject_id") or ""), IMTRIAL_VISIT=str(ident.get("visit") or ""),
-               IMTRIAL_VISIT_KIND=str(ident.get("visit_kind") or ""),
-               IMTRIAL_BASELINE_OUTPUT=_baseline_output(ctx, analysis),
-               PYTHONPATH=os.pathsep.join([pkg_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    # a minimal environment (secrets.subprocess_env): never the study's keys or tokens (the checker refuses a
+    # program `env` that names one, E711; they are also dropped here)
+    env = subprocess_env([n for n in analysis.env if n not in secret_variables(ctx.trial)],
+                         IMTRIAL_ANALYSIS=analysis.name,
+                         IMTRIAL_MEASUREMENTS=",".join(m.name for m in analysis.measurements),
+                         IMTRIAL_SUBJECT=str(ident.get("subject_id") or ""), IMTRIAL_VISIT=str(ident.get("visit") or ""),
+                         IMTRIAL_VISIT_KIND=str(ident.get("visit_kind") or ""),
+                         IMTRIAL_BASELINE_OUTPUT=_baseline_output(ctx, analysis),
+                         PYTHONPATH=os.pathsep.join([pkg_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     t0 = time.time()
     try:
         proc = run_guarded(argv, timeout=timeout, env=env, cwd=str(adir))  # dies with the run (runner/procs.py)

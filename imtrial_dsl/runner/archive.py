@@ -531,6 +531,7 @@ def archive_step(ctx) -> dict:
     The archive is ``W/archive`` in a local run, or ``ctx.archive_root`` (a CWL batch)."""
     import pydicom
 
+    from ..deid.plan import keeps_identity
     from ..workdir import ADHERENCE, ARCHIVED, CLASSIFICATION, DEID, QC
     from .qc import merge_by_series
 
@@ -553,7 +554,10 @@ def archive_step(ctx) -> dict:
     items, heads = [], []
     for f in files:
         ds = pydicom.dcmread(f, stop_before_pixels=True)
-        if str(ds.get("PatientIdentityRemoved", "")).upper() != "YES":
+        removed = str(ds.get("PatientIdentityRemoved", "")).upper()
+        # NO only where the study's overrides keep identity (deid.plan.keeps_identity; the checker then requires
+        # a destination declared `receives identified`, and transfer sends such objects nowhere else)
+        if removed != "YES" and not (removed == "NO" and keeps_identity(trial)):
             raise ArchiveError(f"{f}: PatientIdentityRemoved is not YES; refusing to archive a non-de-identified file")
         suid = str(ds.SeriesInstanceUID)
         study_uid = study_uid or str(ds.StudyInstanceUID)

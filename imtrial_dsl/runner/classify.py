@@ -82,6 +82,7 @@ class Instance:
     instance_number: Optional[int]
     frames: int = 1
     fingerprint: Optional[tuple] = None
+    sop_uid: str = ""
 
 
 @dataclass
@@ -166,6 +167,7 @@ def _scan_one(path: Path, rel: str, series: "OrderedDict[str, Series]", problems
         return
     inum = dicomio.raw_uint(ds, 0x00200013, -1)
     frames = max(1, dicomio.raw_uint(ds, 0x00280008, 1))
+    sop = dicomio.raw_text(ds, 0x00080018)
     ser = series.get(uid)
     if ser is None:
         ser = series[uid] = Series(uid)
@@ -176,45 +178,86 @@ def _scan_one(path: Path, rel: str, series: "OrderedDict[str, Series]", problems
             ds = None
         elif fp is not None:
             ser._seen.add(fp)
-    ser.instances.append(Instance(path, ds, inum if inum >= 0 else None, frames, fp))
+    ser.instances.append(Instance(path, ds, inum if inum >= 0 else None, frames, fp, sop))
 
 
-def series_summary(s: Series, root: Path) -> dict[str, Any]:
+class DeidView:
+    """What the de-identified exam will say about the originals being classified: series and study UIDs,
+    file names (``<SOPInstanceUID>.dcm`` in ``deid/``) and descriptions, from the study's de-identification
+    plan and key (deterministic: the same values the deidentify step writes). Classification reads the
+    original headers at the site; its result names only these."""
+
+    def __init__(self, trial: ir.Trial, identity: dict):
+        from ..deid import Deidentifier, resolve_key
+
+        self.engine = Deidentifier(trial, resolve_key(trial))
+        self.identity = identity
+        self._headers: dict[int, Optional[Dataset]] = {}
+
+    def uid(self, keyword_tag: int, value: str) -> str:
+        return self.engine.output_uid(keyword_tag, value) if value else value
+
+    def series_uid(self, original: str) -> str:
+        return self.uid(0x0020000E, original)
+
+    def file_name(self, inst: Instance) -> str:
+        return f"{self.uid(0x00080018, inst.sop_uid)}.dcm"
+
+    def header(self, ds: Dataset) -> Optional[Dataset]:
+        """The de-identified copy of a representative header (None: de-identification would refuse it)."""
+        if id(ds) not in self._headers:
+            self._headers[id(ds)] = self.engine.preview(ds, self.identity)
+        return self._headers[id(ds)]
+
+
+# Device identity a result may carry (serial, station and institution stay in the site-side exam.json).
+RESULT_DEVICE_KEYS = ("manufacturer", "model", "software", "modality")
+
+
+def series_summary(s: Series, root: Path, view: Optional[DeidView] = None) -> dict[str, Any]:
     ds = s.header
     num = dicomio.get_param(ds, "SeriesNumber")
+    out = view.header(ds) if view is not None else ds
     return {
-        "series_uid": s.uid,
+        "series_uid": view.series_uid(s.uid) if view is not None else s.uid,
         "series_number": num if isinstance(num, int) else None,
-        "series_description": dicomio.text(dicomio.get_param(ds, "SeriesDescription")),
+        "series_description": dicomio.text(dicomio.get_param(out, "SeriesDescription")) if out is not None else "",
         "modality": dicomio.text(dicomio.get_param(ds, "Modality")),
         "sop_class_uid": dicomio.text(dicomio.get_param(ds, "SOPClassUID")),
         "n_instances": len(s.instances),
         "n_frames": sum(i.frames for i in s.instances),
-        "files": [str(i.path.relative_to(root)) for i in s.instances],
+        "files": [view.file_name(i) if view is not None else str(i.path.relative_to(root)) for i in s.instances],
     }
 
 
-def classify_scan(trial: ir.Trial, exam_scan: ExamScan, *, expected: Optional[list[str]] = None) -> dict[str, Any]:
+def classify_scan(trial: ir.Trial, exam_scan: ExamScan, *, expected: Optional[list[str]] = None,
+                  view: Optional[DeidView] = None) -> dict[str, Any]:
     """Classification of a scanned exam (the content of classification.json).
 
+    Series are matched on their headers as scanned (the originals, in the pipeline); with ``view`` the result
+    names them as de-identification will (series and study UIDs, files in ``deid/``, cleaned descriptions).
     ``expected``: protocols the exam's visit should acquire (from identity.json);
     those without a matching series are listed under ``missing_protocols``.
     """
     out_series = []
     for s in exam_scan.series.values():
-        entry = series_summary(s, exam_scan.root)
+        entry = series_summary(s, exam_scan.root, view)
         entry.update(classify_header(trial, s.header))
         out_series.append(entry)
     matched = {e["protocol"] for e in out_series if e["status"] == "matched"}
     device = dicomio.device_identity(next(iter(exam_scan.series.values())).header) if exam_scan.series else {}
+    device = {k: v for k, v in device.items() if k in RESULT_DEVICE_KEYS}
     study_uid = ""
     if exam_scan.series:
         study_uid = dicomio.text(dicomio.get_param(next(iter(exam_scan.series.values())).header, "StudyInstanceUID"))
+        study_uid = view.uid(0x0020000D, study_uid) if view is not None else study_uid
+    problems = [dict(p, series_uid=view.series_uid(p["series_uid"])) if view is not None and p.get("series_uid") else p
+                for p in exam_scan.problems]
     result = {
         "study_instance_uid": study_uid,
         "device": device,
         "series": out_series,
-        "problems": exam_scan.problems,
+        "problems": problems,
         "summary": {
             "series": len(out_series),
             "matched": sum(e["status"] == "matched" for e in out_series),
@@ -250,15 +293,37 @@ def exam_scan(ctx, root: Path) -> ExamScan:
                          lambda: scan(root, keep_headers=False, fingerprint_tags=study_tags(ctx.trial)))
 
 
+def deid_view(ctx) -> Optional[DeidView]:
+    """The exam's :class:`DeidView` (made once per exam and process; None when the study does not de-identify)."""
+    if ctx.trial.deidentify is None:
+        return None
+    return ctx.cache.get("deid_view", lambda: DeidView(ctx.trial, ctx.identity))
+
+
+def original_series(ctx) -> dict[str, Series]:
+    """The exam's original series (its ``original/`` headers), keyed by their de-identified series UID: how
+    the site-side steps find the series a result speaks of."""
+    from ..workdir import ORIGINAL
+
+    view = deid_view(ctx)
+    scanned = exam_scan(ctx, ctx.path(ORIGINAL))
+    return {(view.series_uid(uid) if view is not None else uid): s for uid, s in scanned.series.items()}
+
+
 def classify_step(ctx) -> dict:
-    """Match every series of an exam to a protocol of the study (matched / unmatched / ambiguous)."""
-    from ..workdir import CLASSIFICATION, DEID
+    """Match every series of an exam to a protocol of the study (matched / unmatched / ambiguous), on the
+    original headers at the site; the result names the de-identified series and files and carries no PHI."""
+    from ..workdir import CLASSIFICATION, ORIGINAL
 
     visit = ctx.identity.get("visit")
-    result = classify_scan(ctx.trial, exam_scan(ctx, ctx.path(DEID)), expected=expected_protocols(ctx.trial, visit))
+    result = classify_scan(ctx.trial, exam_scan(ctx, ctx.path(ORIGINAL)), expected=expected_protocols(ctx.trial, visit),
+                           view=deid_view(ctx))
     result["exam"] = ctx.key
     if visit:
         result["visit"] = visit
+    from ..deid.results import scrub_device_identity
+
+    result = scrub_device_identity(result, ctx.exam_info)
     ctx.write_json(CLASSIFICATION, result)
     # the run and status summaries name the visits that lack a protocol
     return dict(result["summary"], **{k: result[k] for k in ("missing_protocols",) if result.get(k)})

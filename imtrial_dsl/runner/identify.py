@@ -3,12 +3,16 @@ visit/time point from the schedule.
 
 Registry design (site-side, in ``W/state.sqlite``):
 
-* lookup key = ``hmac:`` + HMAC-SHA256(key, trial ␀ issuer ␀ attr=value…) when the study names a key
-  (``identifiers { key env … }``); the trial code is inside the MAC, so one person in two trials gets two
-  unlinkable keys and two independently numbered subject IDs. Without a key the lookup key is
-  ``plain:`` + the identifier (documented; use a key in production).
-* ``identity_audit`` keeps the original identifier ↔ subject ID map the site needs to act on findings;
-  it is never read for lookups and :meth:`imtrial_dsl.store.Store.purge_audit_map` drops it.
+* lookup key = ``hmac:`` + HMAC-SHA256(key, trial ␀ issuer ␀ attr=value…) with the ``identifiers`` key, or,
+  when the study names none, with a key derived from the de-identification key; the trial code is inside
+  the MAC, so one person in two trials gets two unlinkable keys and two independently numbered subject IDs.
+  Only a study with neither key gets ``plain:`` + the identifier (the checker warns, W440).
+* ``identity_audit`` records which source identifiers each subject was seen with — as keyed hashes
+  (``hmac:…``, per attribute), unless the study asks for a re-identification log
+  (``identifiers { reidentification_log yes }``): then the plain values, site-side only. It is never read for
+  lookups; :meth:`imtrial_dsl.store.Store.purge_audit_map` drops it (and the de-identification map).
+* The keys' keyed fingerprints are recorded at first use and compared before anything is written: a run
+  with another key is refused (E704) instead of silently creating new subjects.
 * Assignment runs inside one ``BEGIN IMMEDIATE`` transaction, so concurrent runs cannot hand out a
   sequence number twice.
 """
@@ -27,7 +31,7 @@ from typing import Any, Optional
 
 from ..diagnostics import ImtrialError
 from ..deid import subject_date_shift
-from ..secrets import SecretError, read_secret
+from ..secrets import SecretError, key_fingerprint, read_key
 from ..worklist.claim import claim as worklist_claim, visit_of as worklist_visit
 
 # ----------------------------------------------------------------------------- check digits
@@ -114,14 +118,21 @@ class IdentifyError(ImtrialError):
 
 
 def lookup_key(trial) -> Optional[bytes]:
-    """The ``identifiers`` key (None when the study names none); IdentifyError ``key_missing`` if unavailable."""
+    """The registry's key: the ``identifiers`` key, else one derived from the de-identification key (None when the
+    study names neither). IdentifyError ``key_missing`` when a named key is unavailable or too weak."""
+    code = trial.study.code if trial.study else "TRIAL"
     source = trial.identifiers.key if trial.identifiers else None
-    if source is None:
-        return None
     try:
-        return read_secret(source, study_file=trial.source_file)
+        if source is not None:
+            return read_key(source, study_file=trial.source_file, what="identifiers key")
+        if trial.deidentify is not None and trial.deidentify.key is not None:
+            from ..deid import resolve_key
+
+            base = resolve_key(trial)
+            return hmac.new(base, b"imtrial registry key\x00" + code.encode(), hashlib.sha256).digest()
     except SecretError as err:
         raise IdentifyError("key_missing", err.diagnostic.message) from None
+    return None
 
 
 def source_key(trial_code: str, values: dict[str, Optional[str]], issuer: Optional[str], key: Optional[bytes]) -> str:
@@ -130,6 +141,42 @@ def source_key(trial_code: str, values: dict[str, Optional[str]], issuer: Option
     if key:
         return "hmac:" + hmac.new(key, msg, hashlib.sha256).hexdigest()
     return "plain:" + "\x00".join(parts[1:])
+
+
+def audit_value(trial_code: str, attr: str, value: str, issuer: str, key: Optional[bytes], plain: bool) -> str:
+    """What ``identity_audit`` records for one source identifier: the value itself only in a re-identification log
+    (or when the study has no key at all), else its keyed hash."""
+    if plain or not key:
+        return value
+    msg = "\x00".join(["identity-audit", trial_code, issuer, attr, value]).encode()
+    return "hmac:" + hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+def check_keys(trial, db: sqlite3.Connection, *, record: bool = True) -> None:
+    """Refuse keys other than those this registry first saw (KeyMismatchError, E704); record them at first use."""
+    from ..store import check_key_fingerprint
+
+    code = trial.study.code if trial.study else "TRIAL"
+    ids = trial.identifiers.key if trial.identifiers else None
+    if ids is not None:
+        key = read_key(ids, study_file=trial.source_file, what="identifiers key")
+        check_key_fingerprint(db, code, "identifiers", key_fingerprint(key, "identifiers", code), record=record,
+                              source=ids)
+    if trial.deidentify is not None and trial.deidentify.key is not None:
+        from ..deid import resolve_key
+
+        key = resolve_key(trial)
+        check_key_fingerprint(db, code, "deidentify", key_fingerprint(key, "deidentify", code), record=record,
+                              source=trial.deidentify.key)
+
+
+def find_subject(trial, db: sqlite3.Connection, values: dict[str, str], issuer: str = "") -> Optional[str]:
+    """The subject ID registered for a person's source identifiers (``{"PatientID": "MRN-1"}``), or None: the
+    site-side way back from an identifier to a subject, which needs the study's key."""
+    code = trial.study.code if trial.study else "TRIAL"
+    row = db.execute("SELECT subject_id FROM subjects WHERE trial=? AND source_key=?",
+                     (code, source_key(code, values, issuer, lookup_key(trial)))).fetchone()
+    return row["subject_id"] if row else None
 
 
 # ----------------------------------------------------------------------------- devices
@@ -337,7 +384,14 @@ def identify_exam(trial, exam: dict, db: sqlite3.Connection, *, exam_key: Option
         raise IdentifyError("no_source_identifier", f"none of {', '.join(attrs)} is present")
     issuer = str(patient.get(issuer_attr) or "") if issuer_attr else ""
     key = lookup_key(trial)
+    try:
+        check_keys(trial, db)                   # a different key is refused before anything is written
+    except SecretError as err:
+        if err.code != "E704":
+            raise IdentifyError("key_missing", err.diagnostic.message) from None
+        raise
     skey = source_key(code, values, issuer, key)
+    plain_log = bool(ids and ids.reidentification_log)
     exam_key = exam_key or exam["exam_key"]
     warnings: list[dict] = []
 
@@ -347,6 +401,9 @@ def identify_exam(trial, exam: dict, db: sqlite3.Connection, *, exam_key: Option
         # serial/station stay in the site-side exam.json: identity.json carries no original identifiers
         warnings.append({"code": "unknown_device", "detail": "device not in the inventory: " + ", ".join(
             f"{k}={dev.get(k)}" for k in ("manufacturer", "model") if dev.get(k))})
+    if exam.get("study_split"):
+        warnings.append({"code": "study_split", "detail": f"the study's instances name {exam['study_split']} different "
+                                                          "patients (or some none): split into one exam per patient"})
     if exam.get("devices_differ"):
         warnings.append({"code": "multiple_devices", "detail": "the study's instances report more than one device; "
                                                                "the first series' device was used"})
@@ -386,7 +443,8 @@ def identify_exam(trial, exam: dict, db: sqlite3.Connection, *, exam_key: Option
             if val is not None:
                 db.execute("INSERT OR IGNORE INTO identity_audit(trial, subject_id, source_attr, source_value, issuer, "
                            "exam_key, recorded) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           (code, subject_id, attr, val, issuer, exam_key, time.time()))
+                           (code, subject_id, attr, audit_value(code, attr, val, issuer, key, plain_log),
+                            issuer if plain_log or not key else "", exam_key, time.time()))
         prior_rows = db.execute("SELECT exam_key, exam_date, visit, visit_kind, days_from_baseline, in_window, device "
                                 "FROM exams WHERE trial=? AND subject_id=? AND exam_key != ? AND visit IS NOT NULL",
                                 (code, subject_id, exam_key)).fetchall()

@@ -49,9 +49,12 @@ BATCH = 64  # records per state-DB transaction
 NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
 
 
-def exam_key_for(study_uid: str) -> str:
-    """Stable exam key: first 16 hex of sha256 of the original StudyInstanceUID."""
-    return hashlib.sha256(study_uid.encode()).hexdigest()[:16]
+def exam_key_for(study_uid: str, patient: Optional[dict] = None) -> str:
+    """Stable exam key: first 16 hex of sha256 of the original StudyInstanceUID and the instance's patient
+    identifiers (the study's source attributes and issuer). One study = one patient: instances of one study that
+    name different patients (or none) become separate exams, each identified on its own."""
+    who = "\x00".join(f"{k}={v}" for k, v in sorted((patient or {}).items()) if v not in (None, "", []))
+    return hashlib.sha256(f"{study_uid}\x00{who}".encode()).hexdigest()[:16]
 
 
 def series_dir_for(series_uid: str) -> str:
@@ -285,7 +288,7 @@ def ingest_one(src: str | Path, rel: str, out: str | Path, quarantine: str | Pat
         atomic_write_json(qdir / "reason.json", reason)
         return {**rec, "status": "quarantined", "reason": reason, "stored_path": str(qdir / "file")}
     h = res["header"]
-    key = exam_key_for(h["study_uid"])
+    key = exam_key_for(h["study_uid"], h["patient"])
     rel_store = f"original/{series_dir_for(h['series_uid'])}/{sha}.dcm"
     dest = Path(out) / key / rel_store
     if not (dest.exists() and dest.stat().st_size == len(data)):
@@ -575,6 +578,10 @@ def ingest_inbox(trial, inbox: str | Path, workdir: str | Path, *, move: bool = 
                 continue
             _supersede(st, W.exam(key), current_versions(recs)[1])
             summary = exam_summary(key, recs)
+            shared = st.db.execute("SELECT count(*) FROM exams WHERE study_uid=? AND exam_key != ?",
+                                   (summary["study_uid"], key)).fetchone()[0]
+            if shared:   # the study's instances name more than one patient: split by patient, and said so
+                summary["study_split"] = shared + 1
             atomic_write_json(exam_json, summary)
             with st.tx() as db:
                 db.execute("UPDATE exams SET n_series=?, n_instances=?, exam_date=COALESCE(exam_date, ?), updated=? "

@@ -125,8 +125,11 @@ def run_in_workdir(trial: ir.Trial, node: Node, workdir: Path, exam_key: Optiona
 
 def run_staged(trial: ir.Trial, node: Node, inputs: list[tuple[str, Path]], out: Path, *,
                study_inputs: Optional[dict[str, Path]] = None, registry: Optional[Path] = None,
-               archive: Optional[Path] = None) -> dict:
-    """Run one node on staged inputs (a CWL tool), writing its outputs under ``out``."""
+               registry_dir: Optional[Path] = None, archive: Optional[Path] = None) -> dict:
+    """Run one node on staged inputs (a CWL tool), writing its outputs under ``out``.
+
+    A registry step uses ``registry_dir/state.sqlite`` in place (the site's registry, which never travels with
+    the outputs), else a copy of ``registry`` (or a new registry) in ``out``."""
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     study_inputs = {k: Path(v).resolve() for k, v in (study_inputs or {}).items()}
@@ -151,9 +154,12 @@ def run_staged(trial: ir.Trial, node: Node, inputs: list[tuple[str, Path]], out:
     # shared state: one batch over every exam, the state itself staged into `out`
     store = None
     if node.step.shared == "registry":
-        if registry is not None and registry.resolve() != W.state_db:
-            shutil.copyfile(registry, W.state_db)
-        store = Store(out)
+        if registry_dir is not None:
+            store = Store(Path(registry_dir).resolve())
+        else:
+            if registry is not None and registry.resolve() != W.state_db:
+                shutil.copyfile(registry, W.state_db)
+            store = Store(out)
     if node.step.shared == "archive" and archive is not None and not (out / "archive").exists():
         shutil.copytree(archive, out / "archive")
     keyed = [(_exam_key(m, f"exam{i:04d}"), m) for i, m in enumerate(per_exam)]

@@ -432,13 +432,21 @@ def merge_by_series(docs: Iterable[dict]) -> dict[str, Any]:
 def qc_step(ctx) -> dict:
     """One pixel QC check (snr, ghosting, clipping, dynamic range, slice spacing, missing slices, noise) on the
     exam's series of the protocols it applies to; writes ``results/qc/<check>.json``."""
-    from ..workdir import CLASSIFICATION, DEID, qc_result
+    from ..workdir import CLASSIFICATION, qc_result
+    from .classify import original_series
 
     check = next(q for q in ctx.trial.qc if q.name == ctx.ref)
 
     def load(paths):  # the exam's QC nodes share each series' pixels: one decode per series
         return ctx.cache.get(("volume", tuple(str(p) for p in paths)), lambda: load_volume(paths))
 
-    result = qc_check_exam(ctx.trial, check, ctx.read_json(CLASSIFICATION, {}), ctx.path(DEID), load)
+    # the original pixels at the site: each series' files from its de-identified UID
+    cls = ctx.read_json(CLASSIFICATION, {})
+    originals = original_series(ctx)
+    cls = {**cls, "series": [{**e, "files": [str(i.path) for i in originals[e["series_uid"]].instances]}
+                             if e.get("series_uid") in originals else e for e in cls.get("series", [])]}
+    from ..deid.results import scrub_device_identity
+
+    result = scrub_device_identity(qc_check_exam(ctx.trial, check, cls, Path("/"), load), ctx.exam_info)
     ctx.write_json(qc_result(check.name), result)
     return {"verdict": result["verdict"], **result["summary"]}

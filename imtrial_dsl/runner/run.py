@@ -511,19 +511,37 @@ def _record_exam(st, exam_key: str, ident: dict, cls: Any, adh: Any, qc: Any, st
 
 
 
-def preflight(trial) -> list[str]:
-    """Problems that would fail every exam (e.g. a key the study names but the environment lacks)."""
-    from ..secrets import SecretError, read_secret
+def preflight(trial, workdir: Optional[str | Path] = None) -> list[str]:
+    """Problems that would fail every exam, found before anything is written: a key the study names but the
+    environment lacks, a key too weak to use (E703), or a key other than the one ``workdir`` was first run with
+    (E704; the workdir is only read)."""
+    from ..secrets import SecretError, key_fingerprint, read_key
+    from ..store import check_key_fingerprint, connect
 
     problems = []
+    keys = {}
     for what, src in (("identifiers", trial.identifiers.key if trial.identifiers else None),
                       ("deidentify", trial.deidentify.key if trial.deidentify else None)):
         if src is None:
             continue
+        label = "identifiers key" if what == "identifiers" else "de-identification key"
         try:
-            read_secret(src, study_file=trial.source_file)
+            keys[what] = read_key(src, study_file=trial.source_file, what=label)
         except SecretError as err:
-            problems.append(f"{what}: {err.diagnostic.message}")
+            msg = err.diagnostic.message
+            problems.append(f"{what}: {msg.split(': ', 1)[1] if msg.startswith(label + ': ') else msg}")
+    db_path = Workdir(workdir).state_db if workdir is not None else None
+    if keys and db_path is not None and db_path.is_file():
+        db = connect(db_path, create=False)
+        try:
+            code = trial.study.code if trial.study else "TRIAL"
+            for what, key in keys.items():
+                try:
+                    check_key_fingerprint(db, code, what, key_fingerprint(key, what, code), record=False)
+                except SecretError as err:
+                    problems.append(f"{what}: {err.diagnostic.message}")
+        finally:
+            db.close()
     return sorted(set(problems))
 
 

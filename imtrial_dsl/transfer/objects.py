@@ -52,8 +52,19 @@ class Item:
     size: int = 0
 
 
-def check_object(obj: dict) -> tuple[Optional[Item], Optional[str]]:
-    """(item, None) when the object may leave the site, else (None, reason it is refused)."""
+def may_receive_identified(trial, destination: str, via: tuple[str, ...] | list[str] = ()) -> bool:
+    """Does the study declare ``destination`` — and every relay on the way — as one that may receive identified
+    data (``transfer NAME … receives identified``)?"""
+    names = [destination, *via]
+    dests = {d.name: d for d in trial.transfers}
+    return all(n in dests and dests[n].identified for n in names)
+
+
+def check_object(obj: dict, *, identified_ok: bool = False) -> tuple[Optional[Item], Optional[str]]:
+    """(item, None) when the object may leave the site, else (None, reason it is refused).
+
+    Only de-identified instances leave: PatientIdentityRemoved YES — or NO (the study's overrides keep identity)
+    when ``identified_ok`` (:func:`may_receive_identified`)."""
     import pydicom
 
     path = Path(obj["path"])
@@ -74,6 +85,9 @@ def check_object(obj: dict) -> tuple[Optional[Item], Optional[str]]:
     if not (ts and sop_class and sop_uid):
         return None, "not a DICOM Part 10 file with SOP Class, SOP Instance UID and Transfer Syntax"
     removed = str(ds.get("PatientIdentityRemoved", "") or "").strip().upper()
-    if removed != "YES":
+    if removed == "NO" and not identified_ok:
+        return None, ("PatientIdentityRemoved is NO (the study's overrides keep identity): sent only to a destination "
+                      "declared `receives identified`")
+    if removed not in ("YES", "NO"):
         return None, f"PatientIdentityRemoved is {removed or 'absent'}, not YES: only de-identified instances are sent"
     return Item(obj["sha256"], path, obj, sop_class, sop_uid, ts, len(data)), None

@@ -11,7 +11,7 @@ from .destinations import auth_source, read_token, resolve
 from .dimse import send_cstore
 from .folder import send_folder
 from .ledger import Ledger, exclusive, now
-from .objects import archived_objects, check_object
+from .objects import archived_objects, check_object, may_receive_identified
 from .sender import Result
 from .stow import send_stow
 
@@ -61,8 +61,9 @@ def transfer(trial, archive: str | Path, destination: str, *, state: Optional[st
             pending = [o for o in objects if before.get(o["sha256"], ("",))[0] != "sent"]
             summary["already_sent"] = len(objects) - len(pending)
             items, refused = [], []
+            identified_ok = may_receive_identified(trial, destination, ep.via)
             for o in pending:
-                item, why = check_object(o)
+                item, why = check_object(o, identified_ok=identified_ok)
                 if item is None:
                     refused.append((o, why))
                 else:

@@ -5,6 +5,9 @@ acceptance test uses the real example file through the compiler.
 """
 from imtrial_dsl import ir
 
+KEY_ENV = "IMTRIAL_OPS_TEST_KEY"
+KEY = "ops-test-key-0123456789abcdef"
+
 
 def days(n, unit="day"):
     return ir.Days(days=n, source_value=n, source_unit=unit)
@@ -70,4 +73,8 @@ def trial() -> ir.Trial:
                                                     ir.ReportAudience(role=R(name="site"), scope="own")],
                            sections=["enrollment", "adherence", "qc", "overdue", "qualification"])],
         qualification=ir.Qualification(protocols=[R(name="T1w"), R(name="FLAIR")], requalify_on_upgrade=True),
+        # the study key codes reports outside the site (reader and exam codes, per-subject date shifts)
+        deidentify=ir.Deidentify(profile=R(name="ps315_basic"),
+                                 options=[ir.DeidOption.RETAIN_LONGITUDINAL_MODIFIED_DATES],
+                                 key=ir.KeySource(kind="env", ref=KEY_ENV)),
     )
