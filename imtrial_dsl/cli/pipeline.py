@@ -1,4 +1,4 @@
-"""The pipeline commands: ``imtrial run | step | status | synth | verify``."""
+"""The pipeline commands: ``imtrial run | step | status | assign | synth | verify``."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from ..workdir import Workdir
 from .common import EXIT_INPUT, EXIT_OK, EXIT_USAGE, UsageError, load_trial
-from .render import exam_status, run_summary
+from .render import assign_summary, exam_status, run_summary
 
 
 def cmd_run(args) -> int:
@@ -125,6 +125,33 @@ def cmd_status(args) -> int:
     return EXIT_OK
 
 
+def cmd_assign(args) -> int:
+    import getpass
+
+    from ..runner.assign import assign_exam
+    from ..runner.run import RunLocked, preflight
+
+    trial = load_trial(args.study)
+    if not args.no_run:
+        problems = preflight(trial)
+        if problems:
+            for p in problems:
+                print(f"imtrial assign: {p}", file=sys.stderr)
+            return EXIT_INPUT
+    try:
+        res = assign_exam(trial, args.workdir, args.exam, by=args.by or getpass.getuser(), subject=args.subject,
+                          site=args.site, visit=args.visit, date=args.date, note=args.note, run=not args.no_run)
+    except RunLocked as exc:
+        print(f"imtrial assign: {exc.diagnostic.message} (the assignment is recorded; the next run processes it)",
+              file=sys.stderr)
+        return EXIT_INPUT
+    if args.json:
+        print(json.dumps(res, indent=2, default=str))
+    else:
+        print(assign_summary(res))
+    return EXIT_INPUT if (res["status"] or {}).get("status") == "failed" else EXIT_OK
+
+
 def _names(text: Optional[str]) -> Optional[list[str]]:
     """A comma-separated option as a list; None when empty (synthesize() keeps its default)."""
     return [x for x in (text or "").split(",") if x] or None
@@ -199,6 +226,22 @@ def register(sub) -> None:
     p.add_argument("--exam", metavar="KEY", help="exam key (or prefix) or subject ID")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("assign", help="resolve a held or unassigned exam (subject, visit or date) and process it onward",
+                       description="imtrial assign EXAM --study FILE --workdir W (--subject ID|new [--site S] | "
+                                   "--visit NAME | --date YYYY-MM-DD) [--by NAME] [--note TEXT]")
+    p.add_argument("exam", metavar="EXAM", help="exam key (or a unique prefix), as imtrial status lists it")
+    p.add_argument("--study", required=True, metavar="FILE", help="the study (.imtrial, or IR JSON)")
+    p.add_argument("--workdir", required=True, metavar="DIR")
+    p.add_argument("--subject", metavar="ID", help="an enrolled subject ID, or 'new' to enrol one")
+    p.add_argument("--site", metavar="SITE", help="with --subject new: the site that enrols the subject")
+    p.add_argument("--visit", metavar="NAME", help="the schedule visit of the exam")
+    p.add_argument("--date", metavar="YYYY-MM-DD", help="the exam's real date (its visit then follows from the schedule)")
+    p.add_argument("--by", metavar="NAME", help="who decides (recorded; default: the login name)")
+    p.add_argument("--note", metavar="TEXT", help="why (recorded with the assignment)")
+    p.add_argument("--no-run", action="store_true", help="only record it; the next 'imtrial run' processes the exam")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_assign)
 
     p = sub.add_parser("synth", help="generate a synthetic DICOM corpus for a study")
     p.add_argument("study", metavar="STUDY")

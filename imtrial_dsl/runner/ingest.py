@@ -173,11 +173,25 @@ def exam_summary(exam_key: str, records: list[dict]) -> dict:
             s["files"].append(r["stored_path"])
     for s in series.values():
         s["n_instances"] = len(s["files"])
-    devices = {json.dumps(r["header"]["device"], sort_keys=True) for r in recs}
+    # a non-image instance (a scanner's protocol report, an SR) often names only the manufacturer: a
+    # missing field agrees with every value; two different values of one field are two devices (the
+    # modality is not the device's: one scanner writes MR images and an SR report, a PET/CT writes both)
+    device: dict[str, Any] = {}
+    differ = False
+    for r in recs:
+        for k, v in r["header"]["device"].items():
+            if k == "modality":
+                device.setdefault(k, v)
+            elif v in (None, "", []):
+                device.setdefault(k, v)
+            elif device.get(k) in (None, "", []):
+                device[k] = v
+            elif device[k] != v:
+                differ = True
     return {
         "exam_key": exam_key, "study_uid": first["study_uid"], "study_date": first.get("study_date", ""),
-        "patient": first.get("patient", {}), "device": first["device"],
-        "devices_differ": len(devices) > 1,
+        "patient": first.get("patient", {}), "device": device,
+        "devices_differ": differ,
         "series": list(series.values()), "n_instances": sum(s["n_instances"] for s in series.values()),
     }
 
