@@ -164,7 +164,7 @@ def cmd_synth(args) -> int:
     given = {"subjects_per_site": args.subjects, "seed": args.seed, "phi": args.phi, "size": args.size,
              "deviations": _names(args.deviations), "visits": _names(args.visits), "start_date": args.start_date}
     # options left out keep synthesize()'s defaults, so they are stated once, there
-    manifest = synthesize(trial, Path(args.out), small=args.small, enhanced=bool(args.enhanced),
+    manifest = synthesize(trial, Path(args.out), small=args.small, enhanced=args.enhanced,
                           **{k: v for k, v in given.items() if v is not None})
     print(json.dumps({"out": args.out, "files": manifest["files"], "deviations": len(manifest["deviations"])}, indent=2))
     return EXIT_OK
@@ -254,7 +254,10 @@ def register(sub) -> None:
     p.add_argument("--no-phi", dest="phi", action="store_false", help="no planted PHI")
     p.add_argument("--small", action="store_true", help="small images (fast; same as --size small)")
     p.add_argument("--size", choices=["small", "medium", "full"], help="image size")
-    p.add_argument("--enhanced", action="store_true", default=None, help="write MR series as Enhanced MR (multi-frame)")
+    p.add_argument("--enhanced", dest="enhanced", action="store_true", default=None,
+                   help="write every MR series as Enhanced MR (multi-frame); default: what each device writes")
+    p.add_argument("--classic", dest="enhanced", action="store_false",
+                   help="write every MR series as classic MR Image Storage (one file per slice)")
     p.add_argument("--visits", metavar="LIST", help="comma-separated schedule visits to generate")
     p.add_argument("--start-date", metavar="YYYY-MM-DD", help="first baseline date")
     p.set_defaults(func=cmd_synth)
