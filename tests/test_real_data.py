@@ -269,14 +269,14 @@ def test_an_empty_patient_id_is_reported_as_empty():
     assert identifier_problem(["PatientID"], {}) == "PatientID is not present"
 
 
-def _unusable_dates(src: Path, dest: Path) -> None:
-    """The files with every date written as United Imaging writes an unknown one ('***')."""
+def _unusable_dates(src: Path, dest: Path, which=("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")) -> None:
+    """The files with their dates written as United Imaging writes an unknown one ('***')."""
     import warnings
 
     dest.mkdir(parents=True)
     for p in _files(src):
         ds = pydicom.dcmread(p)
-        for kw in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
+        for kw in which:
             if kw in ds:
                 ds[kw] = pydicom.DataElement(ds[kw].tag, "DA", "***")
         with _no_validation(), warnings.catch_warnings():
@@ -293,6 +293,15 @@ class _no_validation:
 
     def __exit__(self, *exc):
         pydicom_config.settings.writing_validation_mode = self._mode
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DA")
+def test_a_usable_date_is_taken_from_the_other_date_attributes(tmp_path):
+    _unusable_dates(REAL / "ge_signa_hdxt", tmp_path / "study", which=("StudyDate",))
+    header = check_dataset(_files(tmp_path / "study")[0].read_bytes())["header"]
+    assert header["study_date"] == "20240425"   # the SeriesDate
+    _unusable_dates(REAL / "ge_signa_hdxt", tmp_path / "all")
+    assert check_dataset(_files(tmp_path / "all")[0].read_bytes())["header"]["study_date"] == "***"
 
 
 @pytest.fixture(scope="module")
@@ -369,8 +378,10 @@ def test_a_held_exam_is_resolved_by_imtrial_assign(runs, capsys):
         assert summary_waiting(st) == []
     finally:
         st.close()
-    # the other exams were not touched by the assignment
+    # the other exams were not touched by the assignment, and a later run has nothing left to do
     assert all(v["status"] == "done" for e in Store(r["work"]).exams() for v in e["steps"].values())
+    again = run_study(r["trial"], inbox=r["inbox"], workdir=r["work"], jobs=1)
+    assert again["this_run"]["exams_processed"] == 0 and again["exam_status"] == {"done": 3}
 
 
 def summary_waiting(st: Store) -> list:
@@ -379,6 +390,7 @@ def summary_waiting(st: Store) -> list:
     return summarize(st)["waiting"]
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DA")
 def test_an_exam_with_unusable_dates_is_processed_with_visit_unassigned(tmp_path, capsys):
     os.environ["IMTRIAL_KEY"] = KEY
     _unusable_dates(REAL / "ge_signa_hdxt", tmp_path / "inbox")

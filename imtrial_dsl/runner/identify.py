@@ -417,13 +417,7 @@ def identify_exam(trial, exam: dict, db: sqlite3.Connection, *, exam_key: Option
                     site = trial.sites[0]
                 else:
                     raise IdentifyError("unmatched", "unknown device and unknown subject: no site can be assigned")
-            seq_row = db.execute("SELECT next_seq FROM subject_seq WHERE trial=? AND site=?", (code, site.code)).fetchone()
-            seq = seq_row["next_seq"] if seq_row else 1
-            fmt = ids.subject_format if ids else f"{code}-{{site}}-{{seq:04}}"
-            subject_id = format_subject_id(fmt, site=site.code, seq=seq, study=code, algorithm=ids.check_digit if ids else None)
-            db.execute("INSERT OR REPLACE INTO subject_seq(trial, site, next_seq) VALUES (?, ?, ?)", (code, site.code, seq + 1))
-            db.execute("INSERT INTO subjects(trial, source_key, subject_id, site, seq, created) VALUES (?, ?, ?, ?, ?, ?)",
-                       (code, skey, subject_id, site.code, seq, time.time()))
+            subject_id = _enrol(db, trial, code, skey, site)
             subject_site = site.code
         else:
             subject_id, subject_site = row["subject_id"], row["site"]
@@ -529,6 +523,12 @@ def _assigned_subject(db: sqlite3.Connection, trial, code: str, subject: str, si
     row = db.execute("SELECT * FROM subjects WHERE trial=? AND source_key=?", (code, skey)).fetchone()
     if row is not None:
         return row
+    _enrol(db, trial, code, skey, site)
+    return db.execute("SELECT * FROM subjects WHERE trial=? AND source_key=?", (code, skey)).fetchone()
+
+
+def _enrol(db: sqlite3.Connection, trial, code: str, skey: str, site) -> str:
+    """A new subject at ``site`` under lookup key ``skey`` (inside the caller's transaction); its subject ID."""
     ids = trial.identifiers
     seq_row = db.execute("SELECT next_seq FROM subject_seq WHERE trial=? AND site=?", (code, site.code)).fetchone()
     seq = seq_row["next_seq"] if seq_row else 1
@@ -537,7 +537,7 @@ def _assigned_subject(db: sqlite3.Connection, trial, code: str, subject: str, si
     db.execute("INSERT OR REPLACE INTO subject_seq(trial, site, next_seq) VALUES (?, ?, ?)", (code, site.code, seq + 1))
     db.execute("INSERT INTO subjects(trial, source_key, subject_id, site, seq, created) VALUES (?, ?, ?, ?, ?, ?)",
                (code, skey, subject_id, site.code, seq, time.time()))
-    return db.execute("SELECT * FROM subjects WHERE trial=? AND source_key=?", (code, skey)).fetchone()
+    return subject_id
 
 
 def later_exam_dates(trial, exams: list[dict]) -> dict[str, list[_dt.date]]:

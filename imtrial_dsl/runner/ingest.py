@@ -7,6 +7,7 @@ is harmless — the property the runner's kill-and-resume guarantee rests on.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import io
 import json
@@ -110,12 +111,25 @@ def check_dataset(data: bytes, source_attrs: Iterable[str] = ("PatientID", "Issu
         "study_uid": str(ds.StudyInstanceUID), "series_uid": str(ds.SeriesInstanceUID),
         "modality": str(ds.Modality), "series_number": _int(ds.get("SeriesNumber")),
         "instance_number": _int(ds.get("InstanceNumber")), "series_description": str(ds.get("SeriesDescription", "") or ""),
-        "study_date": str(ds.get("StudyDate", "") or ds.get("SeriesDate", "") or ds.get("AcquisitionDate", "")
-                          or ds.get("ContentDate", "") or ""),
+        "study_date": _exam_date(ds),
         "device": {k: _text(ds.get(v)) for k, v in DEVICE_ATTRS.items()},
         "patient": {a: _text(ds.get(a)) for a in source_attrs if a},
     }
     return {"ok": True, "header": header}
+
+
+def _exam_date(ds) -> str:
+    """The first usable of StudyDate, SeriesDate, AcquisitionDate, ContentDate (YYYYMMDD); when none is
+    usable, the first one written (e.g. United Imaging's '***'), so identify can say what it found."""
+    written = [str(ds.get(k, "") or "").strip() for k in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")]
+    for d in written:
+        if len(d) == 8 and d.isdigit():
+            try:
+                _dt.date(int(d[:4]), int(d[4:6]), int(d[6:]))
+                return d
+            except ValueError:
+                continue
+    return next((d for d in written if d), "")
 
 
 def _int(v: Any) -> Optional[int]:
