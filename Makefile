@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[cwl,docs,ops,test]'
+	$(PY) -m pip install -q -e '.[cwl,docs,ops,test,usdm]'
 	touch $@
 
 venv: $(VENV)/.installed

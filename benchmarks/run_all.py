@@ -25,6 +25,7 @@ def main() -> int:
         ["bench_compile.py"],
         ["bench_deid.py"] + (["--n", "300"] if args.quick else []),
         ["bench_adherence.py"] + (["--files", "300"] if args.quick else []),
+        ["bench_listen.py"] + (["--repeats", "1", "--slices", "6"] if args.quick else []),
     ]
     status = 0
     for cmd in runs:

@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Optional
 
 import networkx as nx
-from cwl_utils.parser import cwl_v1_2 as cwl
-from ruamel.yaml import YAML
-
-from imtrial_dsl import __version__, ir, pipeline
+from imtrial_dsl import __version__, extras, ir, pipeline
 from imtrial_dsl.graph import staged_phases
+
+# the 'cwl' extra (E900 naming it when it is not installed)
+cwl = extras.load("cwl_utils.parser.cwl_v1_2", "'imtrial export cwl'")
+YAML = extras.load("ruamel.yaml", "'imtrial export cwl'").YAML
 
 CWL_VERSION = "v1.2"
 IR_FILE = "study.ir.json"

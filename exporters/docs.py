@@ -11,18 +11,19 @@ of the study source, and no timestamps, so they are reproducible byte for byte
 """
 from __future__ import annotations
 
+import html
 import os
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import jinja2
 
-from imtrial_dsl import __version__, ir, source, templating
-from imtrial_dsl.diagnostics import CompileErrors, Diagnostic
+from imtrial_dsl import __version__, extras, ir, source, templating
+from imtrial_dsl.diagnostics import ImtrialError
 from imtrial_dsl.files import atomic_write_bytes, atomic_write_text
 
 TEMPLATES = Path(__file__).resolve().parent / "templates" / "docs"
@@ -33,6 +34,10 @@ DOCUMENTS = {
 }
 
 GRAPH_FILE = "graph.svg"
+# The charter prints the per-exam pipeline and the study tasks as two pictures (each readable on its page).
+GRAPH_PARTS = (("pipeline", "graph_pipeline.svg", "Processing pipeline (per examination, and over the study)"),
+               ("tasks", "graph_tasks.svg", "Study tasks (qualification, visit tracking)"))
+LANDSCAPE_RATIO = 1.0   # a picture wider than this (width / height) gets a landscape page
 
 
 # --------------------------------------------------------------------------- text helpers
@@ -380,6 +385,8 @@ class Doc:
     qualification: Optional[dict] = None
     graph: Optional[dict] = None
     modalities: list = field(default_factory=list)
+    reads: list = field(default_factory=list)
+    appendix_c: dict = field(default_factory=dict)
 
 
 def _study(trial: ir.Trial) -> dict:
@@ -401,7 +408,24 @@ def _study(trial: ir.Trial) -> dict:
         "sha_short": (trial.source_sha256 or "")[:12] or "n/a",
         "ir_version": trial.ir_version,
         "tool_version": __version__,
+        **_document_control(trial),
     }
+
+
+def _document_control(trial: ir.Trial) -> dict:
+    """Effective date, version history and approvers, from the study's version and its changelog."""
+    log = trial.changelog
+    version = trial.study.version if trial.study else None
+    entries = [{"version": e.version, "date": e.date, "description": e.description} for e in (log.entries if log else [])]
+    current = next((e for e in entries if e["version"] == version), None)
+    if current is not None:
+        effective = current["date"]
+    elif version:
+        effective = f"not recorded (the changelog has no entry for version {version})"
+    else:
+        effective = "not recorded (the study has no version)"
+    approvers = [{"title": a.title, "name": a.name or ""} for a in (log.approvers if log else [])]
+    return {"effective": effective, "history": entries, "approvers": approvers}
 
 
 def _protocol_view(trial: ir.Trial, p: ir.Protocol) -> dict:
@@ -541,6 +565,7 @@ def _identifiers(trial: ir.Trial) -> Optional[dict]:
         "source": list(i.source),
         "issuer": i.issuer,
         "key": key_text(i.key),
+        "registry": _registry(trial),
     }
 
 
@@ -560,6 +585,170 @@ def _analyses(trial: ir.Trial) -> list[dict]:
             "timeout": a.timeout.text() if a.timeout else None,
         })
     return out
+
+
+# ---------------------------------------------------------------------------- reads (image interpretation)
+
+_READ_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
+
+
+def _count(n: int, word: str) -> str:
+    return f"{_READ_WORDS.get(n, str(n))} {word}" + ("" if n == 1 else "s")
+
+
+def _reads(trial: ir.Trial) -> list[dict]:
+    from imtrial_dsl.reading import BLINDING, CRITERIA, PARADIGMS, TRIGGERS, VARIABILITY
+
+    visits = [v for v in trial.schedule.visits] if trial.schedule else []
+    out = []
+    for r in trial.reads:
+        names = {p.name for p in r.protocols}
+        if r.timepoints:
+            points = [t.name for t in r.timepoints]
+        else:
+            points = [v.name for v in visits if names & {a.name for a in v.acquire}]
+        par = PARADIGMS.get(r.paradigm)
+        crit = CRITERIA.get(r.criteria)
+        if r.criteria == "custom":
+            criteria = f"{r.criteria_name} (study-specific criteria)"
+        elif crit is not None:
+            criteria = crit.title + (f" ({r.criteria_name})" if r.criteria_name else "")
+        else:
+            criteria = ""
+        var = None
+        if r.variability is not None:
+            v = r.variability
+            what, direction = VARIABILITY.get(v.metric, (v.metric, "min"))
+            bound = {">=": "at least", ">": "above", "<=": "at most", "<": "below"}[v.op]
+            var = {"metric": v.metric, "what": what, "text": f"{what} {bound} {num(v.threshold)}", "action": v.action}
+        readers = _count(r.readers, "reader") + (f" and {_count(r.adjudicators, 'adjudicator')}" if r.adjudicators else "")
+        out.append({
+            "name": r.name, "title": r.title, "protocols": [p.name for p in r.protocols], "timepoints": points,
+            "readers": readers, "n_readers": r.readers, "adjudicators": r.adjudicators,
+            "paradigm": r.paradigm, "paradigm_text": par.text if par else r.paradigm,
+            "adjudicated": bool(par and par.adjudicators),
+            "triggers": [TRIGGERS.get(t, t) for t in r.adjudicate_on], "adjudication_rule": r.adjudication_rule,
+            "criteria": criteria, "criteria_reference": crit.reference if crit is not None else "",
+            "qualification": r.qualification, "training": r.training,
+            "blinded": [BLINDING.get(b, b) for b in r.blinded_to],
+            "display": r.display, "windows": [{"name": w.name, "level": num(w.level), "width": num(w.width)} for w in r.windows],
+            "unevaluable": r.unevaluable, "variability": var, "lock": r.lock,
+        })
+    return out
+
+
+def _registry(trial: ir.Trial) -> Optional[dict]:
+    """What the identity registry stores, read from the implementation (runner/identify.py, store.py), not asserted.
+
+    The charter's sentence about it (§6.6) is written from these facts only.
+    """
+    import sqlite3
+
+    from imtrial_dsl import store
+    from imtrial_dsl.runner.identify import source_key
+
+    i = trial.identifiers
+    if i is None:
+        return None
+    probe = source_key("T", {"PatientID": "probe"}, "ISSUER", b"k" if i.key else None)
+    keyed = probe.startswith("hmac:") and "probe" not in probe
+    db = sqlite3.connect(":memory:")
+    try:
+        db.executescript(store.SCHEMA)
+        columns = {t: [c[1] for c in db.execute(f"PRAGMA table_info({t})")]
+                   for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        db.close()
+    # a table with a column for the original identifier value keeps the site's re-identification map
+    originals = sorted(t for t, cols in columns.items() if "source_value" in cols)
+    return {"keyed": keyed, "originals": originals}
+
+
+# ---------------------------------------------------------------------------- Appendix C
+
+SECTIONS = {
+    1: "1. Protocol Synopsis", 2: "2. Imaging Modalities and Acquisition Protocols", 3: "3. Site and Equipment Qualification",
+    4: "4. Participant Preparation", 5: "5. Schedule of Activities", 6: "6. De-identification and Research Identifiers",
+    7: "7. Image Transfer", 8: "8. Image Quality Control", 9: "9. Image Analysis and Measurements",
+    10: "10. Image Interpretation", 11: "11. Blinding, Roles and Reports", 12: "12. Image Archive and Audit Trail",
+    13: "13. Data Lock and Charter Amendments", 14: "14. Image Processing Workflow",
+}
+
+
+def section_link(n: int, sub: str = "") -> str:
+    title = SECTIONS[n]
+    return f"[{title}](#{slug(title)})" + (f" ({sub})" if sub else "")
+
+
+def _read_topic(doc: Doc, field: str, label: str, why_none: str) -> str:
+    """Where a read topic is answered: §10 when every read states it, else which reads do not."""
+    if not doc.reads:
+        return "not applicable because the study description defines no read (image interpretation)"
+    missing = [r["name"] for r in doc.reads if not r[field]]
+    if not missing:
+        return section_link(10, label)
+    if len(missing) == len(doc.reads):
+        return f"not applicable because {why_none}"
+    return section_link(10, label) + "; not stated for " + ", ".join(code(m) for m in missing)
+
+
+def appendix_c(doc: Doc) -> dict:
+    """Every FDA guidance topic and ICH M11 heading with where this charter answers it, or why not."""
+    reads = doc.reads
+    single = reads and all(r["n_readers"] == 1 for r in reads)
+    fda = [
+        ("Choice of imaging modality", section_link(2) if doc.protocols else "not applicable because the study defines no protocol"),
+        ("Centralized image interpretation", section_link(10) if reads else
+         "not applicable because the study description defines no read; images are assessed by the analyses of section 9"),
+        ("Imaging site and equipment qualification", section_link(3)),
+        ("Subject preparation for imaging", section_link(4)),
+        ("Image acquisition protocols and device settings", section_link(2)),
+        ("Timing of image acquisition", section_link(5) if doc.schedule else "not applicable because the study has no visit schedule"),
+        ("Image data privacy and participant identification", section_link(6)),
+        ("Image transfer to the central imaging facility", section_link(7)),
+        ("Image quality control and protocol compliance", section_link(8)),
+        ("Image analysis and endpoint measurement", section_link(9)),
+        ("Reader qualification and training", _read_topic(doc, "qualification", "qualification and training",
+                                                            "no read states the readers' qualification")),
+        ("Read paradigm and number of readers", section_link(10, "paradigm") if reads else
+         "not applicable because the study description defines no read"),
+        ("Adjudication", ("not applicable because every read has a single reader" if single else
+                          _read_topic(doc, "adjudicated", "adjudication",
+                                      "no read uses an adjudicated paradigm (consensus or majority reads need none)"))),
+        ("Reader-variability monitoring", ("not applicable because every read has a single reader" if single else
+                                           _read_topic(doc, "variability", "reader variability",
+                                                       "no read monitors reader variability"))),
+        ("Image display conditions", _read_topic(doc, "display", "display", "no read states display conditions")),
+        ("Response criteria", _read_topic(doc, "criteria", "response criteria", "no read names response criteria")),
+        ("Handling of unevaluable images", _read_topic(doc, "unevaluable", "unevaluable images",
+                                                       "no read states how unevaluable images are handled")),
+        ("Blinding of image readers", section_link(10, "blinding") + "; " + section_link(11) if reads else section_link(11)),
+        ("Image archiving, data integrity and audit trail", section_link(12)),
+        ("Image data lock", section_link(13, "data lock")),
+        ("Charter amendment control", section_link(13, "amendments") + "; version history in the document control"),
+        ("Imaging process flow from acquisition to endpoint", section_link(14)),
+    ]
+    protocol_only = "not applicable because the study protocol covers it; this charter covers the imaging process only"
+    m11 = [
+        ("1.1 Protocol Synopsis", section_link(1)),
+        ("1.2 Trial Schema", protocol_only),
+        ("1.3 Schedule of Activities", section_link(5) if doc.schedule else "not applicable because the study has no visit schedule"),
+        ("2.1 Purpose of Trial", section_link(1, "1.1")),
+        ("2.2 Assessment of Risks and Benefits", protocol_only),
+        ("3 Trial Objectives and Associated Estimands", section_link(1, "1.2; imaging endpoints only")),
+        ("4 Trial Design", section_link(1, "1.3 Overall Design; imaging design only")),
+        ("5 Trial Population", protocol_only),
+        ("6 Trial Intervention and Concomitant Therapy", protocol_only + " (the arms are named in 1.3)"),
+        ("7 Participant Discontinuation of Trial Intervention and Discontinuation or Withdrawal from Trial", protocol_only),
+        ("8 Trial Assessments and Procedures", ", ".join(section_link(n) for n in (2, 4, 8, 9)) +
+         (", " + section_link(10) if reads else "")),
+        ("9 Adverse Events, Serious Adverse Events, Product Complaints, Pregnancy and Postpartum Information", protocol_only),
+        ("10 Statistical Considerations", "not applicable because the statistical analysis plan covers it; the imaging "
+                                          "measurements it uses are defined in section 9"),
+        ("11 Trial Oversight and Other General Considerations", ", ".join(section_link(n) for n in (6, 12, 13))),
+        ("12.3 Prior Protocol Amendment(s)", "version history in the document control; " + section_link(13, "amendments")),
+    ]
+    return {"fda": [{"topic": t, "where": w} for t, w in fda], "m11": [{"heading": h, "where": w} for h, w in m11]}
 
 
 def _transfer_text(d: ir.Destination) -> str:
@@ -670,6 +859,8 @@ def build(trial: ir.Trial, graph=None) -> Doc:
     doc.qualification = _qualification(trial)
     doc.graph = _graph_view(graph)
     doc.modalities = sorted({p.modality for p in trial.protocols} | {d.modality for _, d in trial.devices()})
+    doc.reads = _reads(trial)
+    doc.appendix_c = appendix_c(doc)
     return doc
 
 
@@ -707,11 +898,12 @@ def _toc(markdown: str) -> str:
     return "\n".join(items)
 
 
-def render_markdown(doc: Doc, kind: str, graph_svg: Optional[str] = None) -> str:
-    """One document as Markdown (``kind``: 'charter' or 'site_manual')."""
+def render_markdown(doc: Doc, kind: str, graph_svg: Optional[dict] = None) -> str:
+    """One document as Markdown (``kind``: 'charter' or 'site_manual'); ``graph_svg``: file name -> SVG text."""
     env = _env()
+    parts = [{"file": f, "title": t} for _, f, t in GRAPH_PARTS if graph_svg and f in graph_svg]
     text = env.get_template(f"{kind}.md.j2").render(
-        d=doc, s=doc.study, doc_title=DOCUMENTS[kind], graph_file=GRAPH_FILE if graph_svg else None)
+        d=doc, s=doc.study, doc_title=DOCUMENTS[kind], graph_parts=parts)
     text = _escape_table_pipes(re.sub(r"\n{3,}", "\n\n", text).rstrip() + "\n")
     return text.replace("<!-- toc -->", _toc(text), 1)
 
@@ -733,9 +925,11 @@ def _markdown_it():
 
     def image(self, tokens, idx, options, env):
         tok = tokens[idx]
-        svg = env.get("graph_svg")
-        if tok.attrGet("src") == GRAPH_FILE and svg:
-            return f'<span class="graph">{svg}</span>'
+        svg = (env.get("graph_svg") or {}).get(tok.attrGet("src"))
+        if svg:
+            wide = " landscape" if svg_ratio(svg) > LANDSCAPE_RATIO else ""
+            caption = html.escape(tok.content)
+            return f'<span class="graph{wide}"><span class="caption">{caption}</span>{_inline_svg(svg, Path(tok.attrGet("src")).stem)}</span>'
         return self.image(tokens, idx, options, env)
 
     mdi.add_render_rule("heading_open", heading_open)
@@ -743,25 +937,36 @@ def _markdown_it():
     return mdi
 
 
-def _inline_svg(svg: str) -> str:
-    """The <svg> element alone (no XML prolog, DOCTYPE or comments), fit to the page width."""
+def _inline_svg(svg: str, prefix: str = "") -> str:
+    """The <svg> element alone (no XML prolog, DOCTYPE or comments), fit to the page width; element ids
+    get ``prefix`` so that two pictures in one page keep unique ids."""
     start = svg.find("<svg")
     body = svg[start:] if start >= 0 else svg
     body = re.sub(r"<!--.*?-->", "", body, flags=re.S)
+    if prefix:
+        body = re.sub(r'\bid="([^"]+)"', lambda m: f'id="{prefix}-{m.group(1)}"', body)
     # graphviz sizes in pt; let CSS scale it while keeping the viewBox aspect ratio
     body = re.sub(r'(<svg[^>]*?)\swidth="[^"]*"', r"\1", body, count=1)
     body = re.sub(r'(<svg[^>]*?)\sheight="[^"]*"', r"\1", body, count=1)
     return body.strip()
 
 
-def render_html(doc: Doc, kind: str, markdown: str, graph_svg: Optional[str] = None) -> str:
-    """The Markdown of a document inside the print layout, graph SVG inlined."""
+def svg_ratio(svg: str) -> float:
+    """Width / height of an SVG picture from its viewBox (1.0 when it has none)."""
+    m = re.search(r'viewBox="[-\d.]+ [-\d.]+ ([\d.]+) ([\d.]+)"', svg)
+    return float(m.group(1)) / float(m.group(2)) if m and float(m.group(2)) > 0 else 1.0
+
+
+def render_html(doc: Doc, kind: str, markdown: str, graph_svg: Optional[dict] = None) -> str:
+    """The Markdown of a document inside the print layout, graph SVGs inlined (a wide one on a landscape page)."""
     env = _env()
     mdi = _markdown_it()
-    body = mdi.render(markdown, {"graph_svg": _inline_svg(graph_svg) if graph_svg else None})
+    body = mdi.render(markdown, {"graph_svg": graph_svg or {}})
+    # a picture is the only content of its paragraph; make it a block so that it can start a named (landscape) page
+    body = re.sub(r'<p><span class="(graph[^"]*)">(.*?)</span></p>', r'<div class="\1">\2</div>', body, flags=re.S)
     css = (TEMPLATES / "style.css").read_text(encoding="utf-8")
     return env.get_template("layout.html.j2").render(
-        s=doc.study, doc_title=DOCUMENTS[kind], body=jinja2.utils.markupsafe.Markup(body),
+        s=doc.study, doc_title=DOCUMENTS[kind], kind=kind, body=jinja2.utils.markupsafe.Markup(body),
         css=jinja2.utils.markupsafe.Markup(css), running=_css_string(f"{doc.study['code']} {DOCUMENTS[kind]} · version {doc.study['version']}"),
         running_sha=_css_string(f"study source sha256 {doc.study['sha_short']}…"))
 
@@ -778,7 +983,12 @@ def render_pdf(html_text: str, out: Path, base_url: Path) -> Path:
     The embedded font subsets carry a 'modified' timestamp (fontTools takes the current
     time unless SOURCE_DATE_EPOCH is set), which would make every PDF differ; pin it.
     """
-    from weasyprint import HTML
+    try:
+        HTML = extras.load("weasyprint", "writing PDF documents").HTML
+    except OSError as exc:  # WeasyPrint is installed but its Pango/HarfBuzz system libraries are not
+        raise ImtrialError(f"PDF documents not written: WeasyPrint cannot load its system libraries ({exc})",
+                           code="E611", hint="install WeasyPrint's system libraries (Debian: libpango-1.0-0 "
+                                             "libpangoft2-1.0-0); the Markdown and HTML documents were written") from None
 
     saved = os.environ.get("SOURCE_DATE_EPOCH")
     if saved is None:
@@ -825,6 +1035,28 @@ def layout_dot(graph) -> str:
     return dot[:-1] + "\n".join(hints) + "\n}\n"
 
 
+def graph_part(graph, part: str):
+    """The subgraph a charter picture shows: the pipeline nodes, or the study tasks."""
+    keep = [n for n, d in graph.nodes(data=True) if (d.get("kind") == "study_task") == (part == "tasks")]
+    return graph.subgraph(keep).copy()
+
+
+def graph_pictures(graph) -> tuple[dict, Optional[str]]:
+    """({file name: SVG}, None) for the whole graph and each non-empty part, or ({}, reason)."""
+    svg, why_not = graph_svg(graph)
+    if svg is None:
+        return {}, why_not
+    out = {GRAPH_FILE: svg}
+    for part, name, _ in GRAPH_PARTS:
+        sub = graph_part(graph, part)
+        if sub.number_of_nodes():
+            text, why_not = graph_svg(sub)
+            if text is None:
+                return {}, why_not
+            out[name] = text
+    return out, None
+
+
 def graph_svg(graph) -> tuple[Optional[str], Optional[str]]:
     """(SVG text, None), or (None, reason) when the picture cannot be drawn (no graph, no graphviz)."""
     if graph is None:
@@ -845,56 +1077,53 @@ def graph_svg(graph) -> tuple[Optional[str], Optional[str]]:
 # ---------------------------------------------------------------------------- entry point
 
 def export(trial: ir.Trial, graph=None, out_dir: Path | str = ".", *, formats: Iterable[str] = ("md", "html", "pdf"),
-           documents: Iterable[str] = tuple(DOCUMENTS)) -> list[Path]:
+           documents: Iterable[str] = tuple(DOCUMENTS), progress: Optional[Callable[[str, int], Any]] = None) -> list[Path]:
     """Write the Imaging Charter and the Site Imaging Manual into ``out_dir``; return the files written.
 
-    Files: ``charter.{md,html,pdf}``, ``site_manual.{md,html,pdf}`` and ``graph.svg`` (when a
-    graph is given and graphviz is installed; otherwise the charter says why there is no picture).
-    Raises :class:`CompileErrors` (E611) after writing the other formats when PDF was asked for
-    but WeasyPrint cannot be loaded.
+    Files: ``charter.{md,html,pdf}``, ``site_manual.{md,html,pdf}`` and the dependency graph's pictures
+    (when a graph is given and graphviz is installed; otherwise the charter says why there is none).
+    The PDFs are written last: without the 'docs' extra (WeasyPrint) :class:`~imtrial_dsl.extras.MissingExtra`
+    (E900) is raised after the Markdown and HTML were written; E611 when WeasyPrint's system libraries
+    are missing. ``progress(desc, total)``: a progress display advanced per file.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     formats = tuple(formats)
+    documents = tuple(documents)
     doc = build(trial, graph)
-    svg, why_not = graph_svg(graph)
+    svgs, why_not = graph_pictures(graph)
     if doc.graph is not None:
         doc.graph["missing"] = why_not
-    problems: list[Diagnostic] = []
-    if "pdf" in formats and not _weasyprint_available(problems):
-        formats = tuple(f for f in formats if f != "pdf")
     written: list[Path] = []
-    if svg is not None:
-        p = out / GRAPH_FILE
+    for name, svg in svgs.items():
+        p = out / name
         atomic_write_text(p, svg)
         written.append(p)
-    for kind in documents:
-        text = render_markdown(doc, kind, svg)
-        if "md" in formats:
-            p = out / f"{kind}.md"
-            atomic_write_text(p, text)
-            written.append(p)
-        if "html" in formats or "pdf" in formats:
-            page = render_html(doc, kind, text, svg)
-            if "html" in formats:
-                p = out / f"{kind}.html"
-                atomic_write_text(p, page)
-                written.append(p)
-            if "pdf" in formats:
-                written.append(render_pdf(page, out / f"{kind}.pdf", out))
-    if problems:
-        raise CompileErrors(problems)
-    return written
-
-
-def _weasyprint_available(problems: list[Diagnostic]) -> bool:
-    """WeasyPrint is an optional extra; without it the other formats are still written."""
+    steps = len(documents) * (1 + ("pdf" in formats))
+    bar = progress("export docs", steps) if progress else None
+    pages: list[tuple[str, str]] = []
     try:
-        import weasyprint  # noqa: F401
-    except (ImportError, OSError) as exc:  # OSError: the Pango/HarfBuzz system libraries are missing
-        problems.append(Diagnostic(
-            code="E611", message=f"PDF documents not written: WeasyPrint cannot be loaded ({exc.__class__.__name__}: {exc})",
-            hint="install the 'docs' extra (pip install 'imtrial[docs]') and WeasyPrint's system libraries; "
-                 "the Markdown and HTML documents were written"))
-        return False
-    return True
+        for kind in documents:
+            text = render_markdown(doc, kind, svgs)
+            if "md" in formats:
+                p = out / f"{kind}.md"
+                atomic_write_text(p, text)
+                written.append(p)
+            if "html" in formats or "pdf" in formats:
+                page = render_html(doc, kind, text, svgs)
+                pages.append((kind, page))
+                if "html" in formats:
+                    p = out / f"{kind}.html"
+                    atomic_write_text(p, page)
+                    written.append(p)
+            if bar is not None:
+                bar.update(1)
+        if "pdf" in formats:
+            for kind, page in pages:
+                written.append(render_pdf(page, out / f"{kind}.pdf", out))
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return written

@@ -46,9 +46,13 @@ class Diagnostic(BaseModel):
         s = self.span or Span()
         return (s.file, s.line, s.col, self.severity != Severity.ERROR, self.message)
 
+    def label(self) -> str:
+        """``error[E301]``: the severity with the code, as every rendering shows it."""
+        return f"{self.severity.value}[{self.code}]"
+
     def __str__(self) -> str:
         where = f"{self.span}: " if self.span else ""
-        return f"{where}{self.severity.value}: {self.message}"
+        return f"{where}{self.label()}: {self.message}"
 
 
 class ImtrialError(Exception):
@@ -96,7 +100,9 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> Optional[str]:
 
 
 def render(diags: Sequence[Diagnostic], sources: dict[str, str], color: bool = False) -> str:
-    """Render diagnostics compiler-style: ``file:line:col: severity: message``, source line, caret, hint."""
+    """Render diagnostics compiler-style: ``file:line:col: error[E301]: message``, source line, caret, hint.
+
+    The code in brackets is what ``imtrial explain-code`` explains."""
     red, yellow, cyan, bold, reset = (
         ("\x1b[31m", "\x1b[33m", "\x1b[36m", "\x1b[1m", "\x1b[0m") if color else ("",) * 5
     )
@@ -104,7 +110,7 @@ def render(diags: Sequence[Diagnostic], sources: dict[str, str], color: bool = F
     for d in sorted(diags, key=Diagnostic.sort_key):
         sev_col = red if d.severity == Severity.ERROR else yellow if d.severity == Severity.WARNING else cyan
         where = f"{d.span}: " if d.span else ""
-        out.append(f"{bold}{where}{reset}{sev_col}{d.severity.value}{reset}: {d.message}")
+        out.append(f"{bold}{where}{reset}{sev_col}{d.severity.value}{reset}[{d.code}]: {d.message}")
         if d.span and d.span.line > 0:
             text = sources.get(d.span.file)
             lines = text.splitlines() if text is not None else []

@@ -36,6 +36,13 @@ study site device protocol variant schedule deidentify deid_profile identifiers 
 qualification
 """.split())
 
+# reads (image interpretation) and document control
+STATEMENTS |= frozenset("""
+read rd_images rd_timepoints rd_readers rd_text rd_blinded rd_paradigm rd_adjudicate rd_criteria rd_window
+rd_variability changelog cl_version cl_approver
+""".split())
+BLOCKS |= frozenset(("read", "changelog"))
+
 _NO_SPACE_BEFORE = {",", ")", "]", "."}
 _NO_SPACE_AFTER = {"(", "[", ".", "{"}
 

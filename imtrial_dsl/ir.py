@@ -119,8 +119,9 @@ class Device(Node):
     serial: Optional[str] = None
     station: Optional[str] = None
     institution: Optional[str] = None
+    ae_title: Optional[str] = Field(default=None, description="The device's DICOM AE title (worklist and listener calls).")
     coils: list[str] = []
-    research_agreement: bool = False
+    research_agreement: Optional[bool] = Field(default=None, description="None: not declared (unknown, not 'no').")
 
 
 class Site(Node):
@@ -428,6 +429,69 @@ class Qualification(Node):
     requalify_on_upgrade: bool = True
 
 
+# --------------------------------------------------------------------------- reads and document control
+
+class ReadWindow(Node):
+    """A display window/level preset: centre (level) and width in the image's stored units (HU for CT)."""
+
+    name: str
+    level: float
+    width: float
+
+
+class ReaderVariability(Node):
+    """How agreement between readers is monitored: metric, the bound it must keep, what happens when it does not."""
+
+    metric: str = Field(description="kappa, weighted_kappa, icc, agreement (fraction of reads that agree) or adjudication_rate.")
+    op: Literal[">=", ">", "<=", "<"] = ">="
+    threshold: float
+    action: str = ""
+
+
+class Read(Node):
+    """An image interpretation (read): what is read, by whom, how, against which response criteria."""
+
+    name: str
+    title: str = ""
+    protocols: list[Ref] = Field(default=[], description="Series of these protocols are read.")
+    timepoints: list[Ref] = Field(default=[], description="Visits read; empty = every visit acquiring the protocols.")
+    readers: int = 1
+    adjudicators: int = 0
+    paradigm: str = Field(default="single_reader", description="single_reader, independent_with_adjudication, consensus, majority.")
+    adjudicate_on: list[str] = Field(default=[], description="What triggers adjudication, e.g. response_differs.")
+    adjudication_rule: str = ""
+    criteria: str = Field(default="", description="recist_1_1, irecist, rano, lugano or custom.")
+    criteria_name: str = Field(default="", description="The named set of a custom criteria, or a note on the standard one.")
+    qualification: str = ""
+    training: str = ""
+    blinded_to: list[str] = []
+    display: str = ""
+    windows: list[ReadWindow] = []
+    unevaluable: str = ""
+    variability: Optional[ReaderVariability] = None
+    lock: str = ""
+
+
+class ChangelogEntry(Node):
+    version: str
+    date: str = Field(description="ISO date the version took effect, YYYY-MM-DD.")
+    description: str = ""
+
+
+class Approver(Node):
+    """A signatory of the study's documents (a title, optionally a name)."""
+
+    title: str
+    name: Optional[str] = None
+
+
+class Changelog(Node):
+    """Version history of the study description and who approves its documents."""
+
+    entries: list[ChangelogEntry] = []
+    approvers: list[Approver] = []
+
+
 class Import(Node):
     path: str
     resolved: Optional[str] = Field(default=None, description="Absolute path of the imported file.")
@@ -456,6 +520,8 @@ class Trial(Node):
     roles: list[Role] = []
     reports: list[Report] = []
     qualification: Optional[Qualification] = None
+    reads: list[Read] = []
+    changelog: Optional[Changelog] = None
 
     # convenience lookups (derived, not stored)
     def protocol(self, name: str) -> Optional[Protocol]:

@@ -22,6 +22,8 @@ from .paths import stdlib_root
 
 _LISTS = ("imports", "sites", "protocols", "deid_profiles", "qc", "analyses", "transfers", "roles", "reports")
 _SINGLES = ("study", "schedule", "deidentify", "identifiers", "archive", "qualification")
+_LISTS += ("reads",)          # image interpretation (check/reads.py)
+_SINGLES += ("changelog",)    # document control: version history and approvers
 
 Sources = dict[str, str]
 

@@ -801,6 +801,61 @@ class Lowerer:
         self._single(trial, "qualification", q, item, seen, "qualification")
 
 
+    # ------------------------------------------------------------------ reads and document control
+    def _top_read(self, item, trial, seen):
+        name, title = item.children[0], item.children[1]
+        rd = ir.Read(span=self.span(item), name=str(name), title=self.text(title) or "")
+        props: dict = {}
+        where = f"read {name}"
+        for c in self.kids(item):
+            key = str(c.children[0]) if c.data == "rd_text" else c.data
+            if c.data != "rd_window":
+                self.once(props, key, c, where)
+            if c.data == "rd_images":
+                rd.protocols = [ir.Ref(span=self.span(t), name=str(t)) for t in c.children[0].children]
+            elif c.data == "rd_timepoints":
+                rd.timepoints = [ir.Ref(span=self.span(t), name=str(t)) for t in c.children[0].children]
+            elif c.data == "rd_readers":
+                n = self.integer(c.children[0], "the number of readers", lo=1, hi=99)
+                rd.readers = n if n is not None else rd.readers
+                if c.children[1] is not None:
+                    a = self.integer(c.children[1], "the number of adjudicators", lo=0, hi=99)
+                    rd.adjudicators = a if a is not None else 0
+            elif c.data == "rd_text":
+                setattr(rd, key, self.text(c.children[1]))
+            elif c.data == "rd_blinded":
+                rd.blinded_to = [str(t) for t in c.children[0].children]
+            elif c.data == "rd_paradigm":
+                rd.paradigm = str(c.children[0])
+            elif c.data == "rd_adjudicate":
+                rd.adjudicate_on = [str(t) for t in c.children[0].children]
+                rd.adjudication_rule = self.text(c.children[1]) or ""
+            elif c.data == "rd_criteria":
+                rd.criteria = str(c.children[0])
+                rd.criteria_name = self.text(c.children[1]) or ""
+            elif c.data == "rd_window":
+                level, width = self.number(c.children[1]), self.number(c.children[2])
+                if level is not None and width is not None:
+                    rd.windows.append(ir.ReadWindow(span=self.span(c), name=str(c.children[0]), level=level, width=width))
+            elif c.data == "rd_variability":
+                metric, op, thr, action = c.children
+                v = self.number(thr)
+                if v is not None:
+                    rd.variability = ir.ReaderVariability(span=self.span(c), metric=str(metric), op=str(op.children[0]),
+                                                          threshold=v, action=self.text(action) or "")
+        trial.reads.append(rd)
+
+    def _top_changelog(self, item, trial, seen):
+        log = ir.Changelog(span=self.span(item))
+        for c in self.kids(item):
+            if c.data == "cl_version":
+                log.entries.append(ir.ChangelogEntry(span=self.span(c), version=self.text(c.children[0]),
+                                                     date=self.date(c.children[1]), description=self.text(c.children[2])))
+            elif c.data == "cl_approver":
+                log.approvers.append(ir.Approver(span=self.span(c), title=self.text(c.children[0]),
+                                                 name=self.text(c.children[1])))
+        self._single(trial, "changelog", log, item, seen, "changelog")
+
 def lower(tree: Optional[Tree], filename: str = "<string>") -> tuple[ir.Trial, list[Diagnostic]]:
     """Lower a syntax tree into an :class:`ir.Trial`; never raises. A None tree gives an empty Trial."""
     low = Lowerer(filename)

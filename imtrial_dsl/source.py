@@ -43,6 +43,14 @@ def _written_unit(v: ir.Quantity) -> str:
     return v.source_unit if v.source_unit is not None else v.unit
 
 
+def values_text(values) -> str:
+    """A multi-valued header value as people read it: ``R6.7.1 / R6.7.1.2``. DICOM stores the values
+    separated by a backslash (and the state database keeps them so); a report or message never shows it."""
+    if isinstance(values, str):
+        values = values.split("\\")
+    return " / ".join(str(v).strip() for v in values if str(v).strip())
+
+
 def header_text(v: ir.Value) -> str:
     """A value as a DICOM header writes it, padding aside: code strings YES/NO, numbers canonical."""
     if isinstance(v, bool):
@@ -178,3 +186,48 @@ def constraint(c: ir.Constraint) -> str:
     if c.note:
         tail += f"   note {quote(c.note)}"
     return f"{text(c, SOURCE)}{tail}"
+
+
+# --------------------------------------------------------------------------- reads and document control
+
+def _num(v: float) -> str:
+    return f"{v:g}"
+
+
+def read(r: ir.Read) -> str:
+    """A ``read`` block in the language's syntax (``lower ∘ parse`` gives ``r`` back, spans aside)."""
+    lines = [f"read {r.name}" + (f" {quote(r.title)}" if r.title else "") + " {"]
+    if r.protocols:
+        lines.append("  images " + ", ".join(p.name for p in r.protocols))
+    if r.timepoints:
+        lines.append("  timepoints " + ", ".join(t.name for t in r.timepoints))
+    lines.append(f"  readers {r.readers}" + (f" adjudicators {r.adjudicators}" if r.adjudicators else ""))
+    lines.append(f"  paradigm {r.paradigm}")
+    if r.adjudicate_on:
+        lines.append("  adjudicate when " + ", ".join(r.adjudicate_on)
+                     + (f" {quote(r.adjudication_rule)}" if r.adjudication_rule else ""))
+    if r.criteria:
+        lines.append(f"  criteria {r.criteria}" + (f" {quote(r.criteria_name)}" if r.criteria_name else ""))
+    for key in ("qualification", "training", "display", "unevaluable", "lock"):
+        if getattr(r, key):
+            lines.append(f"  {key} {quote(getattr(r, key))}")
+    if r.blinded_to:
+        lines.append("  blinded to " + ", ".join(r.blinded_to))
+    for w in r.windows:
+        lines.append(f"  window {w.name} {_num(w.level)} {_num(w.width)}")
+    v = r.variability
+    if v is not None:
+        lines.append(f"  variability {v.metric} {v.op} {_num(v.threshold)}" + (f" action {quote(v.action)}" if v.action else ""))
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def changelog(log: ir.Changelog) -> str:
+    """A ``changelog`` block in the language's syntax."""
+    lines = ["changelog {"]
+    for e in log.entries:
+        lines.append(f"  version {quote(e.version)} date {e.date} {quote(e.description)}")
+    for a in log.approvers:
+        lines.append(f"  approver {quote(a.title)}" + (f" {quote(a.name)}" if a.name else ""))
+    lines.append("}")
+    return "\n".join(lines) + "\n"

@@ -111,6 +111,36 @@ CREATE TABLE IF NOT EXISTS ops_requalification (
   software TEXT NOT NULL, exam_key TEXT NOT NULL, detected_on TEXT, resolved_by INTEGER,
   PRIMARY KEY (trial, site, device, protocol, software));
 
+-- ---------------------------------------------------------------- research scheduling (imtrial_dsl.worklist)
+-- subjects enrolled before their first exam, with the patient as the hospital knows them (site-side PHI)
+CREATE TABLE IF NOT EXISTS enrollments (
+  trial TEXT NOT NULL, subject_id TEXT NOT NULL, site TEXT NOT NULL, enrolled_on TEXT NOT NULL,
+  patient TEXT NOT NULL,       -- JSON: PatientID, IssuerOfPatientID, PatientName, PatientBirthDate, PatientSex
+  recorded REAL, PRIMARY KEY (trial, subject_id));
+-- one scheduled research procedure step per subject x visit x modality (what the Modality Worklist serves)
+CREATE TABLE IF NOT EXISTS scheduled_steps (
+  trial TEXT NOT NULL, accession TEXT NOT NULL,   -- AccessionNumber = RequestedProcedureID = step ID
+  subject_id TEXT NOT NULL, site TEXT NOT NULL, visit TEXT NOT NULL, modality TEXT NOT NULL,
+  protocols TEXT NOT NULL,     -- JSON list of protocol names (ScheduledProtocolCodeSequence)
+  date TEXT NOT NULL, time TEXT, opens TEXT, closes TEXT,   -- ISO dates; the visit's window
+  device TEXT,                 -- the device the same-device rule requires, else NULL
+  study_uid TEXT NOT NULL,     -- StudyInstanceUID the modality is asked to use
+  status TEXT NOT NULL DEFAULT 'SCHEDULED',  -- SCHEDULED | IN PROGRESS | COMPLETED | DISCONTINUED | CANCELLED
+  patient TEXT NOT NULL,       -- JSON (site-side PHI), as in enrollments
+  source TEXT,                 -- enrollment | baseline | manual | csv
+  exam_key TEXT,               -- the exam identified through this step
+  mpps_uid TEXT, updated REAL,
+  PRIMARY KEY (trial, accession), UNIQUE (trial, subject_id, visit, modality));
+
+-- ---------------------------------------------------------------- relay pulls (imtrial_dsl.transfer.pull)
+CREATE TABLE IF NOT EXISTS pulls (
+  relay TEXT NOT NULL,         -- the relay's DICOMweb base URL (no credentials)
+  sop_uid TEXT NOT NULL, study_uid TEXT, series_uid TEXT,
+  sha256 TEXT,                 -- of the bytes handed to the inbox
+  status TEXT NOT NULL,        -- received (in the inbox, durable) | deleted (gone from the relay) | rejected
+  inbox_path TEXT, detail TEXT, time TEXT NOT NULL,
+  PRIMARY KEY (relay, sop_uid));
+
 -- ---------------------------------------------------------------- transfer ledger (imtrial_dsl transfer)
 CREATE TABLE IF NOT EXISTS transfers (
   destination TEXT NOT NULL,   -- destination name; 'name@endpoint' when an override pointed it elsewhere

@@ -154,3 +154,27 @@ def software_pattern_hint(software: Optional[str]) -> Optional[str]:
             return (m.group(0) if m else rel) + "*"
     rel = next((v for v in values if re.search(r"\d", v) and not v.isdigit()), values[0])
     return rel + "*"
+
+
+# Manufacturer (0008,0070) as scanners of each vendor write it, for objects a scanner matches on (the
+# e-protocol's Model Specification Sequence). Seen in real headers: 'Siemens Healthineers' (XA30,
+# tests' real-dicom reference), 'SIEMENS' (older software, pydicom test files), 'GE MEDICAL SYSTEMS',
+# 'Philips Medical Systems' (real-dicom reference), 'TOSHIBA_MEC' (pydicom test files); 'CANON_MEC' is
+# the same vendor's spelling after the company's renaming.
+SCANNER_MANUFACTURERS: dict[str, tuple[str, ...]] = {
+    "Siemens": ("SIEMENS", "Siemens Healthineers"),
+    "GE": ("GE MEDICAL SYSTEMS",),
+    "Philips": ("Philips Medical Systems", "Philips"),
+    "Canon": ("CANON_MEC", "TOSHIBA_MEC"),
+}
+
+
+def scanner_manufacturers(vendor: str, written: str = "") -> list[str]:
+    """The Manufacturer spellings a scanner of ``vendor`` writes; a spelling the study wrote that is not the
+    canonical name is kept first (it came from a header); unknown vendors keep what was written."""
+    canonical = normalize_vendor(vendor or written)
+    known = list(SCANNER_MANUFACTURERS.get(canonical, ()))
+    text = (written or "").strip()
+    if text and text != canonical and text not in known:
+        known.insert(0, text)
+    return known or [text or canonical]

@@ -124,6 +124,21 @@ class Workdir:
     def run_lock(self) -> Path:
         return self.root / ".run.lock"
 
+    @property
+    def pull_lock(self) -> Path:
+        """Held by ``imtrial pull`` (one pull per workdir at a time)."""
+        return self.root / ".pull.lock"
+
+    @property
+    def pull_staging(self) -> Path:
+        """Where ``imtrial pull`` writes an instance before renaming it into the inbox (never half a file there)."""
+        return self.root / "pull" / "staging"
+
+    @property
+    def listen(self) -> Path:
+        """``imtrial listen``'s folder: received series (``series/``), verdicts, status page, outbox."""
+        return self.root / "listen"
+
     def exam(self, exam_key: str) -> ExamDir:
         return ExamDir(self.exams / exam_key)
 

@@ -1,7 +1,7 @@
 """Checker tests: bad scenarios as data, clean examples, and the match-set decision procedure.
 
 ``tests/scenarios/<name>.imtrial`` holds a study with mistakes; ``<name>.expected``
-holds the exact diagnostics (``line:col: severity: message``; a diagnostic from
+holds the exact diagnostics (``line:col: severity[CODE]: message``, as ``imtrial check`` prints them; a diagnostic from
 another file is prefixed with that file's base name). Regenerate an expectation only
 after reading the new output: ``PYTHONPATH=. .venv/bin/python tests/test_checker.py NAME``.
 """
@@ -35,7 +35,7 @@ def diagnostic_lines(path: Path) -> list[str]:
         where = f"{s.line}:{s.col}" if s else "0:0"
         if s and Path(s.file).resolve() != path.resolve():
             where = f"{Path(s.file).name}:{where}"
-        out.append(f"{where}: {d.severity.value}: {d.message}")
+        out.append(f"{where}: {d.label()}: {d.message}")
     return out
 
 

@@ -48,7 +48,7 @@ def test_check_json_and_werror(tmp_path: Path) -> None:
     data = json.loads(p.stdout)
     assert [d["code"] for d in data] == ["W406"] and data[0]["span"]["line"] == 2
     p = imtrial("check", "--werror", str(ROOT / "tests" / "scenarios" / "identifiers_check_digit.imtrial"))
-    assert p.returncode == 1 and "error: check_digit mod97" in p.stderr
+    assert p.returncode == 1 and "error[W406]: check_digit mod97" in p.stderr
 
 
 def test_colour_forced_and_no_color() -> None:
@@ -158,7 +158,7 @@ def test_library_errors_are_diagnostics_not_internal_errors(tmp_path: Path) -> N
     for csv in (enrol, tmp_path / "no-such.csv"):
         p = imtrial("expected", str(EXAMPLE), "--workdir", str(tmp_path / "w"), "--enrollment", str(csv))
         no_traceback(p)
-        assert p.returncode == 1 and p.stderr.startswith("error: ") and str(csv) in p.stderr, p.stderr
+        assert p.returncode == 1 and p.stderr.startswith("error[E842]: ") and str(csv) in p.stderr, p.stderr
 
 
 def test_ir_json_runs_like_its_source(tmp_path: Path) -> None:

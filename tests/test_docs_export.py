@@ -75,7 +75,7 @@ def test_every_document_carries_version_and_sha(compiled, rendered, stem):
     trial, _ = compiled[stem]
     assert trial.source_sha256 and re.fullmatch(r"[0-9a-f]{64}", trial.source_sha256)
     for name, path in rendered[stem].items():
-        if name == docs.GRAPH_FILE:
+        if name.endswith(".svg"):
             continue
         text = path.read_text(encoding="utf-8")
         assert trial.source_sha256 in text, name
@@ -155,7 +155,7 @@ def test_html_is_well_formed_and_embeds_the_graph(rendered):
         charter = files["charter.html"].read_text(encoding="utf-8")
         root = ET.fromstring(charter.split("\n", 1)[1])
         svgs = [e for e in root.iter() if e.tag == "{http://www.w3.org/2000/svg}svg"]
-        assert len(svgs) == 1, stem
+        assert len(svgs) == 2, stem     # the exam pipeline and the study tasks, each its own picture
         assert 'src="graph.svg"' not in charter
         svg_text = files[docs.GRAPH_FILE].read_text(encoding="utf-8")
         assert "<svg" in svg_text and "ingest" in svg_text.lower()
@@ -236,15 +236,86 @@ def test_minimal_study_says_what_is_not_defined(tmp_path):
 
 
 def test_missing_weasyprint_is_a_diagnostic_not_a_crash(compiled, tmp_path, monkeypatch):
-    """Without the optional PDF renderer the other formats are written and E611 says why PDF is not."""
+    """Without the optional PDF renderer the other formats are written and E900 names the extra to install."""
     import sys
 
-    from imtrial_dsl.diagnostics import CompileErrors
+    from imtrial_dsl.extras import MissingExtra
 
-    monkeypatch.setitem(sys.modules, "weasyprint", None)  # makes 'import weasyprint' raise ImportError
+    monkeypatch.setitem(sys.modules, "weasyprint", None)  # makes 'import weasyprint' raise ModuleNotFoundError
     trial, graph = compiled["oncology_ct"]
-    with pytest.raises(CompileErrors) as exc:
+    with pytest.raises(MissingExtra) as exc:
         docs.export(trial, graph, tmp_path)
-    assert [d.code for d in exc.value.diagnostics] == ["E611"]
+    assert exc.value.diagnostic.code == "E900" and exc.value.diagnostic.hint == "pip install 'imtrial[docs]'"
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["charter.html", "charter.md", "graph.svg", "site_manual.html", "site_manual.md"]
+    assert names == ["charter.html", "charter.md", "graph.svg", "graph_pipeline.svg", "graph_tasks.svg",
+                     "site_manual.html", "site_manual.md"]
+
+
+def test_charter_answers_every_fda_topic_and_m11_heading(compiled, rendered):
+    """Appendix C: each topic links to the section that answers it, or says why it does not apply; the
+    read topics are answered in section 10 from the study's read block (oncology), n/a without one (phantom)."""
+    onc = rendered["oncology_ct"]["charter.md"].read_text(encoding="utf-8")
+    appendix = onc.split("## Appendix C.", 1)[1]
+    rows = [ln for ln in appendix.splitlines() if ln.startswith("| ") and not ln.startswith("| Topic") and not ln.startswith("| ICH")]
+    assert len(rows) == 22 + 15
+    for row in rows:
+        where = row.split(" | ", 1)[1]
+        assert where.startswith("[") or "not applicable because" in where or where.startswith("version history"), row
+    for topic in ("Reader qualification and training", "Read paradigm and number of readers", "Adjudication",
+                  "Reader-variability monitoring", "Image display conditions", "Response criteria",
+                  "Handling of unevaluable images", "Image data lock", "Charter amendment control"):
+        row = next(r for r in rows if r.startswith(f"| {topic} |"))
+        assert "not applicable" not in row and "](#" in row, row
+    read = compiled["oncology_ct"][0].reads[0]
+    for text in (read.qualification, read.training, read.display, read.unevaluable, read.lock, read.variability.action):
+        assert docs.md(text) in onc
+    assert "RECIST 1.1 — Eisenhauer EA" in onc and "an adjudicator reviews a time point when" in onc.lower()
+    phantom = rendered["phantom_qualification"]["charter.md"].read_text(encoding="utf-8")
+    row = next(r for r in phantom.splitlines() if r.startswith("| Response criteria |"))
+    assert "not applicable because the study description defines no read" in row
+    # M11 wording where M11 headings are used
+    assert "subject" not in onc.split("## 2.", 1)[0].split("## 1. Protocol Synopsis", 1)[1].lower()
+    assert "## 4. Participant Preparation" in onc
+
+
+def test_title_page_effective_date_history_and_signatures(compiled, rendered):
+    trial, _ = compiled["oncology_ct"]
+    text = rendered["oncology_ct"]["charter.md"].read_text(encoding="utf-8")
+    head = text.split("## Contents", 1)[0]
+    entry = next(e for e in trial.changelog.entries if e.version == trial.study.version)
+    assert f"| Effective date | {entry.date} |" in head
+    for e in trial.changelog.entries:
+        assert f"| {e.version} | {e.date} | {docs.md(e.description)} |" in head
+    for a in trial.changelog.approvers:
+        assert f"| {docs.md(a.title)} | {docs.md(a.name or '')} | | |" in head
+    # without a changelog the charter says so instead of inventing a date
+    phantom = rendered["phantom_qualification"]["charter.md"].read_text(encoding="utf-8")
+    assert "not recorded (the changelog has no entry for version" in phantom
+
+
+def test_registry_sentence_states_what_the_registry_does(compiled, rendered):
+    """§6.6 is written from the registry implementation: keyed lookups when the study names a key."""
+    from imtrial_dsl.runner.identify import source_key
+
+    text = rendered["oncology_ct"]["charter.md"].read_text(encoding="utf-8")
+    section = text.split("### 6.6 Research Identifiers", 1)[1].split("\n## ", 1)[0]
+    assert source_key("ONC02", {"PatientID": "123"}, "X", b"key").startswith("hmac:")
+    assert "keyed hash (HMAC-SHA256)" in section
+    trial, graph = compiled["oncology_ct"]
+    unkeyed = trial.model_copy(update={"identifiers": trial.identifiers.model_copy(update={"key": None})})
+    section = docs.render_markdown(docs.build(unkeyed, None), "charter").split("### 6.6 Research Identifiers", 1)[1]
+    assert "as written\n(not hashed)" in section and "keyed hash (HMAC" not in section.split("\n## ", 1)[0]
+
+
+def test_wide_graph_gets_a_landscape_page(compiled, tmp_path):
+    """The pipeline picture (wider than tall) is printed on a landscape page: its PDF page is wider than high."""
+    trial, graph = compiled["oncology_ct"]
+    docs.export(trial, graph, tmp_path, formats=("pdf",), documents=("charter",))
+    info = subprocess.run(["pdfinfo", "-f", "1", "-l", "99", str(tmp_path / "charter.pdf")], capture_output=True,
+                          text=True, check=True).stdout
+    sizes = re.findall(r"Page\s+\d+ size:\s+([\d.]+) x ([\d.]+)", info)
+    landscape = [i for i, (w, h) in enumerate(sizes, 1) if float(w) > float(h)]
+    assert len(landscape) == 1, sizes
+    page = subprocess.run(["pdftotext", "-f", str(landscape[0]), "-l", str(landscape[0]), str(tmp_path / "charter.pdf"), "-"],
+                          capture_output=True, text=True, check=True).stdout
+    assert "Figure 1" in page and "Classify series" in page

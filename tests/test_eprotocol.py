@@ -83,16 +83,146 @@ def test_import_single_base_file_is_the_base_protocol(fixture_export):
             assert ir.strip_spans(got) == ir.strip_spans(want), base.name
 
 
-def test_import_single_variant_file_gives_effective_constraints(fixture_export):
+def test_import_single_variant_file_gives_the_whole_protocol(fixture_export):
+    """A variant file alone carries the base constraints it overrides: the whole base plus that variant."""
     trial, paths = fixture_export
     proto = trial.protocol("CT_CAP")
-    canon = next(p for p in _by_suffix(paths, ".dcm") if p.stem.endswith("_CT_CAP_Canon"))
-    got = ep.import_file(canon)
     variant = next(v for v in proto.variants if v.vendor == "Canon")
-    effective, best = ir.effective_constraints(proto, "TOSHIBA", "V8.9", "Aquilion ONE")
-    assert best is variant
-    assert [ir.strip_spans(c) for c in got.constraints + got.variants[0].constraints] == [ir.strip_spans(c) for c in effective]
-    assert ir.strip_spans(got.variants[0]) == ir.strip_spans(variant)
+    for suffix in (".dcm", ".json"):
+        canon = next(p for p in _by_suffix(paths, suffix) if p.stem.endswith("_CT_CAP_Canon"))
+        got = ep.import_file(canon)
+        assert ir.strip_spans(got.constraints) == ir.strip_spans(proto.constraints), suffix
+        assert ir.strip_spans(got.variants) == [ir.strip_spans(variant)], suffix
+        effective, best = ir.effective_constraints(proto, "TOSHIBA", "V8.9", "Aquilion ONE")
+        mine, _ = ir.effective_constraints(got, "TOSHIBA", "V8.9", "Aquilion ONE")
+        assert ir.strip_spans(mine) == ir.strip_spans(effective)
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_every_variant_file_alone_compiles(example, tmp_path):
+    """Each variant file imported alone gives a protocol that checks clean (amyloid's variant removes
+    InversionTime: without the base constraint it removes, that is E311)."""
+    from imtrial_dsl.check import check
+    from imtrial_dsl.lower import lower
+    from imtrial_dsl.parser import parse
+
+    trial = load_example(example)
+    paths = ep.export(trial, None, tmp_path)
+    files = [p for p in paths if p.suffix in (".dcm", ".json") and not p.name.endswith(".schema.json")
+             and not p.stem.endswith("_base")]
+    assert files
+    for f in files:
+        got = ep.import_file(f)
+        tree, diags = parse(ep.protocol_to_source(got), f.name)
+        alone, ldiags = lower(tree, f.name)
+        errors = [str(d) for d in diags + ldiags + check(alone) if d.severity.value == "error"]
+        assert errors == [], f.name
+        assert ir.strip_spans(got.constraints) == ir.strip_spans(trial.protocol(got.name).constraints), f.name
+
+
+def _edited_dpp(path: Path, out: Path) -> Path:
+    """The edits a vendor tool makes: SliceThickness upper bound 5 -> 3, KVP range 110..130 -> 100..140."""
+    ds = pydicom.dcmread(path)
+    for seq in ("AcquisitionProtocolElementSpecificationSequence", "ReconstructionProtocolElementSpecificationSequence"):
+        for item in ds[seq][0].ParametersSpecificationSequence:
+            if item.SelectorAttributeKeyword == "SliceThickness":
+                item.ConstraintValueSequence[1].SelectorDSValue = "3"
+            if item.SelectorAttributeKeyword == "KVP":
+                item.ConstraintValueSequence[0].SelectorDSValue = "100"
+                item.ConstraintValueSequence[1].SelectorDSValue = "140"
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def test_edited_dpp_imports_with_the_edit(tmp_path):
+    trial = load_example(ROOT / "examples" / "oncology_ct.imtrial")
+    paths = ep.export(trial, None, tmp_path / "x")
+    base = next(p for p in paths if p.name == "ONC02_CT_CAP_base.dcm")
+    protocols, notes = ep.import_report([_edited_dpp(base, tmp_path / "edited.dcm")])
+    text = ep.protocol_to_source(protocols[0])
+    assert "SliceThickness in 2.5 .. 3 mm" in text
+    assert "KVP = 120 kV ± 20 kV" in text
+    by_kw = {c.keyword: c for c in protocols[0].constraints}
+    assert by_kw["SliceThickness"].values[1].value == 3.0 and by_kw["KVP"].tolerance.value == 20.0
+    said = [d.message for d in notes if d.code == "W612"]
+    assert any("SliceThickness" in m and "3" in m for m in said) and any("KVP" in m and "± 20" in m for m in said)
+
+
+def test_edited_dpp_asymmetric_range_reads_as_a_range(tmp_path):
+    trial = load_example(ROOT / "examples" / "oncology_ct.imtrial")
+    paths = ep.export(trial, None, tmp_path / "x")
+    ds = pydicom.dcmread(next(p for p in paths if p.name == "ONC02_CT_CAP_base.dcm"))
+    item = next(i for i in ds.AcquisitionProtocolElementSpecificationSequence[0].ParametersSpecificationSequence
+                if i.SelectorAttributeKeyword == "KVP")
+    item.ConstraintValueSequence[1].SelectorDSValue = "140"
+    ds.save_as(tmp_path / "e.dcm", enforce_file_format=True)
+    protocols, notes = ep.import_report([tmp_path / "e.dcm"])
+    assert "KVP in 110 .. 140 kV" in ep.protocol_to_source(protocols[0])
+    assert any(d.code == "W612" and "not centred" in d.message for d in notes)
+
+
+def test_edited_json_imports_with_the_edit(tmp_path):
+    trial = load_example(ROOT / "examples" / "oncology_ct.imtrial")
+    paths = ep.export(trial, None, tmp_path / "x")
+    doc = json.loads(next(p for p in paths if p.name == "ONC02_CT_CAP_base.json").read_text())
+    st = next(d for d in doc["parameters"] if d["keyword"] == "SliceThickness")
+    st["values"][1]["value"] = 3          # the canonical number; source_value still says 5
+    out = tmp_path / "edited.json"
+    out.write_text(json.dumps(doc))
+    protocols, notes = ep.import_report([out])
+    assert "SliceThickness in 2.5 .. 3 mm" in ep.protocol_to_source(protocols[0])
+    assert [d.code for d in notes].count("W613") >= 1
+
+
+def test_import_several_files_merges_them(tmp_path):
+    """`imtrial import eprotocol A B C` merges the base and variant files of a protocol into one."""
+    import subprocess
+    import sys
+
+    trial = load_example(ROOT / "examples" / "oncology_ct.imtrial")
+    paths = [p for p in ep.export(trial, None, tmp_path) if p.suffix == ".dcm" and "_CT_CAP_" in p.name]
+    proc = subprocess.run([sys.executable, "-m", "imtrial_dsl", "import", "eprotocol", *map(str, paths)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("protocol CT_CAP ") == 1
+    assert proc.stdout.count("  variant ") == len(trial.protocol("CT_CAP").variants)
+
+
+def test_model_specification_manufacturer_as_the_scanner_writes_it(tmp_path):
+    """Siemens devices get 'SIEMENS' and 'Siemens Healthineers' items, GE 'GE MEDICAL SYSTEMS', Canon (written
+    'TOSHIBA' in the study) its headers' spellings; the real GE and Siemens headers' Manufacturer is among them."""
+    trial = load_example(ROOT / "examples" / "oncology_ct.imtrial")
+    paths = ep.export(trial, None, tmp_path)
+    maker = {p.name: [str(i.Manufacturer) for i in pydicom.dcmread(p).ModelSpecificationSequence]
+             for p in paths if p.suffix == ".dcm"}
+    assert {"SIEMENS", "Siemens Healthineers"} <= set(maker["ONC02_CT_CAP_Siemens.dcm"])
+    assert "GE MEDICAL SYSTEMS" in maker["ONC02_CT_CAP_GE.dcm"] and "GE" not in maker["ONC02_CT_CAP_GE.dcm"]
+    assert {"TOSHIBA", "CANON_MEC", "TOSHIBA_MEC"} <= set(maker["ONC02_CT_CAP_Canon.dcm"])
+    real = Path("/work/shared/reference/real-dicom")
+    seen = set()
+    for sub in ("ge_signa_hdxt", "siemens_xa30"):
+        for f in sorted((real / sub).rglob("*"))[:40]:
+            if f.is_file():
+                try:
+                    seen.add(str(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["Manufacturer"]).Manufacturer))
+                except Exception:
+                    continue
+    from imtrial_dsl.vendors import normalize_vendor, scanner_manufacturers
+    for name in seen:
+        assert name in scanner_manufacturers(normalize_vendor(name)), name
+
+
+def test_scanner_card_lists_regex_constraints_as_manual_checks(tmp_path):
+    trial = load_example(ROOT / "examples" / "oncology_ct.imtrial")
+    paths = ep.export(trial, None, tmp_path)
+    card = next(p for p in paths if p.name == "ONC02_CT_CAP_Siemens.html").read_text()
+    section = card.split("<h2>Check by hand</h2>", 1)[1].split("</div>", 1)[0]
+    assert "Convolution Kernel" in section and "Contrast/Bolus Agent" in section
+    doc = json.loads(next(p for p in paths if p.name == "ONC02_CT_CAP_Siemens.json").read_text())
+    suggested = doc["series_naming"]["suggested_series_description"]
+    assert suggested and suggested in section
+    base = next(p for p in paths if p.name == "ONC02_CT_CHEST_LUNG_base.html").read_text()
+    assert "Check by hand" not in base      # no regex constraint in that protocol's base
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
@@ -230,14 +360,19 @@ def test_standard_only_import(fixture_export, tmp_path):
     assert got.variants == []
 
 
-def test_tampered_constraint_type_is_rejected(fixture_export, tmp_path):
+def test_edited_constraint_type_wins_and_is_reported(fixture_export, tmp_path):
     _, paths = fixture_export
     ds = pydicom.dcmread(next(p for p in _by_suffix(paths, ".dcm") if p.stem.endswith("_CT_CAP_base")))
-    ds.AcquisitionProtocolElementSpecificationSequence[0].ParametersSpecificationSequence[0].ConstraintType = "EQUAL"
-    out = tmp_path / "bad.dcm"
+    item = ds.AcquisitionProtocolElementSpecificationSequence[0].ParametersSpecificationSequence[0]
+    item.ConstraintType = "GREATER_OR_EQUAL"
+    del item.ConstraintValueSequence[1:]
+    out = tmp_path / "edited.dcm"
     ds.save_as(out, enforce_file_format=True)
-    with pytest.raises(ValueError, match="disagrees"):
-        ep.import_file(out)
+    protocols, notes = ep.import_report([out])
+    kw = str(item.SelectorAttributeKeyword)
+    c = next(c for c in protocols[0].constraints if c.keyword == kw)
+    assert c.kind == ir.ConstraintKind.GREATER_OR_EQUAL and c.tolerance is None
+    assert any(d.code == "W612" and "Constraint Type" in d.message for d in notes)
 
 
 def test_outputs_are_deterministic(tmp_path):
@@ -285,6 +420,34 @@ def test_schema_rejects_malformed_documents(fixture_export):
         mutate(bad)
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, json_io.schema())
+
+
+def test_meaning_checks_reject_each_kind_of_nonsense(fixture_export):
+    """Beyond shape: units of the dimension, DICOM keywords that exist, ranges in order, dicom.values = values."""
+    _, paths = fixture_export
+    doc = json.loads(next(p for p in _by_suffix(paths, ".json") if p.stem.endswith("_CT_CAP_base")).read_text())
+    assert json_io.meaning_problems(doc) == []
+    rng = next(i for i, d in enumerate(doc["parameters"]) if d["constraint"] == "RANGE_INCL"
+               and isinstance(d["values"][0], dict))
+    cases = {
+        "unit": (lambda d: d["parameters"][rng]["values"][0].update(unit="furlong"), "canonical unit"),
+        "source unit": (lambda d: d["parameters"][rng]["values"][0].update(source_unit="kV"), "is not a unit of"),
+        "keyword": (lambda d: d["parameters"][rng].update(keyword="SliceThicknes"), "not a DICOM keyword"),
+        "tag": (lambda d: d["parameters"][rng].update(tag="(0018,0080)"), "is not the tag of"),
+        "order": (lambda d: d["parameters"][rng]["values"].reverse(), "not in order"),
+        "dicom values": (lambda d: d["parameters"][rng]["dicom"]["values"].__setitem__(0, 999), "do not equal values"),
+    }
+    for name, (mutate, words) in cases.items():
+        bad = json.loads(json.dumps(doc))
+        mutate(bad)
+        problems = json_io.meaning_problems(bad)
+        assert any(words in p for p in problems), (name, problems)
+        if name != "dicom values":   # an edit that left dicom.values behind imports (values[].value wins, W613)
+            path = Path(os.environ.get("TMPDIR", "/tmp")) / f"imtrial-meaning-{name.replace(' ', '_')}.json"
+            path.write_text(json.dumps(bad))
+            with pytest.raises(ValueError, match=words.split()[0]):
+                ep.import_file(path)
+            path.unlink()
 
 
 def _golden_compare(paths, folder: Path):

@@ -164,7 +164,7 @@ def joined(token_lists):
 
 device = st.tuples(
     name, st.sampled_from(["MR", "CT"]), vendor,
-    some_of(["model", "software", "serial", "station", "institution"]),
+    some_of(["model", "software", "serial", "station", "institution", "ae_title"]),
     string, num, st.lists(string, max_size=2), st.sampled_from(["yes", "no", "true", "false"]), st.booleans(),
 ).map(lambda t: ["device", t[0], "{", "modality", t[1], "vendor", *t[2], *[tok for k in t[3] for tok in (k, t[4])],
                  "field", t[5], "T", "coils", "[", *[tok for i, s in enumerate(t[6]) for tok in ([","] if i else []) + [s]],
@@ -284,6 +284,24 @@ qualification = seq("qualification", "{", opt(seq("protocols", listed(name))), o
 
 imports = seq("import", one(st.just('"stdlib/qc/common.imtrial"')))
 
+# reads (image interpretation) and document control
+_READ_PARTS = {
+    "images": seq("images", listed(name)), "timepoints": seq("timepoints", listed(name)),
+    "blinded": seq("blinded", "to", listed(name)), "adjudicate": seq("adjudicate", "when", listed(name), opt(one(string))),
+    "readers": seq("readers", one(st.sampled_from(["1", "2"])), opt(seq("adjudicators", one(st.just("1"))))),
+    "qualification": seq("qualification", one(string)), "training": seq("training", one(string)),
+    "display": seq("display", one(string)), "unevaluable": seq("unevaluable", one(string)), "lock": seq("lock", one(string)),
+    "paradigm": seq("paradigm", one(name)), "criteria": seq("criteria", one(name), opt(one(string))),
+    "window": seq("window", one(name), one(st.sampled_from(["-600", "40"])), one(st.sampled_from(["1500", "400"]))),
+    "variability": seq("variability", one(st.sampled_from(["kappa", "icc"])), one(st.sampled_from([">=", ">", "<=", "<"])),
+                       one(st.just("0.6")), opt(seq("action", one(string)))),
+}
+read_stmt = seq("read", one(name), opt(one(string)), "{", some_of(list(_READ_PARTS)).flatmap(
+    lambda ks: st.tuples(*[_READ_PARTS[k] for k in ks]).map(lambda xs: [t for x in xs for t in x])), "}")
+changelog_stmt = block(st.just(["changelog"]), st.one_of(
+    seq("version", one(string), "date", one(st.just("2026-01-15")), one(string)),
+    seq("approver", one(string), opt(one(string)))), max_size=3)
+
 SEPARATORS = [" ", " ", " ", "\n", "  ", "\n\n", "\t", " # note\n", "\n# own line\n", "\n\n\n"]
 
 
@@ -312,6 +330,9 @@ def program(draw):
             stmts.append(draw(strat))
     for strat in (deid_profile, qc, analysis, transfer, role, report):
         stmts += draw(st.lists(strat, max_size=2))
+    stmts += draw(st.lists(read_stmt, max_size=2))
+    if draw(st.booleans()):
+        stmts.append(draw(changelog_stmt))
     order = draw(st.permutations(range(len(stmts))))
     tokens = [t for i in order for t in stmts[i] + [";"] * draw(st.integers(0, 1))]
     text = ""
@@ -321,7 +342,7 @@ def program(draw):
 
 
 # no shrinking: the failing program is in the assertion message, and shrinking these can take minutes
-@settings(max_examples=100, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate], derandomize=True,
+@settings(max_examples=200, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate], derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(program())
 def test_generated_programs_roundtrip(text):
@@ -344,7 +365,7 @@ def test_generator_covers_every_statement():
     from imtrial_dsl.fmt import STATEMENTS
 
     if not SEEN_RULES:
-        @settings(max_examples=80, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+        @settings(max_examples=200, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
         @given(program())
         def collect(text):
             tree, _diags = parse(text, "x")

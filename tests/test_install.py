@@ -71,3 +71,44 @@ def test_wheel_installs_and_checks_an_example(tmp_path: Path) -> None:
     p = run([str(imtrial), "export", "eprotocol", ct.name, "-o", "ep"], work, env)
     outs = [work / x for x in p.stdout.split()]
     assert {o.suffix for o in outs} == {".json", ".html", ".dcm"} and all(o.exists() for o in outs)
+
+
+# The heavy tools of the extras, made unimportable: what a designer-only `pip install imtrial` lacks.
+_BLOCK = ("import sys, importlib.abc\n"
+          "class _NoExtras(importlib.abc.MetaPathFinder):\n"
+          "    def find_spec(self, name, path=None, target=None):\n"
+          "        if name.split('.')[0] in ('cwltool', 'cwl_utils', 'toil', 'weasyprint', 'ruamel', 'aiosmtpd'):\n"
+          "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+          "sys.meta_path.insert(0, _NoExtras())\n"
+          "from imtrial_dsl.cli import main\n"
+          "sys.exit(main(sys.argv[1:]))\n")
+
+
+def test_designer_install_needs_no_extra(tmp_path: Path) -> None:
+    """check, fmt, graph, compile, explain-code and lsp work without cwltool, Toil and WeasyPrint; a command
+    that needs an extra says which one (E900 and the pip line), not a traceback."""
+    from importlib.metadata import requires
+
+    base = [r for r in requires("imtrial") if "extra ==" not in r]
+    assert not any(r.split()[0].lower().startswith(("cwltool", "toil", "weasyprint", "cwl-utils")) for r in base), base
+
+    example = ROOT / "examples" / "amyloid_mri.imtrial"
+
+    def imtrial(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", _BLOCK, *args], cwd=tmp_path, capture_output=True, text=True,
+                              input=stdin, timeout=120, env=dict(os.environ, NO_COLOR="1"))
+
+    for args in (["check", str(example)], ["fmt", "--check", str(example)], ["graph", str(example), "--format", "mermaid"],
+                 ["compile", str(example), "-o", "ir.json"], ["explain-code", "E301"], ["lsp", "--help"]):
+        p = imtrial(*args)
+        assert p.returncode == 0, (args, p.stderr)
+    # the server starts and answers an LSP 'initialize' without any extra
+    body = '{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"capabilities":{}}}'
+    exit_ = '{"jsonrpc":"2.0","method":"exit"}'
+    frames = "".join(f"Content-Length: {len(b)}\r\n\r\n{b}" for b in (body, exit_))
+    p = imtrial("lsp", stdin=frames)
+    assert '"id": 1' in p.stdout.replace('"id":1', '"id": 1') and "capabilities" in p.stdout, p.stdout + p.stderr
+    for target, extra in (("cwl", "cwl"), ("docs", "docs")):
+        p = imtrial("export", target, str(example), "-o", f"out-{target}")
+        assert p.returncode == 1 and "error[E900]" in p.stderr and f"pip install 'imtrial[{extra}]'" in p.stderr, p.stderr
+        assert "Traceback" not in p.stderr

@@ -79,7 +79,8 @@ def _golden_compare(paths, folder: Path):
 
 def test_fixture_files_and_golden(tmp_path):
     paths = inv.export(fixture_trial(), None, tmp_path)
-    assert [p.name for p in paths] == ["ONC02_sites.csv", "ONC02_devices.csv", "ONC02_contacts.csv", "ONC02_inventory.html"]
+    assert [p.name for p in paths] == ["ONC02_sites.csv", "ONC02_devices.csv", "ONC02_contacts.csv",
+                                       "ONC02_site_devices.csv", "ONC02_inventory.html"]
     _golden_compare(paths, GOLDEN / "fixture")
 
 
@@ -121,7 +122,7 @@ def test_html_tables_and_irb_status(tmp_path):
     html = inv.export(trial, None, tmp_path)[-1].read_text()
     parser = _Tables()
     parser.feed(html)
-    assert set(parser.tables) == {"sites", "devices", "contacts"}
+    assert set(parser.tables) == {"grid", "sites", "devices", "contacts"}
     assert len(parser.tables["sites"]) == 1 + len(trial.sites)
     assert len(parser.tables["devices"]) == 1 + len(trial.devices())
     assert parser.tables["sites"][0][:4] == ["site", "name", "timezone", "irb status"]
@@ -135,3 +136,24 @@ def test_deterministic(tmp_path):
     a = inv.export(trial, None, tmp_path / "a")
     b = inv.export(trial, None, tmp_path / "b")
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+
+
+def test_site_by_field_grid_unknown_agreement_and_qualification():
+    """Sites as rows, device fields as columns; an undeclared research agreement is 'not declared', not 'no';
+    a device that needs qualification keeps its site from being ready until it is recorded qualified."""
+    from imtrial_dsl.compiler import compile_file
+    from imtrial_dsl.exporters import inventory
+
+    trial = compile_file(ROOT / "examples" / "oncology_ct.imtrial").trial
+    grid = {r["site"]: r for r in inventory.rows(trial)["grid"]}
+    assert list(grid) == [s.code for s in trial.sites]
+    assert grid["HOU"]["research_agreement"] == "HOU_CT1: yes; HOU_CT2: not declared"
+    assert grid["OSA"]["research_agreement"] == "not declared"
+    assert grid["MIL"]["vendor"] == "GE" and grid["MIL"]["model"] == "Revolution CT"
+    assert "imaging_pi: G. Rossi" in grid["MIL"]["contacts"]
+    assert grid["MIL"]["qualification"] == "required: CT_CAP (not recorded)" and grid["MIL"]["ready"] == "no"
+    done = frozenset({("MIL", "MIL_CT1")})
+    rows = inventory.rows(trial, done)
+    assert {r["site"]: r["ready"] for r in rows["grid"]}["MIL"] == "yes"
+    assert next(d for d in rows["devices"] if d["device"] == "MIL_CT1")["qualification"] == "qualified"
+    assert "not qualified: MIL_CT1" in inventory.site_issues(trial, trial.site("MIL"))

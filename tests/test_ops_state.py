@@ -58,7 +58,7 @@ def test_cli_subcommands(workdir, tmp_path, capsys):
 
     assert cli.main(["upgrades", STUDY, "--workdir", str(workdir)]) == 0
     out = capsys.readouterr().out
-    assert "BOS/BOS_MR1: software 'syngo MR XA31\\\\XA31A' differs from inventory 'XA30'" in out
+    assert "BOS/BOS_MR1: software 'syngo MR XA31 / XA31A' differs from inventory 'XA30'" in out
     assert "2 new re-qualification flag(s)" in out
 
     rc = cli.main(["reminders", STUDY, "--workdir", str(workdir), "--as-of", "2027-03-01", "--dry-run"])

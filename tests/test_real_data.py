@@ -61,6 +61,7 @@ def _check_folders(trial, folders: list[str]) -> dict[str, tuple[dict, dict]]:
 # ----------------------------------------------------------------------------- the copy
 
 def test_the_copy_is_what_its_provenance_table_lists():
+    assert sorted(EXPECTED) == ["ge_signa_hdxt", "philips", "siemens_xa30"]
     table = (REAL / "PROVENANCE.md").read_text()
     rows = re.findall(r"^\| `([^`]+)` \| ([^|]+) \| ([0-9a-f]+) \| (\d+) \| ([0-9a-f]{64}) \|$", table, flags=re.M)
     listed = {rel: (int(size), sha) for rel, _repo, _commit, size, sha in rows}

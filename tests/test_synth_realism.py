@@ -112,6 +112,7 @@ def _ids(pairs_list):
 def test_every_real_file_has_a_synthetic_counterpart(pairs):
     real_mr = [p for p in REAL.rglob("*") if p.is_file() and p.parent.name != "studies" and p.suffix != ".md"
                and not p.name.startswith("LICENSE") and "Phoenix" not in str(p)]
+    assert len(EXPECTED) == 3 and len(real_mr) > 100
     assert len(pairs) == len(real_mr)
     assert {(n, pr) for n, pr, *_ in pairs} == {(n, pr) for n, exp in EXPECTED.items() for pr in exp["series"] if pr != "REPORT"}
 

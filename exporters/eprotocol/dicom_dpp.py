@@ -160,6 +160,12 @@ def _code(value: str, meaning: str, scheme: str = LOCAL_SCHEME):
     return d
 
 
+def protocol_code(p: ir.Protocol):
+    """The code that names a study protocol (local scheme 99IMTRIAL): the e-protocol's Potential Scheduled
+    Protocol Code and the Modality Worklist's Scheduled Protocol Code, so a scanner can map one to the other."""
+    return _code(p.name, p.title or p.name)
+
+
 def _integer_bounds(k: ir.ConstraintKind, values: list[Any]) -> list[Any]:
     """Integer-VR attributes hold integers: round each bound in the direction that keeps its meaning
     (x >= 7.5 is x >= 8 for integers); EQUAL/SET_OF round to nearest (a fraction can never match)."""
@@ -306,7 +312,7 @@ def to_dicom(trial: ir.Trial, t: Target):
     ds.SoftwareVersions = __version__
     # Protocol Context
     ds.ProtocolName = _lo(p.name)
-    ds.PotentialScheduledProtocolCodeSequence = [_code(p.name, p.title or p.name)]
+    ds.PotentialScheduledProtocolCodeSequence = [protocol_code(p)]
     ds.PotentialRequestedProcedureCodeSequence = []
     ds.ResponsibleGroupCodeSequence = [_code(f"{code}_IMG"[:16], f"{code} imaging core")]
     custodian = Dataset()
@@ -368,7 +374,11 @@ def to_dicom(trial: ir.Trial, t: Target):
         r.ParametersSpecificationSequence = rec
         ds.ReconstructionProtocolElementSpecificationSequence = [r]
     # Everything else the IR knows that DICOM has no attribute for (match rules, variant identity, ...)
-    _private_json(ds, 0x10, {"format": FORMAT, "protocol": protocol_header(p), "variant": variant_header(t), "label": t.label})
+    header = {"format": FORMAT, "protocol": protocol_header(p), "variant": variant_header(t), "label": t.label}
+    if t.variant is not None:  # what the variant replaces, so that this file alone gives a protocol that compiles
+        header["base_overridden"] = [{"position": i, "constraint": c.model_dump(mode="json", exclude={"span"})}
+                                     for i, c in t.overridden_base]
+    _private_json(ds, 0x10, header)
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
@@ -407,28 +417,32 @@ def _registry_issuer(registry: str) -> str:
 
 
 def _model_specs(t: Target):
+    """One item per device and per Manufacturer spelling its vendor's scanners write (vendors.scanner_manufacturers):
+    any item matching makes the protocol applicable (C.34.6.1), so a scanner matching on Manufacturer finds itself."""
     from pydicom.dataset import Dataset
 
+    from imtrial_dsl.vendors import scanner_manufacturers
+
+    def items_for(vendor: str, written: str, model, software, serial=None) -> list:
+        out = []
+        for name in scanner_manufacturers(vendor, written):
+            it = Dataset()
+            it.Manufacturer = _lo(name)
+            if model:
+                it.ManufacturerModelName = _lo(model)
+            if software:
+                it.SoftwareVersions = _lo(software)
+            if serial:
+                it.DeviceSerialNumber = _lo(serial)
+            out.append(it)
+        return out
+
     items = []
-    for _, d in t.devices:  # one item per device: any item matching makes the protocol applicable (C.34.6.1)
-        it = Dataset()
-        it.Manufacturer = _lo(d.vendor_text or d.vendor)
-        if d.model:
-            it.ManufacturerModelName = _lo(d.model)
-        if d.software:
-            it.SoftwareVersions = _lo(d.software)
-        if d.serial:
-            it.DeviceSerialNumber = _lo(d.serial)
-        items.append(it)
+    for _, d in t.devices:
+        items += items_for(d.vendor, d.vendor_text, d.model, d.software, d.serial)
     if not items and t.variant is not None:
         v = t.variant
-        it = Dataset()
-        it.Manufacturer = _lo(v.vendor_text or v.vendor)
-        if v.model:
-            it.ManufacturerModelName = _lo(v.model)
-        if v.software:
-            it.SoftwareVersions = _lo(v.software)
-        items.append(it)
+        items += items_for(v.vendor, v.vendor_text, v.model, v.software)
     return items
 
 
@@ -473,7 +487,10 @@ def _selector_values(item, vr: str) -> list[Any]:
     return [str(v)]
 
 
-def _constraint_from_item(item) -> tuple[Optional[ir.Constraint], str, int]:
+def _constraint_from_item(item, notes: list, where: str) -> tuple[Optional[ir.Constraint], str, int]:
+    """One Attribute Value Constraint item as an IR constraint. The standard attributes are the truth: where
+    imtrial's private copy disagrees with them (a vendor tool edited the object), the standard wins and
+    ``notes`` gets a W612 saying what was taken from where."""
     from pydicom.datadict import keyword_for_tag
 
     extras = _read_private_json(item, 0x01) or {}
@@ -486,35 +503,44 @@ def _constraint_from_item(item) -> tuple[Optional[ir.Constraint], str, int]:
     index = int(item.get("SelectorValueNumber", 0) or 0)
     sig = _SIGNIFICANCE_BACK.get(str(item.get("ConstraintViolationSignificance", "FAILURE")), ir.Significance.ERROR)
     modifiable = str(item.get("ModifiableConstraintFlag", "NO")) == "YES"
+    pos, origin = extras.get("pos", 0), extras.get("origin", "base")
+
+    def note(text: str) -> None:
+        notes.append(_note(f"{where}: {keyword}: {text}"))
+
     kind_name = extras.get("kind")
-    if kind_name:
-        kind = ir.ConstraintKind(kind_name)
-        expected = "RANGE_INCL" if (kind == ir.ConstraintKind.EQUAL and extras.get("tolerance")) else _KIND_TO_DICOM[kind]
+    tol = extras.get("tolerance")
+    kind: Optional[ir.ConstraintKind] = ir.ConstraintKind(kind_name) if kind_name else None
+    if kind is not None:
+        expected = "RANGE_INCL" if (kind == ir.ConstraintKind.EQUAL and tol) else _KIND_TO_DICOM[kind]
         if expected != ctype:
-            raise ValueError(f"{keyword}: Constraint Type {ctype} disagrees with imtrial kind {kind_name}")
+            if ctype not in _DICOM_TO_KIND:
+                return None, origin, pos   # e.g. edited to UNCONSTRAINED: nothing left to check
+            note(f"Constraint Type is {ctype} but imtrial's private copy says {kind_name}; the Constraint Type is used")
+            kind, tol, extras = _DICOM_TO_KIND[ctype], None, {k: v for k, v in extras.items() if k not in ("exact", "values")}
     elif ctype in _DICOM_TO_KIND:
         kind = _DICOM_TO_KIND[ctype]
-        if kind == ir.ConstraintKind.NOT_EQUAL and len(raw) > 1:
-            raise ValueError(f"{keyword}: NOT_MEMBER_OF with several values has no imtrial equivalent")
     else:
-        return None, "base", extras.get("pos", 0)  # UNCONSTRAINED / MEMBER_OF_CID from other writers
+        return None, origin, pos  # UNCONSTRAINED / MEMBER_OF_CID from other writers
+    if kind == ir.ConstraintKind.NOT_EQUAL and len(raw) > 1:
+        raise ValueError(f"{keyword}: NOT_MEMBER_OF with several values has no imtrial equivalent")
 
+    metas = list(extras.get("values") or [])
+    tolerance = ir.Tolerance(**tol) if tol else None
     if kind == ir.ConstraintKind.MATCHES:
         values: list[Any] = [extras["regex"]]
-    elif kind == ir.ConstraintKind.EQUAL and extras.get("tolerance"):
-        values = default[:1]
-        if "exact_default" in extras and values and vr in INTEGER_VRS:
-            if _clamp(vr, [float(round(extras["exact_default"]))])[0] != float(values[0]):
-                raise ValueError(f"{keyword}: private exact default {extras['exact_default']} disagrees with {values[0]}")
-            values = [extras["exact_default"]]
+    elif kind == ir.ConstraintKind.EQUAL and tol:
+        values, tolerance, kind = _tolerance_from_range(keyword, vr, raw, default, tol, metas, extras, note)
     else:
         values = raw
-    if "exact" in extras and len(extras["exact"]) == len(values) and vr in INTEGER_VRS:
-        expected = _clamp(vr, _integer_bounds(kind, [float(x) for x in extras["exact"]]))
-        if expected != [float(x) for x in values]:
-            raise ValueError(f"{keyword}: private exact bounds {extras['exact']} disagree with {values}")
-        values = extras["exact"]
-    metas = extras.get("values") or [{} for _ in values]
+        if "exact" in extras and len(extras["exact"]) == len(values) and vr in INTEGER_VRS:
+            expected = _clamp(vr, _integer_bounds(kind, [float(x) for x in extras["exact"]]))
+            if expected == [float(x) for x in values]:
+                values = extras["exact"]
+            else:
+                note(f"values {values} disagree with imtrial's exact bounds {extras['exact']}; the standard values are used")
+    if len(metas) != len(values):
+        metas = [metas[0] if metas else {}] * len(values) if kind not in (ir.ConstraintKind.SET_OF,) else [{}] * len(values)
     out_vals: list[ir.Value] = []
     for v, meta in zip(values, metas):
         t = meta.get("t")
@@ -523,15 +549,68 @@ def _constraint_from_item(item) -> tuple[Optional[ir.Constraint], str, int]:
         elif kind == ir.ConstraintKind.MATCHES or t == "s" or (t is None and isinstance(v, str)):
             out_vals.append(str(v))
         else:
-            out_vals.append(_quantity_from_dicom(keyword, float(v), meta))
-    tol = extras.get("tolerance")
-    c = ir.Constraint(keyword=keyword, kind=kind, values=out_vals, tolerance=ir.Tolerance(**tol) if tol else None,
+            out_vals.append(_quantity_from_dicom(keyword, float(v), meta, note))
+    c = ir.Constraint(keyword=keyword, kind=kind, values=out_vals, tolerance=tolerance,
                       significance=sig, modifiable=modifiable, index=None if index == 0 else index - 1,
                       note=extras.get("note"))
-    return c, extras.get("origin", "base"), extras.get("pos", 0)
+    return c, origin, pos
 
 
-def _quantity_from_dicom(keyword: str, v: float, meta: dict) -> ir.Quantity:
+def _note(message: str):
+    from imtrial_dsl.diagnostics import Diagnostic, Severity
+
+    return Diagnostic(severity=Severity.WARNING, code="W612", message=message,
+                      hint="the standard DICOM attributes are the truth; the printed protocol shows what the scanner enforces")
+
+
+def _tolerance_from_range(keyword, vr, raw, default, tol, metas, extras, note):
+    """``= v ± t`` was written as RANGE_INCL [v-t, v+t] + Recommended Default v. Read the range as the truth:
+    a symmetric range around the default is ``= v ± (hi-lo)/2``; otherwise the range itself."""
+    if len(raw) != 2:
+        raise ValueError(f"{keyword}: RANGE_INCL needs two values, found {len(raw)}")
+    if "exact" in extras and vr in INTEGER_VRS and len(extras["exact"]) == 2 and \
+            _clamp(vr, _integer_bounds(ir.ConstraintKind.RANGE_INCL, [float(x) for x in extras["exact"]])) == [float(x) for x in raw]:
+        raw = list(extras["exact"])   # the documented integer rounding, not an edit
+    lo, hi = (units.from_dicom(float(x), keyword) for x in raw)
+    nominal_raw = default[0] if default else None
+    if "exact_default" in extras and nominal_raw is not None and vr in INTEGER_VRS \
+            and _clamp(vr, [float(round(extras["exact_default"]))])[0] == float(nominal_raw):
+        nominal_raw = extras["exact_default"]
+    meta = metas[0] if metas else {}
+    if nominal_raw is None:
+        note("RANGE_INCL without a Recommended Default Value; read as the range")
+        return list(raw), None, ir.ConstraintKind.RANGE_INCL
+    nominal = units.from_dicom(float(nominal_raw), keyword)
+    half = (hi - lo) / 2
+    if not math.isclose(nominal - lo, hi - nominal, rel_tol=1e-9, abs_tol=1e-9):
+        note(f"range {_round12(lo):g} .. {_round12(hi):g} is not centred on the recommended default {_round12(nominal):g}; "
+             f"read as the range")
+        return list(raw), None, ir.ConstraintKind.RANGE_INCL
+    q = _quantity_from_dicom(keyword, float(nominal_raw), meta)
+    old = ir.Tolerance(**tol)
+    old_abs = abs(q.value) * old.value / 100.0 if old.relative else old.value
+    if math.isclose(old_abs, half, rel_tol=1e-9, abs_tol=1e-9):
+        return [nominal_raw], old, ir.ConstraintKind.EQUAL
+    note(f"range {_round12(lo):g} .. {_round12(hi):g} gives a tolerance of ± {_round12(half):g}, not imtrial's "
+         f"± {_round12(old_abs):g}; the range is used")
+    if old.relative and q.value:
+        new = ir.Tolerance(value=_round12(half / abs(q.value) * 100.0), relative=True, source_unit="%")
+        new.source_value = new.value
+    else:
+        sv = _in_unit(half, old.source_unit) if old.source_unit else None
+        new = ir.Tolerance(value=_round12(half), relative=False, source_value=sv, source_unit=old.source_unit if sv is not None else None)
+    return [nominal_raw], new, ir.ConstraintKind.EQUAL
+
+
+def _in_unit(canonical: float, unit: Optional[str]) -> Optional[float]:
+    """A canonical value expressed in ``unit`` (None for an unknown unit)."""
+    if unit is None or (unit != "" and unit not in units.UNITS):
+        return None
+    factor = units.to_canonical(1.0, unit)[0] if unit else 1.0
+    return _round12(canonical / factor)
+
+
+def _quantity_from_dicom(keyword: str, v: float, meta: dict, note=None) -> ir.Quantity:
     dim_unit = units.DICOM_UNITS.get(keyword)
     dimension = meta.get("dimension") or (dim_unit[0] if dim_unit else "none")
     unit = meta.get("unit")
@@ -544,12 +623,20 @@ def _quantity_from_dicom(keyword: str, v: float, meta: dict) -> ir.Quantity:
         derived = units.to_canonical(float(sv), su)[0]
         if math.isclose(derived, value, rel_tol=1e-9, abs_tol=1e-12):
             value = derived
-    return ir.Quantity(value=value, unit=unit, dimension=dimension, source_value=meta.get("source_value"),
-                       source_unit=meta.get("source_unit"))
+        else:  # edited on the standard side: the written form follows the standard value
+            new_sv = _in_unit(value, su)
+            if note is not None:
+                note(f"value {value:g} {unit} disagrees with imtrial's written value {float(sv):g} {su}; "
+                     f"{new_sv:g} {su} is used")
+            sv = new_sv
+    return ir.Quantity(value=value, unit=unit, dimension=dimension, source_value=sv, source_unit=su)
 
 
-def read(path: Path) -> tuple[ir.Protocol, list[tuple[ir.Constraint, str]], Optional[dict]]:
-    """(protocol header, origin-tagged constraints, variant or None) of one DPP file, ours or another writer's."""
+def read(path: Path, notes: Optional[list] = None) -> tuple[ir.Protocol, list[tuple[ir.Constraint, str]], Optional[dict]]:
+    """(protocol header, origin-tagged constraints, variant or None) of one DPP file, ours or another writer's.
+
+    Disagreements between the standard attributes and imtrial's private copy go to ``notes`` (W612)."""
+    notes = [] if notes is None else notes
     import pydicom
 
     ds = pydicom.dcmread(path)
@@ -560,6 +647,9 @@ def read(path: Path) -> tuple[ir.Protocol, list[tuple[ir.Constraint, str]], Opti
     if extras:
         protocol = protocol_from_header(extras["protocol"])
         variant = extras.get("variant")
+        if variant is not None:
+            variant = dict(variant, base_overridden=[(o["position"], ir.Constraint.model_validate(o["constraint"]))
+                                                     for o in extras.get("base_overridden", [])])
     else:  # a DPP from another writer: what the standard attributes carry
         codes = ds.get("PotentialScheduledProtocolCodeSequence", [])
         title = str(codes[0].CodeMeaning) if codes else ""
@@ -572,7 +662,7 @@ def read(path: Path) -> tuple[ir.Protocol, list[tuple[ir.Constraint, str]], Opti
     for seq_kw in ("AcquisitionProtocolElementSpecificationSequence", "ReconstructionProtocolElementSpecificationSequence"):
         for element in ds.get(seq_kw, []):
             for item in element.get("ParametersSpecificationSequence", []):
-                c, origin, pos = _constraint_from_item(item)
+                c, origin, pos = _constraint_from_item(item, notes, Path(path).name)
                 if c is not None:
                     found.append((pos, len(found), c, origin))
     found.sort(key=lambda x: (x[0], x[1]))

@@ -7,23 +7,32 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from imtrial_dsl import ir, source
+from imtrial_dsl.diagnostics import Diagnostic, Severity
 
 from . import dicom_dpp, json_io
-from .targets import variant_from_header
+from .targets import base_with_overridden, variant_from_header
 
 
 class Imported:
-    """One file read back: the protocol header, its origin-tagged constraints, its variant (if any)."""
+    """One file read back: the protocol header, its origin-tagged constraints, its variant (if any), the base
+    constraints the variant overrides, and what the import had to say (W612/W613)."""
 
-    def __init__(self, protocol: ir.Protocol, params: list[tuple[ir.Constraint, str]], variant: Optional[dict]):
-        self.protocol, self.params, self.variant = protocol, params, variant
+    def __init__(self, protocol: ir.Protocol, params: list[tuple[ir.Constraint, str]], variant: Optional[dict],
+                 notes: list[Diagnostic]):
+        variant = dict(variant) if variant is not None else None
+        self.overridden = variant.pop("base_overridden", []) if variant is not None else []
+        self.protocol, self.params, self.variant, self.notes = protocol, params, variant, notes
+
+    @property
+    def base(self) -> list[ir.Constraint]:
+        """The base constraints: all of a base file; of a variant file, the ones it keeps plus the ones it overrides."""
+        return base_with_overridden([c for c, o in self.params if o == "base"], self.overridden)
 
     def as_protocol(self) -> ir.Protocol:
-        base = [c for c, o in self.params if o == "base"]
         variants = []
         if self.variant is not None:
             variants.append(variant_from_header(self.variant, [c for c, o in self.params if o == "variant"]))
-        return self.protocol.model_copy(update={"constraints": base, "variants": variants})
+        return self.protocol.model_copy(update={"constraints": self.base, "variants": variants})
 
 
 def _read(path: Path | str) -> Imported:
@@ -31,8 +40,10 @@ def _read(path: Path | str) -> Imported:
     path = Path(path)
     with open(path, "rb") as f:
         head = f.read(132)
+    notes: list[Diagnostic] = []
     try:
-        return Imported(*(dicom_dpp.read(path) if head[128:132] == b"DICM" else json_io.read(path)))
+        got = dicom_dpp.read(path, notes) if head[128:132] == b"DICM" else json_io.read(path, notes)
+        return Imported(*got, notes)
     except (KeyError, TypeError, AttributeError, IndexError) as exc:
         raise ValueError(f"{path}: malformed e-protocol ({type(exc).__name__}: {exc})") from exc
     except Exception as exc:  # pydicom and pydantic errors are not ValueErrors in every version
@@ -44,44 +55,50 @@ def _read(path: Path | str) -> Imported:
 def import_file(path: Path | str) -> ir.Protocol:
     """Read one DPP object or ``imtrial-eprotocol/1`` JSON file back into an ``ir.Protocol`` (no spans).
 
-    A base file gives the complete base protocol; a variant file gives that variant plus the base
-    constraints it did not override (use :func:`import_files` to merge a protocol's files).
+    A base file gives the complete base protocol; a variant file gives the whole base protocol (the
+    constraints it keeps and the ones it overrides, which it carries) with that one variant.
     """
     return _read(path).as_protocol()
 
 
 def import_files(paths: Iterable[Path | str]) -> list[ir.Protocol]:
-    """Read several files and merge them per protocol: base constraints from the base file, one
-    variant per variant file (in their original order). Protocols come out in first-seen order."""
-    groups: dict[str, list[Imported]] = {}
+    """Read several files and merge them per protocol (see :func:`import_report`)."""
+    return import_report(paths)[0]
+
+
+def import_report(paths: Iterable[Path | str]) -> tuple[list[ir.Protocol], list[Diagnostic]]:
+    """Read several files and merge them per protocol: base constraints from the base file (else from the
+    variant files, which carry them), one variant per variant file in their original order. Protocols come out
+    in first-seen order; the diagnostics say where a file's standard values overrode imtrial's private copy
+    (W612/W613) and where files of one protocol disagree about its base (W614)."""
+    groups: dict[str, list[tuple[Path, Imported]]] = {}
+    notes: list[Diagnostic] = []
     for p in paths:
         imp = _read(p)
-        groups.setdefault(imp.protocol.name, []).append(imp)
+        notes += imp.notes
+        groups.setdefault(imp.protocol.name, []).append((Path(p), imp))
     out = []
-    for name, imps in groups.items():
-        bases = [i for i in imps if i.variant is None]
-        variants = sorted((i for i in imps if i.variant is not None), key=lambda i: i.variant.get("index") or 0)
-        if bases:
-            head = bases[0]
-            base_constraints = [c for c, _ in head.params]
-        else:  # no base file: keep the base constraints the variant files carried, first-seen order
-            head = imps[0]
-            base_constraints, seen = [], set()
-            for i in imps:
-                for c, o in i.params:
-                    key = json.dumps(ir.strip_spans(c), sort_keys=True)
-                    if o == "base" and key not in seen:
-                        seen.add(key)
-                        base_constraints.append(c)
+    for name, items in groups.items():
+        imps = [i for _, i in items]
+        bases = [(p, i) for p, i in items if i.variant is None]
+        head_path, head = bases[0] if bases else items[0]
+        base_constraints = head.base
+        key = json.dumps(ir.strip_spans(base_constraints), sort_keys=True)
+        for p, i in items:
+            if i is not head and json.dumps(ir.strip_spans(i.base), sort_keys=True) != key:
+                notes.append(Diagnostic(severity=Severity.WARNING, code="W614",
+                                        message=f"{p.name}: the base constraints of protocol {name} differ from "
+                                                f"{head_path.name}'s; {head_path.name}'s are used",
+                                        hint="import the files of one export together, or re-export after editing"))
         merged, seen_v = [], set()
-        for i in variants:
-            key = json.dumps(i.variant, sort_keys=True)
-            if key in seen_v:
+        for i in sorted((i for i in imps if i.variant is not None), key=lambda i: i.variant.get("index") or 0):
+            vkey = json.dumps(i.variant, sort_keys=True)
+            if vkey in seen_v:
                 continue
-            seen_v.add(key)
+            seen_v.add(vkey)
             merged.append(variant_from_header(i.variant, [c for c, o in i.params if o == "variant"]))
         out.append(head.protocol.model_copy(update={"constraints": base_constraints, "variants": merged}))
-    return out
+    return out, notes
 
 
 def protocol_to_source(protocol: ir.Protocol) -> str:

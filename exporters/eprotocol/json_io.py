@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Optional
@@ -169,15 +170,112 @@ def to_json(trial: ir.Trial, t: Target) -> dict:
         "equipment": [_device_json(s, d) for s, d in t.devices],
         "series_naming": series_naming(p),
         "parameters": [constraint_to_json(c, origin) for c, origin in t.constraints],
+        # the base constraints a variant replaces or removes, so that one variant file alone is a whole protocol
+        "base_overridden": [dict(constraint_to_json(c, "base"), base_position=i) for i, c in t.overridden_base],
         "contacts": _contacts(t),
         "dicom_sop_instance_uid": dicom_dpp.sop_instance_uid(trial, t) if p.modality in dicom_dpp.DPP_MODALITIES else None,
     }
 
 
-def read(path: Path) -> tuple[ir.Protocol, list[tuple[ir.Constraint, str]], Optional[dict]]:
-    """(protocol header, origin-tagged constraints, variant or None) of one ``.json`` file."""
+def read(path: Path, notes: Optional[list] = None) -> tuple[ir.Protocol, list[tuple[ir.Constraint, str]], Optional[dict]]:
+    """(protocol header, origin-tagged constraints, variant or None) of one ``.json`` file.
+
+    ``values[].value`` is the canonical number: where an edit left ``source_value`` behind, the value wins
+    and ``notes`` gets a W613."""
+    notes = [] if notes is None else notes
     doc = json.loads(path.read_text(encoding="utf-8"))
     if doc.get("format") != FORMAT:
         raise ValueError(f"{path}: not an {FORMAT} document (format={doc.get('format')!r})")
-    params = [(constraint_from_json(d), d.get("origin", "base")) for d in doc["parameters"]]
-    return protocol_from_header(doc["protocol"]), params, doc.get("variant")
+    where = Path(path).name
+    problems = meaning_problems(doc, dicom=False)
+    if problems:
+        raise ValueError(f"{path}: " + "; ".join(problems))
+    from imtrial_dsl.diagnostics import Diagnostic, Severity
+
+    for text in sorted(set(meaning_problems(doc)) - set(problems)):  # dicom.values left behind by an edit
+        notes.append(Diagnostic(severity=Severity.WARNING, code="W613", message=f"{where}: {text}; values[].value is used",
+                                hint="values[].value is the canonical number; dicom.values is derived from it"))
+    params = [(_checked(constraint_from_json(d), where, notes), d.get("origin", "base")) for d in doc["parameters"]]
+    variant = doc.get("variant")
+    if variant is not None:
+        variant = dict(variant, base_overridden=[(d["base_position"], _checked(constraint_from_json(d), where, notes))
+                                                 for d in doc.get("base_overridden", [])])
+    return protocol_from_header(doc["protocol"]), params, variant
+
+
+def _checked(c: ir.Constraint, where: str, notes: list) -> ir.Constraint:
+    """Make each quantity's written form agree with its canonical ``value`` (the value is the truth)."""
+    from imtrial_dsl import units
+    from imtrial_dsl.diagnostics import Diagnostic, Severity
+
+    fixed = []
+    for v in c.values:
+        if isinstance(v, ir.Quantity) and v.source_value is not None and v.source_unit is not None \
+                and (v.source_unit == "" or v.source_unit in units.UNITS):
+            derived = units.to_canonical(float(v.source_value), v.source_unit)[0]
+            if not math.isclose(derived, v.value, rel_tol=1e-9, abs_tol=1e-12):
+                factor = units.to_canonical(1.0, v.source_unit)[0] if v.source_unit else 1.0
+                new_sv = float(f"{v.value / factor:.12g}")
+                notes.append(Diagnostic(
+                    severity=Severity.WARNING, code="W613",
+                    message=f"{where}: {c.keyword}: value {v.value:g} {v.unit} disagrees with source_value "
+                            f"{v.source_value:g} {v.source_unit}; {new_sv:g} {v.source_unit} is used",
+                    hint="values[].value is the canonical number; source_value only says how it was written"))
+                v = v.model_copy(update={"source_value": new_sv})
+        fixed.append(v)
+    return c.model_copy(update={"values": fixed})
+
+
+def meaning_problems(doc: dict, dicom: bool = True) -> list[str]:
+    """What a document says that cannot be true, beyond its shape (the JSON Schema checks the shape and the
+    units of each dimension; comparisons between fields are beyond JSON Schema): DICOM keywords that exist
+    with their own tag, canonical units of known dimensions, written units of the same dimension, ranges
+    in order, and ``dicom.values`` equal to ``values`` in the attribute's DICOM unit."""
+    from pydicom.datadict import tag_for_keyword
+
+    from imtrial_dsl import units
+
+    problems = []
+    for n, d in enumerate(doc.get("parameters", []) + doc.get("base_overridden", [])):
+        kw = d.get("keyword", "")
+        where = f"parameter {n + 1} ({kw})"
+        tag = tag_for_keyword(kw)
+        if tag is None:
+            problems.append(f"{where}: '{kw}' is not a DICOM keyword")
+            continue
+        if d.get("tag") not in (None, dicom_dpp.tag_text(tag)):
+            problems.append(f"{where}: tag {d.get('tag')} is not the tag of {kw} ({dicom_dpp.tag_text(tag)})")
+        for v in d.get("values", []):
+            if not isinstance(v, dict):
+                continue
+            dim = v.get("dimension")
+            if dim not in units.CANONICAL and dim != "none":
+                problems.append(f"{where}: unknown dimension '{dim}'")
+                continue
+            if v.get("unit") != units.CANONICAL.get(dim, ""):
+                problems.append(f"{where}: unit '{v.get('unit')}' is not the canonical unit of {dim} "
+                                f"('{units.CANONICAL.get(dim, '')}')")
+            su = v.get("source_unit")
+            if su not in (None, "") and (su not in units.UNITS or units.UNITS[su][0] != dim):
+                problems.append(f"{where}: source_unit '{su}' is not a unit of {dim}")
+        vals = [v.get("value") for v in d.get("values", []) if isinstance(v, dict)]
+        if d.get("constraint") in ("RANGE_INCL", "RANGE_EXCL") and len(vals) == 2:
+            lo, hi = vals
+            if lo > hi:
+                problems.append(f"{where}: range {lo:g} .. {hi:g} is not in order")
+        try:
+            c = constraint_from_json(d)
+        except (ValueError, TypeError, KeyError) as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        _, vr, _ = dicom_dpp.dicom_info(kw)
+        exact, default = dicom_dpp.dicom_values(c)
+        want = dicom_dpp.held_values(vr, c.kind, exact)
+        got = (d.get("dicom") or {}).get("values", [])
+        same = len(want) == len(got) and all(
+            math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-9) if isinstance(a, (int, float)) and not isinstance(a, bool)
+            and isinstance(b, (int, float)) else a == b for a, b in zip(want, got))
+        if not same and dicom:
+            problems.append(f"{where}: dicom.values {got} do not equal values (in {dicom_dpp.dicom_unit(c) or 'the stored unit'}: "
+                            f"{[_num(x) if isinstance(x, float) else x for x in want]})")
+    return problems

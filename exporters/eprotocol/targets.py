@@ -34,6 +34,15 @@ class Target:
         overridden = {c.keyword for c in v.constraints} | set(v.remove)
         return [(c, "base") for c in self.protocol.constraints if c.keyword not in overridden] + [(c, "variant") for c in v.constraints]
 
+    @property
+    def overridden_base(self) -> list[tuple[int, ir.Constraint]]:
+        """(position in the base list, constraint) of the base constraints this variant replaces or removes."""
+        if self.variant is None:
+            return []
+        v = self.variant
+        overridden = {c.keyword for c in v.constraints} | set(v.remove)
+        return [(i, c) for i, c in enumerate(self.protocol.constraints) if c.keyword in overridden]
+
 
 def _variant_label(v: ir.Variant) -> str:
     parts = [v.vendor] + ([v.model] if v.model else []) + ([v.software] if v.software else [])
@@ -69,6 +78,15 @@ def variant_header(t: Target) -> Optional[dict]:
         return None
     return {"index": t.index, "vendor": v.vendor, "vendor_text": v.vendor_text, "model": v.model,
             "software": v.software, "remove": list(v.remove)}
+
+
+def base_with_overridden(effective_base: list[ir.Constraint], overridden: list[tuple[int, ir.Constraint]]) -> list[ir.Constraint]:
+    """The protocol's base list from a variant file: its effective base constraints (in base order) with the
+    overridden ones put back at their positions."""
+    out = list(effective_base)
+    for pos, c in sorted(overridden, key=lambda x: x[0]):
+        out.insert(min(pos, len(out)), c)
+    return out
 
 
 def variant_from_header(v: dict, constraints: list[ir.Constraint]) -> ir.Variant:

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 from .. import ir
 from ..diagnostics import Diagnostic
-from . import analyses, deid, identifiers, matching, names, protocols, qc, schedule, transfers
+from . import analyses, deid, devices, identifiers, matching, names, protocols, qc, schedule, transfers
 from .context import Context
+from . import reads
 
 # Each pass reads the trial and records what it finds; the order only breaks ties between equal sort keys.
 _PASSES = (
     names.duplicates, names.endpoints, protocols.check, matching.check, schedule.check, deid.check,
     identifiers.check, qc.check, analyses.check, transfers.check, names.report_roles, names.qualification_protocols,
+    devices.check,
 )
+_PASSES += (reads.check,)
 
 
 def check(trial: ir.Trial) -> list[Diagnostic]:

@@ -14,14 +14,16 @@ from typing import Optional, Sequence
 
 from .. import __version__
 from ..diagnostics import CompileErrors, ImtrialError
-from . import language, ops, pipeline, render, transfer
+from . import desk, language, ops, pipeline, relay, render, scanner, transfer
 from .common import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, UsageError
 
 EXIT_INTERRUPTED = 130  # the shell's convention for a process ended by SIGINT
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="imtrial", description="Check, compile, run and export imaging clinical trial descriptions.")
+    ap = argparse.ArgumentParser(prog="imtrial", description="Check, compile, run and export imaging clinical trial descriptions.",
+                                 epilog="'imtrial COMMAND --help' explains a command, with examples; "
+                                        "'imtrial explain-code E301' explains a diagnostic code.")
     ap.add_argument("--version", action="version", version=f"imtrial {__version__}")
     ap.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                     help="colour diagnostics (default: on a terminal, unless NO_COLOR is set)")
@@ -30,12 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
     language.register(sub)
     pipeline.register(sub)
     transfer.register(sub)
+    relay.register(sub)
+    scanner.register(sub)
     ops.register(sub)
+    desk.register(sub)
     return ap
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = build_parser()
+    if "_ARGCOMPLETE" in os.environ:  # the shell asks for completions (imtrial completion SHELL); exits
+        import argcomplete
+
+        argcomplete.autocomplete(ap)
     try:
         args = ap.parse_args(argv)
     except SystemExit as exc:  # argparse: --help/--version exit 0, usage errors 2

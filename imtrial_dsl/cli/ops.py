@@ -14,7 +14,8 @@ from datetime import date
 from pathlib import Path
 
 from ..workdir import Workdir
-from .common import EXIT_INPUT, EXIT_OK, EXIT_USAGE, load_study
+from .common import EXIT_INPUT, EXIT_OK, EXIT_USAGE, add_json, add_out, add_study, add_workdir, command, load_study
+from .render import progress_for
 
 
 def _iso_date(text: str) -> date:
@@ -75,7 +76,7 @@ def cmd_report(args) -> int:
     trial = load_study(args.study)[0]
     data = _data(trial, args.workdir, args.enrollment)
     out = reports.generate(trial, data, args.out, _date(args.as_of), role=args.role, site=args.site,
-                           workdir=args.workdir)
+                           workdir=args.workdir, progress=progress_for(args))
     for label, files in out.items():
         print(f"{label}: {files[0].parent}")
     return EXIT_OK
@@ -128,14 +129,24 @@ def cmd_upgrades(args) -> int:
 def register(sub) -> None:
     """Add the operations commands to the ``imtrial`` subparsers."""
     def common(p, enrollment=True):
-        p.add_argument("study", help="the .imtrial study file")
-        p.add_argument("--workdir", required=True, help="the runner's workdir (holds state.sqlite)")
+        add_study(p)
+        add_workdir(p, "the run's workdir (holds state.sqlite)")
         if enrollment:
-            p.add_argument("--enrollment", metavar="CSV", help="subject_id,site,enrolled_on[,arm]: day 0 per subject")
+            p.add_argument("--enrollment", metavar="CSV", help="subject_id,site,enrolled_on[,arm]: day 0 per subject "
+                                                                "(default: each subject's baseline exam)")
 
-    p = sub.add_parser("reminders", help="send visit-window reminders and escalations (SMTP, .ics, JSON)")
+    def as_of(p):
+        p.add_argument("--as-of", metavar="DATE", type=_iso_date, help="evaluate on this date, YYYY-MM-DD (default today)")
+
+    p = command(sub, "reminders", "send visit-window reminders and escalations (SMTP, .ics, JSON)", examples=[
+        "imtrial reminders examples/amyloid_mri.imtrial --workdir work --dry-run",
+        "imtrial reminders examples/amyloid_mri.imtrial --workdir work --smtp mail.example.org:25 -o out"],
+        details="Works out, per subject and visit, who must be told what as of the date: a window about to open, "
+                "a visit overdue. A notice sent once is not sent again.",
+        env=[("IMTRIAL_SMTP", "default for --smtp (HOST:PORT)"), ("IMTRIAL_MAIL_FROM", "default for --from"),
+             ("IMTRIAL_CENTRAL_EMAIL", "central team addresses, comma-separated")])
     common(p)
-    p.add_argument("--as-of", metavar="DATE", type=_iso_date, help="evaluate on this date (default today)")
+    as_of(p)
     p.add_argument("--dry-run", action="store_true", help="print what would be sent; send and record nothing")
     p.add_argument("--smtp", metavar="HOST:PORT", default=os.environ.get("IMTRIAL_SMTP"),
                    help="SMTP server (default $IMTRIAL_SMTP); without it messages go to OUT/outbox/*.eml")
@@ -143,34 +154,52 @@ def register(sub) -> None:
                    metavar="ADDR", help="sender address (default $IMTRIAL_MAIL_FROM or imtrial@localhost)")
     p.add_argument("--central-email", action="append", default=[], metavar="ADDR",
                    help="central team address (repeatable; also $IMTRIAL_CENTRAL_EMAIL, comma-separated)")
-    p.add_argument("--out", metavar="DIR", help="write reminders.json, visit_windows_*.ics (and the outbox) here")
+    add_out(p, "write reminders.json, visit_windows_*.ics (and the outbox) here", metavar="DIR")
     p.set_defaults(func=cmd_reminders)
 
-    p = sub.add_parser("report", help="management reports per role (HTML with plots, CSV, JSON)")
+    p = command(sub, "report", "write management reports per role (HTML with charts, CSV, JSON)", examples=[
+        "imtrial report examples/amyloid_mri.imtrial --workdir work -o report",
+        "imtrial report examples/amyloid_mri.imtrial --workdir work -o report --role site --site BOS"],
+        details="One folder per audience (role, and site for roles that see their own site): report.html, "
+                "report.json and a CSV per table. What a role may not see is removed from the data before "
+                "anything is computed, so no file holds it; the HTML says what is hidden.")
     common(p)
-    p.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder (one subfolder per role/site)")
-    p.add_argument("--role", help="only this study role (default: every role)")
+    add_out(p, "output folder (one subfolder per role/site)", metavar="DIR", required=True)
+    p.add_argument("--role", help="only this study role (default: the roles the study's reports name)")
     p.add_argument("--site", help="only this site (for roles that see their own site)")
-    p.add_argument("--as-of", metavar="DATE", type=_iso_date, help="evaluate on this date (default today)")
+    as_of(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("qualify", help="check a qualification exam folder and record the decision")
-    p.add_argument("study", help="the .imtrial study file")
-    p.add_argument("folder", help="folder with the qualification exam (phantom or volunteer) DICOM files")
-    p.add_argument("--site", required=True)
-    p.add_argument("--device", required=True)
-    p.add_argument("--workdir", required=True, help="the runner's workdir (decisions go to its state.sqlite)")
-    p.add_argument("--by", default=os.environ.get("IMTRIAL_USER") or getpass.getuser(), help="who decides (default: user)")
-    p.add_argument("--date", metavar="DATE", type=_iso_date, help="decision date (default today)")
-    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p = command(sub, "qualify", "check a qualification exam folder and record the decision", examples=[
+        "imtrial qualify examples/phantom_qualification.imtrial phantom/ --site BOS --device BOS_MR1 --workdir work"],
+        details="Classifies the folder's series and checks each against the protocols of the study's "
+                "qualification block on that device; the decision (and who made it) goes to the workdir's "
+                "state database, where reports and the run read it. Exit 1 unless every protocol qualifies.",
+        env=[("IMTRIAL_USER", "default for --by")])
+    add_study(p)
+    p.add_argument("folder", metavar="FOLDER", help="folder with the qualification exam (phantom or volunteer) DICOM files")
+    p.add_argument("--site", required=True, help="the site code, as declared in the study")
+    p.add_argument("--device", required=True, help="the device name, as declared in the site")
+    add_workdir(p, "the runner's workdir (decisions go to its state.sqlite)")
+    p.add_argument("--by", default=os.environ.get("IMTRIAL_USER") or getpass.getuser(),
+                   help="who decides (default $IMTRIAL_USER or the login name)")
+    p.add_argument("--date", metavar="DATE", type=_iso_date, help="decision date, YYYY-MM-DD (default today)")
+    add_json(p, "print the full result as JSON")
     p.set_defaults(func=cmd_qualify)
 
-    p = sub.add_parser("expected", help="expected vs received visits per subject")
+    p = command(sub, "expected", "list expected vs received visits per subject", examples=[
+        "imtrial expected examples/amyloid_mri.imtrial --workdir work --as-of 2026-09-01"],
+        details="One line per subject and visit: its window, whether it was received (in or out of window), "
+                "and the acquisitions that are missing or failed.")
     common(p)
-    p.add_argument("--as-of", metavar="DATE", type=_iso_date, help="evaluate on this date (default today)")
-    p.add_argument("--json", action="store_true")
+    as_of(p)
+    add_json(p)
     p.set_defaults(func=cmd_expected)
 
-    p = sub.add_parser("upgrades", help="list software upgrades seen in exams; record re-qualification needs")
+    p = command(sub, "upgrades", "list software upgrades seen in exams; record re-qualification needs", examples=[
+        "imtrial upgrades examples/amyloid_mri.imtrial --workdir work"],
+        details="Compares each exam's software release with the device's inventory entry; a new release flags "
+                "the device's protocols for re-qualification (when the study's qualification block asks for it).")
     common(p, enrollment=False)
     p.set_defaults(func=cmd_upgrades)

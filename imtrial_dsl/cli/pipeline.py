@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..workdir import Workdir
-from .common import EXIT_INPUT, EXIT_OK, EXIT_USAGE, UsageError, load_trial
-from .render import assign_summary, exam_status, run_summary
+from .common import (EXIT_INPUT, EXIT_OK, EXIT_USAGE, KEY_ENV, UsageError, add_json, add_out, add_study, add_workdir,
+                     command, load_trial)
+from .render import assign_summary, exam_status, progress_for, run_summary
 
 
 def cmd_run(args) -> int:
@@ -23,7 +24,7 @@ def cmd_run(args) -> int:
         for p in problems:
             print(f"imtrial run: {p}", file=sys.stderr)
         return EXIT_INPUT
-    progress = None if args.no_progress or not sys.stderr.isatty() else progress_bar
+    progress = progress_for(args)
     log = (lambda s: print(s, file=sys.stderr)) if args.verbose else (lambda s: None)
     try:
         summary = run_study(trial, inbox=args.inbox, workdir=args.workdir, jobs=args.jobs, move=args.move,
@@ -36,13 +37,6 @@ def cmd_run(args) -> int:
     else:
         print(run_summary(summary))
     return EXIT_INPUT if summary["failed"] else EXIT_OK
-
-
-def progress_bar(desc: str, total: int):
-    """A progress bar on stderr (the runner asks for one per phase)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="item", file=sys.stderr, leave=False)
 
 
 def _pairs(values: Optional[list[str]], flag: str) -> list[tuple[str, Path]]:
@@ -119,7 +113,7 @@ def cmd_status(args) -> int:
             print(run_summary(summarize(st)))
             print()
         for e in exams:
-            print("\n".join(exam_status(e, detailed=bool(args.exam))))
+            print("\n".join(exam_status(e, detailed=bool(args.exam or args.all))))
     finally:
         st.close()
     return EXIT_OK
@@ -165,7 +159,7 @@ def cmd_synth(args) -> int:
              "deviations": _names(args.deviations), "visits": _names(args.visits), "start_date": args.start_date}
     # options left out keep synthesize()'s defaults, so they are stated once, there
     manifest = synthesize(trial, Path(args.out), small=args.small, enhanced=args.enhanced,
-                          **{k: v for k, v in given.items() if v is not None})
+                          progress=progress_for(args), **{k: v for k, v in given.items() if v is not None})
     print(json.dumps({"out": args.out, "files": manifest["files"], "deviations": len(manifest["deviations"])}, indent=2))
     return EXIT_OK
 
@@ -192,24 +186,37 @@ def cmd_verify(args) -> int:
 
 def register(sub) -> None:
     """Add the pipeline commands to the ``imtrial`` subparsers."""
-    p = sub.add_parser("run", help="run the per-exam pipeline over an inbox (resumable)")
-    p.add_argument("study", metavar="STUDY", help=".imtrial file (or IR JSON)")
-    p.add_argument("--inbox", required=True, metavar="DIR")
-    p.add_argument("--workdir", required=True, metavar="DIR")
+    p = command(sub, "run", "run the per-exam pipeline over an inbox of DICOM files (resumable)", examples=[
+        "imtrial run examples/amyloid_mri.imtrial --inbox inbox --workdir work",
+        "imtrial run examples/amyloid_mri.imtrial --inbox inbox --workdir work --jobs 4 --json > summary.json"],
+        details="Ingests the inbox, then walks the study's graph for every exam: identify, de-identify, classify, "
+                "adherence, QC, archive, analyses. A second run does only what is new or changed (the study edited, "
+                "new files). Prints a summary: counts, visits missing a protocol, findings grouped by kind (the "
+                "rarest first). Exit 1 when an exam failed.",
+        env=[KEY_ENV])
+    add_study(p, ir_json=True)
+    p.add_argument("--inbox", required=True, metavar="DIR", help="the folder of incoming DICOM files (read recursively)")
+    add_workdir(p, "the workdir to create or continue (state.sqlite, archive/, exams/)")
     p.add_argument("--jobs", "-j", type=int, default=2, metavar="N", help="worker processes (default 2)")
     p.add_argument("--move", action="store_true", help="remove inbox files once they are safely recorded")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when stderr is not a TTY)")
-    p.add_argument("--verbose", "-v", action="store_true")
+    add_json(p, "print the summary as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal)")
+    p.add_argument("--verbose", "-v", action="store_true", help="log each phase on stderr")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("step", help="run one node of the study's pipeline (as the CWL tools do)",
-                       description="imtrial step NAME --study FILE [--ref R] (--workdir W [--exam KEY] | "
-                                   "--in REL=PATH … --out DIR);  imtrial step --list [--study FILE]")
+    p = command(sub, "step", "run one node of the study's pipeline (as the CWL tools do)", examples=[
+        "imtrial step --list --study examples/amyloid_mri.imtrial",
+        "imtrial step classify --study examples/amyloid_mri.imtrial --workdir work --exam 3f2a",
+        "imtrial step qc --ref t1_snr --study examples/amyloid_mri.imtrial --in deid/=exam/deid "
+        "--in results/classification.json=exam/results/classification.json -o out"],
+        details="Either in a workdir (--workdir W [--exam KEY]: recorded like a run) or staged (--in REL=PATH … "
+                "-o DIR: inputs where they are, outputs written at their exam-relative paths under DIR). "
+                "'imtrial step exam --ref N' runs per-exam phase N of the CWL export fused.",
+        env=[KEY_ENV])
     p.add_argument("name", nargs="?", metavar="NAME", help="a step of the table (or 'exam': a fused per-exam phase)")
-    p.add_argument("--study", metavar="FILE", help="the study (.imtrial, or IR JSON)")
+    p.add_argument("--study", metavar="STUDY", help="the study (.imtrial, or IR JSON)")
     p.add_argument("--ref", metavar="NAME", help="the QC check or analysis, for steps that run once per check/analysis")
-    p.add_argument("--workdir", metavar="DIR", help="run in place in a workdir, and record it there")
+    add_workdir(p, "run in place in this workdir, and record it there", required=False)
     p.add_argument("--exam", metavar="KEY", help="with --workdir: the exam (key or unique prefix)")
     p.add_argument("--in", dest="inputs", action="append", metavar="REL=PATH",
                    help="an input exam path and where it is (repeat per path; once per exam for batch steps)")
@@ -217,22 +224,37 @@ def register(sub) -> None:
                    help="a study object (e.g. inbox/=DIR)")
     p.add_argument("--registry", metavar="FILE", help="an identity registry to continue (steps on the registry)")
     p.add_argument("--archive", metavar="DIR", help="an archive to add to (the archive step)")
-    p.add_argument("--out", metavar="DIR", help="where outputs go, at their exam-relative paths (default .)")
+    add_out(p, "where outputs go, at their exam-relative paths (default .)", metavar="DIR")
     p.add_argument("--list", action="store_true", help="list the step table (and a study's nodes)")
     p.set_defaults(func=cmd_step)
 
-    p = sub.add_parser("status", help="show each exam's steps in a workdir")
-    p.add_argument("--workdir", required=True, metavar="DIR")
-    p.add_argument("--exam", metavar="KEY", help="exam key (or prefix) or subject ID")
-    p.add_argument("--json", action="store_true")
+    p = command(sub, "status", "show what a workdir holds: the summary and each exam's steps", examples=[
+        "imtrial status --workdir work", "imtrial status --workdir work --all",
+        "imtrial status --workdir work --exam AMY01-BOS-0001"],
+        details="The run summary (as 'imtrial run' prints it: visits missing a protocol, findings grouped by "
+                "kind) and one line per exam with its steps; --all or --exam add each exam's failures, series "
+                "verdicts and findings.")
+    add_workdir(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--exam", metavar="KEY", help="only this exam: key (or prefix) or subject ID, in detail")
+    g.add_argument("--all", action="store_true", help="every exam in detail (failures, series verdicts, findings)")
+    add_json(p, "print the summary and the exams as JSON")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("assign", help="resolve a held or unassigned exam (subject, visit or date) and process it onward",
-                       description="imtrial assign EXAM --study FILE --workdir W (--subject ID|new [--site S] | "
-                                   "--visit NAME | --date YYYY-MM-DD) [--by NAME] [--note TEXT]")
+    p = command(sub, "assign", "resolve a held or unassigned exam (its subject, visit or date) and process it onward",
+                examples=["imtrial assign 5051c566 --subject new --study study.imtrial --workdir work --by 'site coordinator'",
+                          "imtrial assign 925467d3 --date 2024-04-25 --study study.imtrial --workdir work",
+                          "imtrial assign 925467d3 --visit m12 --study study.imtrial --workdir work --no-run"],
+                details="A held exam (no usable source identifier, e.g. 'PatientID is empty', or an unknown person "
+                        "at an unknown device) gets a subject: an enrolled subject ID, or 'new' (at the device's "
+                        "site or --site). An exam with visit 'unassigned' (no usable date, e.g. '***') gets its date "
+                        "or its visit. The decision is recorded with who made it (--by) and why (--note); the exam "
+                        "is then identified again and every step after identify runs. 'imtrial status' lists the "
+                        "exams that wait.",
+                env=[KEY_ENV])
     p.add_argument("exam", metavar="EXAM", help="exam key (or a unique prefix), as imtrial status lists it")
-    p.add_argument("--study", required=True, metavar="FILE", help="the study (.imtrial, or IR JSON)")
-    p.add_argument("--workdir", required=True, metavar="DIR")
+    p.add_argument("--study", required=True, metavar="STUDY", help="the study (.imtrial, or IR JSON)")
+    add_workdir(p)
     p.add_argument("--subject", metavar="ID", help="an enrolled subject ID, or 'new' to enrol one")
     p.add_argument("--site", metavar="SITE", help="with --subject new: the site that enrols the subject")
     p.add_argument("--visit", metavar="NAME", help="the schedule visit of the exam")
@@ -240,31 +262,37 @@ def register(sub) -> None:
     p.add_argument("--by", metavar="NAME", help="who decides (recorded; default: the login name)")
     p.add_argument("--note", metavar="TEXT", help="why (recorded with the assignment)")
     p.add_argument("--no-run", action="store_true", help="only record it; the next 'imtrial run' processes the exam")
-    p.add_argument("--json", action="store_true")
+    add_json(p, "print what was recorded and the exam's state as JSON")
     p.set_defaults(func=cmd_assign)
 
-    p = sub.add_parser("synth", help="generate a synthetic DICOM corpus for a study")
-    p.add_argument("study", metavar="STUDY")
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--subjects", type=int, default=None, metavar="N", help="subjects per site")
-    p.add_argument("--seed", type=int, default=None)
+    p = command(sub, "synth", "generate a synthetic DICOM corpus for a study", examples=[
+        "imtrial synth examples/amyloid_mri.imtrial -o inbox --subjects 2 --small --deviations param_off,ghosting"],
+        details="Subjects per site over the schedule's visits, one series per protocol on each site's devices, "
+                "with the planted deviations listed in OUT/manifest.json (what a run must find).")
+    add_study(p, ir_json=True)
+    add_out(p, "the folder to write the corpus into", metavar="DIR", required=True)
+    p.add_argument("--subjects", type=int, default=None, metavar="N", help="subjects per site (default 2)")
+    p.add_argument("--seed", type=int, default=None, metavar="N", help="random seed (default 0): same seed, same corpus")
     p.add_argument("--deviations", metavar="LIST", help="comma-separated: param_off, wrong_device, missing_visit, "
                                                         "ghosting, corrupt_file, unknown_device, software_upgrade")
     p.add_argument("--phi", dest="phi", action="store_true", default=None, help="plant PHI in the headers (default)")
     p.add_argument("--no-phi", dest="phi", action="store_false", help="no planted PHI")
     p.add_argument("--small", action="store_true", help="small images (fast; same as --size small)")
-    p.add_argument("--size", choices=["small", "medium", "full"], help="image size")
+    p.add_argument("--size", choices=["small", "medium", "full"], help="image size (default medium)")
     p.add_argument("--enhanced", dest="enhanced", action="store_true", default=None,
                    help="write every MR series as Enhanced MR (multi-frame); default: what each device writes")
     p.add_argument("--classic", dest="enhanced", action="store_false",
                    help="write every MR series as classic MR Image Storage (one file per slice)")
-    p.add_argument("--visits", metavar="LIST", help="comma-separated schedule visits to generate")
+    p.add_argument("--visits", metavar="LIST", help="comma-separated schedule visits to generate (default all)")
     p.add_argument("--start-date", metavar="YYYY-MM-DD", help="first baseline date")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal)")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("verify", help="verify the archive's hash-chained audit log and object hashes")
-    p.add_argument("--workdir", metavar="DIR")
+    p = command(sub, "verify", "verify the archive's hash-chained audit log and object hashes", examples=[
+        "imtrial verify --workdir work", "imtrial verify --archive /data/amy01/archive --shallow"],
+        details="Exit 1 when the chain is broken or a stored file does not match its hash.")
+    add_workdir(p, "the run's workdir (its archive/ is verified)", required=False)
     p.add_argument("--archive", metavar="DIR", help="archive folder (default WORKDIR/archive)")
     p.add_argument("--shallow", action="store_true", help="check the chain only, not the stored files")
-    p.add_argument("--json", action="store_true")
+    add_json(p)
     p.set_defaults(func=cmd_verify)

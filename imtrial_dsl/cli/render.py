@@ -61,6 +61,22 @@ def write_out(data: str | bytes, out: Optional[str]) -> None:
         sys.stdout.write(data)
 
 
+# --------------------------------------------------------------------------- progress
+
+def progress_bar(desc: str, total: int):
+    """A progress bar on stderr (the runner asks for one per phase)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="item", file=sys.stderr, leave=False)
+
+
+def progress_for(args):
+    """:func:`progress_bar` for a long command, or None with --no-progress or when stderr is not a terminal.
+
+    The library takes ``progress(desc, total)`` returning an object with ``update(n)`` and ``close()``."""
+    return None if getattr(args, "no_progress", False) or not sys.stderr.isatty() else progress_bar
+
+
 # --------------------------------------------------------------------------- summaries
 
 def run_summary(s: dict) -> str:
@@ -88,17 +104,42 @@ def run_summary(s: dict) -> str:
         lines.append(f"waiting      {len(waiting)} for imtrial assign ({kv(kinds)})")
         for w in waiting:
             lines.append(f"  - {w['exam_key']} {w['waiting']}: {w['detail']}")
+    incomplete = s.get("incomplete") or []
+    if incomplete:
+        lines.append(f"incomplete   {plural(len(incomplete), 'exam')} missing a protocol of its visit")
+        for i in incomplete[:10]:
+            lines.append(f"  - {i.get('subject') or i['exam_key']} {i.get('visit') or ''}: missing {', '.join(i['missing'])}")
+        if len(incomplete) > 10:
+            lines.append(f"  … {len(incomplete) - 10} more (imtrial status --all --workdir W)")
     if s["warnings"]:
         lines.append(f"warnings     {kv(s['warnings'])}")
-        # rare findings first: one software upgrade must not hide behind twenty routine ones
-        ranked = sorted(s["warning_list"], key=lambda w: s["warnings"].get(w.get("code"), 0))
-        for w in ranked[:20]:
-            lines.append(f"  - {w.get('subject') or w['exam_key']} {w.get('visit') or ''}: {w.get('code')}: {w.get('detail', '')}")
-        if len(s["warning_list"]) > 20:
-            lines.append(f"  … {len(s['warning_list']) - 20} more (imtrial status --workdir W)")
+        lines += grouped_findings(s["warning_list"], limit=20)
     for f in s["failed"]:
         lines.append(f"FAILED       exam {f['exam_key']} ({f['subject']}) at step {f['step']}: {f['error']}")
     return "\n".join(lines)
+
+
+def grouped_findings(findings: Sequence[dict], limit: int = 20) -> list[str]:
+    """Findings grouped by code, the rarest first, so that one software upgrade is not buried under
+    twenty routine ones: a code seen once is one line, a repeated one is ``code ×N`` with its first cases."""
+    groups: dict[str, list[dict]] = {}
+    for w in findings:
+        groups.setdefault(w.get("code") or "warning", []).append(w)
+    lines = []
+    for code, ws in sorted(groups.items(), key=lambda kv: (len(kv[1]), kv[0]))[:limit]:
+        def who(w: dict) -> str:
+            return f"{w.get('subject') or w.get('exam_key', '')} {w.get('visit') or ''}".strip()
+
+        if len(ws) == 1:
+            lines.append(f"  - {code}: {who(ws[0])}: {ws[0].get('detail', '')}")
+            continue
+        details = list(dict.fromkeys(str(w.get("detail", "")) for w in ws))
+        same = f": {details[0]}" if len(details) == 1 else f": {details[0]} (and {len(details) - 1} other message(s))"
+        shown = ", ".join(who(w) for w in ws[:3]) + (f", … {len(ws) - 3} more" if len(ws) > 3 else "")
+        lines.append(f"  - {code} ×{len(ws)}{same} [{shown}]")
+    if len(groups) > limit:
+        lines.append(f"  … {len(groups) - limit} more kinds of finding (imtrial status --all --workdir W)")
+    return lines
 
 
 def exam_status(e: dict, detailed: bool) -> list[str]:

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..workdir import Workdir
-from .common import EXIT_INPUT, EXIT_OK, EXIT_USAGE, load_trial
+from .common import EXIT_INPUT, EXIT_OK, EXIT_USAGE, add_json, add_out, add_study, add_workdir, command, load_trial
 from .render import transfer_summary
 
 
@@ -36,13 +36,16 @@ def cmd_transfer(args) -> int:
 
 def register(sub) -> None:
     """Add ``transfer`` to the ``imtrial`` subparsers."""
-    p = sub.add_parser("transfer", help="send archived de-identified instances to a declared destination",
-                       description="Send W/archive's de-identified instances to a `transfer` destination of the "
-                                   "study (DICOMweb STOW-RS, DICOM C-STORE or folder). Resumable: only what the "
-                                   "destination has not acknowledged is sent (ledger: the transfers table of "
-                                   "W/state.sqlite).")
-    p.add_argument("study", metavar="STUDY", help=".imtrial file (or IR JSON)")
-    p.add_argument("--workdir", required=True, metavar="DIR", help="the run's workdir (archive/ and state.sqlite)")
+    p = command(sub, "transfer", "send archived de-identified instances to a declared destination", examples=[
+        "imtrial transfer examples/amyloid_mri.imtrial --workdir work --to central --dry-run",
+        "imtrial transfer examples/amyloid_mri.imtrial --workdir work --to central --url-override http://127.0.0.1:8042/dicom-web"],
+        details="Sends W/archive's de-identified instances to a `transfer` destination of the study (DICOMweb "
+                "STOW-RS, DICOM C-STORE or folder). Resumable: only what the destination has not acknowledged "
+                "is sent (ledger: the transfers table of W/state.sqlite). Exit 2 when the transfer cannot start.",
+        env=[("(the study's `auth env NAME`)", "the destination's bearer token, read from the variable the study names"),
+             ("IMTRIAL_AE_TITLE", "the calling AE title for DICOM C-STORE (default IMTRIAL)")])
+    add_study(p, ir_json=True)
+    add_workdir(p, "the run's workdir (archive/ and state.sqlite)")
     p.add_argument("--to", required=True, metavar="NAME", help="destination name declared with `transfer NAME …`")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--url-override", metavar="URL", help="DICOMweb base URL to use instead of the declared one")
@@ -50,7 +53,7 @@ def register(sub) -> None:
     g.add_argument("--path-override", metavar="DIR", help="folder to use instead of the declared one")
     p.add_argument("--port-override", type=int, metavar="PORT", help="DICOM port to use instead of the declared one")
     p.add_argument("--dry-run", action="store_true", help="report what would be sent; send nothing, record nothing")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--out", metavar="FILE", help="also write the JSON summary to FILE")
-    p.add_argument("--verbose", "-v", action="store_true")
+    add_json(p, "print the summary as JSON")
+    add_out(p, "also write the JSON summary to FILE", metavar="FILE")
+    p.add_argument("--verbose", "-v", action="store_true", help="log each batch on stderr")
     p.set_defaults(func=cmd_transfer)

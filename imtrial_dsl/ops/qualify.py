@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from imtrial_dsl import ir
+from imtrial_dsl.source import values_text
 
 from ..store import tx
 from .model import OpsError, connect, norm_verdict
@@ -207,8 +208,8 @@ def device_table(trial: ir.Trial, workdir: Optional[str | Path], sites: Optional
             rows.append({
                 "site": s.code, "device": d.id, "protocol": proto, "status": st,
                 "decided_on": dec["decided_on"] if dec else "", "decided_by": dec["decided_by"] if dec else "",
-                "software": dec["software"] if dec else "",
+                "software": values_text(dec["software"]) if dec and dec["software"] else "",
                 "reasons": "; ".join(json.loads(dec["reasons"])) if dec else "",
-                "pending_upgrades": ", ".join(f["software"] for f in flags),
+                "pending_upgrades": ", ".join(values_text(f["software"]) for f in flags),
             })
     return rows

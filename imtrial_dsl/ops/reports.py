@@ -20,9 +20,10 @@ import io
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from imtrial_dsl import ir, templating
+from imtrial_dsl.source import values_text
 from imtrial_dsl.files import atomic_write_json, atomic_write_text
 
 from . import svg
@@ -153,7 +154,7 @@ def build(trial: ir.Trial, data: StudyData, aud: Audience, as_of: date, workdir:
         if s.code not in site_codes:
             continue
         exams = [e for e in data.exams if e.device == d.id]
-        seen = sorted({"\\".join(e.software) for e in exams if e.software})
+        seen = sorted({values_text(e.software) for e in exams if e.software})
         device_rows.append({
             "site": s.code, "device": d.id, "vendor": d.vendor, "model": d.model or "",
             "inventory_software": d.software or "", "observed_software": ", ".join(seen),
@@ -175,6 +176,8 @@ def build(trial: ir.Trial, data: StudyData, aud: Audience, as_of: date, workdir:
             "exam_date": v.exam_date.isoformat() if v.exam_date else "",
             "days_from_target": "" if v.days_from_target is None else v.days_from_target,
             "acquisitions": "; ".join(f"{a.protocol}: {a.status}" for a in v.acquisitions),
+            # received, but a protocol of the visit is missing or failed
+            "incomplete": v.incomplete,
             "optional": v.optional, "arm": arms.get(v.subject_id) or "",
         })
 
@@ -195,6 +198,19 @@ def build(trial: ir.Trial, data: StudyData, aud: Audience, as_of: date, workdir:
         "enrollment": {k: [(d.isoformat(), n) for d, n in v] for k, v in enroll.items()},
     }
     return _redact(trial, model, hidden, show_arm)
+
+
+def hidden_parts(m: dict) -> set[str]:
+    """The parts of the report the role may not see (the page says "hidden for your role" there, not "no data")."""
+    h = set(m["hidden_fields"])
+    out = set()
+    if "site" in h:
+        out |= {"sites", "devices", "qualification", "by_site", "by_device"}
+    if "device" in h:
+        out |= {"devices", "by_device"}
+    if "exam_date" in h:
+        out |= {"enrollment"}
+    return out
 
 
 def _redact(trial: ir.Trial, m: dict, hidden: frozenset[str], show_arm: bool) -> dict:
@@ -249,9 +265,13 @@ def _csv(rows: list[dict]) -> str:
 
 def charts(m: dict) -> dict[str, str]:
     out = {}
+    hidden = hidden_parts(m)
     series = {k: [(date.fromisoformat(d), n) for d, n in v] for k, v in m["enrollment"].items()}
-    out["enrollment"] = svg.step_chart("Subjects enrolled over time" + (" per site" if len(series) > 1 else ""), series,
-                                       until=date.fromisoformat(m["as_of"]))
+    if "enrollment" in hidden:
+        out["enrollment"] = svg.empty("Subjects enrolled over time", note="hidden for your role")
+    else:
+        out["enrollment"] = svg.step_chart("Subjects enrolled over time" + (" per site" if len(series) > 1 else ""), series,
+                                           until=date.fromisoformat(m["as_of"]))
     if m["sites"]:
         cats = [r["site"] for r in m["sites"]]
         out["by_site"] = svg.bar_chart("Adherence and QC pass rate by site", cats,
@@ -279,7 +299,8 @@ def write(m: dict, out_dir: str | Path) -> list[Path]:
     files.append(p)
     env = templating.environment(TEMPLATES, filters={"pct": _pct})
     p = out / "report.html"
-    atomic_write_text(p, env.get_template("report.html.j2").render(m=m, charts=charts(m)))
+    atomic_write_text(p, env.get_template("report.html.j2").render(m=m, charts=charts(m), hidden=hidden_parts(m),
+                                                                  pipeline=PIPELINE))
     files.append(p)
     return files
 
@@ -308,17 +329,26 @@ def audiences(trial: ir.Trial, role_name: Optional[str] = None, site: Optional[s
 
 
 def generate(trial: ir.Trial, data: StudyData, out_dir: str | Path, as_of: date, *, role: Optional[str] = None,
-             site: Optional[str] = None, workdir: Optional[str | Path] = None) -> dict[str, list[Path]]:
-    """Write a report per audience under ``out_dir/<role>[/<site>]``; returns audience label -> files."""
+             site: Optional[str] = None, workdir: Optional[str | Path] = None,
+             progress: Optional[Callable[[str, int], Any]] = None) -> dict[str, list[Path]]:
+    """Write a report per audience under ``out_dir/<role>[/<site>]``; returns audience label -> files.
+
+    ``progress(desc, total)``: a progress display (``update(n)``/``close()``), advanced per audience."""
     if site and not trial.site(site):
         raise OpsError(f"unknown site {site!r}; sites: {', '.join(s.code for s in trial.sites)}")
     if workdir is not None:
         # exams received since the last run may reveal upgrades that change qualification status
         record_upgrades(trial, scan_upgrades(trial, data), workdir)
     out: dict[str, list[Path]] = {}
-    for aud in audiences(trial, role, site):
+    auds = audiences(trial, role, site)
+    bar = progress("report", len(auds)) if progress else None
+    for aud in auds:
         sub = Path(out_dir) / aud.role.name / (aud.site or "")
         out[aud.label] = write(build(trial, data, aud, as_of, workdir), sub)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     return out
 
 

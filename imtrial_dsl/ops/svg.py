@@ -17,10 +17,17 @@ def _f(x: float) -> str:
     return f"{x:.1f}".rstrip("0").rstrip(".")
 
 
+def text_width(text: str, size: float = 11) -> float:
+    """A generous estimate of a label's width in a sans-serif face (no font metrics at hand): wide enough
+    that labels spaced by it do not touch."""
+    return len(text) * size * 0.75
+
+
 def _frame(width: int, height: int, title: str, body: list[str]) -> str:
+    # scales down with its container (max-width), never wider than the page
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
             f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}" '
-            f'font-family="sans-serif" font-size="11">'
+            f'style="max-width:100%;height:auto" font-family="sans-serif" font-size="11">'
             f'<title>{escape(title)}</title>'
             f'<text x="{width / 2:.0f}" y="16" text-anchor="middle" font-size="13" font-weight="bold">{escape(title)}</text>'
             + "".join(body) + "</svg>")
@@ -72,32 +79,51 @@ def step_chart(title: str, series: dict[str, list[tuple[date, int]]], width: int
 
 def bar_chart(title: str, categories: list[str], groups: dict[str, list[Optional[float]]],
               width: int = 640, height: int = 300) -> str:
-    """Grouped bars of rates in [0, 1] per category (e.g. adherence and QC pass rate per site); None = no data."""
+    """Grouped bars of rates in [0, 1] per category (e.g. adherence and QC pass rate per site); None = no data.
+
+    Category labels that would not fit their slot side by side (long device names, many devices) are
+    set vertically, with the chart made taller for them; value labels are left out when the bars are
+    narrower than "100%" (each bar's tooltip still gives its value)."""
     if not categories:
         return empty(title, width=width)
-    left, right, top, bottom = 48, 130, 40, 48
-    pw, ph = width - left - right, height - top - bottom
+    names = list(groups)
+    legend_w = max(text_width(g) for g in names) + 40
+    left, right, top = 48, max(130, int(legend_w)), 40
+    pw = width - left - right
+    slot = pw / len(categories)
+    longest = max(text_width(c) for c in categories)
+    slanted = longest > slot - 6
+    bottom = int(longest + 16) if slanted else 48
+    height = max(height, top + 150 + bottom)
+    ph = height - top - bottom
     body = [f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#333"/>']
     for pct in (0, 25, 50, 75, 100):
         yy = top + ph * (1 - pct / 100)
         body.append(f'<line x1="{left - 3}" y1="{_f(yy)}" x2="{left + pw}" y2="{_f(yy)}" stroke="#ddd"/>'
                     f'<text x="{left - 6}" y="{_f(yy + 4)}" text-anchor="end">{pct}%</text>')
-    slot = pw / len(categories)
-    names = list(groups)
     bw = min(slot * 0.8 / max(len(names), 1), 48.0)
+    values_fit = bw - 2 >= text_width("100%", 9)
     for ci, cat in enumerate(categories):
         cx = left + slot * ci + (slot - bw * len(names)) / 2
         for gi, g in enumerate(names):
             v = groups[g][ci]
             bx = cx + gi * bw
             if v is None:
-                body.append(f'<text x="{_f(bx + bw / 2)}" y="{top + ph - 4}" text-anchor="middle" fill="#999">n/a</text>')
+                if values_fit:
+                    body.append(f'<text x="{_f(bx + bw / 2)}" y="{top + ph - 4}" text-anchor="middle" fill="#999">n/a</text>')
                 continue
             h = ph * max(0.0, min(1.0, v))
             body.append(f'<rect x="{_f(bx)}" y="{_f(top + ph - h)}" width="{_f(bw - 2)}" height="{_f(h)}" '
-                        f'fill="{PALETTE[gi % len(PALETTE)]}"><title>{escape(cat)} {escape(g)}: {v:.0%}</title></rect>'
-                        f'<text x="{_f(bx + bw / 2)}" y="{_f(top + ph - h - 3)}" text-anchor="middle" font-size="9">{v:.0%}</text>')
-        body.append(f'<text x="{_f(left + slot * (ci + 0.5))}" y="{top + ph + 16}" text-anchor="middle">{escape(cat)}</text>')
+                        f'fill="{PALETTE[gi % len(PALETTE)]}"><title>{escape(cat)} {escape(g)}: {v:.0%}</title></rect>')
+            if values_fit:
+                body.append(f'<text x="{_f(bx + bw / 2)}" y="{_f(top + ph - h - 3)}" text-anchor="middle" '
+                            f'font-size="9">{v:.0%}</text>')
+        x = left + slot * (ci + 0.5)
+        if slanted:
+            body.append(f'<text x="{_f(x)}" y="{top + ph + 8}" text-anchor="end" dominant-baseline="middle" '
+                        f'transform="rotate(-90 {_f(x)} {top + ph + 8})">{escape(cat)}</text>')
+        else:
+            body.append(f'<text x="{_f(x)}" y="{top + ph + 16}" text-anchor="middle">{escape(cat)}</text>')
     for gi, g in enumerate(names):
         ly = top + 12 + 16 * gi
         body.append(f'<rect x="{left + pw + 12}" y="{ly - 8}" width="10" height="10" fill="{PALETTE[gi % len(PALETTE)]}"/>'

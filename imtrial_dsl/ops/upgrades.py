@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from imtrial_dsl import ir
+from imtrial_dsl.source import values_text
 from imtrial_dsl.vendors import software_matches
 
 from ..store import tx
@@ -48,11 +49,11 @@ class UpgradeFinding:
         return all(c.covered for c in self.coverage)
 
     def message(self) -> str:
-        soft = "\\".join(self.software)
+        soft = values_text(self.software)
         bad = [c.protocol for c in self.coverage if not c.covered]
         cov = "covered by the protocol variants" if not bad else "NOT covered by a variant for " + ", ".join(bad)
         tail = f"; re-qualification needed for {', '.join(self.requalify_protocols)}" if self.requalify_protocols else ""
-        return (f"{self.site}/{self.device}: software {soft!r} differs from inventory {self.inventory_software!r} "
+        return (f"{self.site}/{self.device}: software '{soft}' differs from inventory '{self.inventory_software}' "
                 f"(exam {self.exam_key}); {cov}{tail}")
 
     def to_json(self) -> dict:

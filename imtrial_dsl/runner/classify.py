@@ -260,4 +260,5 @@ def classify_step(ctx) -> dict:
     if visit:
         result["visit"] = visit
     ctx.write_json(CLASSIFICATION, result)
-    return dict(result["summary"])
+    # the run and status summaries name the visits that lack a protocol
+    return dict(result["summary"], **{k: result[k] for k in ("missing_protocols",) if result.get(k)})

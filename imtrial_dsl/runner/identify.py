@@ -28,6 +28,7 @@ from typing import Any, Optional
 from ..diagnostics import ImtrialError
 from ..deid import subject_date_shift
 from ..secrets import SecretError, read_secret
+from ..worklist.claim import claim as worklist_claim, visit_of as worklist_visit
 
 # ----------------------------------------------------------------------------- check digits
 
@@ -104,7 +105,8 @@ class IdentifyError(ImtrialError):
     diagnostic's code (E811–E814) names the reason for the CLI.
     """
 
-    CODES = {"key_missing": "E811", "no_source_identifier": "E812", "no_exam_date": "E813", "unmatched": "E814"}
+    CODES = {"key_missing": "E811", "no_source_identifier": "E812", "no_exam_date": "E813", "unmatched": "E814",
+             "worklist_mismatch": "E873"}
 
     def __init__(self, reason: str, detail: str):
         self.reason, self.detail = reason, detail
@@ -407,8 +409,14 @@ def identify_exam(trial, exam: dict, db: sqlite3.Connection, *, exam_key: Option
 
     db.execute("BEGIN IMMEDIATE")
     try:
-        row = _assigned_subject(db, trial, code, assigned["subject"], site, exam_key) if "subject" in assigned else \
-            db.execute("SELECT * FROM subjects WHERE trial=? AND source_key=?", (code, skey)).fetchone()
+        if "subject" in assigned:  # an operator's decision (imtrial assign) names the subject
+            row, claimed = _assigned_subject(db, trial, code, assigned["subject"], site, exam_key), None
+        else:
+            row = db.execute("SELECT * FROM subjects WHERE trial=? AND source_key=?", (code, skey)).fetchone()
+            # research attributes from the worklist decide subject and visit, checked against the registry
+            claimed = worklist_claim(db, trial, exam | {"exam_key": exam_key}, code, skey, row)
+            if claimed is not None:
+                row = claimed.row
         if row is not None:
             skey = row["source_key"]
         if row is None:
@@ -444,6 +452,10 @@ def identify_exam(trial, exam: dict, db: sqlite3.Connection, *, exam_key: Option
                  "anchor": None, "visit_obj": None}
         else:
             v = assign_visit(trial, exam_date, prior, present, later)
+        if claimed is not None and not assigned.get("visit"):
+            v = worklist_visit(trial, claimed, v, exam_date)
+            if v.get("worklist_warning"):
+                warnings.append(v["worklist_warning"])
         if v["anchor"] is not None and v["visit_kind"] == "baseline":
             db.execute("UPDATE subjects SET baseline_date=? WHERE trial=? AND source_key=?",
                        (v["anchor"].strftime("%Y%m%d"), code, skey))
@@ -503,6 +515,8 @@ def identify_exam(trial, exam: dict, db: sqlite3.Connection, *, exam_key: Option
     }
     if assigned:  # what an operator decided (who and when stay in the site's exam_assignments table)
         identity["assigned"] = {k: assigned[k] for k in sorted(assigned)}
+    if claimed is not None:
+        identity["identified_by"] = "worklist"
     return {"identity": identity, "exam_date": day}
 
 

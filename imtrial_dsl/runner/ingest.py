@@ -66,6 +66,10 @@ def _expected_pixel_bytes(ds) -> Optional[int]:
     return rows * cols * spp * frames * (bits // 8)
 
 
+WORKLIST_ATTRS = ("AccessionNumber", "ClinicalTrialProtocolID", "ClinicalTrialSiteID", "ClinicalTrialSubjectID",
+                  "ClinicalTrialTimePointID")
+
+
 def check_dataset(data: bytes, source_attrs: Iterable[str] = ("PatientID", "IssuerOfPatientID")) -> dict:
     """Inspect one file's bytes: ``{"ok": True, "header": {...}}`` or ``{"ok": False, "reason", "detail"}``."""
     import pydicom
@@ -115,6 +119,10 @@ def check_dataset(data: bytes, source_attrs: Iterable[str] = ("PatientID", "Issu
         "device": {k: _text(ds.get(v)) for k, v in DEVICE_ATTRS.items()},
         "patient": {a: _text(ds.get(a)) for a in source_attrs if a},
     }
+    # what a Modality Worklist gave the scanner (identify checks it against the registry)
+    worklist = {a: _text(ds.get(a)) for a in WORKLIST_ATTRS if str(ds.get(a, "") or "").strip()}
+    if worklist:
+        header["worklist"] = worklist
     return {"ok": True, "header": header}
 
 
@@ -207,6 +215,7 @@ def exam_summary(exam_key: str, records: list[dict]) -> dict:
         "patient": first.get("patient", {}), "device": device,
         "devices_differ": differ,
         "series": list(series.values()), "n_instances": sum(s["n_instances"] for s in series.values()),
+        **({"worklist": first["worklist"]} if first.get("worklist") else {}),
     }
 
 

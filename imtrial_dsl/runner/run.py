@@ -586,6 +586,11 @@ def summarize(st, *, this_run: Optional[dict] = None) -> dict:
         "unmatched": [e["exam_key"] for e in exams if e["status"] == "unmatched"],
         "waiting": waiting(exams),
         "failed": failed, "warnings": warn_counts, "warning_list": warn_list,
+        # exams whose visit lacks a protocol it should acquire (the classify step's missing_protocols)
+        "incomplete": [{"exam_key": e["exam_key"], "subject": e["subject_id"], "visit": e["visit"], "missing": miss}
+                       for e in exams
+                       for miss in [(e["steps"].get("classify") or {}).get("detail", {}).get("missing_protocols")]
+                       if miss],
         "measurements": len(st.measurements()),
         "this_run": this_run or {"ingest": {}, "identified": 0, "exams_processed": 0, "seconds": None},
     }

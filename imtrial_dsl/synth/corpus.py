@@ -7,7 +7,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from .. import ir, source
 from ..files import atomic_write_text
@@ -71,7 +71,7 @@ def _visit_date(rng: random.Random, baseline: _dt.date, v: ir.Visit, base_off: f
 def synthesize(trial: ir.Trial, out_dir: str | os.PathLike, *, subjects_per_site: int = 2, seed: int = 0,
                deviations: Sequence[str] = (), phi: bool = True, size: str = "medium", small: bool = False,
                enhanced: Optional[bool | Sequence[str]] = None, visits: Optional[Sequence[str]] = None,
-               start_date: str = "2026-03-02") -> dict[str, Any]:
+               start_date: str = "2026-03-02", progress: Optional[Callable[[str, int], Any]] = None) -> dict[str, Any]:
     """Generate a multi-site, multi-subject, multi-visit DICOM corpus; returns (and writes) the manifest.
 
     ``deviations``: names from :data:`DEVIATIONS`, each injected once at a seeded place.
@@ -81,6 +81,7 @@ def synthesize(trial: ir.Trial, out_dir: str | os.PathLike, *, subjects_per_site
     Enhanced MR (multi-frame, functional groups), False every one as classic; a list of protocol names
     writes those protocols as Enhanced MR and the others as classic MR.
     ``visits``: restrict to these schedule visits. Writes ``out_dir/manifest.json``.
+    ``progress(desc, total)``: a progress display with ``update(n)``/``close()``, advanced per exam written.
     """
     size = "small" if small else size
     if size not in SIZES:
@@ -278,6 +279,7 @@ def synthesize(trial: ir.Trial, out_dir: str | os.PathLike, *, subjects_per_site
     n_files = 0
     exam_entries = []
     phi_values: set[str] = set()
+    bar = progress("synth", len(exams)) if progress else None
     for e in exams:
         entry = {**where(e), "study_uid": e.study_uid, "device": e.device.device_id, "device_identity": e.device.as_dict(),
                  "dir": e.dir, "series": []}
@@ -294,10 +296,14 @@ def synthesize(trial: ir.Trial, out_dir: str | os.PathLike, *, subjects_per_site
                     if d["type"] == "corrupt_file" and d["series_uid"] == sp.uid:
                         d["file"] = sp.files[len(sp.files) // 2]
         exam_entries.append(entry)
+        if bar is not None:
+            bar.update(1)
         if phi:
             s = e.subject
             phi_values.update([s["name"], s["patient_id"], s["address"], s["phone"], s["other_id"],
                                s["birth_date"].replace("-", "")])
+    if bar is not None:
+        bar.close()
     last_date = max(e.date for e in exams) if exams else start
     manifest = {
         "generator": "imtrial synth",
