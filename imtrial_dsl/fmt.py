@@ -23,7 +23,7 @@ INDENT = "  "
 STATEMENTS = frozenset("""
 import_stmt study site protocol schedule deidentify identifiers qc analysis transfer archive role report
 qualification deid_profile
-study_prop arms endpoint contact irb timezone device dev_modality dev_vendor dev_text dev_field dev_coils
+study_prop arms endpoint contact irb timezone device dev_modality dev_vendor dev_text dev_software dev_field dev_coils
 dev_agreement proto_text match_rule constraint variant remove visit same_device remind escalate deid_attrs
 replace key date_shift blank burned_in profile_rule id_subject id_check id_source id_issuer id_reid an_input
 an_output an_run an_measure an_timeout an_description an_env ar_path ar_retention ar_keep ar_hash sections

@@ -335,6 +335,9 @@ class Lowerer:
                 key = str(c.children[0])
                 self.once(props, key, c, f"device {dev_id}")
                 fields[key] = self.text(c.children[1])
+            elif c.data == "dev_software":  # a list of SoftwareVersions values: held as the header holds them
+                self.once(props, "software", c, f"device {dev_id}")
+                fields["software"] = "\\".join(self.text(s) for s in c.children[0].children if s is not None) or None
             elif c.data == "dev_field":
                 self.once(props, "field", c, f"device {dev_id}")
                 q = self.quantity(c.children[0], default_unit="T")

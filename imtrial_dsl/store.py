@@ -46,7 +46,7 @@ CREATE TABLE IF NOT EXISTS inbox_skipped (
 CREATE TABLE IF NOT EXISTS exams (
   exam_key TEXT PRIMARY KEY, study_uid TEXT, trial TEXT, subject_id TEXT, site TEXT, device TEXT,
   visit TEXT, visit_kind TEXT, exam_date TEXT, shifted_date TEXT, days_from_baseline REAL,
-  in_window INTEGER, status TEXT NOT NULL DEFAULT 'pending',        -- pending | done | failed | unmatched
+  in_window INTEGER, status TEXT NOT NULL DEFAULT 'pending',        -- pending | done | failed | held | unmatched
   n_series INTEGER DEFAULT 0, n_instances INTEGER DEFAULT 0, warnings TEXT DEFAULT '[]',
   generation INTEGER DEFAULT 0, created REAL, updated REAL);
 CREATE TABLE IF NOT EXISTS series (
@@ -90,6 +90,15 @@ CREATE TABLE IF NOT EXISTS subject_exams (
 CREATE TABLE IF NOT EXISTS identity_audit (
   trial TEXT NOT NULL, subject_id TEXT NOT NULL, source_attr TEXT, source_value TEXT, issuer TEXT,
   exam_key TEXT, recorded REAL, PRIMARY KEY (trial, subject_id, source_value, issuer));
+-- operators' decisions for exams the pipeline could not place alone (``imtrial assign``): a held exam
+-- (no usable source identifier, no site) gets a subject (an existing ID, or 'new' at a site); an exam whose
+-- dates are unusable gets a date or a visit. Rows are only added (who assigned what, when); identify reads
+-- the latest row of each field of the exam, and a new row re-identifies the exam and everything after it.
+CREATE TABLE IF NOT EXISTS exam_assignments (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, exam_key TEXT NOT NULL, trial TEXT NOT NULL,
+  field TEXT NOT NULL,                 -- subject | site | visit | date (ISO YYYY-MM-DD)
+  value TEXT NOT NULL, assigned_by TEXT NOT NULL, assigned_at REAL NOT NULL, note TEXT);
+CREATE INDEX IF NOT EXISTS exam_assignments_exam ON exam_assignments(exam_key, field, id);
 CREATE TABLE IF NOT EXISTS deid_audit (
   trial TEXT NOT NULL, subject_id TEXT NOT NULL, exam TEXT, kind TEXT NOT NULL, original TEXT NOT NULL,
   pseudonym TEXT NOT NULL, PRIMARY KEY (trial, kind, original));
@@ -408,6 +417,38 @@ class Store:
             n += db.execute("UPDATE series SET original_series_uid=NULL" + (sel + " AND" if sel else " WHERE")
                             + " original_series_uid IS NOT NULL", args).rowcount
             return n
+
+    # ------------------------------------------------------------------ assignments (imtrial assign)
+    ASSIGNABLE = ("subject", "site", "visit", "date")
+
+    def add_assignment(self, exam_key: str, trial: str, fields: dict[str, str], by: str,
+                       note: Optional[str] = None) -> None:
+        """Record an operator's decision for one exam (fields from :attr:`ASSIGNABLE`), in one transaction."""
+        unknown = sorted(set(fields) - set(self.ASSIGNABLE))
+        if unknown:
+            raise ValueError(f"not assignable: {', '.join(unknown)}")
+        now = time.time()
+        with self.tx() as db:
+            for field, value in fields.items():
+                db.execute("INSERT INTO exam_assignments(exam_key, trial, field, value, assigned_by, assigned_at, note) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)", (exam_key, trial, field, str(value), by, now, note))
+
+    def assignments(self, exam_key: str) -> dict[str, dict]:
+        """The exam's current assignments: field -> the latest row ({value, assigned_by, assigned_at, note})."""
+        rows = self.db.execute("SELECT * FROM exam_assignments WHERE exam_key=? ORDER BY id", (exam_key,))
+        return {r["field"]: dict(r) for r in rows}
+
+    def assignment_history(self, exam_key: Optional[str] = None) -> list[dict]:
+        """Every assignment ever recorded (of one exam, or all), oldest first."""
+        q, args = "SELECT * FROM exam_assignments", ()
+        if exam_key:
+            q, args = q + " WHERE exam_key=?", (exam_key,)
+        return [dict(r) for r in self.db.execute(q + " ORDER BY id", args)]
+
+    def assignment_token(self, exam_key: str) -> str:
+        """What the exam's identity was assigned from ('' when nothing was): part of identify's fingerprint."""
+        cur = self.assignments(exam_key)
+        return json.dumps({f: r["value"] for f, r in sorted(cur.items())}, sort_keys=True) if cur else ""
 
     # ------------------------------------------------------------------ measurements
     def measurements(self) -> list[dict]:

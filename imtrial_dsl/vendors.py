@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 CANONICAL_VENDORS = ("Siemens", "GE", "Philips", "Canon", "Hitachi", "Fujifilm", "United Imaging", "Bruker")
@@ -34,26 +35,125 @@ def normalize_vendor(name: Optional[str]) -> str:
     return text
 
 
-def software_matches(pattern: Optional[str], versions: Iterable[str] | str | None) -> bool:
-    """True if any software version string matches ``pattern`` (glob, case-insensitive; None matches all).
+@dataclass(frozen=True)
+class SoftwareMatch:
+    """How one component of a software pattern matched a SoftwareVersions value.
 
-    SoftwareVersions is often multi-valued (e.g. ['syngo MR XA30', 'XA30A']); a
-    version also matches when the pattern occurs as a whole token inside it.
-    """
-    if pattern is None:
-        return True
+    ``form`` is ``value`` (the whole value), ``release`` (the part after the last ``:``, as GE writes
+    ``MR Software release:DV28.0_R02_1947.a``) or ``token`` (a word of the value, e.g. ``XA30`` of
+    ``syngo MR XA30``); ``text`` is what the pattern matched."""
+
+    pattern: str
+    value: str
+    form: str
+    text: str
+
+    def describe(self) -> str:
+        if self.form == "value":
+            return f"'{self.pattern}' matched value '{self.value}'"
+        return f"'{self.pattern}' matched {self.form} '{self.text}' of value '{self.value}'"
+
+
+def software_values(versions: Iterable[str] | str | None) -> list[str]:
+    """SoftwareVersions (or an inventory ``software``) as its list of values.
+
+    A string is split at DICOM's value delimiter ``\\``: ``5.1.1\\5.1.1.0`` is two values, the way
+    the header holds them."""
     if versions is None:
-        return False
+        return []
     if isinstance(versions, str):
-        versions = [v for v in re.split(r"\\", versions)]
-    pat = pattern.lower()
-    for v in versions:
-        v = str(v).strip().lower()
-        if fnmatch.fnmatchcase(v, pat):
+        versions = versions.split("\\")
+    return [str(v).strip() for v in versions if str(v).strip()]
+
+
+def software_forms(value: str) -> list[tuple[str, str]]:
+    """The forms a pattern may match in one value: the value, its ``release:`` suffix, its words."""
+    v = value.strip()
+    forms = [("value", v)]
+    if ":" in v:
+        rel = v.rsplit(":", 1)[1].strip()
+        if rel:
+            forms.append(("release", rel))
+    forms += [("token", t) for t in re.split(r"[\s_/:]+", v) if t and t != v]
+    return forms
+
+
+def _component_match(pattern: str, value: str) -> Optional[SoftwareMatch]:
+    pat = pattern.strip().lower()
+    for form, text in software_forms(value):
+        if fnmatch.fnmatchcase(text.lower(), pat):
+            return SoftwareMatch(pattern.strip(), value, form, text)
+    return None
+
+
+def software_match(pattern: Optional[str], versions: Iterable[str] | str | None) -> Optional[list[SoftwareMatch]]:
+    """How ``pattern`` matches a header's SoftwareVersions, value by value, or None when it does not.
+
+    ``pattern`` is a glob (case-insensitive) or several, written as the header writes them
+    (``5.1.1\\5.1.1.0``, ``24\\LX\\MR Software release:HD16.0_V02_1131.a``): every component must match
+    a value of its own, in any order; the header may hold more values. A component matches a value
+    as a whole, its ``release:`` suffix (``DV28*`` matches ``MR Software release:DV28.0_R02_1947.a``)
+    or one of its words (``XA30`` matches ``syngo MR XA30``). None as pattern matches everything
+    (an empty list of matches)."""
+    if pattern is None:
+        return []
+    comps = software_values(pattern)
+    values = software_values(versions)
+    if not comps:
+        return []
+    if not values:
+        return None
+    # components are matched to distinct values; patterns are few and short, so try them in order,
+    # the most specific (fewest candidate values) first, and backtrack
+    cands = [[(j, m) for j, m in enumerate(_component_match(c, v) for v in values) if m] for c in comps]
+    order = sorted(range(len(comps)), key=lambda i: len(cands[i]))
+    chosen: dict[int, SoftwareMatch] = {}
+
+    def place(k: int, used: frozenset[int]) -> bool:
+        if k == len(order):
             return True
-        if any(fnmatch.fnmatchcase(tok, pat) for tok in re.split(r"[\s_/]+", v) if tok):
-            return True
-    return False
+        i = order[k]
+        for j, m in cands[i]:
+            if j not in used:
+                chosen[i] = m
+                if place(k + 1, used | {j}):
+                    return True
+        return False
+
+    if not place(0, frozenset()):
+        return None
+    return [chosen[i] for i in range(len(comps))]
+
+
+def software_matches(pattern: Optional[str], versions: Iterable[str] | str | None) -> bool:
+    """True if ``pattern`` matches SoftwareVersions value by value (see :func:`software_match`)."""
+    return software_match(pattern, versions) is not None
+
+
+def describe_software_match(matches: Optional[list[SoftwareMatch]]) -> str:
+    """'DV28*' matched release 'DV28.0_R02_1947.a' of value 'MR Software release:DV28.0_R02_1947.a'."""
+    if matches is None:
+        return "no match"
+    return "; ".join(m.describe() for m in matches) or "no software pattern"
+
+
+def software_pattern_hint(software: Optional[str]) -> Optional[str]:
+    """A release glob for a declared SoftwareVersions: the value that names the release, with a ``*``.
+
+    ``24\\LX\\MR Software release:HD16.0_V02_1131.a`` -> ``HD16.0*``; ``5.1.1\\5.1.1.0`` -> ``5.1.1*``;
+    ``syngo MR XA30`` -> ``syngo MR XA30``. A variant written with it covers later builds of that release."""
+    values = software_values(software)
+    if not values:
+        return None
+    if len(values) == 1 and ":" not in values[0]:
+        return values[0]
+    for v in values:  # GE: the value holding 'release:' names the release
+        if ":" in v:
+            rel = v.rsplit(":", 1)[1].strip()
+            m = re.match(r"[A-Za-z]*\d+(?:\.\d+)?", rel)
+            return (m.group(0) if m else rel) + "*"
+    rel = next((v for v in values if re.search(r"\d", v) and not v.isdigit()), values[0])
+    return rel + "*"
 
 
 # Manufacturer (0008,0070) as scanners of each vendor write it, for objects a scanner matches on (the

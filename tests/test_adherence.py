@@ -259,7 +259,7 @@ def test_enhanced_mr_checked_through_functional_groups(amy, conformant, tmp_path
     ds = pydicom.dcmread(src)
     assert ds.SOPClassUID == pydicom.uid.EnhancedMRImageStorage
     assert "EchoTime" not in ds and "FlipAngle" not in ds  # only inside functional groups
-    assert dicomio.get_param(ds, "EchoTime") == ds.SharedFunctionalGroupsSequence[0].MREchoSequence[0].EffectiveEchoTime
+    assert dicomio.get_param(ds, "EchoTime") == ds.PerFrameFunctionalGroupsSequence[0].MREchoSequence[0].EffectiveEchoTime
     ok = adherence.check_series(amy.protocol("SWI"), [ds])
     assert ok["verdict"] == "pass" and {r["keyword"] for r in ok["parameters"]} >= {"EchoTime", "FlipAngle"}
     # push the flip angle inside MRTimingAndRelatedParametersSequence out of range
@@ -269,7 +269,6 @@ def test_enhanced_mr_checked_through_functional_groups(amy, conformant, tmp_path
     assert bad["verdict"] == "fail" and rows["FlipAngle"]["actual"] == 35.0 and not rows["FlipAngle"]["ok"]
     # per-frame values: a multi-echo object must have every echo in range
     ds2 = pydicom.dcmread(src)
-    del ds2.SharedFunctionalGroupsSequence[0].MREchoSequence
     for i, item in enumerate(ds2.PerFrameFunctionalGroupsSequence):
         echo = Dataset()
         echo.EffectiveEchoTime = 10.0 if i == 0 else 25.0

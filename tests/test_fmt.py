@@ -178,10 +178,13 @@ def joined(token_lists):
 device = st.tuples(
     name, st.sampled_from(["MR", "CT", "PT, CT", "PT, MR"]), vendor,
     some_of(["model", "software", "serial", "station", "institution", "ae_title"]),
-    string, num, st.lists(string, max_size=2), st.sampled_from(["yes", "no", "true", "false"]),
+    string, num, st.lists(string, max_size=2), st.sampled_from(["yes", "no", "true", "false"]), st.booleans(),
 ).map(lambda t: ["device", t[0], "{", "modality", *t[1].replace(",", " ,").split(), "vendor", *t[2], *[tok for k in t[3] for tok in (k, t[4])],
                  "field", t[5], "T", "coils", "[", *[tok for i, s in enumerate(t[6]) for tok in ([","] if i else []) + [s]],
-                 "]", "research_agreement", t[7], "}"])
+                 "]", "research_agreement", t[7],
+                 # SoftwareVersions as a list of values (when not given as one string above)
+                 *(["software", "[", *[tok for i, s in enumerate(t[6]) for tok in ([","] if i else []) + [s]], "]"]
+                   if t[8] and "software" not in t[3] else []), "}"])
 
 site = block(
     seq("site", one(name), opt(one(string))),

@@ -202,12 +202,12 @@ def test_7_a_study_with_several_patients_is_split_by_patient(tmp_path):
         done = [e for e in exams if e["status"] == "done"]
         assert len(done) == 2 and len({e["subject_id"] for e in done}) == 2       # two patients, two subjects
         assert {e["n_instances"] for e in done} == {1, 4}                         # 6 files: 4 of PAT0001, 1 other
-        (lost,) = [e for e in exams if e["status"] == "unmatched"]               # only the file without a PatientID
+        (lost,) = [e for e in exams if e["status"] == "held"]                    # only the file without a PatientID
         assert lost["n_instances"] == 1
         assert all(any(w.get("code") == "study_split" for w in e["warnings"]) for e in done)
     finally:
         st.close()
-    assert s["unmatched"] == [lost["exam_key"]]
+    assert s["unmatched"] == [] and [w["exam_key"] for w in s["waiting"]] == [lost["exam_key"]]
 
 
 # ----------------------------------------------------------------------------- 8. free-text cleaning

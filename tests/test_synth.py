@@ -70,13 +70,15 @@ def test_headers_realistic_and_consistent(amy, corpus):
         want_sop = pydicom.uid.EnhancedMRImageStorage if s["enhanced"] else pydicom.uid.MRImageStorage
         assert ds.SOPClassUID == want_sop
         _, dev = next((st, d) for st, d in amy.devices() if d.id == e["device"])
-        assert ds.Manufacturer == {"Siemens": "SIEMENS", "GE": "GE MEDICAL SYSTEMS",
+        assert ds.Manufacturer == {"Siemens": "Siemens Healthineers", "GE": "GE MEDICAL SYSTEMS",   # syngo MR XA
                                    "Philips": "Philips Medical Systems"}[dev.vendor]
         assert normalize_vendor(ds.Manufacturer) == dev.vendor
         assert ds.ManufacturerModelName == dev.model and ds.DeviceSerialNumber == dev.serial
         versions = dicomio.as_list(dicomio.get_param(ds, "SoftwareVersions"))
-        if dev.vendor in ("GE", "Philips"):
-            assert len(versions) == 2  # multi-valued, as those vendors write it
+        if dev.vendor in ("GE", "Philips"):  # multi-valued, as those vendors write it
+            assert len(versions) == {"GE": 3, "Philips": 2}[dev.vendor]
+        if dev.vendor == "GE":
+            assert versions[1] == "LX" and versions[2].startswith("MR Software release:")
         assert adherence.software_consistent(dev.software, versions) is (key not in upgraded)
         assert ds.StudyDate == e["date"].replace("-", "")
         series_for[e["study_uid"]].add(ds.SeriesInstanceUID)
@@ -109,9 +111,15 @@ def test_phi_planted_and_absent(amy, corpus, tmp_path):
     clean = synth.synthesize(amy, tmp_path, subjects_per_site=1, seed=9, small=True, phi=False, visits=["baseline"])
     ds2 = pydicom.dcmread(tmp_path / clean["exams"][0]["series"][0]["files"][0])
     assert clean["phi_values"] == []
-    for kw in ("PatientBirthDate", "PatientAddress", "OtherPatientIDs", "ImageComments", "AdditionalPatientHistory"):
+    for kw in ("PatientAddress", "OtherPatientIDs", "ImageComments", "AdditionalPatientHistory"):
         assert kw not in ds2
-    assert ds2.PatientID.startswith("SYN-") and not any(e.tag.is_private for e in ds2)
+    assert ds2.PatientBirthDate == ""   # Type 2: present and empty
+    assert ds2.PatientID.startswith("SYN-")
+    # the vendor's private groups are there (as on its scanners), the planted-PHI block is not
+    creators = {e.value for e in ds2 if e.tag.is_private and e.tag.element < 0x100}
+    creators |= {e.value for g in ds2.get("SharedFunctionalGroupsSequence", []) for e in g
+                 if e.tag.is_private and e.tag.element < 0x100}
+    assert creators and "IMTRIAL SYNTH PHI" not in creators
 
 
 def test_enhanced_mr_structure(corpus):
@@ -122,9 +130,11 @@ def test_enhanced_mr_structure(corpus):
     n = int(ds.NumberOfFrames)
     assert n == s["shape"][0] == len(ds.PerFrameFunctionalGroupsSequence)
     shared = ds.SharedFunctionalGroupsSequence[0]
-    for seq in ("MRTimingAndRelatedParametersSequence", "MREchoSequence", "PixelMeasuresSequence",
-                "PlaneOrientationSequence", "MRModifierSequence"):
+    for seq in ("MRTimingAndRelatedParametersSequence", "MRModifierSequence", "MRImagingModifierSequence",
+                "MRFOVGeometrySequence"):
         assert seq in shared
+    for seq in ("MREchoSequence", "PixelMeasuresSequence", "PlaneOrientationSequence", "MRImageFrameTypeSequence"):
+        assert all(seq in f for f in ds.PerFrameFunctionalGroupsSequence)   # per frame, as syngo MR XA writes them
     z = [float(f.PlanePositionSequence[0].ImagePositionPatient[2]) for f in ds.PerFrameFunctionalGroupsSequence]
     assert z == sorted(z) and len(set(z)) == n
     assert ds.pixel_array.shape == (n, s["shape"][1], s["shape"][2])

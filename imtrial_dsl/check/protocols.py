@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from .. import ir
 from ..diagnostics import did_you_mean
+from .. import source
 from ..nested import MODALITIES
-from ..vendors import KNOWN_SPELLINGS, is_known_vendor, software_matches
+from ..vendors import KNOWN_SPELLINGS, is_known_vendor, software_forms, software_matches, software_pattern_hint, software_values
 from .constraints import constraints, regex
 from .context import Context
 from .names import keyword
@@ -69,12 +70,17 @@ def check(ctx: Context) -> None:
                 _scope_ref(ctx, p.scope, site, None, sites, device_ids)
             for dev in p.scope.devices:
                 _scope_ref(ctx, p.scope, None, dev, sites, device_ids)
-        if devices and not any(d.acquires(p.modality) and p.applies_to(s.code, d.id) for s, d in devices):
+        if devices and p.modality not in _WRITTEN_BESIDE_IMAGES and not any(d.acquires(p.modality) and p.applies_to(s.code, d.id) for s, d in devices):
             have = sorted({m for _, d in devices for m in d.all_modalities()})
             ctx.warning("W410", p, f"no site can acquire protocol {p.name}: no {p.modality} device"
                         + (" in its scope" if p.scope else " is declared"),
                         f"declared devices acquire {', '.join(have)}" if have else None)
         variants(ctx, p, devices)
+
+
+# Objects any imaging device writes beside its images (dose and protocol reports, presentation states, key
+# object selections): a protocol for them needs no device of that modality.
+_WRITTEN_BESIDE_IMAGES = frozenset({"SR", "PR", "KO", "DOC"})
 
 
 def _conditionals(ctx: Context, blocks: list[ir.Conditional], where: str, mod: str) -> None:
@@ -109,7 +115,7 @@ def variants(ctx: Context, p: ir.Protocol, devices: list[tuple[ir.Site, ir.Devic
         if not hit:
             desc = " ".join(x for x in (var.vendor, f'model "{var.model}"' if var.model else "",
                                         f'software "{var.software}"' if var.software else "") if x)
-            have = ", ".join(f"{d.id} ({d.vendor} {d.software or ''})".replace(" )", ")") for _, d in same_mod)
+            have = ", ".join(_device_software(d) for _, d in same_mod)
             ctx.warning("W401", var, f"variant {desc} of protocol {p.name} matches no {p.modality} device in the inventory",
                         f"inventory {p.modality} devices: {have}" if have else f"no {p.modality} device is declared")
     if not p.variants:
@@ -135,5 +141,19 @@ def variants(ctx: Context, p: ir.Protocol, devices: list[tuple[ir.Site, ir.Devic
                    f"{len(uncovered_vendors)} vendors ({', '.join(sorted(uncovered_vendors))}) would all use the base constraints")
         else:
             continue
-        ctx.warning("W402", d, why, f"add 'variant {d.vendor} software \"{d.software}\" {{ … }}' to protocol {p.name}"
-                    if d.software else f"add a '{d.vendor}' variant to protocol {p.name}")
+        hint = software_pattern_hint(d.software)
+        ctx.warning("W402", d, why, f"add 'variant {d.vendor} software {source.quote(hint)} {{ … }}' to protocol {p.name}"
+                    if hint else f"add a '{d.vendor}' variant to protocol {p.name}")
+
+
+def _device_software(d: ir.Device) -> str:
+    """'GE_MR1 (GE; software values '24', 'LX', 'MR Software release:HD16.0_V02_1131.a' [release HD16.0_V02_1131.a])':
+    the forms a variant's software glob is matched against (each value, its release suffix, its words)."""
+    values = software_values(d.software)
+    if not values:
+        return f"{d.id} ({d.vendor}, no software declared)"
+    parts = []
+    for v in values:
+        rel = [t for f, t in software_forms(v) if f == "release"]
+        parts.append(f"'{v}'" + (f" [release {rel[0]}]" if rel else ""))
+    return f"{d.id} ({d.vendor}; software value{'s' if len(values) > 1 else ''} {', '.join(parts)})"

@@ -1,4 +1,4 @@
-"""The pipeline commands: ``imtrial run | step | status | synth | verify | keygen``."""
+"""The pipeline commands: ``imtrial run | step | status | assign | synth | verify | keygen``."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from typing import Any, Optional
 from ..workdir import Workdir
 from .common import (EXIT_ENVIRONMENT, EXIT_INPUT, EXIT_OK, EXIT_USAGE, KEY_ENV, UsageError, add_json, add_out,
                      add_study, add_workdir, command, load_trial)
-from .render import exam_status, progress_for, run_summary
+from .render import assign_summary, exam_status, progress_for, run_summary
 
 
 def cmd_run(args) -> int:
@@ -128,6 +128,33 @@ def cmd_status(args) -> int:
     return EXIT_OK
 
 
+def cmd_assign(args) -> int:
+    import getpass
+
+    from ..runner.assign import assign_exam
+    from ..runner.run import RunLocked, preflight
+
+    trial = load_trial(args.study)
+    if not args.no_run:
+        problems = preflight(trial)
+        if problems:
+            for p in problems:
+                print(f"imtrial assign: {p}", file=sys.stderr)
+            return EXIT_INPUT
+    try:
+        res = assign_exam(trial, args.workdir, args.exam, by=args.by or getpass.getuser(), subject=args.subject,
+                          site=args.site, visit=args.visit, date=args.date, note=args.note, run=not args.no_run)
+    except RunLocked as exc:
+        print(f"imtrial assign: {exc.diagnostic.message} (the assignment is recorded; the next run processes it)",
+              file=sys.stderr)
+        return EXIT_INPUT
+    if args.json:
+        print(json.dumps(res, indent=2, default=str))
+    else:
+        print(assign_summary(res))
+    return EXIT_INPUT if (res["status"] or {}).get("status") == "failed" else EXIT_OK
+
+
 def _names(text: Optional[str]) -> Optional[list[str]]:
     """A comma-separated option as a list; None when empty (synthesize() keeps its default)."""
     return [x for x in (text or "").split(",") if x] or None
@@ -140,7 +167,7 @@ def cmd_synth(args) -> int:
     given = {"subjects_per_site": args.subjects, "seed": args.seed, "phi": args.phi, "size": args.size,
              "deviations": _names(args.deviations), "visits": _names(args.visits), "start_date": args.start_date}
     # options left out keep synthesize()'s defaults, so they are stated once, there
-    manifest = synthesize(trial, Path(args.out), small=args.small, enhanced=bool(args.enhanced),
+    manifest = synthesize(trial, Path(args.out), small=args.small, enhanced=args.enhanced,
                           progress=progress_for(args), **{k: v for k, v in given.items() if v is not None})
     print(json.dumps({"out": args.out, "files": manifest["files"], "deviations": len(manifest["deviations"])}, indent=2))
     return EXIT_OK
@@ -270,6 +297,30 @@ def register(sub) -> None:
     add_json(p, "print the summary and the exams as JSON")
     p.set_defaults(func=cmd_status)
 
+    p = command(sub, "assign", "resolve a held or unassigned exam (its subject, visit or date) and process it onward",
+                examples=["imtrial assign 5051c566 --subject new --study study.imtrial --workdir work --by 'site coordinator'",
+                          "imtrial assign 925467d3 --date 2024-04-25 --study study.imtrial --workdir work",
+                          "imtrial assign 925467d3 --visit m12 --study study.imtrial --workdir work --no-run"],
+                details="A held exam (no usable source identifier, e.g. 'PatientID is empty', or an unknown person "
+                        "at an unknown device) gets a subject: an enrolled subject ID, or 'new' (at the device's "
+                        "site or --site). An exam with visit 'unassigned' (no usable date, e.g. '***') gets its date "
+                        "or its visit. The decision is recorded with who made it (--by) and why (--note); the exam "
+                        "is then identified again and every step after identify runs. 'imtrial status' lists the "
+                        "exams that wait.",
+                env=[KEY_ENV])
+    p.add_argument("exam", metavar="EXAM", help="exam key (or a unique prefix), as imtrial status lists it")
+    p.add_argument("--study", required=True, metavar="STUDY", help="the study (.imtrial, or IR JSON)")
+    add_workdir(p)
+    p.add_argument("--subject", metavar="ID", help="an enrolled subject ID, or 'new' to enrol one")
+    p.add_argument("--site", metavar="SITE", help="with --subject new: the site that enrols the subject")
+    p.add_argument("--visit", metavar="NAME", help="the schedule visit of the exam")
+    p.add_argument("--date", metavar="YYYY-MM-DD", help="the exam's real date (its visit then follows from the schedule)")
+    p.add_argument("--by", metavar="NAME", help="who decides (recorded; default: the login name)")
+    p.add_argument("--note", metavar="TEXT", help="why (recorded with the assignment)")
+    p.add_argument("--no-run", action="store_true", help="only record it; the next 'imtrial run' processes the exam")
+    add_json(p, "print what was recorded and the exam's state as JSON")
+    p.set_defaults(func=cmd_assign)
+
     p = command(sub, "synth", "generate a synthetic DICOM corpus for a study", examples=[
         "imtrial synth examples/amyloid_mri.imtrial -o inbox --subjects 2 --small --deviations param_off,ghosting"],
         details="Subjects per site over the schedule's visits, one series per protocol on each site's devices, "
@@ -284,7 +335,10 @@ def register(sub) -> None:
     p.add_argument("--no-phi", dest="phi", action="store_false", help="no planted PHI")
     p.add_argument("--small", action="store_true", help="small images (fast; same as --size small)")
     p.add_argument("--size", choices=["small", "medium", "full"], help="image size (default medium)")
-    p.add_argument("--enhanced", action="store_true", default=None, help="write MR series as Enhanced MR (multi-frame)")
+    p.add_argument("--enhanced", dest="enhanced", action="store_true", default=None,
+                   help="write every MR series as Enhanced MR (multi-frame); default: what each device writes")
+    p.add_argument("--classic", dest="enhanced", action="store_false",
+                   help="write every MR series as classic MR Image Storage (one file per slice)")
     p.add_argument("--visits", metavar="LIST", help="comma-separated schedule visits to generate (default all)")
     p.add_argument("--start-date", metavar="YYYY-MM-DD", help="first baseline date")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal)")

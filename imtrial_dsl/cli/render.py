@@ -101,6 +101,14 @@ def run_summary(s: dict) -> str:
         f"unmatched    {len(s['unmatched'])}" + (f": {', '.join(s['unmatched'])}" if s['unmatched'] else ""),
         f"measurements {s['measurements']}",
     ]
+    waiting = s.get("waiting") or []
+    if waiting:
+        kinds: dict[str, int] = {}
+        for w in waiting:
+            kinds[w["waiting"]] = kinds.get(w["waiting"], 0) + 1
+        lines.append(f"waiting      {len(waiting)} for imtrial assign ({kv(kinds)})")
+        for w in waiting:
+            lines.append(f"  - {w['exam_key']} {w['waiting']}: {w['detail']}")
     incomplete = s.get("incomplete") or []
     if incomplete:
         lines.append(f"incomplete   {plural(len(incomplete), 'exam')} missing a protocol of its visit")
@@ -164,6 +172,16 @@ def exam_status(e: dict, detailed: bool) -> list[str]:
         for w in e["warnings"]:
             lines.append(f"   warning {w.get('code')}: {w.get('detail')}")
     return lines
+
+
+def assign_summary(res: dict) -> str:
+    """What ``imtrial assign`` recorded and where the exam stands after processing it onward."""
+    what = ", ".join(f"{k} {v}" for k, v in res["assigned"].items())
+    lines = [f"assigned {what} to exam {res['exam_key']} (by {res['by']})"]
+    e = res.get("status")
+    if e:
+        lines += exam_status(e, detailed=True)
+    return "\n".join(lines)
 
 
 def transfer_summary(s: dict) -> str:

@@ -28,7 +28,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
 from .. import ir, source, units
-from ..vendors import normalize_vendor, software_matches
+from ..vendors import SoftwareMatch, describe_software_match, normalize_vendor, software_match, software_values
 from . import dicomio
 
 _REL_EPS = 1e-6
@@ -245,10 +245,14 @@ def verdict_of(rows: Iterable[dict[str, Any]]) -> str:
     return v
 
 
-def _variant_info(var: Optional[ir.Variant]) -> Optional[dict[str, Any]]:
+def _variant_info(var: Optional[ir.Variant], versions: Any = None) -> Optional[dict[str, Any]]:
+    """A variant as the results name it; with the header's SoftwareVersions, how its software glob matched."""
     if var is None:
         return None
-    return {"vendor": var.vendor, "model": var.model, "software": var.software}
+    info: dict[str, Any] = {"vendor": var.vendor, "model": var.model, "software": var.software}
+    if var.software and versions is not None:
+        info["software_match"] = describe_software_match(software_match(var.software, versions))
+    return info
 
 
 def select_constraints(protocol: ir.Protocol, ident: dict[str, Any], *, site: Optional[str] = None,
@@ -296,8 +300,8 @@ def _constraint_tags(constraints: Iterable[ir.Constraint]) -> tuple[int, ...]:
 def study_tags(trial: ir.Trial) -> tuple[int, ...]:
     """Every element any protocol or variant of the study constrains (for ``classify.scan`` fingerprints)."""
     cons = [c for p in trial.protocols for c in _all_constraints(p)]
-    derived_from = (0x00189008, 0x00189009)  # EchoPulseSequence, InversionRecovery (ScanningSequence of Enhanced MR)
-    return tuple(sorted(set(_constraint_tags(cons)) | set(derived_from)))
+    derived_from = {tag_for_keyword(kw) for kw in dicomio.DERIVED_FROM}  # classic values derived from Enhanced MR ones
+    return tuple(sorted(set(_constraint_tags(cons)) | derived_from))
 
 
 def _groups(headers: Sequence[Dataset], tags: tuple[int, ...]) -> list[tuple[Dataset, int]]:
@@ -439,7 +443,7 @@ def check_series(protocol: ir.Protocol, headers: Sequence[Dataset] | Any, ident:
         rows += _conditional_rows(w, reps, n)
     return {
         "protocol": protocol.name,
-        "variant": _variant_info(variant),
+        "variant": _variant_info(variant, ident.get("software") or []),
         "verdict": verdict_of(rows),
         "parameters": rows,
         "n_instances": n,
@@ -473,13 +477,25 @@ def match_device(trial: ir.Trial, ident: dict[str, Any]) -> Optional[dict[str, A
     return None
 
 
+def software_agreement(inventory: Optional[str], versions: Sequence[str]) -> Optional[list[SoftwareMatch]]:
+    """How a header's SoftwareVersions agrees with the inventory release, value by value, or None.
+
+    The inventory may be written as the header writes it (``5.1.1\\5.1.1.0``) or as a release
+    (``R5.7``, a glob, a GE release ``HD16.0_V02_1131.a``); a later build of the same release counts
+    (each inventory value is also a prefix: ``R5.7`` agrees with ``R5.7.1``)."""
+    if not inventory:
+        return []
+    if not versions:
+        return None
+    exact = software_match(inventory, list(versions))
+    if exact is not None:
+        return exact
+    return software_match("\\".join(v + "*" for v in software_values(inventory)), list(versions))
+
+
 def software_consistent(inventory: Optional[str], versions: Sequence[str]) -> bool:
     """Does a header's SoftwareVersions agree with the inventory release (e.g. 'R5.7' vs ['R5.7.1'])?"""
-    if not inventory:
-        return True
-    if not versions:
-        return False
-    return software_matches(inventory, list(versions)) or software_matches(inventory + "*", list(versions))
+    return software_agreement(inventory, versions) is not None
 
 
 def _device(trial: ir.Trial, device_id: str) -> tuple[Optional[ir.Site], Optional[ir.Device]]:
@@ -495,7 +511,9 @@ def upgrade_coverage(trial: ir.Trial, device: ir.Device, versions: Sequence[str]
         _, old = ir.effective_constraints(p, device.vendor, device.software, device.model)
         _, new = ir.effective_constraints(p, device.vendor, list(versions), device.model)
         if new is not None and new.software:
-            covered, why = True, f"variant {new.vendor} software '{new.software}' covers it"
+            covered = True
+            why = (f"variant {new.vendor} software '{new.software}' covers it "
+                   f"({describe_software_match(software_match(new.software, list(versions)))})")
         elif old is not None and old.software:
             covered = False
             why = (f"variant {old.vendor} software '{old.software}' no longer applies; "
@@ -503,7 +521,7 @@ def upgrade_coverage(trial: ir.Trial, device: ir.Device, versions: Sequence[str]
         else:
             covered, why = None, "no release-specific variant; the same constraints apply"
         out.append({"protocol": p.name, "covered": covered, "detail": why,
-                    "variant_before": _variant_info(old), "variant_now": _variant_info(new)})
+                    "variant_before": _variant_info(old), "variant_now": _variant_info(new, list(versions))})
     return out
 
 
@@ -522,13 +540,17 @@ def device_findings(trial: ir.Trial, ident: dict[str, Any]) -> tuple[Optional[di
     if hit["matched_by"] != "serial" and ident.get("serial") and dev.serial and ident["serial"] != dev.serial:
         findings.append({"code": "device_serial_mismatch", "severity": "warning", "device": dev.id,
                          "message": f"matched {dev.id} by {hit['matched_by']}, but serial {ident['serial']} != inventory {dev.serial}"})
-    versions = ident.get("software") or []
-    if dev.software and not software_consistent(dev.software, versions):
+    versions = software_values(ident.get("software") or [])
+    agreement = software_agreement(dev.software, versions)
+    if agreement:  # how the inventory's release was recognised in the header (value, release or word)
+        hit = {**hit, "software_match": describe_software_match(agreement)}
+    if dev.software and agreement is None:
+        shown = "\\".join(versions) or "(none)"
         cov = upgrade_coverage(trial, dev, versions)
         uncovered = [c["protocol"] for c in cov if c["covered"] is False]
         findings.append({
             "code": "software_upgrade", "severity": "warning", "device": dev.id,
-            "message": (f"{dev.id}: SoftwareVersions {'/'.join(versions) or '(none)'} differs from inventory "
+            "message": (f"{dev.id}: SoftwareVersions {shown} differs from inventory "
                         f"'{dev.software}' (possible upgrade)"
                         + (f"; no variant covers the new release for {', '.join(uncovered)}" if uncovered else "")),
             "inventory": dev.software, "reported": list(versions), "coverage": cov,

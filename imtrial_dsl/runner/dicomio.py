@@ -22,15 +22,28 @@ from pydicom.valuerep import DSdecimal, DSfloat, IS
 
 # Enhanced objects rename some classic attributes; the classic keyword is what
 # protocols are written in, so these are tried (in order) when it is absent.
+# Checked against the Enhanced MR macros of PS3.3 C.8.13.5 (MR Timing and Related Parameters, MR FOV/
+# Geometry, MR Echo, MR Modifier, MR Imaging Modifier, Cardiac Synchronization) and the Enhanced MR Image
+# module (C.8.13.1); the CT names against the CT Acquisition Details / CT Exposure macros (C.8.15.3).
 ALIASES: dict[str, tuple[str, ...]] = {
     "EchoTime": ("EffectiveEchoTime",),
     "SequenceName": ("PulseSequenceName",),
     "InversionTime": ("InversionTimes",),
+    "ImagingFrequency": ("TransmitterFrequency",),                          # MR Imaging Modifier, MHz both
+    "ImagedNucleus": ("ResonantNucleus",),                                  # Enhanced MR Image module
+    "NumberOfPhaseEncodingSteps": ("MRAcquisitionPhaseEncodingStepsInPlane",),  # MR FOV/Geometry
+    "TriggerTime": ("NominalCardiacTriggerDelayTime",),                     # Cardiac Synchronization, ms both
     "XRayTubeCurrent": ("XRayTubeCurrentInmA", "XRayTubeCurrentInuA"),
     "Exposure": ("ExposureInmAs", "ExposureInuAs"),
     "ExposureTime": ("ExposureTimeInms",),
-    "SAR": ("SpecificAbsorptionRateValue",),
     "ImageType": ("FrameType",),
+}
+
+# Keywords kept by Enhanced MR whose enumerated values differ from the classic ones: the value read
+# from a functional group is given in the classic term (MR FOV/Geometry macro: ROW, COLUMN; classic
+# MR Image module: ROW, COL).
+CLASSIC_TERMS: dict[str, dict[str, str]] = {
+    "InPlanePhaseEncodingDirection": {"COLUMN": "COL"},
 }
 
 # Functional-group sequences are searched this deep (macro item -> attribute -> one nested level).
@@ -179,21 +192,175 @@ def _keywords(keyword: str) -> tuple[str, ...]:
     return (keyword,) + ALIASES.get(keyword, ())
 
 
-def _derived(ds: Dataset, keyword: str, frame: int) -> Any:
-    """Classic attributes that Enhanced MR expresses differently (PS3.3 C.8.13)."""
-    if keyword == "ScanningSequence":
-        eps = get_param(ds, "EchoPulseSequence", frame=frame)
-        if eps is MISSING:
-            return MISSING
-        base = {"GRADIENT": ["GR"], "SPIN": ["SE"], "BOTH": ["SE", "GR"]}.get(str(eps).upper(), [str(eps)])
-        ir = get_param(ds, "InversionRecovery", frame=frame)
-        if isinstance(ir, str) and ir.upper() == "YES":
-            base = base + ["IR"]
-        return base if len(base) > 1 else base[0]
-    if keyword == "InPlanePhaseEncodingDirection":
-        # Enhanced MR: MRFOVGeometrySequence carries it under the same keyword; nothing to derive.
+def _enum(ds: Dataset, keyword: str, frame: int) -> Optional[str]:
+    """An Enhanced MR enumerated value (upper case), or None when the object does not carry it."""
+    v = get_param(ds, keyword, frame=frame)
+    if v is MISSING or v is None or v == "" or isinstance(v, list):
+        return None
+    return str(v).strip().upper() or None
+
+
+def _scanning_sequence(ds: Dataset, frame: int) -> Any:
+    """Scanning Sequence (C.8.3.1: SE, IR, GR, EP) from the MR Pulse Sequence module (C.8.13.4) and the
+    MR Modifier macro (C.8.13.5.8): Echo Pulse Sequence SPIN → SE, GRADIENT → GR, BOTH → SE\\GR; Echo Planar
+    Pulse Sequence YES → EP, which names the gradient-echo train of an echo-planar readout and so takes the
+    place of GR (a spin-echo EPI is SE\\EP); Inversion Recovery YES → IR."""
+    eps = _enum(ds, "EchoPulseSequence", frame)
+    if eps is None:
         return MISSING
+    base = {"GRADIENT": ["GR"], "SPIN": ["SE"], "BOTH": ["SE", "GR"]}.get(eps, [eps])
+    if _enum(ds, "EchoPlanarPulseSequence", frame) == "YES":
+        base = [b for b in base if b != "GR"] + ["EP"]
+    if _enum(ds, "InversionRecovery", frame) == "YES":
+        base = base + ["IR"]
+    return base if len(base) > 1 else base[0]
+
+
+# Sequence Variant (C.8.3.1 defined terms) from the Enhanced MR attribute that says the same thing.
+_VARIANT_RULES: tuple[tuple[str, str, frozenset[str]], ...] = (
+    ("SK", "SegmentedKSpaceTraversal", frozenset({"PARTIAL"})),          # segmented coverage
+    ("MTC", "MagnetizationTransfer", frozenset({"ON_RESONANCE", "OFF_RESONANCE"})),
+    ("SS", "SteadyStatePulseSequence", frozenset({"FREE_PRECESSION", "TRANSVERSE", "LONGITUDINAL"})),
+    ("TRSS", "SteadyStatePulseSequence", frozenset({"TIME_REVERSED"})),
+    ("SP", "Spoiling", frozenset({"RF", "GRADIENT", "RF_AND_GRADIENT"})),
+    ("MP", "InversionRecovery", frozenset({"YES"})),                      # magnetization prepared:
+    ("MP", "T2Preparation", frozenset({"YES"})),                          # inversion, T2 or saturation
+    ("MP", "SaturationRecovery", frozenset({"YES"})),                     # preparation
+    ("OSP", "OversamplingPhase", frozenset({"2D", "3D", "2D_3D"})),
+)
+
+# Scan Options (C.8.3.1 defined terms, in the standard's order) from the Enhanced MR attributes.
+_OPTION_RULES: tuple[tuple[str, str, frozenset[str]], ...] = (
+    ("PER", "RectilinearPhaseEncodeReordering", frozenset({"CENTRIC", "SEGMENTED", "REVERSE_LINEAR", "REVERSE_CENTRIC"})),
+    ("RG", "RespiratoryMotionCompensationTechnique", frozenset({"GATING", "RETROSPECTIVE"})),
+    ("FC", "FlowCompensation", frozenset({"ACCELERATION", "VELOCITY", "OTHER"})),
+    ("SP", "SpatialPresaturation", frozenset({"SLAB"})),
+    ("FS", "SpectrallySelectedSuppression", frozenset({"FAT", "FAT_AND_WATER"})),
+)
+_OPTION_ORDER = ("PER", "RG", "CG", "PPG", "FC", "PFF", "PFP", "SP", "FS")
+
+
+def _terms(ds: Dataset, frame: int, rules, extra: tuple[str, ...] = ()) -> tuple[list[str], bool]:
+    """The defined terms whose rule holds, and whether the object carries any of the rules' attributes."""
+    out, seen = list(extra), bool(extra)
+    for term, kw, values in rules:
+        v = _enum(ds, kw, frame)
+        if v is not None:
+            seen = True
+            if v in values and term not in out:
+                out.append(term)
+    return out, seen
+
+
+def _sequence_variant(ds: Dataset, frame: int) -> Any:
+    terms, seen = _terms(ds, frame, _VARIANT_RULES)
+    if not seen or _enum(ds, "EchoPulseSequence", frame) is None:
+        return MISSING
+    order = [t for t, _, _ in _VARIANT_RULES]
+    terms = sorted(terms, key=order.index) or ["NONE"]
+    return terms if len(terms) > 1 else terms[0]
+
+
+def _scan_options(ds: Dataset, frame: int) -> Any:
+    if _enum(ds, "EchoPulseSequence", frame) is None:
+        return MISSING
+    extra: list[str] = []
+    if _enum(ds, "PartialFourier", frame) == "YES":
+        direction = _enum(ds, "PartialFourierDirection", frame)
+        extra += {"PHASE": ["PFP"], "FREQUENCY": ["PFF"], "COMBINATION": ["PFF", "PFP"]}.get(direction or "", [])
+    cardiac = _enum(ds, "CardiacSynchronizationTechnique", frame)
+    if cardiac in ("REALTIME", "PROSPECTIVE", "RETROSPECTIVE", "PACED"):
+        extra.append("PPG" if _enum(ds, "CardiacSignalSource", frame) == "PP" else "CG")
+    terms, _ = _terms(ds, frame, _OPTION_RULES, tuple(extra))
+    terms = sorted(set(terms), key=_OPTION_ORDER.index)
+    if not terms:
+        return ""  # known to have none (a classic header leaves Scan Options empty)
+    return terms if len(terms) > 1 else terms[0]
+
+
+def _acquisition_matrix(ds: Dataset, frame: int) -> Any:
+    """Acquisition Matrix (frequency rows\\frequency columns\\phase rows\\phase columns) from the MR FOV/Geometry
+    macro's encoding steps and phase-encoding direction: ROW → 0\\F\\P\\0, COL(UMN) → F\\0\\0\\P."""
+    f = get_param(ds, "MRAcquisitionFrequencyEncodingSteps", frame=frame)
+    p = get_param(ds, "MRAcquisitionPhaseEncodingStepsInPlane", frame=frame)
+    d = _enum(ds, "InPlanePhaseEncodingDirection", frame)
+    if not isinstance(f, int) or not isinstance(p, int) or d not in ("ROW", "COL"):
+        return MISSING
+    return [0, f, p, 0] if d == "ROW" else [f, 0, 0, p]
+
+
+def _sar(ds: Dataset, frame: int) -> Any:
+    """SAR (classic: whole body, W/kg) from the Specific Absorption Rate Sequence item defined IEC_WHOLE_BODY."""
+    for item in _items(ds, "SpecificAbsorptionRateSequence", frame):
+        if str(item.get("SpecificAbsorptionRateDefinition", "")).upper() == "IEC_WHOLE_BODY":
+            v = item.get("SpecificAbsorptionRateValue")
+            if v is not None:
+                return plain(v)
     return MISSING
+
+
+def _dbdt(ds: Dataset, frame: int) -> Any:
+    """dB/dt (T/s) from the MR Timing and Related Parameters macro's Gradient Output when its type is DB_DT."""
+    if _enum(ds, "GradientOutputType", frame) != "DB_DT":
+        return MISSING
+    return get_param(ds, "GradientOutput", frame=frame)
+
+
+def _items(ds: Dataset, seq_keyword: str, frame: int) -> list[Dataset]:
+    """Items of a sequence wherever get_param would look (top level, shared, then the frame's groups)."""
+    places: list[Dataset] = [ds]
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        places.append(shared[0])
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and frame < len(per_frame):
+        places.append(per_frame[frame])
+    for place in places:
+        stack = [(place, _MAX_DEPTH + 1)]
+        while stack:
+            item, depth = stack.pop()
+            if seq_keyword in item and item[seq_keyword].VR == "SQ" and item[seq_keyword].value:
+                return list(item[seq_keyword].value)
+            if depth > 0:
+                stack += [(e.value[0], depth - 1) for e in item if e.VR == "SQ" and e.value]
+    return []
+
+
+# Classic attributes that Enhanced MR expresses through other attributes (PS3.3 C.8.13), each derived
+# from the standard's enumerated values; consulted only when the classic keyword is nowhere in the object.
+DERIVED = {
+    "ScanningSequence": _scanning_sequence,
+    "SequenceVariant": _sequence_variant,
+    "ScanOptions": _scan_options,
+    "AcquisitionMatrix": _acquisition_matrix,
+    "SAR": _sar,
+    "dBdt": _dbdt,
+}
+
+# The Enhanced attributes the derivations read (classic instances are fingerprinted on them too).
+DERIVED_FROM: tuple[str, ...] = (
+    "EchoPulseSequence", "EchoPlanarPulseSequence", "InversionRecovery", "SegmentedKSpaceTraversal",
+    "MagnetizationTransfer", "SteadyStatePulseSequence", "Spoiling", "T2Preparation", "SaturationRecovery",
+    "OversamplingPhase", "RectilinearPhaseEncodeReordering", "RespiratoryMotionCompensationTechnique",
+    "FlowCompensation", "SpatialPresaturation", "SpectrallySelectedSuppression", "PartialFourier",
+    "PartialFourierDirection", "CardiacSynchronizationTechnique", "CardiacSignalSource",
+    "MRAcquisitionFrequencyEncodingSteps", "MRAcquisitionPhaseEncodingStepsInPlane",
+    "InPlanePhaseEncodingDirection", "SpecificAbsorptionRateSequence", "GradientOutputType", "GradientOutput",
+)
+
+
+def _derived(ds: Dataset, keyword: str, frame: int) -> Any:
+    """Classic attributes that Enhanced MR expresses differently (PS3.3 C.8.13): see :data:`DERIVED`."""
+    rule = DERIVED.get(keyword)
+    return rule(ds, frame) if rule is not None else MISSING
+
+
+def _classic(keyword: str, value: Any) -> Any:
+    """A value read from a functional group, in the classic attribute's terms (:data:`CLASSIC_TERMS`)."""
+    terms = CLASSIC_TERMS.get(keyword)
+    if terms and isinstance(value, str):
+        return terms.get(value.strip().upper(), value)
+    return value
 
 
 def get_param(ds: Dataset, keyword: str, frame: Optional[int] = None) -> Any:
@@ -213,14 +380,14 @@ def get_param(ds: Dataset, keyword: str, frame: Optional[int] = None) -> Any:
     if shared:
         found = _find_in_item(shared[0], kws, _MAX_DEPTH)
         if found is not MISSING:
-            return plain(found)
+            return _classic(keyword, plain(found))
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame:
         idx = frame or 0
         if idx < len(per_frame):
             found = _find_in_item(per_frame[idx], kws, _MAX_DEPTH)
             if found is not MISSING:
-                return plain(found)
+                return _classic(keyword, plain(found))
     # present-but-empty top-level element counts as present with empty value
     for kw in kws:
         if kw in ds and ds[kw].VR != "SQ":
@@ -453,7 +620,7 @@ def _step_elem(item: Dataset, step: Any) -> Any:
         return None
 
 
-def _items(elem: Any, selector: Any) -> list[Dataset]:
+def _selected_items(elem: Any, selector: Any) -> list[Dataset]:
     seq = list(elem.value or []) if elem is not None and elem.VR == "SQ" else []
     if isinstance(selector, int):
         return seq[selector:selector + 1]
@@ -480,7 +647,7 @@ def path_values(ds: Dataset, steps: list, frame: Optional[int] = None) -> tuple[
             roots = [per_frame[frame or 0]]
     level = roots
     for st in steps[:-1]:
-        level = [it for item in level for it in _items(_step_elem(item, st), st.item)]
+        level = [it for item in level for it in _selected_items(_step_elem(item, st), st.item)]
     out = []
     last = steps[-1]
     for item in level:

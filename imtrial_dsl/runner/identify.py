@@ -367,21 +367,67 @@ def shifted_date(trial, subject_id: str, exam_date: Optional[_dt.date]) -> Optio
     return (exam_date + _dt.timedelta(days=int(shift))).strftime("%Y%m%d")
 
 
+UNASSIGNED = "unassigned"   # the visit of an exam whose dates are unusable, until ``imtrial assign``
+HELD_REASONS = ("no_source_identifier", "unmatched")   # identify errors an operator resolves with imtrial assign
+
+
+def _usable(value: Any) -> bool:
+    if isinstance(value, list):
+        return any(_usable(v) for v in value)
+    return value is not None and str(value).strip() != ""
+
+
+def identifier_problem(attrs: list[str], patient: dict) -> str:
+    """Why no source identifier is usable, naming present-but-empty ones as such:
+    'PatientID is empty', 'PatientID is not present', 'PatientID is empty; OtherPatientIDs is not present'."""
+    empty = [a for a in attrs if a in patient and patient[a] is not None]
+    absent = [a for a in attrs if a not in empty]
+
+    def said(names: list[str], what: str) -> str:
+        return f"{' and '.join(names)} {'is' if len(names) == 1 else 'are'} {what}"
+
+    return "; ".join([said(empty, "empty")] * bool(empty) + [said(absent, "not present")] * bool(absent))
+
+
+def resolve_hint(exam_key: str, reason: str) -> str:
+    """The command that resolves a held or unassigned exam."""
+    if reason == "no_source_identifier":
+        return f"imtrial assign {exam_key} --subject SUBJECT_ID (or --subject new [--site SITE])"
+    if reason == "unmatched":
+        return f"imtrial assign {exam_key} --subject SUBJECT_ID (or --subject new --site SITE)"
+    return f"imtrial assign {exam_key} --date YYYY-MM-DD (or --visit VISIT)"
+
+
+def _visit_named(trial, name: str, exam_date: Optional[_dt.date], anchor: Optional[_dt.date]) -> dict:
+    """An operator-assigned visit; its day and window when the exam date and the subject's baseline are known."""
+    visits = list(trial.schedule.visits) if trial.schedule else []
+    v = next((x for x in visits if x.name == name), None)
+    days = float((exam_date - anchor).days) if exam_date and anchor else (0.0 if v is not None and v.kind == "baseline" else None)
+    in_window = (_window(v)[0] <= days <= _window(v)[1]) if v is not None and days is not None else None
+    return {"visit": name, "visit_kind": v.kind if v is not None else "unscheduled", "days_from_baseline": days,
+            "in_window": in_window, "visit_obj": v,
+            "anchor": exam_date if v is not None and v.kind == "baseline" and exam_date else None}
+
+
 def identify_exam(trial, exam: dict, db: sqlite3.Connection, *, exam_key: Optional[str] = None,
-                  later: Optional[list[_dt.date]] = None) -> dict:
+                  later: Optional[list[_dt.date]] = None, assigned: Optional[dict[str, str]] = None) -> dict:
     """Assign subject, site, device, visit for one exam (exam.json content); writes the registry.
 
     Returns the identity (no original identifiers) plus ``exam_date`` (real, site-side) and ``warnings``.
-    Raises :class:`IdentifyError` for an exam that cannot be identified.
+    ``assigned``: an operator's decisions (``imtrial assign``: subject, site, visit, date) that take the
+    place of what the header cannot give. An exam whose dates are unusable is identified with visit
+    ``unassigned`` and an ``unassigned_visit`` warning. Raises :class:`IdentifyError` for an exam that
+    cannot be identified (it is held until an assignment resolves it).
     """
     ids = trial.identifiers
     code = trial.study.code if trial.study else "TRIAL"
     attrs = list(ids.source) if ids and ids.source else ["PatientID"]
     issuer_attr = ids.issuer if ids else "IssuerOfPatientID"
     patient = exam.get("patient", {})
-    values = {a: (str(patient.get(a)) if patient.get(a) not in (None, "") else None) for a in attrs}
-    if not any(values.values()):
-        raise IdentifyError("no_source_identifier", f"none of {', '.join(attrs)} is present")
+    values = {a: (str(patient.get(a)) if _usable(patient.get(a)) else None) for a in attrs}
+    assigned = dict(assigned or {})
+    if not any(values.values()) and "subject" not in assigned:
+        raise IdentifyError("no_source_identifier", identifier_problem(attrs, patient))
     issuer = str(patient.get(issuer_attr) or "") if issuer_attr else ""
     key = lookup_key(trial)
     try:
@@ -396,6 +442,8 @@ def identify_exam(trial, exam: dict, db: sqlite3.Connection, *, exam_key: Option
     warnings: list[dict] = []
 
     site, device, how = match_device(trial, exam.get("device", {}))
+    if assigned.get("site"):
+        site = trial.site(assigned["site"]) or site
     dev = exam.get("device", {})
     if device is None:
         # serial/station stay in the site-side exam.json: identity.json carries no original identifiers
@@ -407,31 +455,34 @@ def identify_exam(trial, exam: dict, db: sqlite3.Connection, *, exam_key: Option
     if exam.get("devices_differ"):
         warnings.append({"code": "multiple_devices", "detail": "the study's instances report more than one device; "
                                                                "the first series' device was used"})
-    exam_date = parse_date(exam.get("study_date"))
-    if exam_date is None:
-        raise IdentifyError("no_exam_date", "StudyDate/SeriesDate/AcquisitionDate are all missing or invalid")
+    exam_date = parse_date(assigned.get("date")) or parse_date(exam.get("study_date"))
+    if exam_date is None and not assigned.get("visit"):
+        raw = str(exam.get("study_date") or "").strip()
+        warnings.append({"code": "unassigned_visit", "detail": (
+            f"no usable exam date (StudyDate {raw!r} is not a date)" if raw else
+            "no usable exam date (StudyDate, SeriesDate, AcquisitionDate and ContentDate are empty)")
+            + f": visit {UNASSIGNED}; resolve with " + resolve_hint(exam_key, "no_exam_date")})
     present = protocols_present(trial, exam.get("series", []))
 
     db.execute("BEGIN IMMEDIATE")
     try:
-        row = db.execute("SELECT * FROM subjects WHERE trial=? AND source_key=?", (code, skey)).fetchone()
-        # research attributes from the worklist decide subject and visit, checked against the registry
-        claimed = worklist_claim(db, trial, exam | {"exam_key": exam_key}, code, skey, row)
-        if claimed is not None:
-            row = claimed.row
+        if "subject" in assigned:  # an operator's decision (imtrial assign) names the subject
+            row, claimed = _assigned_subject(db, trial, code, assigned["subject"], site, exam_key), None
+        else:
+            row = db.execute("SELECT * FROM subjects WHERE trial=? AND source_key=?", (code, skey)).fetchone()
+            # research attributes from the worklist decide subject and visit, checked against the registry
+            claimed = worklist_claim(db, trial, exam | {"exam_key": exam_key}, code, skey, row)
+            if claimed is not None:
+                row = claimed.row
+        if row is not None:
+            skey = row["source_key"]
         if row is None:
             if site is None:
                 if len(trial.sites) == 1:
                     site = trial.sites[0]
                 else:
                     raise IdentifyError("unmatched", "unknown device and unknown subject: no site can be assigned")
-            seq_row = db.execute("SELECT next_seq FROM subject_seq WHERE trial=? AND site=?", (code, site.code)).fetchone()
-            seq = seq_row["next_seq"] if seq_row else 1
-            fmt = ids.subject_format if ids else f"{code}-{{site}}-{{seq:04}}"
-            subject_id = format_subject_id(fmt, site=site.code, seq=seq, study=code, algorithm=ids.check_digit if ids else None)
-            db.execute("INSERT OR REPLACE INTO subject_seq(trial, site, next_seq) VALUES (?, ?, ?)", (code, site.code, seq + 1))
-            db.execute("INSERT INTO subjects(trial, source_key, subject_id, site, seq, created) VALUES (?, ?, ?, ?, ?, ?)",
-                       (code, skey, subject_id, site.code, seq, time.time()))
+            subject_id = _enrol(db, trial, code, skey, site)
             subject_site = site.code
         else:
             subject_id, subject_site = row["subject_id"], row["site"]
@@ -451,8 +502,15 @@ def identify_exam(trial, exam: dict, db: sqlite3.Connection, *, exam_key: Option
         prior = [{"date": parse_date(r["exam_date"]), "visit": r["visit"], "visit_kind": r["visit_kind"],
                   "days_from_baseline": r["days_from_baseline"], "in_window": bool(r["in_window"]), "device": r["device"]}
                  for r in prior_rows if parse_date(r["exam_date"])]
-        v = assign_visit(trial, exam_date, prior, present, later)
-        if claimed is not None:
+        if assigned.get("visit"):  # the operator's visit; its day counts from the subject's baseline exam
+            base = min((p["date"] for p in prior if p.get("visit_kind") == "baseline"), default=None)
+            v = _visit_named(trial, assigned["visit"], exam_date, base)
+        elif exam_date is None:
+            v = {"visit": UNASSIGNED, "visit_kind": UNASSIGNED, "days_from_baseline": None, "in_window": None,
+                 "anchor": None, "visit_obj": None}
+        else:
+            v = assign_visit(trial, exam_date, prior, present, later)
+        if claimed is not None and not assigned.get("visit"):
             v = worklist_visit(trial, claimed, v, exam_date)
             if v.get("worklist_warning"):
                 warnings.append(v["worklist_warning"])
@@ -469,22 +527,23 @@ def identify_exam(trial, exam: dict, db: sqlite3.Connection, *, exam_key: Option
                                                                   f"baseline is outside the window"})
                 db.execute("UPDATE exams SET days_from_baseline=?, in_window=?, warnings=? WHERE exam_key=?",
                            (r["days"], int(r["in_window"]), json.dumps(ws), row["exam_key"]))
-        if not v["in_window"]:
+        if v["in_window"] is False:
             warnings.append({"code": "out_of_window", "detail": f"{v['visit']}: day {v['days_from_baseline']:g} is outside the window"})
         # software upgrades and the same-device rule are the adherence step's findings; the rule compares
         # devices of one modality (a same-day MR and CT are no device change), so each exam is recorded
         # once per modality it holds, and the identity carries the earlier exams' devices per modality
         modalities = sorted({str(x.get("modality") or "") for x in exam.get("series", [])} - {""})
-        day = exam_date.strftime("%Y%m%d")
+        day = exam_date.strftime("%Y%m%d") if exam_date else None
         db.execute("DELETE FROM subject_exams WHERE trial=? AND exam_key=?", (code, exam_key))
         for m in modalities:
             db.execute("INSERT INTO subject_exams(trial, subject_id, exam_key, exam_date, visit, modality, device) "
                        "VALUES (?, ?, ?, ?, ?, ?, ?)", (code, subject_id, exam_key, day, v["visit"], m,
                                                         device.id if device else None))
         prior_devices: dict[str, list[str]] = {}
+        # an exam without a date is compared with every other exam of the subject
         for r in db.execute("SELECT modality, device FROM subject_exams WHERE trial=? AND subject_id=? AND exam_key != ? "
-                            "AND exam_date <= ? AND device IS NOT NULL ORDER BY modality, device",
-                            (code, subject_id, exam_key, day)):
+                            "AND (? IS NULL OR exam_date <= ?) AND device IS NOT NULL ORDER BY modality, device",
+                            (code, subject_id, exam_key, day, day)):
             if r["modality"] in modalities and r["device"] not in prior_devices.setdefault(r["modality"], []):
                 prior_devices[r["modality"]].append(r["device"])
         now = time.time()
@@ -492,8 +551,9 @@ def identify_exam(trial, exam: dict, db: sqlite3.Connection, *, exam_key: Option
         db.execute("UPDATE exams SET study_uid=?, trial=?, subject_id=?, site=?, device=?, visit=?, visit_kind=?, "
                    "exam_date=?, days_from_baseline=?, in_window=?, warnings=?, updated=? WHERE exam_key=?",
                    (exam.get("study_uid"), code, subject_id, subject_site,
-                    device.id if device else None, v["visit"], v["visit_kind"], exam_date.strftime("%Y%m%d"),
-                    v["days_from_baseline"], int(v["in_window"]), json.dumps(warnings), now, exam_key))
+                    device.id if device else None, v["visit"], v["visit_kind"], day,
+                    v["days_from_baseline"], None if v["in_window"] is None else int(v["in_window"]),
+                    json.dumps(warnings), now, exam_key))
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
@@ -505,14 +565,51 @@ def identify_exam(trial, exam: dict, db: sqlite3.Connection, *, exam_key: Option
         "site_name": site_obj.name if site_obj else None, "exam_site": site.code if site else None,
         "device": device.id if device else None,
         "device_match": how, "visit": v["visit"], "visit_kind": v["visit_kind"], "timepoint": v["visit"],
-        "timepoint_description": timepoint_description(v["visit_obj"], v["days_from_baseline"]),
+        "timepoint_description": (f"{UNASSIGNED} (no usable exam date)" if v["visit"] == UNASSIGNED
+                                   else timepoint_description(v["visit_obj"], v["days_from_baseline"])),
         "days_from_baseline": v["days_from_baseline"], "in_window": v["in_window"],
         "shifted_date": shifted_date(trial, subject_id, exam_date), "exam_key": exam_key,
         "modalities": modalities, "prior_devices": prior_devices, "warnings": warnings,
     }
+    if assigned:  # what an operator decided (who and when stay in the site's exam_assignments table)
+        identity["assigned"] = {k: assigned[k] for k in sorted(assigned)}
     if claimed is not None:
         identity["identified_by"] = "worklist"
-    return {"identity": identity, "exam_date": exam_date.strftime("%Y%m%d")}
+    return {"identity": identity, "exam_date": day}
+
+
+def _assigned_subject(db: sqlite3.Connection, trial, code: str, subject: str, site, exam_key: str):
+    """The registry row of an operator-assigned subject: an existing subject ID, or ``new`` — a subject
+    enrolled now at ``site`` under a lookup key no header can produce (a later exam with an identifier
+    gets its own subject unless it is assigned too)."""
+    if subject != "new":
+        row = db.execute("SELECT * FROM subjects WHERE trial=? AND subject_id=?", (code, subject)).fetchone()
+        if row is None:
+            raise IdentifyError("unmatched", f"assigned subject {subject} is not in the registry")
+        return row
+    if site is None:
+        if len(trial.sites) != 1:
+            raise IdentifyError("unmatched", "a new subject needs a site: the device is unknown (assign --site)")
+        site = trial.sites[0]
+    skey = f"assigned:{exam_key}"
+    row = db.execute("SELECT * FROM subjects WHERE trial=? AND source_key=?", (code, skey)).fetchone()
+    if row is not None:
+        return row
+    _enrol(db, trial, code, skey, site)
+    return db.execute("SELECT * FROM subjects WHERE trial=? AND source_key=?", (code, skey)).fetchone()
+
+
+def _enrol(db: sqlite3.Connection, trial, code: str, skey: str, site) -> str:
+    """A new subject at ``site`` under lookup key ``skey`` (inside the caller's transaction); its subject ID."""
+    ids = trial.identifiers
+    seq_row = db.execute("SELECT next_seq FROM subject_seq WHERE trial=? AND site=?", (code, site.code)).fetchone()
+    seq = seq_row["next_seq"] if seq_row else 1
+    fmt = ids.subject_format if ids else f"{code}-{{site}}-{{seq:04}}"
+    subject_id = format_subject_id(fmt, site=site.code, seq=seq, study=code, algorithm=ids.check_digit if ids else None)
+    db.execute("INSERT OR REPLACE INTO subject_seq(trial, site, next_seq) VALUES (?, ?, ?)", (code, site.code, seq + 1))
+    db.execute("INSERT INTO subjects(trial, source_key, subject_id, site, seq, created) VALUES (?, ?, ?, ?, ?, ?)",
+               (code, skey, subject_id, site.code, seq, time.time()))
+    return subject_id
 
 
 def later_exam_dates(trial, exams: list[dict]) -> dict[str, list[_dt.date]]:
@@ -533,28 +630,39 @@ def later_exam_dates(trial, exams: list[dict]) -> dict[str, list[_dt.date]]:
     return out
 
 
-def unmatched_identity(trial, exam: dict, error: IdentifyError) -> dict:
+def unmatched_identity(trial, exam: dict, error: IdentifyError, exam_key: Optional[str] = None) -> dict:
+    """The identity of an exam identify could not place: every later step is skipped with its reason. A
+    ``held`` exam (no usable source identifier, no site) waits for ``imtrial assign``."""
     code = trial.study.code if trial.study else "TRIAL"
-    return {"trial": code, "subject_id": None, "site": None, "site_name": None, "device": None, "visit": None,
-            "visit_kind": None, "timepoint": None, "timepoint_description": None, "days_from_baseline": None,
-            "in_window": None, "shifted_date": None, "exam_key": exam.get("exam_key"),
-            "warnings": [{"code": error.reason, "detail": error.detail}],
-            "skipped": f"not identified ({error.reason}): {error.detail}"}
+    key = exam_key or exam.get("exam_key")
+    ident = {"trial": code, "subject_id": None, "site": None, "site_name": None, "device": None, "visit": None,
+             "visit_kind": None, "timepoint": None, "timepoint_description": None, "days_from_baseline": None,
+             "in_window": None, "shifted_date": None, "exam_key": key,
+             "warnings": [{"code": error.reason, "detail": error.detail}],
+             "skipped": f"not identified ({error.reason}): {error.detail}"}
+    if error.reason in HELD_REASONS:
+        hint = resolve_hint(key, error.reason)
+        ident["held"] = {"reason": error.reason, "detail": error.detail, "resolve": hint}
+        ident["warnings"][0]["detail"] = f"{error.detail}; resolve with {hint}"
+        ident["skipped"] = f"held ({error.reason}): {error.detail}"
+    return ident
 
 
 def identify_step(ctx) -> dict:
     """The ``identify`` step: one exam's subject, site, device and visit, through the shared registry.
 
-    An exam that cannot be identified (unknown person at an unknown device, no usable date …) gets an
-    identity that says why; every later step of that exam is skipped, with that reason."""
+    An exam that cannot be identified (no usable source identifier, unknown person at an unknown device …)
+    gets an identity that says why and is held; every later step of that exam is skipped, with that reason,
+    until ``imtrial assign`` records what the header could not say (read here from the registry)."""
     from ..workdir import IDENTITY
 
     exam = ctx.exam_info
     later = later_exam_dates(ctx.trial, ctx.batch).get(ctx.key) if ctx.batch else None
+    assigned = {f: r["value"] for f, r in ctx.store.assignments(ctx.key).items()}
     try:
-        res = identify_exam(ctx.trial, exam, ctx.store.db, exam_key=ctx.key, later=later)
+        res = identify_exam(ctx.trial, exam, ctx.store.db, exam_key=ctx.key, later=later, assigned=assigned)
     except IdentifyError as err:
-        identity = unmatched_identity(ctx.trial, exam, err)
+        identity = unmatched_identity(ctx.trial, exam, err, ctx.key)
         ctx.write_json(IDENTITY, identity)
         return {"identified": False, "error": err.reason, "detail": err.detail}
     ctx.write_json(IDENTITY, res["identity"])

@@ -7,6 +7,7 @@ is harmless — the property the runner's kill-and-resume guarantee rests on.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import io
 import json
@@ -241,8 +242,7 @@ def check_dataset(data: bytes, source_attrs: Iterable[str] = ("PatientID", "Issu
         "study_uid": str(ds.StudyInstanceUID), "series_uid": str(ds.SeriesInstanceUID),
         "modality": str(ds.Modality), "series_number": _int(ds.get("SeriesNumber")),
         "instance_number": _int(ds.get("InstanceNumber")), "series_description": str(ds.get("SeriesDescription", "") or ""),
-        "study_date": str(ds.get("StudyDate", "") or ds.get("SeriesDate", "") or ds.get("AcquisitionDate", "")
-                          or ds.get("ContentDate", "") or ""),
+        "study_date": _exam_date(ds),
         "transfer_syntax": ts,
         "device": {k: _text(ds.get(v)) for k, v in DEVICE_ATTRS.items()},
         "patient": {a: _text(ds.get(a)) for a in source_attrs if a},
@@ -252,6 +252,20 @@ def check_dataset(data: bytes, source_attrs: Iterable[str] = ("PatientID", "Issu
     if worklist:
         header["worklist"] = worklist
     return {"ok": True, "header": header}
+
+
+def _exam_date(ds) -> str:
+    """The first usable of StudyDate, SeriesDate, AcquisitionDate, ContentDate (YYYYMMDD); when none is
+    usable, the first one written (e.g. United Imaging's '***'), so identify can say what it found."""
+    written = [str(ds.get(k, "") or "").strip() for k in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")]
+    for d in written:
+        if len(d) == 8 and d.isdigit():
+            try:
+                _dt.date(int(d[:4]), int(d[4:6]), int(d[6:]))
+                return d
+            except ValueError:
+                continue
+    return next((d for d in written if d), "")
 
 
 def _int(v: Any) -> Optional[int]:
@@ -325,11 +339,25 @@ def exam_summary(exam_key: str, records: list[dict]) -> dict:
             s["files"].append(r["stored_path"])
     for s in series.values():
         s["n_instances"] = len(s["files"])
-    devices = {json.dumps(r["header"]["device"], sort_keys=True) for r in recs}
+    # a non-image instance (a scanner's protocol report, an SR) often names only the manufacturer: a
+    # missing field agrees with every value; two different values of one field are two devices (the
+    # modality is not the device's: one scanner writes MR images and an SR report, a PET/CT writes both)
+    device: dict[str, Any] = {}
+    differ = False
+    for r in recs:
+        for k, v in r["header"]["device"].items():
+            if k == "modality":
+                device.setdefault(k, v)
+            elif v in (None, "", []):
+                device.setdefault(k, v)
+            elif device.get(k) in (None, "", []):
+                device[k] = v
+            elif device[k] != v:
+                differ = True
     return {
         "exam_key": exam_key, "study_uid": first["study_uid"], "study_date": first.get("study_date", ""),
-        "patient": first.get("patient", {}), "device": first["device"],
-        "devices_differ": len(devices) > 1,
+        "patient": first.get("patient", {}), "device": device,
+        "devices_differ": differ,
         "series": list(series.values()), "n_instances": sum(s["n_instances"] for s in series.values()),
         **({"worklist": first["worklist"]} if first.get("worklist") else {}),
     }

@@ -24,7 +24,7 @@ from ..pipeline import Node
 from ..store import Store
 from ..workdir import EXAM_JSON, IDENTITY, ExamDir, Workdir
 from .context import ExamContext, StudyContext, call_node, short
-from .run import make_plan, record_exam, walk_exam
+from .run import exam_node_fingerprints, make_plan, record_exam, walk_exam
 
 
 class StepError(ImtrialError):
@@ -86,9 +86,6 @@ def staged_exams(inputs: list[tuple[str, Path]]) -> list[dict[str, Path]]:
 
 def run_in_workdir(trial: ir.Trial, node: Node, workdir: Path, exam_key: Optional[str]) -> dict:
     """Run one node in a workdir and record it (as ``imtrial run`` would)."""
-    from .ingest import exam_content_hash
-    from .run import exam_fingerprints
-
     W = Workdir(Path(workdir).resolve())
     if not W.state_db.exists():
         raise StepError(f"no workdir at {W.root} (run 'imtrial run' first)")
@@ -106,7 +103,7 @@ def run_in_workdir(trial: ir.Trial, node: Node, workdir: Path, exam_key: Optiona
         if len(keys) != 1:
             raise StepError(f"no exam {exam_key!r} in {W.root}" if not keys else f"exam key {exam_key!r} is ambiguous")
         key = keys[0]
-        fp = exam_fingerprints(plan, exam_content_hash(store, key)).get(node.id)
+        fp = exam_node_fingerprints(plan, store, key).get(node.id)
         batch = [read_json(W.exam(key).exam_json, {}) | {"exam_key": key}] if node.step.ordered else None
         ctx = ExamContext(trial, W.exam(key), node, workdir=W, store=store, batch=batch)
         try:

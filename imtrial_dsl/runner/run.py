@@ -160,16 +160,27 @@ def make_plan(trial: ir.Trial, graph: Optional[nx.DiGraph] = None) -> Plan:
     return Plan(g, {i: by_id[i] for i in ids}, phases, {i: static_fingerprint(trial, by_id[i]) for i in ids})
 
 
-def exam_fingerprints(plan: Plan, content: str) -> dict[str, str]:
-    """Every exam node's fingerprint for an exam whose ingested content hashes to ``content``."""
+def exam_fingerprints(plan: Plan, content: str, assigned: str = "") -> dict[str, str]:
+    """Every exam node's fingerprint for an exam whose ingested content hashes to ``content``.
+
+    ``assigned``: what an operator assigned the exam (``Store.assignment_token``); it is part of the
+    registry step's fingerprint, so an assignment re-identifies the exam and re-runs all that follows."""
     out: dict[str, str] = {}
     for ph in plan.phases:
         for n in ph.nodes:
             if n.scope != "exam":
                 continue
             ups = [out.get(p, content) for p in plan.preds(n.id)]   # a study node upstream: the content itself
-            out[n.id] = hashlib.sha256("\n".join([plan.static[n.id], content, *ups]).encode()).hexdigest()
+            own = [assigned] if assigned and n.step.shared == "registry" else []
+            out[n.id] = hashlib.sha256("\n".join([plan.static[n.id], content, *ups, *own]).encode()).hexdigest()
     return out
+
+
+def exam_node_fingerprints(plan: Plan, store: Store, exam_key: str) -> dict[str, str]:
+    """:func:`exam_fingerprints` of one exam of a workdir: its content and its assignments."""
+    from .ingest import exam_content_hash
+
+    return exam_fingerprints(plan, exam_content_hash(store, exam_key), store.assignment_token(exam_key))
 
 
 # ----------------------------------------------------------------------------- walking one exam
@@ -262,18 +273,22 @@ def process_subject(trial: ir.Trial, workdir: str, nodes: list[pipeline.Node], p
 
 # ----------------------------------------------------------------------------- the whole run
 
-def run_study(trial: ir.Trial, *, inbox: str | Path, workdir: str | Path, jobs: int = 1, move: bool = False,
-              progress: Optional[Callable[[str, int], Any]] = None, log: Callable[[str], None] = lambda s: None) -> dict:
+def run_study(trial: ir.Trial, *, inbox: Optional[str | Path], workdir: str | Path, jobs: int = 1, move: bool = False,
+              progress: Optional[Callable[[str, int], Any]] = None, log: Callable[[str], None] = lambda s: None,
+              exams: Optional[list[str]] = None) -> dict:
     """Run every node that is not done (or whose inputs changed); returns the summary (also in table ``runs``).
 
-    ``progress(description, total)``, when given, returns a bar with ``update(n)`` and ``close()``."""
+    ``progress(description, total)``, when given, returns a bar with ``update(n)`` and ``close()``.
+    ``inbox=None`` ingests nothing (the workdir's exams only); ``exams`` limits the run to these exam keys
+    (``imtrial assign`` processes one exam onward)."""
     _quiet_pydicom()
     W = Workdir(Path(workdir).resolve()).create()   # analyses run in their own cwd: every path is absolute
     lock = try_lock(W.run_lock)
     if lock is None:
         raise RunLocked(f"another 'imtrial run' is using {W.root}")
     try:
-        return _run_locked(trial, W, Path(inbox).resolve(), jobs, move, progress, log)
+        return _run_locked(trial, W, Path(inbox).resolve() if inbox is not None else None, jobs, move, progress, log,
+                           set(exams) if exams is not None else None)
     finally:
         lock.close()
 
@@ -281,9 +296,8 @@ def run_study(trial: ir.Trial, *, inbox: str | Path, workdir: str | Path, jobs: 
 _DONE = ("done", "skipped")
 
 
-def _run_locked(trial: ir.Trial, W: Workdir, inbox: Path, jobs: int, move: bool, progress, log) -> dict:
-    from .ingest import exam_content_hash
-
+def _run_locked(trial: ir.Trial, W: Workdir, inbox: Optional[Path], jobs: int, move: bool, progress, log,
+                only: Optional[set[str]] = None) -> dict:
     started = time.time()
     swept = W.sweep_temp()
     if swept:
@@ -292,7 +306,7 @@ def _run_locked(trial: ir.Trial, W: Workdir, inbox: Path, jobs: int, move: bool,
     store = Store(W.root)
     with store.tx() as db:
         run_id = db.execute("INSERT INTO runs(started, study, study_sha256, inbox) VALUES (?, ?, ?, ?)",
-                            (started, trial.source_file, trial.source_sha256, str(inbox))).lastrowid
+                            (started, trial.source_file, trial.source_sha256, str(inbox or ""))).lastrowid
     # spawn, not fork: a forked worker inherits the parent's open SQLite file descriptors, and closing
     # them in the child drops the parent's POSIX locks, which corrupts the state database.
     pool = (ProcessPoolExecutor(max_workers=jobs, initializer=_die_with_parent,
@@ -309,8 +323,11 @@ def _run_locked(trial: ir.Trial, W: Workdir, inbox: Path, jobs: int, move: bool,
 
     def fingerprints(key: str) -> dict[str, str]:
         if key not in fps:
-            fps[key] = exam_fingerprints(plan, exam_content_hash(store, key))
+            fps[key] = exam_node_fingerprints(plan, store, key)
         return fps[key]
+
+    def exam_keys() -> list[str]:
+        return [k for k in store.exam_keys() if only is None or k in only]
 
     def stale(key: str, nid: str) -> bool:
         status, fp = recorded.get((key, nid), (None, None))
@@ -320,6 +337,8 @@ def _run_locked(trial: ir.Trial, W: Workdir, inbox: Path, jobs: int, move: bool,
         for ph in plan.phases:
             if ph.kind == "study":
                 node = ph.nodes[0]
+                if inbox is None and "inbox/" in node.step.study_inputs:
+                    continue  # nothing to ingest: the workdir's exams only
                 if not _study_node_due(node, plan, store, W, ran):
                     continue
                 ctx = StudyContext(trial, W, node, store=store, inbox=inbox, move=move, pool=pool, progress=progress)
@@ -332,6 +351,8 @@ def _run_locked(trial: ir.Trial, W: Workdir, inbox: Path, jobs: int, move: bool,
                         f"quarantined, {detail.get('duplicates', 0)} duplicate(s)")
                     fps.clear()
                 if node.outputs:  # a study step that writes exam folders (ingest): recorded per exam
+                    from .ingest import exam_content_hash
+
                     for e in store.exam_keys():
                         content = exam_content_hash(store, e)
                         if recorded.get((e, node.id), (None, None))[1] != content:
@@ -339,7 +360,7 @@ def _run_locked(trial: ir.Trial, W: Workdir, inbox: Path, jobs: int, move: bool,
                             ran.setdefault(e, set()).add(node.id)
             elif ph.kind == "ordered":
                 node = ph.nodes[0]
-                keys = [k for k in store.exam_keys() if k not in failed and W.exam(k).exam_json.exists() and stale(k, node.id)]
+                keys = [k for k in exam_keys() if k not in failed and W.exam(k).exam_json.exists() and stale(k, node.id)]
                 infos = sorted((read_json(W.exam(k).exam_json, {}) | {"exam_key": k} for k in keys),
                                key=lambda e: (e.get("study_date") or "", e["exam_key"]))
                 for info in infos:
@@ -360,7 +381,7 @@ def _run_locked(trial: ir.Trial, W: Workdir, inbox: Path, jobs: int, move: bool,
                         this_run["identified"] += 1
             else:
                 this_run["exams_processed"] += _run_segment(trial, W, plan, ph, store, pool, progress, stale,
-                                                            fingerprints, ran, failed)
+                                                            fingerprints, ran, failed, exam_keys())
     finally:
         if pool is not None:
             pool.shutdown()
@@ -396,11 +417,11 @@ def _study_node_due(node: pipeline.Node, plan: Plan, store: Store, W: Workdir, r
 
 
 def _run_segment(trial, W: Workdir, plan: Plan, ph: Phase, store: Store, pool, progress, stale, fingerprints,
-                 ran: dict[str, set[str]], failed: set[str]) -> int:
+                 ran: dict[str, set[str]], failed: set[str], keys: list[str]) -> int:
     """Dispatch one segment: one task per subject (its exams in date order), subjects in parallel."""
     preds = {n.id: plan.preds(n.id) for n in ph.nodes}
     by_subject: dict[str, list[tuple[str, str, list[str], dict[str, str]]]] = {}
-    for key in store.exam_keys():
+    for key in keys:
         if key in failed or not W.exam(key).exam_json.exists():
             continue
         todo: list[str] = []
@@ -450,6 +471,8 @@ def record_exam(store: Store, trial: ir.Trial, exam_key: str) -> None:
     steps = store.steps(exam_key)
     if any(v["status"] in ("failed", "blocked") for v in steps.values()):
         status = "failed"
+    elif ident.get("held"):
+        status = "held"        # waits for imtrial assign
     elif ident.get("skipped"):
         status = "unmatched"
     else:
@@ -484,6 +507,9 @@ def _record_exam(st, exam_key: str, ident: dict, cls: Any, adh: Any, qc: Any, st
     # identify's own warnings, minus those the adherence step reports in more detail (e.g. unknown_device)
     warnings = [w for w in exam.get("warnings", []) if w.get("source") not in ("adherence", "qualification")
                 and w.get("code") not in codes]
+    if ident.get("skipped"):  # identify wrote no registry row: the reason it stopped is the exam's warning
+        warnings = [w for w in warnings if w.get("source") != "identify"] + [
+            {**w, "source": "identify"} for w in ident.get("warnings", [])]
     warnings += findings
     qual = _qualification_warning(trial, st, exam, ident, cls) if exam else None
     if qual:
@@ -545,6 +571,26 @@ def preflight(trial, workdir: Optional[str | Path] = None) -> list[str]:
     return sorted(set(problems))
 
 
+def waiting(exams: list[dict]) -> list[dict]:
+    """Exams that wait for an operator (``imtrial assign``): held ones (nothing after identify ran) and
+    ones processed with visit ``unassigned``; each with the reason and the command that resolves it."""
+    from .identify import UNASSIGNED
+
+    out = []
+    for e in exams:
+        if e["status"] == "held":
+            kind = "held"
+        elif e["visit"] == UNASSIGNED and e["status"] != "failed":
+            kind = "unassigned"
+        else:
+            continue
+        codes = ("no_source_identifier", "unmatched") if kind == "held" else ("unassigned_visit",)
+        w = next((w for w in e["warnings"] if w.get("code") in codes), {})
+        out.append({"exam_key": e["exam_key"], "subject": e["subject_id"], "waiting": kind,
+                    "reason": w.get("code"), "detail": w.get("detail", "")})
+    return out
+
+
 def summarize(st, *, this_run: Optional[dict] = None) -> dict:
     """Counts over the whole workdir (not only this run), plus what this run did."""
     exams = st.exams()
@@ -594,6 +640,7 @@ def summarize(st, *, this_run: Optional[dict] = None) -> dict:
         "skipped_entries": [{"inbox": k["inbox"], "path": k["rel_path"], "reason": k["reason"], "detail": k["detail"]}
                             for k in skipped],
         "unmatched": [e["exam_key"] for e in exams if e["status"] == "unmatched"],
+        "waiting": waiting(exams),
         "failed": failed, "warnings": warn_counts, "warning_list": warn_list,
         # exams whose visit lacks a protocol it should acquire (the classify step's missing_protocols)
         "incomplete": [{"exam_key": e["exam_key"], "subject": e["subject_id"], "visit": e["visit"], "missing": miss}

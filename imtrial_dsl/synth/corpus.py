@@ -70,14 +70,16 @@ def _visit_date(rng: random.Random, baseline: _dt.date, v: ir.Visit, base_off: f
 
 def synthesize(trial: ir.Trial, out_dir: str | os.PathLike, *, subjects_per_site: int = 2, seed: int = 0,
                deviations: Sequence[str] = (), phi: bool = True, size: str = "medium", small: bool = False,
-               enhanced: bool | Sequence[str] = False, visits: Optional[Sequence[str]] = None,
+               enhanced: Optional[bool | Sequence[str]] = None, visits: Optional[Sequence[str]] = None,
                start_date: str = "2026-03-02", progress: Optional[Callable[[str, int], Any]] = None) -> dict[str, Any]:
     """Generate a multi-site, multi-subject, multi-visit DICOM corpus; returns (and writes) the manifest.
 
     ``deviations``: names from :data:`DEVIATIONS`, each injected once at a seeded place.
     ``size``: "small" (32x32x12, for tests), "medium" (128x128x48) or "full" (256x256, slices covering
-    160 mm); ``small=True`` is ``size="small"``. ``enhanced``: True writes every MR series as Enhanced MR
-    (multi-frame, functional groups); a list of protocol names does so for those protocols only.
+    160 mm); ``small=True`` is ``size="small"``. ``enhanced``: None (default) writes what each device writes
+    (Enhanced MR for Siemens syngo MR XA, classic MR Image Storage elsewhere); True every MR series as
+    Enhanced MR (multi-frame, functional groups), False every one as classic; a list of protocol names
+    writes those protocols as Enhanced MR and the others as classic MR.
     ``visits``: restrict to these schedule visits. Writes ``out_dir/manifest.json``.
     ``progress(desc, total)``: a progress display with ``update(n)``/``close()``, advanced per exam written.
     """
@@ -96,7 +98,8 @@ def synthesize(trial: ir.Trial, out_dir: str | os.PathLike, *, subjects_per_site
                           acquire=[ir.Ref(name=p.name) for p in trial.protocols])]
     base_off = next((v.offset.days for v in sched if v.kind == "baseline"), 0.0)
     start = _dt.date.fromisoformat(start_date)
-    enh = set(p.name for p in trial.protocols if p.modality == "MR") if enhanced is True else set(enhanced or [])
+    enh = set(p.name for p in trial.protocols if p.modality == "MR") if enhanced is True else \
+        set(enhanced) if isinstance(enhanced, (list, tuple, set, frozenset)) else set()
 
     exams: list[ExamPlan] = []
     subjects: list[dict[str, Any]] = []
@@ -218,9 +221,10 @@ def synthesize(trial: ir.Trial, out_dir: str | os.PathLike, *, subjects_per_site
                  + (f"_{e.device.modality}" if multi else ""))
         for i, sp in enumerate(e.series, start=1):
             sp.number = i * 100 + 1 if e.device.vendor == "Philips" else i + 1
-            sp.params, unsat = header_params(sp.protocol, e.device)
-            sp.description, sp.image_type = series_identity(trial, sp.protocol, e.device, sp.params)
-            sp.enhanced = sp.protocol.name in enh and sp.protocol.modality == "MR"
+            sp.enhanced = sp.protocol.modality == "MR" and (
+                e.device.style.enhanced_mr if enhanced is None else sp.protocol.name in enh)
+            sp.params, unsat, sp.hidden = header_params(sp.protocol, e.device, sp.enhanced)
+            sp.description, sp.image_type = series_identity(trial, sp.protocol, e.device, sp.params, sp.enhanced)
             sp.uid = uid(seed, "series", e.study_uid, sp.protocol.name)
             if unsat:
                 manifest_devs.append({"type": "note", **where(e), "protocol": sp.protocol.name,
@@ -305,7 +309,8 @@ def synthesize(trial: ir.Trial, out_dir: str | os.PathLike, *, subjects_per_site
         "generator": "imtrial synth",
         "study": trial.study.code if trial.study else None,
         "source_sha256": trial.source_sha256,
-        "seed": seed, "size": size, "phi": phi, "enhanced": sorted(enh),
+        "seed": seed, "size": size, "phi": phi,
+        "enhanced": sorted({sp.protocol.name for e in exams for sp in e.series if sp.enhanced}),
         "subjects_per_site": subjects_per_site,
         "as_of": (last_date + _dt.timedelta(days=60)).isoformat(),
         "subjects": [{k: v for k, v in s.items() if k in ("site", "index", "patient_id", "issuer", "baseline")}

@@ -1,4 +1,4 @@
-"""Pixel data: a 3-D head phantom per contrast (Hounsfield units for CT), noise, motion ghosts."""
+"""Pixel data: a 3-D head phantom per contrast (Hounsfield units for CT, FDG uptake for PET), noise, motion ghosts."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,6 +13,8 @@ CONTRAST_TABLE = {
     "T2": dict(scalp=0.45, skull=0.05, csf=0.95, gm=0.58, wm=0.42, ventricle=0.95),
     "DWI": dict(scalp=0.15, skull=0.03, csf=0.20, gm=0.62, wm=0.55, ventricle=0.18),
     "CT": dict(scalp=-60.0, skull=1200.0, csf=8.0, gm=38.0, wm=28.0, ventricle=6.0),
+    # FDG: grey matter takes up about 2.5x white matter; CSF, bone and scalp little
+    "PT": dict(scalp=0.12, skull=0.05, csf=0.06, gm=0.85, wm=0.34, ventricle=0.05),
 }
 MR_SCALE = 1600.0   # stored value of relative signal 1.0
 MR_SIGMA = 18.0     # Rician noise sigma (stored units)
