@@ -41,6 +41,7 @@ class Diagnostic(BaseModel):
     message: str
     span: Optional[Span] = None
     hint: Optional[str] = None
+    omitted: int = 0   # on a summary: how many more diagnostics of this code were left out (see :func:`cap`)
 
     def sort_key(self):
         s = self.span or Span()
@@ -86,6 +87,47 @@ class CompileErrors(ImtrialError):
         self.diagnostics = sorted(diagnostics, key=Diagnostic.sort_key)
         self.diagnostic = self.diagnostics[0] if self.diagnostics else Diagnostic(message="no diagnostics")
         Exception.__init__(self, "\n".join(str(d) for d in self.diagnostics))
+
+
+# Diagnostics of one code shown before the rest are summarized (docs/diagnostics.md, "How many are shown").
+SHOWN_PER_CODE = 10
+
+
+def cap(diags: Sequence[Diagnostic], omitted: Optional[dict[str, int]] = None,
+        per_code: int = SHOWN_PER_CODE) -> list[Diagnostic]:
+    """``diags`` sorted by position, with at most ``per_code`` of each (code, severity); the rest of a code
+    become one summary after its last shown diagnostic ("… and N more like this"), so every kind stays
+    visible. ``omitted`` adds counts of diagnostics a check left out without building them; summaries
+    already in ``diags`` are merged, so capping twice changes nothing."""
+    more: dict[tuple[str, Severity], int] = {}
+    for code, n in (omitted or {}).items():
+        key = (code, Severity.WARNING if code.startswith("W") else Severity.ERROR)
+        more[key] = more.get(key, 0) + n
+    kept: list[Diagnostic] = []
+    seen: dict[tuple[str, Severity], int] = {}
+    last: dict[tuple[str, Severity], Diagnostic] = {}
+    for d in sorted(diags, key=Diagnostic.sort_key):
+        key = (d.code, d.severity)
+        if d.omitted:
+            more[key] = more.get(key, 0) + d.omitted
+            continue
+        if seen.get(key, 0) >= per_code:
+            more[key] = more.get(key, 0) + 1
+            continue
+        seen[key] = seen.get(key, 0) + 1
+        last[key] = d
+        kept.append(d)
+    for key, n in more.items():
+        if n <= 0:
+            continue
+        code, sev = key
+        anchor = last.get(key)
+        what = "error" if sev == Severity.ERROR else "warning" if sev == Severity.WARNING else "note"
+        kept.append(Diagnostic(
+            severity=sev, code=code, span=anchor.span if anchor else None, omitted=n,
+            message=f"… and {n:,} more {what}{'' if n == 1 else 's'} [{code}] like this, not shown",
+            hint=f"only the first {per_code} of each code are shown; fix these and check again"))
+    return sorted(kept, key=Diagnostic.sort_key)
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> Optional[str]:

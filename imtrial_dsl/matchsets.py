@@ -428,3 +428,45 @@ def _witness(parent: dict, state) -> str:
         state, ch = parent[state]
         out.append(ch)
     return "".join(reversed(out))
+
+
+_PREFIX_CACHE: dict[tuple[str, bool], str] = {}
+
+
+def literal_prefix(pattern: str, anchored: bool) -> str:
+    """The lower-cased ASCII text every match of ``pattern`` starts with, for a match at the start of the
+    string ('' when ``pattern`` is neither ``anchored`` (matched in full) nor starts with ``^``/``\\A``, or
+    starts with a class, a repeat or an alternation). Raises ``re.error`` for an invalid pattern."""
+    key = (pattern, anchored)
+    hit = _PREFIX_CACHE.get(key)
+    if hit is not None:
+        return hit
+    parsed = _p.parse(pattern)
+    items = list(parsed)
+    flags = parsed.state.flags
+    if not anchored:
+        if items and items[0][0] is _c.AT and (items[0][1] is _c.AT_BEGINNING_STRING or (
+                items[0][1] is _c.AT_BEGINNING and not flags & _c.SRE_FLAG_MULTILINE)):
+            items = items[1:]
+        else:
+            _PREFIX_CACHE[key] = ""
+            return ""
+    chars: list[str] = []
+
+    def walk(seq) -> bool:
+        for op, av in seq:
+            if op is _c.LITERAL:
+                ch = chr(av)
+                if not ch.isascii():
+                    return False
+                chars.append(ch.lower())
+            elif op is _c.SUBPATTERN and not (av[1] | av[2]) & ~_c.SRE_FLAG_IGNORECASE:
+                if not walk(av[3]):
+                    return False
+            else:
+                return False
+        return True
+
+    walk(items)
+    _PREFIX_CACHE[key] = hit = "".join(chars)
+    return hit

@@ -8,7 +8,7 @@ concern; :func:`check` runs them all.
 from __future__ import annotations
 
 from .. import ir
-from ..diagnostics import Diagnostic
+from ..diagnostics import Diagnostic, cap
 from . import analyses, deid, devices, identifiers, matching, names, privacy, protocols, qc, schedule, transfers
 from .context import Context
 from . import reads
@@ -24,8 +24,9 @@ _PASSES += (reads.check,)
 
 
 def check(trial: ir.Trial) -> list[Diagnostic]:
-    """Every semantic problem of ``trial``, sorted by position."""
+    """Every semantic problem of ``trial``, sorted by position; past ``SHOWN_PER_CODE`` of one code, a
+    summary stands for the rest (``diagnostics.cap``)."""
     ctx = Context(trial)
     for run in _PASSES:
         run(ctx)
-    return sorted(ctx.diags, key=Diagnostic.sort_key)
+    return cap(ctx.diags, ctx.omitted)

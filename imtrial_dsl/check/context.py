@@ -11,6 +11,7 @@ class Context:
     def __init__(self, trial: ir.Trial) -> None:
         self.trial = trial
         self.diags: list[Diagnostic] = []
+        self.omitted: dict[str, int] = {}  # code -> diagnostics a check counted without building them
         self.protocols = {p.name: p for p in trial.protocols}
         self.analyses = {a.name: a for a in trial.analyses}
         self.roles = {r.name: r for r in trial.roles}
@@ -26,3 +27,7 @@ class Context:
 
     def warning(self, code: str, node: Any, message: str, hint: Optional[str]) -> None:
         self.add(Severity.WARNING, code, node, message, hint)
+
+    def omit(self, code: str, n: int) -> None:
+        """Count ``n`` more diagnostics of ``code`` that a check did not build (past the cap, see ``diagnostics.cap``)."""
+        self.omitted[code] = self.omitted.get(code, 0) + n

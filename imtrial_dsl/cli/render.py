@@ -35,9 +35,9 @@ def print_diagnostics(diags: Sequence[Diagnostic], sources: dict[str, str], stre
 
 
 def counts(diags: Sequence[Diagnostic]) -> tuple[int, int]:
-    """(errors, warnings)."""
-    e = sum(d.severity == Severity.ERROR for d in diags)
-    w = sum(d.severity == Severity.WARNING for d in diags)
+    """(errors, warnings); a summary ("… and N more") counts for the N it stands for."""
+    e = sum(d.omitted or 1 for d in diags if d.severity == Severity.ERROR)
+    w = sum(d.omitted or 1 for d in diags if d.severity == Severity.WARNING)
     return e, w
 
 
