@@ -40,6 +40,7 @@ class CompileResult:
 # Checks the lowering may already make on the source text (units, ranges, types, regexes); the
 # checker repeats them so IR built in Python is checked too, but one mistake gets one message.
 _ALSO_LOWERING = {"E401", "E402", "E407", "E408"}
+_ALSO_LOWERING |= {"E314"}  # a QC parameter the lowering rejected (unknown unit) is not also "missing"
 
 
 def _without_repeats(checked: list[Diagnostic], earlier: list[Diagnostic]) -> list[Diagnostic]:
@@ -146,7 +147,8 @@ def study_file_problems(res: CompileResult, path: str | Path) -> list[Diagnostic
     if not body:
         return [Diagnostic(code="E113", message="empty file: there is no study to check", span=where,
                            hint="start with a 'study CODE \"Title\" { … }' block; see docs/language.md")]
-    if res.trial is not None and res.trial.study is None:
+    syntax_broken = any(d.code.startswith("E1") and d.severity == Severity.ERROR for d in res.diagnostics)
+    if res.trial is not None and res.trial.study is None and not syntax_broken:  # a parse error hides the block
         # a warning, not an error: protocol-only files (imtrial import eprotocol, shared declarations) are checked too
         return [Diagnostic(severity=Severity.WARNING, code="E114", message="no 'study' block: this file declares no study", span=where,
                            hint="add 'study CODE \"Title\" { … }'; a file of shared declarations is imported by one that has it")]

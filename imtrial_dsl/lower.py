@@ -168,8 +168,9 @@ class Lowerer:
         return str(tok)
 
     # ------------------------------------------------------------------ quantities
-    def unit_of(self, tok: Optional[Token], calendar: bool = False) -> Optional[str]:
-        """Validate a unit token; None (after an error) if unknown."""
+    def unit_of(self, tok: Optional[Token], calendar: bool = False, dimension: Optional[str] = None) -> Optional[str]:
+        """Validate a unit token; None (after an error) if unknown. ``dimension``: what the place needs, when
+        the attribute being lowered does not say (a device's field, a timeout)."""
         if tok is None:
             return ""
         u = str(tok)
@@ -181,19 +182,33 @@ class Lowerer:
             what = "a calendar unit (d, week, month, year)" if calendar else "a measurement unit"
             self.error("E202", tok, f"'{u}' is not {what} here")
             return None
-        dim = self.unit_dimension if not calendar and self.unit_dimension != "none" else None
-        hint = (did_you_mean(u, units_of(dim)) if dim else None) or did_you_mean(u, list(table))
-        if calendar:
-            hint = hint or "calendar units: " + ", ".join(CALENDAR)
-        elif self.unit_dimension and self.unit_dimension != "none":
-            hint = (hint + "; " if hint else "") + f"units of {self.unit_dimension}: " + ", ".join(units_of(self.unit_dimension))
-        self.error("E201", tok, f"unknown unit '{u}'", hint)
+        self.error("E201", tok, f"unknown unit '{u}'", self._unit_hint(u, calendar, dimension))
         return None
+
+    def _unit_hint(self, u: str, calendar: bool, dimension: Optional[str]) -> str:
+        """'did you mean …?' and the units of the dimension the place needs — or, when nothing says which,
+        of the dimension of the closest unit; every unknown unit gets a list to choose from."""
+        if calendar:
+            return "; ".join(x for x in (did_you_mean(u, list(CALENDAR)), "calendar units: " + ", ".join(CALENDAR)) if x)
+        dim = dimension or (self.unit_dimension if self.unit_dimension != "none" else None)
+        ascii_u = u.replace("\u00b5", "u").replace("\u03bc", "u")  # micro sign, Greek mu
+        close = ascii_u if ascii_u != u and ascii_u in UNITS else None
+        guess = (f"write '{close}' (units are ASCII: u for micro)" if close else None) or (
+            did_you_mean(u, units_of(dim)) if dim else None) or did_you_mean(u, list(UNITS))
+        if dim is None:
+            near = re.search(r"'([^']+)'", guess or "") if not close else None
+            dim = UNITS[close][0] if close else (UNITS[near.group(1)][0] if near and near.group(1) in UNITS else None)
+        if dim is None:
+            names = sorted({d for d, _ in UNITS.values()} - {"none"})
+            return "; ".join(x for x in (guess, "no unit is spelt like it; dimensions: " + ", ".join(names)
+                                         + " (docs/language.md lists their units)") if x)
+        return "; ".join(x for x in (guess, f"units of {dim}: " + ", ".join(units_of(dim))) if x)
 
     def quantity(self, tree: Tree, default_unit: Optional[str] = None) -> Optional[ir.Quantity]:
         num_tok, unit_tok = tree.children[0], tree.children[1] if len(tree.children) > 1 else None
         value = self.number(num_tok)
-        unit = self.unit_of(unit_tok) if unit_tok is not None else (default_unit or "")
+        need = UNITS[default_unit][0] if default_unit in UNITS and self.unit_dimension in (None, "none") else None
+        unit = self.unit_of(unit_tok, dimension=need) if unit_tok is not None else (default_unit or "")
         if value is None or unit is None:
             return None
         cv, cu, dim = to_canonical(value, unit)

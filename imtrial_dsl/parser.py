@@ -238,6 +238,14 @@ class _Errors:
             return
         shown = ch if ch.isprintable() and ch.strip() else repr(ch).strip("'")
         hint = _expected_words(self.lark, e.allowed) or None
+        if not ch.isascii() and ch.isspace():
+            self.add("E101", f"unexpected character U+{ord(ch):04X} (a non-ASCII space, e.g. pasted from a document)",
+                     self._span(e.line, e.column), "write a plain space; outside \"strings\" the file is ASCII")
+            return
+        if ch in "\u201c\u201d\u201e\u2018\u2019":
+            self.add("E101", f"unexpected character '{shown}': a typographic quote", self._span(e.line, e.column),
+                     'strings are written between straight double quotes: "..."')
+            return
         if not ch.isascii() and (ch.isalnum() or ch == "_"):
             self.add("E101", f"unexpected character '{shown}': names must be ASCII", self._span(e.line, e.column),
                      "names use the letters A-Z and a-z, digits and '_'; put other text in a \"string\"")
@@ -259,6 +267,20 @@ class _Errors:
             return
         width = (tok.end_column - tok.column) if (tok.end_line == tok.line and tok.end_column) else 1
         span = self._span(tok.line, tok.column, width)
+        after = self.text[tok.end_pos] if tok.end_pos is not None and tok.end_pos < len(self.text) else ""
+        if after and not after.isascii() and (after.isalnum() or after == "_"):
+            # 'protocöl' lexes as 'protoc' then 'ö': the word was cut at a character names cannot hold
+            word = re.match(r"\w*", self.text[tok.start_pos:]).group(0)
+            self.add("E101", f"unexpected character '{after}' in '{word}': names and keywords must be ASCII",
+                     self._span(tok.end_line, tok.end_column),
+                     "names use the letters A-Z and a-z, digits and '_'; put other text in a \"string\"")
+            return
+        opened = self._left_open(tok, e)
+        if opened is not None:
+            head, line = opened
+            self.add("E103", f"unexpected {_describe(self.lark, tok)}: the '{head}' block opened at line {line} is not closed",
+                     span, f"add the closing '}}' of '{head}' before line {tok.line}")
+            return
         hints = []
         expected = self._accepts(e)
         exp = _expected_words(self.lark, expected)
@@ -268,6 +290,16 @@ class _Errors:
         if dym:
             hints.insert(0, dym)
         self.add("E103", f"unexpected {_describe(self.lark, tok)}", span, "; ".join(hints) or None)
+
+    def _left_open(self, tok: Token, e: UnexpectedToken) -> Optional[tuple[str, int]]:
+        """The block a missing '}' left open, when a declaration keyword starts a line inside it ('protocol'
+        inside a protocol): its head and line, else None."""
+        if "RBRACE" not in (e.expected or ()) or str(tok.value) not in _top_keywords(self.lark):
+            return None
+        line_start = self.text.rfind("\n", 0, tok.start_pos) + 1
+        if self.text[line_start:tok.start_pos].strip():
+            return None
+        return _open_block(self.text[:tok.start_pos])
 
     @staticmethod
     def _accepts(e: UnexpectedToken):
@@ -356,6 +388,18 @@ def _open_block(text: str) -> Optional[tuple[str, int]]:
         start = max(text.rfind(c, 0, start - 1) for c in "{};\n") + 1
     words = re.sub(r'"[^"\n]*"|#[^\n]*', " ", text[start:pos]).split()
     return " ".join(words[:2]) or "{", text.count("\n", 0, pos) + 1
+
+
+_TOP: dict[int, frozenset] = {}
+
+
+def _top_keywords(lark: Lark) -> frozenset:
+    """The keywords that start a top-level declaration (protocol, site, schedule, …)."""
+    hit = _TOP.get(id(lark))
+    if hit is None:
+        acc = lark.parse_interactive("").accepts()
+        hit = _TOP[id(lark)] = frozenset(v for v in (_literal(lark, n) for n in acc) if v and v.isalpha())
+    return hit
 
 
 @lru_cache(maxsize=None)

@@ -81,7 +81,8 @@ def test_checker_on_ir_built_in_python() -> None:
 
     got = [f"{d.code} {d.span.line}: {d.message}" for d in check(_ir_only_trial())]
     assert got == [
-        'E408 2: invalid regular expression "(?i)t1w(": missing ), unterminated subpattern',
+        'E408 2: invalid regular expression "(?i)t1w(": missing ), unterminated subpattern at position 7: '
+        '"(?i)t1w" ▸ "("',
         "E402 4: empty date shift range -1 .. -365 d",
     ]
 
@@ -192,3 +193,91 @@ def test_generated_dicom_keyword_table_matches_pydicom():
 
     expected = {e[4]: [tag, e[0]] for tag, e in DicomDictionary.items() if e[4]}
     assert dicom_keywords() == expected
+
+
+_PATTERNS = ['(?i)t1', '(?i)^t1', '(?i)^t1_mprage$', '^T1', '^t2_(tse|space)$', '(?i)flair', '(?i)^flair',
+             '(?i)^dwi', '(?i)^dwi_b0', '^adc(?!_map)', '^adc_map', 'swi|swan', '(?i)^p0001[_ ]t1', '(?i)^p0002[_ ]t1',
+             '(?i)^p000', '^(T1)_x', '\\Aab', '(?m)^ab', '[ab]c', '^é']
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(_PATTERNS), st.sampled_from(["~", "=", "!~", "has", "none"]),
+                          st.sampled_from(["SeriesDescription", "ProtocolName"]), st.sampled_from(["MR", "CT"])),
+                min_size=2, max_size=9))
+def test_match_ambiguity_index_finds_every_overlapping_pair(spec) -> None:
+    """The prefix index and the classes of identical rules (check/matching.py) find every overlapping pair the
+    all-pairs comparison finds (E405 counts equal). W405 may only drop: a pair whose literal prefixes differ is
+    disjoint, even where the witness search gives up on a look-around of the other rules."""
+    from imtrial_dsl import ir
+    from imtrial_dsl.check import matching
+    from imtrial_dsl.check.context import Context
+    from imtrial_dsl.diagnostics import Span
+
+    ops = {"~": ir.MatchOp.MATCHES, "=": ir.MatchOp.EQUALS, "!~": ir.MatchOp.NOT_MATCHES, "has": ir.MatchOp.CONTAINS}
+    protos = []
+    for k, (pat, op, attr, mod) in enumerate(spec):
+        rules = [] if op == "none" else [ir.MatchRule(attribute=attr, op=ops[op], value=pat, span=Span(line=k + 1))]
+        if op == "!~":
+            rules.append(ir.MatchRule(attribute="SeriesDescription", op=ir.MatchOp.MATCHES, value="(?i)^p0", span=Span(line=k + 1)))
+        protos.append(ir.Protocol(name=f"P{k}", modality=mod, match=rules, span=Span(line=k + 1)))
+    ctx = Context(ir.Trial(protocols=protos))
+    matching.check(ctx)
+    got = {d.code: 0 for d in ctx.diags}
+    for d in ctx.diags:
+        got[d.code] += 1
+    for code, n in ctx.omitted.items():
+        got[code] = got.get(code, 0) + n
+    alts = [matching._alternatives(p) for p in protos]
+    pats = [(v, m) for a in alts for alt in a for rules in alt.values() for op, v in rules for m in matching._MODES[op]]
+    alphabet = matching.alphabet_for(pats)
+    want: dict[str, int] = {}
+    for j in range(len(protos)):
+        for i in range(j):
+            if protos[i].modality != protos[j].modality:
+                continue
+            res = matching._decide(alts[i], alts[j], alphabet)
+            if res is not None:
+                want[res[0]] = want.get(res[0], 0) + 1
+    assert got.get("E405", 0) == want.get("E405", 0)
+    assert got.get("W405", 0) <= want.get("W405", 0)
+
+
+def test_unknown_unit_hints_list_the_units_of_the_dimension() -> None:
+    """Every E201 hint lists units to choose from: of the dimension the place needs (a device's field, a
+    timeout), else of the closest unit's; a micro sign is named as such."""
+    res = compile_file(SCENARIOS / "units_unknown.imtrial")
+    hints = {d.message.split("'")[1]: d.hint for d in res.diagnostics if d.code == "E201"}
+    assert hints["tesla"] == "units of field: mT, T"
+    assert hints["msec"].endswith("units of time: us, ms, s, min, h")
+    assert hints["minutes"] == "did you mean 'min'?; units of time: us, ms, s, min, h"
+    assert hints["µs"].startswith("write 'us'")
+    assert hints["mmm"].endswith("units of length: um, mm, cm, m")
+    assert hints["yrs"].startswith("did you mean 'years'?; calendar units: d, day")
+    assert not [d for d in res.diagnostics if d.code == "E314"], "a parameter with a bad unit is not also missing"
+
+
+def test_missing_brace_names_the_block_and_where_it_opened() -> None:
+    res = compile_file(SCENARIOS / "syntax_block_left_open.imtrial")
+    (d,) = res.diagnostics
+    assert d.hint == "add the closing '}' of 'variant GE' before line 10"
+
+
+def test_overlapping_windows_relate_the_earlier_visit() -> None:
+    """The caret is on the visit declared later; the hint names the earlier one by line (the language server
+    turns 'at line N' into a related location)."""
+    res = compile_file(SCENARIOS / "visit_windows.imtrial")
+    last = [d for d in res.diagnostics if d.code == "E404"][-1]
+    assert last.span.line == 11 and "baseline (declared at line 5)" in last.hint
+
+
+def test_capped_diagnostics_count_what_they_stand_for() -> None:
+    """150 copies of one overlapping protocol: 11,175 ambiguities, 10 shown, one summary with the rest."""
+    lines = ['study CAP02 "Copies" { }']
+    for i in range(150):
+        lines += [f"protocol C{i:03d} modality MR {{", '  match SeriesDescription ~ "(?i)t1"', "}"]
+    from imtrial_dsl.compiler import compile_text
+
+    res = compile_text("\n".join(lines) + "\n", "copies.imtrial")
+    e405 = [d for d in res.diagnostics if d.code == "E405"]
+    assert len(e405) == 11 and e405[-1].omitted == 150 * 149 // 2 - 10
+    assert e405 == sorted(e405, key=type(e405[0]).sort_key)

@@ -121,7 +121,10 @@ def regex(ctx: Context, node: Any, pattern: str) -> bool:
         re.compile(pattern)
         return True
     except re.error as exc:
-        ctx.error("E408", node, f"invalid regular expression \"{pattern}\": {exc.msg}",
+        at = ""
+        if exc.pos is not None:  # the failing character, shown in place: IR may come without source text
+            at = f" at position {exc.pos}: \"{pattern[:exc.pos]}\" ▸ \"{pattern[exc.pos:]}\""
+        ctx.error("E408", node, f"invalid regular expression \"{pattern}\": {exc.msg}{at}",
                   "patterns use Python syntax; escape special characters with a backslash")
         return False
 

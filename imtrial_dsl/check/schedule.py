@@ -14,6 +14,11 @@ def _days(lo: float, hi: float) -> str:
     return f"days {lo:g} .. {hi:g}"
 
 
+def _position(v: ir.Visit) -> tuple:
+    s = v.span
+    return (s.file, s.line, s.col) if s else ("", 0, 0)
+
+
 def check(ctx: Context) -> None:
     sch = ctx.trial.schedule
     if not sch:
@@ -35,8 +40,12 @@ def check(ctx: Context) -> None:
     for lo, hi, v in windows:
         for plo, phi, pv in active:
             if lo <= phi:
-                ctx.error("E404", v, f"window of visit {v.name} ({_days(lo, hi)}) overlaps visit {pv.name} ({_days(plo, phi)})",
-                          "an exam date must fall in one visit window: shrink or move one window")
+                # at the visit declared later (the line just edited), naming the earlier one as the related place
+                (a, alo, ahi), (b, blo, bhi) = sorted(((v, lo, hi), (pv, plo, phi)), key=lambda w: _position(w[0]))
+                where = f" (declared at line {a.span.line})" if a.span and a.span.line else ""
+                ctx.error("E404", b, f"window of visit {b.name} ({_days(blo, bhi)}) overlaps visit {a.name} ({_days(alo, ahi)})",
+                          f"an exam date must fall in one visit window: shrink or move the window of {b.name} "
+                          f"or of {a.name}{where}")
         active = [w for w in active if w[1] >= lo] + [(lo, hi, v)]
     rem = sch.reminders
     if rem:
