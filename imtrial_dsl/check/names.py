@@ -36,7 +36,7 @@ def _plural(word: str) -> str:
 def undefined(ctx: Context, code: str, ref: ir.Ref, what: str, names: Iterable[str], name: Optional[str] = None) -> None:
     name = name if name is not None else ref.name
     names = list(names)
-    hint = did_you_mean(name, names) or (
+    hint = (None if ctx.many(code) else did_you_mean(name, names)) or (
         f"declared {_plural(what)}: {', '.join(names[:8])}{' …' if len(names) > 8 else ''}" if names else f"no {what} is declared"
     )
     ctx.error(code, ref, f"undefined {what} '{name}'", hint)
@@ -46,7 +46,8 @@ def keyword(ctx: Context, node: Any, kw: str, where: str) -> bool:
     """E311 unless ``kw`` is a DICOM keyword (pydicom's data dictionary)."""
     if kw in dicom_keywords():
         return True
-    hint = did_you_mean(kw, dicom_keywords()) or "use the attribute keyword from DICOM PS3.6 (e.g. EchoTime)"
+    hint = (None if ctx.many("E311") else did_you_mean(kw, dicom_keywords())) or \
+        "use the attribute keyword from DICOM PS3.6 (e.g. EchoTime)"
     ctx.error("E311", node, f"unknown DICOM keyword '{kw}' in {where}", hint)
     return False
 
