@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .. import ir
+from .. import ir, pipeline
 from ..diagnostics import ImtrialError
 from ..files import read_json
 from ..pipeline import Node
@@ -46,16 +46,23 @@ def find_node(trial: ir.Trial, name: str, ref: Optional[str] = None) -> Node:
                     + f" (nodes: {', '.join(plan.nodes)})")
 
 
-def segment(trial: ir.Trial, index: int) -> list[Node]:
-    """Staged phase ``index`` of the graph, when it is a per-exam segment (``imtrial step exam --ref N``)."""
-    from ..graph import staged_phases
+def segment(trial: ir.Trial, index: int) -> tuple[list[Node], dict[str, list[str]]]:
+    """Staged phase ``index`` of the graph, when it is a per-exam segment (``imtrial step exam --ref N``):
+    its nodes in order and each node's predecessors inside it.
 
-    plan = make_plan(trial)
-    phases = staged_phases(plan.graph)
+    Builds the graph alone, not the runner's plan: a staged exam has no state DB, so the static
+    fingerprints :func:`make_plan` hashes for every node would be thrown away (one such process runs per exam)."""
+    from ..graph import build_graph, staged_phases
+
+    graph = build_graph(trial)
+    phases = staged_phases(graph)
     if not 0 <= index < len(phases) or phases[index][0]:
         segs = [str(k) for k, (batch, _) in enumerate(phases) if not batch]
         raise StepError(f"phase {index} is not a per-exam segment of this study (segments: {', '.join(segs)})")
-    return [plan.nodes[i] for i in phases[index][1]]
+    ids = phases[index][1]
+    by_id = {n.id: n for n in pipeline.nodes(trial)}
+    preds = {i: sorted(p for p in graph.predecessors(i) if p in ids) for i in ids}
+    return [by_id[i] for i in ids], preds
 
 
 def _exam_key(paths: dict[str, Path], fallback: str) -> str:
@@ -182,14 +189,12 @@ def run_exam_segment(trial: ir.Trial, index: int, inputs: list[tuple[str, Path]]
     """A fused per-exam segment on one staged exam (the CWL exam-granularity tool)."""
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    nodes = segment(trial, index)
+    nodes, preds = segment(trial, index)
     per_exam = staged_exams(inputs)
     if len(per_exam) != 1:
         raise StepError(f"the exam pipeline runs on one exam; got inputs of {len(per_exam)}")
     m = per_exam[0]
-    plan = make_plan(trial)
     ids = {n.id for n in nodes}
-    preds = {n.id: [p for p in plan.preds(n.id) if p in ids] for n in nodes}
     state = walk_exam(trial, None, None, _exam_key(m, out.name), nodes, preds, ids, {},
                       context=lambda n, cache: ExamContext(trial, ExamDir(out), n, inputs=m, out_root=out,
                                                            exam_key=_exam_key(m, out.name), cache=cache))
