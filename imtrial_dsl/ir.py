@@ -335,6 +335,10 @@ class Visit(Node):
         return self.event is None
 
 
+#: Who receives a site's notices when none of their roles has a contact (with an e-mail) there.
+REMINDER_FALLBACK_ROLES = ("imaging_pi", "pi", "coordinator")
+
+
 class ReminderPolicy(Node):
     before_open: Optional[Days] = Field(default=None, description="Remind this long before the window opens.")
     notify: list[str] = Field(default=[], description="Contact roles (or 'central') that receive reminders.")

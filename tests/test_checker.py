@@ -192,3 +192,18 @@ def test_generated_dicom_keyword_table_matches_pydicom():
 
     expected = {e[4]: [tag, e[0]] for tag, e in DicomDictionary.items() if e[4]}
     assert dicom_keywords() == expected
+
+
+def test_modality_and_vendor_did_you_mean() -> None:
+    """The hints of the lang_checks scenario: DICOM's spelling of a modality word, the alias table's of a vendor."""
+    res = compile_file(SCENARIOS / "lang_checks.imtrial")
+    hints = {(d.code, d.span.line): d.hint for d in res.diagnostics}
+    assert hints[("E318", 7)].startswith("did you mean 'PT'?")        # protocol FDG modality PET
+    assert hints[("E318", 5)].startswith("did you mean 'MR'?")        # device modality MRI
+    assert hints[("W409", 5)] == "did you mean 'TOSHIBA'?"            # vendor TOSHBA
+    from imtrial_dsl.vendors import normalize_vendor
+    assert normalize_vendor("TOSHIBA") == normalize_vendor("Canon Medical Systems")  # the alias the hint leads to
+
+
+def test_reminder_and_unit_warnings_are_documented() -> None:
+    assert {"W415", "W416"} <= _documented_codes()
