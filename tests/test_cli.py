@@ -139,7 +139,7 @@ def test_export_and_import_eprotocol(tmp_path: Path) -> None:
     one = next(w for w in written if w.name.startswith("AMY01_T1w") and w.suffix == ".json")
     p = imtrial("import", "eprotocol", str(one))
     assert p.returncode == 0, p.stderr
-    assert p.stdout.startswith("protocol T1w modality MR")
+    assert p.stdout.startswith('study AMY01 "Longitudinal amyloid MRI study" { }') and "\nprotocol T1w modality MR" in p.stdout
     # what import prints is valid source that checks clean
     src = tmp_path / "imported.imtrial"
     src.write_text(p.stdout)

@@ -130,11 +130,29 @@ _MULTI = {ir.ConstraintKind.CONTAINS, ir.ConstraintKind.NOT_CONTAINS, ir.Constra
           ir.ConstraintKind.CONTAINS_ANY, ir.ConstraintKind.PRESENT}
 
 
+def _csa_field_ok(ctx: Context, st: ir.PathStep) -> bool:
+    """E320: a named field inside a private element is read from a Siemens CSA header, so only the two CSA
+    elements of creator 'SIEMENS CSA HEADER' have fields."""
+    from ..csa import CREATOR, ELEMENTS
+
+    if st.field is None:
+        return True
+    low = int(st.tag[-3:-1], 16)
+    if (st.creator or "").strip() == CREATOR and st.tag[1:5] == "0029" and low in ELEMENTS:
+        return True
+    ctx.error("E320", st, f"'{st.field}' names a field inside private element {st.tag} of '{st.creator}', but only the "
+              f"Siemens CSA headers have named fields",
+              f'write private "{CREATOR}" (0029,xx10) "{st.field}" (CSA Image Header) or (0029,xx20) (CSA Series '
+              f"Header), or drop the field name to read the element's own value")
+    return False
+
+
 def _path_ok(ctx: Context, c: ir.Constraint, where: str) -> bool:
     """Every keyword of a path is a DICOM keyword; the steps before the last are sequences (E317)."""
     ok = True
     for i, st in enumerate(c.path):
         if st.tag:
+            ok = _csa_field_ok(ctx, st) and ok
             continue
         if not keyword(ctx, st, st.keyword, f"constraint of {where}"):
             ok = False
