@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import struct
+from functools import lru_cache
 from typing import Any, Optional
 
 CREATOR = "SIEMENS CSA HEADER"
@@ -113,11 +114,28 @@ def ascconv(text: str) -> dict[str, Any]:
 def field_values(raw: bytes, field: str) -> Optional[list[Any]]:
     """The values of ``field`` in a CSA header's bytes (None when the header or the field is absent):
     an element name, or ``ELEMENT.KEY`` for a key of the ASCCONV text an element holds."""
-    elements = parse(raw)
+    return _field(bytes(raw), field)
+
+
+# The instances of a series share their Series Header byte for byte, and a protocol reads several fields of one
+# header: parse each header once (an 80 kB Series Header with its ASCCONV text costs ~18 ms).
+@lru_cache(maxsize=32)
+def _field(raw: bytes, field: str) -> Optional[list[Any]]:
+    elements = _parsed(raw)
     if field in elements:
-        return elements[field] or None
+        return list(elements[field]) or None
     head, _, key = field.partition(".")
     if key and head in elements and elements[head]:
-        value = ascconv(str(elements[head][0])).get(key)
+        value = _ascconv_cached(str(elements[head][0])).get(key)
         return None if value is None else [value]
     return None
+
+
+@lru_cache(maxsize=8)
+def _parsed(raw: bytes) -> dict[str, list[Any]]:
+    return parse(raw)
+
+
+@lru_cache(maxsize=8)
+def _ascconv_cached(text: str) -> dict[str, Any]:
+    return ascconv(text)
