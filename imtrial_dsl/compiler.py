@@ -134,8 +134,15 @@ def load_trial(path: str | Path) -> ir.Trial:
     return trial
 
 
+def _declared(trial) -> str:
+    """'2 protocols, 1 site': what a file without a study block does declare."""
+    parts = [(len(trial.protocols), "protocol", "protocols"), (len(trial.sites), "site", "sites"),
+             (len(trial.analyses), "analysis", "analyses"), (len(trial.qc), "QC check", "QC checks")]
+    return ", ".join(f"{n} {one if n == 1 else many}" for n, one, many in parts if n)
+
+
 def study_file_problems(res: CompileResult, path: str | Path) -> list[Diagnostic]:
-    """What makes a file no study at all: E113 an empty file, E114 no ``study`` block (files meant
+    """What makes a file no study at all, both errors: E113 an empty file, E114 no ``study`` block (files meant
     to be imported, such as the stdlib's, are not studies; ``imtrial check`` asks this of its files)."""
     text = res.sources.get(str(path))
     if text is None:
@@ -149,7 +156,9 @@ def study_file_problems(res: CompileResult, path: str | Path) -> list[Diagnostic
                            hint="start with a 'study CODE \"Title\" { … }' block; see docs/language.md")]
     syntax_broken = any(d.code.startswith("E1") and d.severity == Severity.ERROR for d in res.diagnostics)
     if res.trial is not None and res.trial.study is None and not syntax_broken:  # a parse error hides the block
-        # a warning, not an error: protocol-only files (imtrial import eprotocol, shared declarations) are checked too
-        return [Diagnostic(severity=Severity.WARNING, code="E114", message="no 'study' block: this file declares no study", span=where,
-                           hint="add 'study CODE \"Title\" { … }'; a file of shared declarations is imported by one that has it")]
+        what = _declared(res.trial)
+        return [Diagnostic(code="E114", message="no 'study' block: this file declares no study"
+                           + (f" (only {what})" if what else ""), span=where,
+                           hint="add 'study CODE \"Title\" { … }' at the top; a file of shared declarations is not checked "
+                                "alone but imported ('import \"file.imtrial\"') by the study file that has it")]
     return []

@@ -114,7 +114,7 @@ def _join(tokens: list[Token]) -> str:
                 or t.type == "RBRACE"  # only a set literal or an empty block closes mid-line
                 or (t.type == "UNIT" and s == "%")
                 or (s == "(" and prev.type in ("NAME", "ATTR"))
-                or (s == "[" and prev.type in ("ATTR", "TAG"))
+                or (s == "[" and prev.type in ("ATTR", "TAG", "STRING"))  # STRING: a private field, "B_value"[0]
             )
             if not tight:
                 out.append(" ")

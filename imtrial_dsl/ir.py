@@ -207,6 +207,8 @@ class PathStep(Node):
     keyword: Optional[str] = None
     creator: Optional[str] = Field(default=None, description="Private creator, e.g. 'GEMS_PARM_01'.")
     tag: Optional[str] = Field(default=None, description="Private element '(gggg,xxee)'.")
+    field: Optional[str] = Field(default=None, description="A field inside the private element: a Siemens CSA header "
+                                 "element name ('B_value'), or 'MrPhoenixProtocol.KEY' for a key of its ASCCONV text.")
     item: Optional[Union[int, Literal["any", "every"]]] = None
 
 
@@ -333,6 +335,10 @@ class Visit(Node):
     def scheduled(self) -> bool:
         """A visit on the calendar (not triggered by an event)."""
         return self.event is None
+
+
+#: Who receives a site's notices when none of their roles has a contact (with an e-mail) there.
+REMINDER_FALLBACK_ROLES = ("imaging_pi", "pi", "coordinator")
 
 
 class ReminderPolicy(Node):

@@ -471,7 +471,12 @@ class Lowerer:
                 if not creator.strip():
                     self.error("E110", st.children[0], "a private element needs its creator", 'e.g. private "GEMS_PARM_01" (0043,xx39)')
                     ok = False
-                steps.append(ir.PathStep(span=self.span(st), creator=creator, tag=tag.lower(), item=item))
+                field = self.text(st.children[2]) if st.children[2] is not None else None
+                if field is not None and not field.strip():
+                    self.error("E110", st.children[2], "an empty field name inside a private element",
+                               'name a CSA header element, e.g. private "SIEMENS CSA HEADER" (0029,xx10) "B_value"')
+                    ok = False
+                steps.append(ir.PathStep(span=self.span(st), creator=creator, tag=tag.lower(), item=item, field=field))
             else:
                 steps.append(ir.PathStep(span=self.span(st), keyword=str(st.children[0]), item=item))
         last = steps[-1]
@@ -483,7 +488,7 @@ class Lowerer:
             if s_.tag:
                 self.error("E111", attr, "a private element can only be the last step of a path")
                 ok = False
-        keyword = last.keyword or f"private {last.creator} {last.tag}"
+        keyword = last.keyword or f"private {last.creator} {last.tag}" + (f" {last.field}" if last.field else "")
         index = last.item if isinstance(last.item, int) else None
         plain = len(steps) == 1 and last.tag is None
         return keyword, index, ([] if plain else steps), ok

@@ -61,8 +61,9 @@ def header_text(v: ir.Value) -> str:
 
 
 def step(s: ir.PathStep) -> str:
-    """One path step as written: 'RadiopharmaceuticalInformationSequence[0]', 'private "GEMS_PARM_01" (0043,xx39)'."""
-    head = f"private {quote(s.creator or '')} {s.tag}" if s.tag else (s.keyword or "")
+    """One path step as written: 'RadiopharmaceuticalInformationSequence[0]', 'private "GEMS_PARM_01" (0043,xx39)',
+    'private "SIEMENS CSA HEADER" (0029,xx10) "B_value"'."""
+    head = (f"private {quote(s.creator or '')} {s.tag}" + (f" {quote(s.field)}" if s.field else "")) if s.tag else (s.keyword or "")
     return head + (f"[{s.item}]" if s.item is not None else "")
 
 

@@ -134,10 +134,46 @@ DICOM_UNITS: dict[str, tuple[str, str]] = {
     "ContrastFlowRate": ("flow_rate", "ml/s"),
     "ContrastFlowDuration": ("time", "s"),
     "ContrastBolusIngredientConcentration": ("none", ""),
+    # more attributes with a unit (PS3.3 attribute descriptions: "in seconds", "in mm", "in msec")
+    "AcquisitionDuration": ("time", "s"),
+    "EffectiveDuration": ("time", "s"),
+    "ExposureTimeInms": ("time", "ms"),
+    "InversionTimes": ("time", "ms"),
+    "FrameReferenceTime": ("time", "ms"),
+    "NominalCardiacTriggerDelayTime": ("time", "ms"),
+    "LowRRValue": ("time", "ms"),
+    "HighRRValue": ("time", "ms"),
+    "SlabThickness": ("length", "mm"),
+    "ReconstructionFieldOfView": ("length", "mm"),
+    "DistanceSourceToDetector": ("length", "mm"),
+    "DistanceSourceToPatient": ("length", "mm"),
+    "TableHeight": ("length", "mm"),
+    "FocalSpots": ("length", "mm"),
+    "XRayTubeCurrentInmA": ("current", "mA"),
+    "ExposureInmAs": ("charge", "mAs"),
+    "TriggerWindow": ("percent", "%"),
+    "EstimatedDoseSaving": ("percent", "%"),
     # derived quantities (imtrial_dsl/derived.py), in the unit their computation returns
     "UptakeTime": ("time", "min"),
     "InjectedActivityPerKg": ("activity_per_mass", "MBq/kg"),
 }
+
+
+# How a message names a dimension ("an activity", "a diffusion weighting"): the article and the words.
+DIMENSION_WORDS: dict[str, str] = {
+    "time": "a time", "length": "a length", "field": "a field strength", "angle": "an angle", "percent": "a percentage",
+    "frequency": "a frequency", "bandwidth": "a bandwidth", "voltage": "a voltage", "current": "a current",
+    "charge": "an exposure (charge)", "dose": "a dose", "sar": "a SAR", "dbdt": "a dB/dt", "volume": "a volume",
+    "area": "an area", "count": "a count", "dose_length": "a dose-length product", "activity": "an activity",
+    "activity_concentration": "an activity concentration", "activity_per_mass": "an activity per body mass",
+    "mass": "a mass", "diffusion": "a diffusion weighting", "heart_rate": "a heart rate",
+    "amount_per_mass": "an amount per body mass", "volume_per_mass": "a volume per body mass", "flow_rate": "a flow rate",
+}
+
+
+def dimension_words(dimension: str) -> str:
+    """'an activity', 'a heart rate': a dimension as a message names it."""
+    return DIMENSION_WORDS.get(dimension, "a " + dimension.replace("_", " "))
 
 
 def units_of(dimension: str) -> list[str]:

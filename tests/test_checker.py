@@ -281,3 +281,18 @@ def test_capped_diagnostics_count_what_they_stand_for() -> None:
     e405 = [d for d in res.diagnostics if d.code == "E405"]
     assert len(e405) == 11 and e405[-1].omitted == 150 * 149 // 2 - 10
     assert e405 == sorted(e405, key=type(e405[0]).sort_key)
+
+
+def test_modality_and_vendor_did_you_mean() -> None:
+    """The hints of the lang_checks scenario: DICOM's spelling of a modality word, the alias table's of a vendor."""
+    res = compile_file(SCENARIOS / "lang_checks.imtrial")
+    hints = {(d.code, d.span.line): d.hint for d in res.diagnostics}
+    assert hints[("E318", 7)].startswith("did you mean 'PT'?")        # protocol FDG modality PET
+    assert hints[("E318", 5)].startswith("did you mean 'MR'?")        # device modality MRI
+    assert hints[("W409", 5)] == "did you mean 'TOSHIBA'?"            # vendor TOSHBA
+    from imtrial_dsl.vendors import normalize_vendor
+    assert normalize_vendor("TOSHIBA") == normalize_vendor("Canon Medical Systems")  # the alias the hint leads to
+
+
+def test_reminder_and_unit_warnings_are_documented() -> None:
+    assert {"W415", "W416"} <= _documented_codes()

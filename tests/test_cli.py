@@ -43,13 +43,29 @@ def test_check_clean_and_bad_files() -> None:
 
 
 def test_check_json_and_werror(tmp_path: Path) -> None:
-    p = imtrial("check", "--format", "json", str(ROOT / "tests" / "scenarios" / "identifiers_check_digit.imtrial"))
-    assert p.returncode == 0  # a warning only
+    p = imtrial("check", "--format", "json", str(ROOT / "tests" / "scenarios" / "reminder_roles.imtrial"))
+    assert p.returncode == 0  # warnings only
     data = json.loads(p.stdout)
-    # E114 (a warning): a scenario file has no study block
-    assert [d["code"] for d in data] == ["E114", "W406"] and data[1]["span"]["line"] == 2
-    p = imtrial("check", "--werror", str(ROOT / "tests" / "scenarios" / "identifiers_check_digit.imtrial"))
-    assert p.returncode == 1 and "error[W406]: check_digit mod97" in p.stderr
+    assert {d["code"] for d in data} == {"W416"} and all(d["severity"] == "warning" for d in data)
+    p = imtrial("check", "--werror", str(ROOT / "tests" / "scenarios" / "reminder_roles.imtrial"))
+    assert p.returncode == 1 and "error[W416]: reminders of site B reach nobody there" in p.stderr
+
+
+def test_a_file_without_a_study_is_an_error(tmp_path: Path) -> None:
+    """E113 (empty) and E114 (no study block) are errors: 'ok' means a study was checked."""
+    p = imtrial("check", "--format", "json", str(ROOT / "tests" / "scenarios" / "identifiers_check_digit.imtrial"))
+    assert p.returncode == 1
+    data = json.loads(p.stdout)
+    assert [(d["code"], d["severity"]) for d in data] == [("E114", "error"), ("W406", "warning")]
+    assert data[0]["message"] == "no 'study' block: this file declares no study"
+    only = tmp_path / "only.imtrial"
+    only.write_text('protocol T1w modality MR { EchoTime = 3 ms }\n')
+    p = imtrial("check", str(only))
+    assert p.returncode == 1 and "error[E114]: no 'study' block: this file declares no study (only 1 protocol)" in p.stderr
+    empty = tmp_path / "empty.imtrial"
+    empty.write_text("# nothing here\n\n")
+    p = imtrial("check", str(empty))
+    assert p.returncode == 1 and "error[E113]: empty file" in p.stderr
 
 
 def test_colour_forced_and_no_color() -> None:
@@ -123,7 +139,7 @@ def test_export_and_import_eprotocol(tmp_path: Path) -> None:
     one = next(w for w in written if w.name.startswith("AMY01_T1w") and w.suffix == ".json")
     p = imtrial("import", "eprotocol", str(one))
     assert p.returncode == 0, p.stderr
-    assert p.stdout.startswith("protocol T1w modality MR")
+    assert p.stdout.startswith('study AMY01 "Longitudinal amyloid MRI study" { }') and "\nprotocol T1w modality MR" in p.stdout
     # what import prints is valid source that checks clean
     src = tmp_path / "imported.imtrial"
     src.write_text(p.stdout)

@@ -722,5 +722,11 @@ def test_json_only_constructs_round_trip_in_json_and_stay_out_of_the_dpp(tmp_pat
     paths = ep.export(trial, None, tmp_path)
     [got] = ep.import_files(_by_suffix(paths, ".json"))
     assert ir.strip_spans(got) == ir.strip_spans(trial.protocols[0])
-    [dpp] = ep.import_files(_by_suffix(paths, ".dcm"))
-    assert [c.keyword for c in dpp.constraints] == ["KVP", "TemporalResolution"]
+    [dcm] = _by_suffix(paths, ".dcm")
+    ds = pydicom.dcmread(dcm)
+    selectors = [str(i.SelectorAttributeKeyword) for e in ds.AcquisitionProtocolElementSpecificationSequence
+                 for i in e.get("ParametersSpecificationSequence", [])]
+    assert selectors == ["KVP", "TemporalResolution"]      # what the standard attributes can say
+    protocols, notes = ep.import_report([dcm])             # the rest comes back from imtrial's private block
+    assert ir.strip_spans(protocols[0]) == ir.strip_spans(trial.protocols[0])
+    assert [n.code for n in notes] == ["W620"] and "protocol P: 6 constraints" in notes[0].message

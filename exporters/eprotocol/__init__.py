@@ -25,10 +25,10 @@ from imtrial_dsl.diagnostics import CompileErrors, ImtrialError
 from imtrial_dsl.files import atomic_write_dataset, atomic_write_text
 
 from . import card, dicom_dpp, json_io
-from .importer import import_file, import_files, import_report, protocol_to_source
+from .importer import import_document, import_file, import_files, import_report, protocol_to_source
 from .targets import slug, study_code, targets_of
 
-__all__ = ["export", "import_file", "import_files", "import_report", "protocol_to_source"]
+__all__ = ["export", "import_document", "import_file", "import_files", "import_report", "protocol_to_source"]
 
 
 def export(trial: ir.Trial, graph: Any = None, out_dir: Path | str = ".") -> list[Path]:

@@ -396,8 +396,21 @@ def to_dicom(trial: ir.Trial, t: Target):
     # Everything else the IR knows that DICOM has no attribute for (match rules, variant identity, ...)
     header = {"format": FORMAT, "protocol": protocol_header(p), "variant": variant_header(t), "label": t.label}
     if t.variant is not None:  # what the variant replaces, so that this file alone gives a protocol that compiles
-        header["base_overridden"] = [{"position": i, "constraint": c.model_dump(mode="json", exclude={"span"})}
-                                     for i, c in t.overridden_base]
+        header["base_overridden"] = [{"position": i, "constraint": _ir_json(c)} for i, c in t.overridden_base]
+    # What no Selector can say (paths, has/count/present, 'if present', derived quantities, 'when' blocks) and
+    # the devices: kept here so that the import gives the whole protocol back (only when there is any, so that
+    # objects of protocols without them stay as they were).
+    beyond = [{"position": pos, "origin": origin, "constraint": _ir_json(c)}
+              for pos, (c, origin) in enumerate(t.constraints) if not in_dpp(c)]
+    if beyond:
+        header["beyond_dicom"] = beyond
+    whens = [{"block": k, "origin": origin, "condition": _ir_json(w.condition), "constraints": [_ir_json(c) for c in w.constraints]}
+             for k, (w, origin) in enumerate(t.conditionals)]
+    if whens:
+        header["when"] = whens
+    if t.devices:
+        header["equipment"] = [{"site": site.code, "site_name": site.name, "device": d.model_dump(mode="json", exclude={"span"})}
+                               for site, d in t.devices]
     _private_json(ds, 0x10, header)
 
     meta = FileMetaDataset()
@@ -409,6 +422,10 @@ def to_dicom(trial: ir.Trial, t: Target):
     if missing:  # a writer bug, not a user error
         raise AssertionError(f"DPP for {p.name}/{t.label} lacks mandatory modules: {missing}")
     return ds
+
+
+def _ir_json(c: ir.Constraint) -> dict:
+    return c.model_dump(mode="json", exclude={"span"})
 
 
 def _lo(text: str, n: int = 64) -> str:
@@ -652,8 +669,9 @@ def _quantity_from_dicom(keyword: str, v: float, meta: dict, note=None) -> ir.Qu
     return ir.Quantity(value=value, unit=unit, dimension=dimension, source_value=sv, source_unit=su)
 
 
-def read(path: Path, notes: Optional[list] = None) -> tuple[ir.Protocol, list[tuple[ir.Constraint, str]], Optional[dict]]:
-    """(protocol header, origin-tagged constraints, variant or None) of one DPP file, ours or another writer's.
+def read(path: Path, notes: Optional[list] = None) -> tuple[ir.Protocol, list[tuple[ir.Constraint, str]], Optional[dict], list, dict]:
+    """(protocol header, origin-tagged constraints, variant or None, 'when' block constraints, the study and
+    equipment) of one DPP file, ours or another writer's (see :func:`json_io.read`).
 
     Disagreements between the standard attributes and imtrial's private copy go to ``notes`` (W612)."""
     notes = [] if notes is None else notes
@@ -674,9 +692,9 @@ def read(path: Path, notes: Optional[list] = None) -> tuple[ir.Protocol, list[tu
         codes = ds.get("PotentialScheduledProtocolCodeSequence", [])
         title = str(codes[0].CodeMeaning) if codes else ""
         prep = [str(i.get("InstructionDescription") or i.get("InstructionText", "")) for i in ds.get("InstructionSequence", [])]
-        notes = str(ds.get("ProtocolPlanningInformation", "")).split("\n") if "ProtocolPlanningInformation" in ds else []
+        planning = str(ds.get("ProtocolPlanningInformation", "")).split("\n") if "ProtocolPlanningInformation" in ds else []
         protocol = ir.Protocol(name=str(ds.ProtocolName), modality=modality,
-                               title="" if title == str(ds.ProtocolName) else title, preparation=prep, notes=notes)
+                               title="" if title == str(ds.ProtocolName) else title, preparation=prep, notes=planning)
         variant = None
     found = []
     for seq_kw in ("AcquisitionProtocolElementSpecificationSequence", "ReconstructionProtocolElementSpecificationSequence"):
@@ -685,5 +703,50 @@ def read(path: Path, notes: Optional[list] = None) -> tuple[ir.Protocol, list[tu
                 c, origin, pos = _constraint_from_item(item, notes, Path(path).name)
                 if c is not None:
                     found.append((pos, len(found), c, origin))
+    whens: list = []
+    if extras:
+        found += [(b["position"], len(found) + i, ir.Constraint.model_validate(b["constraint"]), b["origin"])
+                  for i, b in enumerate(extras.get("beyond_dicom", []))]
+        for w in extras.get("when", []):
+            cond = ir.Constraint.model_validate(w["condition"])
+            whens += [(w["block"], w["origin"], cond, ir.Constraint.model_validate(c)) for c in w["constraints"]] \
+                or [(w["block"], w["origin"], cond, None)]
+        carried = len(extras.get("beyond_dicom", [])) + sum(len(w["constraints"]) for w in extras.get("when", []))
+        if carried:
+            notes.append(_beyond_note(Path(path).name, protocol.name, extras))
     found.sort(key=lambda x: (x[0], x[1]))
-    return protocol, [(c, o) for _, _, c, o in found], variant
+    context = {"study": _study_of(ds), "equipment": _equipment_of(extras or {})}
+    return protocol, [(c, o) for _, _, c, o in found], variant, whens, context
+
+
+def _beyond_note(where: str, name: str, extras: dict):
+    """W620: constraints that no Selector of a Defined Procedure Protocol can carry came from imtrial's private block."""
+    from imtrial_dsl.diagnostics import Diagnostic, Severity
+
+    what = [source.text(ir.Constraint.model_validate(b["constraint"]), source.MESSAGE) for b in extras.get("beyond_dicom", [])]
+    what += [f"{len(w['constraints'])} in 'when {source.text(ir.Constraint.model_validate(w['condition']), source.MESSAGE)}'"
+             for w in extras.get("when", []) if w["constraints"]]
+    return Diagnostic(severity=Severity.WARNING, code="W620",
+                      message=f"{where}: protocol {name}: {len(what)} constraint{'s' if len(what) > 1 else ''} DICOM's Defined "
+                              f"Procedure Protocol cannot carry came from imtrial's private block (0071,xx10): " + "; ".join(what),
+                      hint="a scanner reading the standard attributes does not see them; the JSON e-protocol carries them "
+                           "in the open, and imtrial's adherence checks them on the images")
+
+
+def _study_of(ds) -> Optional[dict]:
+    """The study a DPP object names (Clinical Trial Context), as the JSON's 'study'."""
+    if "ClinicalTrialProtocolID" not in ds:
+        return None
+    return {"code": str(ds.ClinicalTrialProtocolID), "title": str(ds.get("ClinicalTrialProtocolName", "") or "")}
+
+
+def _equipment_of(extras: dict) -> list[dict]:
+    """The devices imtrial's private block lists, as the JSON's 'equipment' items."""
+    out = []
+    for e in extras.get("equipment", []):
+        d = e["device"]
+        out.append({"site": e["site"], "site_name": e.get("site_name", ""), "device": d["id"], "modality": d["modality"],
+                    "vendor": d["vendor"], "manufacturer": d.get("vendor_text") or d["vendor"], "model": d.get("model"),
+                    "software": d.get("software"), "field_strength": None, "serial": d.get("serial"),
+                    "station": d.get("station"), **({"modalities": d["modalities"]} if len(d.get("modalities") or []) > 1 else {})})
+    return out

@@ -51,7 +51,8 @@ def _value_from_json(v: Any) -> ir.Value:
     return v
 
 
-def constraint_to_json(c: ir.Constraint, origin: str, condition: Optional[ir.Conditional] = None) -> dict:
+def constraint_to_json(c: ir.Constraint, origin: str, condition: Optional[ir.Conditional] = None,
+                       block: Optional[int] = None) -> dict:
     from imtrial_dsl.derived import DERIVED
 
     tag, vr, name = dicom_dpp.dicom_info(c.keyword) if not c.path else (None, None, source.parameter(c))
@@ -73,7 +74,7 @@ def constraint_to_json(c: ir.Constraint, origin: str, condition: Optional[ir.Con
         "note": c.note,
         "origin": origin,
         "requirement": source.rhs(c, source.PROSE),
-        "path": [s.model_dump(exclude={"span"}) for s in c.path],
+        "path": [path_step_json(s) for s in c.path],
         "measure": c.measure,
         "if_present": c.if_present,
         "condition": source.conditional(condition, source.REPORT) if condition is not None else None,
@@ -86,7 +87,23 @@ def constraint_to_json(c: ir.Constraint, origin: str, condition: Optional[ir.Con
             "vr": vr,
         },
     }
+    if block is not None and condition is not None:  # a 'when' block's constraint: the block and its condition
+        d["when"] = {"block": block, "condition": constraint_to_json(condition.condition, origin)}
     return d
+
+
+def path_step_json(s: ir.PathStep) -> dict:
+    """A path step as the formats carry it (``field`` only when set, so files without one stay as they were)."""
+    d = s.model_dump(exclude={"span"})
+    if d.get("field") is None:
+        d.pop("field", None)
+    return d
+
+
+def when_of(d: dict) -> Optional[tuple[int, ir.Constraint]]:
+    """(block number, condition) of a parameter written from a 'when' block, else None."""
+    w = d.get("when")
+    return None if not w else (int(w["block"]), constraint_from_json(w["condition"]))
 
 
 def constraint_from_json(d: dict) -> ir.Constraint:
@@ -108,6 +125,7 @@ def _device_json(site: ir.Site, d: ir.Device) -> dict:
         "manufacturer": d.vendor_text or d.vendor, "model": d.model, "software": d.software,
         "field_strength": None if d.field_strength is None else d.field_strength.text(),
         "serial": d.serial, "station": d.station,
+        **({"modalities": list(d.all_modalities())} if len(d.all_modalities()) > 1 else {}),
     }
 
 
@@ -147,6 +165,8 @@ def _rule_ok(m: ir.MatchRule, s: str) -> bool:
         return re.search(m.value, s) is None
     if m.op in (ir.MatchOp.EQUALS, ir.MatchOp.CONTAINS):
         return s == m.value
+    if m.op == ir.MatchOp.NOT_CONTAINS:
+        return s != m.value
     return False
 
 
@@ -156,6 +176,7 @@ def _rule_text(m: ir.MatchRule) -> str:
         ir.MatchOp.NOT_MATCHES: f"{m.attribute} does not match /{m.value}/",
         ir.MatchOp.EQUALS: f'{m.attribute} is exactly "{m.value}"',
         ir.MatchOp.CONTAINS: f'{m.attribute} includes "{m.value}"',
+        ir.MatchOp.NOT_CONTAINS: f'{m.attribute} does not include "{m.value}"',
     }[m.op]
 
 
@@ -179,7 +200,7 @@ def to_json(trial: ir.Trial, t: Target) -> dict:
         "equipment": [_device_json(s, d) for s, d in t.devices],
         "series_naming": series_naming(p),
         "parameters": [constraint_to_json(c, origin) for c, origin in t.constraints]
-        + [constraint_to_json(c, origin, w) for w, origin in t.conditionals for c in w.constraints],
+        + [constraint_to_json(c, origin, w, k) for k, (w, origin) in enumerate(t.conditionals) for c in w.constraints],
         # the base constraints a variant replaces or removes, so that one variant file alone is a whole protocol
         "base_overridden": [dict(constraint_to_json(c, "base"), base_position=i) for i, c in t.overridden_base],
         "contacts": _contacts(t),
@@ -187,8 +208,9 @@ def to_json(trial: ir.Trial, t: Target) -> dict:
     }
 
 
-def read(path: Path, notes: Optional[list] = None) -> tuple[ir.Protocol, list[tuple[ir.Constraint, str]], Optional[dict]]:
-    """(protocol header, origin-tagged constraints, variant or None) of one ``.json`` file.
+def read(path: Path, notes: Optional[list] = None) -> tuple[ir.Protocol, list[tuple[ir.Constraint, str]], Optional[dict], list, dict]:
+    """(protocol header, origin-tagged constraints, variant or None, 'when' block constraints as (block, origin,
+    condition, constraint), the study and equipment the file names) of one ``.json`` file.
 
     ``values[].value`` is the canonical number: where an edit left ``source_value`` behind, the value wins
     and ``notes`` gets a W613."""
@@ -205,12 +227,20 @@ def read(path: Path, notes: Optional[list] = None) -> tuple[ir.Protocol, list[tu
     for text in sorted(set(meaning_problems(doc)) - set(problems)):  # dicom.values left behind by an edit
         notes.append(Diagnostic(severity=Severity.WARNING, code="W613", message=f"{where}: {text}; values[].value is used",
                                 hint="values[].value is the canonical number; dicom.values is derived from it"))
-    params = [(_checked(constraint_from_json(d), where, notes), d.get("origin", "base")) for d in doc["parameters"]]
+    params, whens = [], []
+    for d in doc["parameters"]:
+        c, origin = _checked(constraint_from_json(d), where, notes), d.get("origin", "base")
+        w = when_of(d)
+        if w is None:
+            params.append((c, origin))
+        else:
+            whens.append((w[0], origin, w[1], c))
     variant = doc.get("variant")
     if variant is not None:
         variant = dict(variant, base_overridden=[(d["base_position"], _checked(constraint_from_json(d), where, notes))
                                                  for d in doc.get("base_overridden", [])])
-    return protocol_from_header(doc["protocol"]), params, variant
+    context = {"study": doc.get("study"), "equipment": doc.get("equipment", [])}
+    return protocol_from_header(doc["protocol"]), params, variant, whens, context
 
 
 def _checked(c: ir.Constraint, where: str, notes: list) -> ir.Constraint:

@@ -50,7 +50,8 @@ class Target:
     @property
     def conditionals(self) -> list[tuple[ir.Conditional, str]]:
         """The 'when' blocks of the protocol and of the variants in :attr:`chain`."""
-        return [(w, "base") for w in self.protocol.conditionals] + [(w, "variant") for v in self.chain for w in v.conditionals]
+        return [(w, "base") for w in self.protocol.conditionals] + [
+            (w, "variant" if v is self.variant else "inherited") for v in self.chain for w in v.conditionals]
 
     @property
     def overridden_base(self) -> list[tuple[int, ir.Constraint]]:
@@ -84,12 +85,15 @@ def targets_of(trial: ir.Trial, protocol: ir.Protocol) -> list[Target]:
 
 
 def protocol_header(p: ir.Protocol) -> dict:
-    return {
+    head = {
         "name": p.name, "modality": p.modality, "title": p.title, "body_part": p.body_part,
         "preparation": list(p.preparation), "contrast": p.contrast,
         "match": [{"attribute": m.attribute, "op": m.op.value, "value": m.value} for m in p.match],
         "notes": list(p.notes),
     }
+    if p.scope is not None:  # only when set: files of protocols without one stay as they were
+        head["scope"] = {"sites": list(p.scope.sites), "devices": list(p.scope.devices)}
+    return head
 
 
 def variant_header(t: Target) -> Optional[dict]:
@@ -109,10 +113,25 @@ def base_with_overridden(effective_base: list[ir.Constraint], overridden: list[t
     return out
 
 
-def variant_from_header(v: dict, constraints: list[ir.Constraint]) -> ir.Variant:
+def variant_from_header(v: dict, constraints: list[ir.Constraint],
+                        conditionals: Optional[list[ir.Conditional]] = None) -> ir.Variant:
     return ir.Variant(vendor=v["vendor"], vendor_text=v.get("vendor_text", ""), model=v.get("model"),
                       software=v.get("software"), site=v.get("site"), device=v.get("device"),
-                      constraints=constraints, remove=list(v.get("remove", [])))
+                      constraints=constraints, conditionals=list(conditionals or []), remove=list(v.get("remove", [])))
+
+
+def conditionals_from(blocks: list[tuple[int, str, ir.Constraint, Optional[ir.Constraint]]]) -> dict[str, list[ir.Conditional]]:
+    """'when' blocks by origin from (block number, origin, condition, constraint or None for an empty block)."""
+    out: dict[str, list[ir.Conditional]] = {}
+    by_block: dict[tuple[str, int], ir.Conditional] = {}
+    for n, origin, cond, c in blocks:
+        w = by_block.get((origin, n))
+        if w is None:
+            w = by_block[(origin, n)] = ir.Conditional(condition=cond)
+            out.setdefault(origin, []).append(w)
+        if c is not None:
+            w.constraints.append(c)
+    return out
 
 
 def protocol_from_header(h: dict) -> ir.Protocol:
@@ -121,4 +140,5 @@ def protocol_from_header(h: dict) -> ir.Protocol:
         preparation=list(h.get("preparation", [])), contrast=h.get("contrast"),
         match=[ir.MatchRule(attribute=m["attribute"], op=ir.MatchOp(m["op"]), value=m["value"]) for m in h.get("match", [])],
         notes=list(h.get("notes", [])),
+        scope=ir.Scope(**h["scope"]) if h.get("scope") else None,
     )

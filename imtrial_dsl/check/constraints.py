@@ -133,11 +133,29 @@ _MULTI = {ir.ConstraintKind.CONTAINS, ir.ConstraintKind.NOT_CONTAINS, ir.Constra
           ir.ConstraintKind.CONTAINS_ANY, ir.ConstraintKind.PRESENT}
 
 
+def _csa_field_ok(ctx: Context, st: ir.PathStep) -> bool:
+    """E320: a named field inside a private element is read from a Siemens CSA header, so only the two CSA
+    elements of creator 'SIEMENS CSA HEADER' have fields."""
+    from ..csa import CREATOR, ELEMENTS
+
+    if st.field is None:
+        return True
+    low = int(st.tag[-3:-1], 16)
+    if (st.creator or "").strip() == CREATOR and st.tag[1:5] == "0029" and low in ELEMENTS:
+        return True
+    ctx.error("E320", st, f"'{st.field}' names a field inside private element {st.tag} of '{st.creator}', but only the "
+              f"Siemens CSA headers have named fields",
+              f'write private "{CREATOR}" (0029,xx10) "{st.field}" (CSA Image Header) or (0029,xx20) (CSA Series '
+              f"Header), or drop the field name to read the element's own value")
+    return False
+
+
 def _path_ok(ctx: Context, c: ir.Constraint, where: str) -> bool:
     """Every keyword of a path is a DICOM keyword; the steps before the last are sequences (E317)."""
     ok = True
     for i, st in enumerate(c.path):
         if st.tag:
+            ok = _csa_field_ok(ctx, st) and ok
             continue
         if not keyword(ctx, st, st.keyword, f"constraint of {where}"):
             ok = False
@@ -215,22 +233,30 @@ def constraint(ctx: Context, c: ir.Constraint) -> bool:
             if q.dimension == dim:
                 continue
             if dim == "none":
-                ctx.error("E401", q, f"{c.keyword} has no unit but '{q.text()}' is a {q.dimension}",
+                ctx.error("E401", q, f"{c.keyword} has no unit but '{q.text()}' is {units.dimension_words(q.dimension)}",
                           f"write the number without a unit")
             elif q.dimension == "none":
-                ctx.error("E401", q, f"{c.keyword} is a {dim} but '{q.text()}' has no unit",
+                ctx.error("E401", q, f"{c.keyword} is {units.dimension_words(dim)} but '{q.text()}' has no unit",
                           f"write e.g. {q.text()} {dim_unit[1] or units.CANONICAL[dim]}")
             else:
-                ctx.error("E401", q, f"unit mismatch: {c.keyword} is a {dim} but '{q.text()}' is a {q.dimension}",
+                ctx.error("E401", q, f"unit mismatch: {c.keyword} is {units.dimension_words(dim)} but '{q.text()}' is {units.dimension_words(q.dimension)}",
                           f"use a {dim} unit such as {units.CANONICAL[dim]}")
             ok = False
         t = c.tolerance
         if t is not None and not t.relative and t.source_unit:
             tdim = units.dimension_of(t.source_unit)
             if tdim is not None and tdim != dim:
-                ctx.error("E401", t, f"unit mismatch: tolerance '{t.source_value:g} {t.source_unit}' is a {tdim} "
-                          f"but {c.keyword} is a {dim}", f"use a {dim} unit or a percentage")
+                ctx.error("E401", t, f"unit mismatch: tolerance '{t.source_value:g} {t.source_unit}' is {units.dimension_words(tdim)} "
+                          f"but {c.keyword} is {units.dimension_words(dim)}", f"use a {dim} unit or a percentage")
                 ok = False
+    elif numeric_vr:
+        written = [q for q in quantities if q.dimension != "none"]
+        if written:
+            # the header's number is compared with the canonical value: right only if DICOM stores that unit
+            q = written[0]
+            ctx.warning("W415", q, f"imtrial does not know the unit DICOM stores {c.keyword} in; '{q.text()}' is compared "
+                        f"with the header's number as {q.value:g} {q.unit}",
+                        f"write the number in the unit PS3.3 gives for {c.keyword} (or add it to units.DICOM_UNITS)")
     if c.tolerance is not None and c.tolerance.value < 0:
         ctx.error("E402", c.tolerance, f"negative tolerance in '{_text(c)}'", "a tolerance is a distance: write a positive value")
         ok = False

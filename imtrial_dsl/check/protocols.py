@@ -101,7 +101,7 @@ def _scope_ref(ctx: Context, node, site, device, sites: set, device_ids: set) ->
 
 def variants(ctx: Context, p: ir.Protocol, devices: list[tuple[ir.Site, ir.Device]]) -> None:
     """W401: a variant no inventory device runs; W402: devices the base constraints cannot all serve."""
-    same_mod = [(s, d) for s, d in devices if d.acquires(p.modality)]
+    same_mod = [(s, d) for s, d in devices if d.acquires(p.modality) and p.applies_to(s.code, d.id)]  # in its scope
     kinds = {(d.vendor, d.software, d.model) for _, d in same_mod}
     for var in p.variants:
         if var.site or var.device:
@@ -122,10 +122,11 @@ def variants(ctx: Context, p: ir.Protocol, devices: list[tuple[ir.Site, ir.Devic
         return
     uncovered = []
     covered: dict[tuple, bool] = {}  # many devices share vendor/software/model
+    by_name = any(v.site or v.device for v in p.variants)
     for s, d in same_mod:
-        key = (d.vendor, d.software, (d.model or "").lower())
-        if key not in covered:
-            covered[key] = ir.effective_chain(p, d.vendor, d.software, d.model) != []
+        key = (d.vendor, d.software, (d.model or "").lower()) + ((s.code, d.id) if by_name else ())
+        if key not in covered:  # a site or device variant covers its devices too
+            covered[key] = ir.effective_chain(p, d.vendor, d.software, d.model, site=s.code, device=d.id) != []
         if not covered[key]:
             uncovered.append((s, d))
     vendors_with_variant = {v.vendor for v in p.variants if v.vendor}

@@ -1,5 +1,5 @@
 """The schedule: visits acquire declared protocols (E301), windows that start after they end (E402) or
-overlap another visit's (E404), reminder recipients (E307)."""
+overlap another visit's (E404), reminder recipients (E307) and sites where a recipient role has nobody (W416)."""
 from __future__ import annotations
 
 from typing import get_args
@@ -54,3 +54,22 @@ def check(ctx: Context) -> None:
             if who not in allowed:
                 ctx.error("E307", rem, f"unknown recipient '{who}' in reminders",
                           did_you_mean(who, allowed) or f"use a contact role ({', '.join(sorted(get_args(ir.ContactRole)))}) or a role name")
+        _missing_at_sites(ctx, rem)
+
+
+def _missing_at_sites(ctx: Context, rem: ir.ReminderPolicy) -> None:
+    """W416: a site whose reminders (or escalations) reach nobody: none of the site roles they go to has a contact
+    with an e-mail there, and neither has the fallback (``ir.REMINDER_FALLBACK_ROLES``, as ``ops.reminders`` sends)."""
+    contact_roles = set(get_args(ir.ContactRole))
+    central = {"central"} | {r.name for r in ctx.trial.roles if r.kind == "central"}
+    kinds = {"reminders": list(rem.notify), "escalations": list(rem.escalate_to or rem.notify)}
+    for site in ctx.trial.sites:
+        have = {c.role for c in site.contacts if c.email}
+        for what, roles in kinds.items():
+            site_roles = [r for r in roles if r not in central and (r in contact_roles or r in ctx.roles)]
+            if not site_roles or have & set(site_roles) or have & set(ir.REMINDER_FALLBACK_ROLES):
+                continue
+            ctx.warning("W416", rem, f"{what} of site {site.code} reach nobody there: it has no "
+                        f"{' or '.join(site_roles)} contact with an e-mail, and no {' or '.join(ir.REMINDER_FALLBACK_ROLES)} "
+                        f"to fall back to", f"add 'contact {next((r for r in site_roles if r in contact_roles), 'coordinator')} "
+                        f"\"Name\" <name@example.org>' to site {site.code}")

@@ -147,7 +147,7 @@ def cmd_import(args) -> int:
         return EXIT_INPUT
     eprotocol = _exporter("eprotocol")
     try:
-        protocols, notes = eprotocol.import_report([Path(f) for f in args.files])
+        text, notes = eprotocol.import_document([Path(f) for f in args.files])
     except CompileErrors as exc:
         print_diagnostics(exc.diagnostics, {})
         return EXIT_INPUT
@@ -155,7 +155,6 @@ def cmd_import(args) -> int:
         print_diagnostics([Diagnostic(code="E002", message=f"cannot import: {exc}")], {})
         return EXIT_INPUT
     print_diagnostics(notes, {})
-    text = "\n".join(eprotocol.protocol_to_source(p) for p in protocols)
     write_out(text if text.endswith("\n") else text + "\n", args.out)
     return EXIT_OK
 
@@ -251,8 +250,8 @@ def register(sub) -> None:
         "imtrial import eprotocol out/eprotocol/AMY01_T1w_GE.json -o t1w.imtrial",
         "imtrial import eprotocol out/eprotocol/AMY01_T1w*.json -o t1w.imtrial"],
         details="Reads DICOM Defined Procedure Protocol objects or JSON e-protocols (as 'imtrial export eprotocol' "
-                "writes them) and prints them as protocol blocks; the files of one protocol (base and variants) "
-                "merge into one protocol. The standard DICOM attributes win over imtrial's private copies.")
+                "writes them) and prints them as a study: a study block, the sites and devices the files list, and the "
+                "protocols; the files of one protocol (base and variants) merge into one protocol. The standard DICOM attributes win over imtrial's private copies.")
     p.add_argument("kind", metavar="KIND", help="what to import: eprotocol")
     p.add_argument("files", nargs="+", metavar="FILE",
                    help="one or more files; the files of one protocol (base and variants) merge into one protocol")

@@ -150,7 +150,7 @@ def _is_central(trial: ir.Trial, role: str) -> bool:
     return role == "central" or any(r.name == role and r.kind == "central" for r in trial.roles)
 
 
-FALLBACK_ROLES = ("imaging_pi", "pi", "coordinator")
+FALLBACK_ROLES = ir.REMINDER_FALLBACK_ROLES
 
 
 def recipients_for(trial: ir.Trial, notice: Notice, central: list[Recipient]) -> tuple[list[Recipient], list[str], list[Recipient]]:

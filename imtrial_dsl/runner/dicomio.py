@@ -607,6 +607,20 @@ def _private_value(elem: Any, creator: str) -> Any:
     return parts if len(parts) > 1 else txt
 
 
+def _field_value(elem: Any, field: str) -> Any:
+    """A field inside a private element (a Siemens CSA header element, or a key of its ASCCONV text);
+    :data:`MISSING` when the bytes are not a CSA header or the field is not there."""
+    from ..csa import field_values
+
+    try:
+        values = field_values(elem.value, field)
+    except ValueError:  # not a CSA header
+        return MISSING
+    if values is None:
+        return MISSING
+    return values if len(values) > 1 else values[0]
+
+
 def _step_elem(item: Dataset, step: Any) -> Any:
     """The element one path step names in ``item`` (None when absent)."""
     if step.tag:
@@ -654,6 +668,8 @@ def path_values(ds: Dataset, steps: list, frame: Optional[int] = None) -> tuple[
         elem = _step_elem(item, last)
         if elem is None or elem.VR == "SQ":
             out.append(MISSING)
+        elif last.tag and last.field:
+            out.append(_field_value(elem, last.field))
         elif last.tag:
             out.append(_private_value(elem, last.creator or ""))
         else:
