@@ -281,3 +281,14 @@ def test_capped_diagnostics_count_what_they_stand_for() -> None:
     e405 = [d for d in res.diagnostics if d.code == "E405"]
     assert len(e405) == 11 and e405[-1].omitted == 150 * 149 // 2 - 10
     assert e405 == sorted(e405, key=type(e405[0]).sort_key)
+
+
+# Text pasted from a word processor and letters names cannot hold (inline, not a scenario file: the editor
+# grammar test requires every character of a scenario to be scoped, and these are not the language's).
+_NON_ASCII = '# Text pasted from a word processor, and letters names cannot hold: each error says so plainly.\nstudy ASCII01 "Non-ASCII text outside strings" { }\n\nprotocöl T1w modality MR {\n  match SeriesDescription ~ "(?i)t1w"\n}\n\nprotocol FLAIR modality MR {\n  match SeriesDescription ~ “(?i)flair”\n}\n\nprotocol SWI modality MR {\n  match SeriesDescription ~ "(?i)swi"\n}\n\nprotocol PD\xa0modality MR {\n  match SeriesDescription ~ "(?i)pd"\n}\n'
+
+
+def test_non_ascii_outside_strings_is_named_plainly(tmp_path) -> None:
+    path = tmp_path / "non_ascii.imtrial"
+    path.write_text(_NON_ASCII, encoding="utf-8")
+    assert diagnostic_lines(path) == ["4:7: error[E101]: unexpected character 'ö' in 'protocöl': names and keywords must be ASCII", "9:29: error[E101]: unexpected character '“': a typographic quote", '16:12: error[E101]: unexpected character U+00A0 (a non-ASCII space, e.g. pasted from a document)']
