@@ -296,3 +296,14 @@ def test_modality_and_vendor_did_you_mean() -> None:
 
 def test_reminder_and_unit_warnings_are_documented() -> None:
     assert {"W415", "W416"} <= _documented_codes()
+
+
+# Text pasted from a word processor and letters names cannot hold (inline, not a scenario file: the editor
+# grammar test requires every character of a scenario to be scoped, and these are not the language's).
+_NON_ASCII = '# Text pasted from a word processor, and letters names cannot hold: each error says so plainly.\nstudy ASCII01 "Non-ASCII text outside strings" { }\n\nprotocöl T1w modality MR {\n  match SeriesDescription ~ "(?i)t1w"\n}\n\nprotocol FLAIR modality MR {\n  match SeriesDescription ~ “(?i)flair”\n}\n\nprotocol SWI modality MR {\n  match SeriesDescription ~ "(?i)swi"\n}\n\nprotocol PD\xa0modality MR {\n  match SeriesDescription ~ "(?i)pd"\n}\n'
+
+
+def test_non_ascii_outside_strings_is_named_plainly(tmp_path) -> None:
+    path = tmp_path / "non_ascii.imtrial"
+    path.write_text(_NON_ASCII, encoding="utf-8")
+    assert diagnostic_lines(path) == ["4:7: error[E101]: unexpected character 'ö' in 'protocöl': names and keywords must be ASCII", "9:29: error[E101]: unexpected character '“': a typographic quote", '16:12: error[E101]: unexpected character U+00A0 (a non-ASCII space, e.g. pasted from a document)']

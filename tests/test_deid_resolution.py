@@ -55,7 +55,8 @@ def _checker_actions(rules: list[ir.ProfileRule], options: tuple[str, ...]) -> d
     def diags(verb: str):
         body = "\n".join(f"  {verb} {r.tag}" for r in rules)
         with_ = f" with {', '.join(options)}" if options else ""
-        return check(_load(f'import "stdlib/deid/ps315.imtrial"\ndeidentify using ps315_basic{with_} {{\n{body}\n}}\n'))
+        return check(_load(f'import "stdlib/deid/ps315.imtrial"\ndeidentify using ps315_basic{with_} {{\n{body}\n}}\n'),
+                     shown_per_code=None)  # one diagnostic per rule: all of them, not the first ten
 
     out: dict[str, tuple[str, str | None]] = {r.tag.upper(): ("K", None) for r in rules}   # no W404: kept
     for d in diags("keep"):

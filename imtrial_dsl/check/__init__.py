@@ -8,7 +8,9 @@ concern; :func:`check` runs them all.
 from __future__ import annotations
 
 from .. import ir
-from ..diagnostics import Diagnostic, cap
+from typing import Optional
+
+from ..diagnostics import SHOWN_PER_CODE, Diagnostic, cap
 from . import analyses, deid, devices, identifiers, matching, names, privacy, protocols, qc, schedule, transfers
 from .context import Context
 from . import reads
@@ -23,10 +25,13 @@ _PASSES = (
 _PASSES += (reads.check,)
 
 
-def check(trial: ir.Trial) -> list[Diagnostic]:
-    """Every semantic problem of ``trial``, sorted by position; past ``SHOWN_PER_CODE`` of one code, a
-    summary stands for the rest (``diagnostics.cap``)."""
+def check(trial: ir.Trial, shown_per_code: Optional[int] = SHOWN_PER_CODE) -> list[Diagnostic]:
+    """Every semantic problem of ``trial``, sorted by position; past ``shown_per_code`` of one code, a
+    summary stands for the rest (``diagnostics.cap``). ``None``: every one (E405/W405 still counted past
+    the cap, since they can be millions)."""
     ctx = Context(trial)
     for run in _PASSES:
         run(ctx)
-    return cap(ctx.diags, ctx.omitted)
+    if shown_per_code is None:
+        return cap(ctx.diags, ctx.omitted, per_code=len(ctx.diags) + 1)
+    return cap(ctx.diags, ctx.omitted, per_code=shown_per_code)
