@@ -231,3 +231,12 @@ def test_recist_tool_follows_the_baseline_lesions():
     assert got["T01"]["diameter"] == 25.0 and got["T02"]["diameter"] == 0.0 and got["NT01"]["state"] == "absent"
     assert got["NEW01"]["role"] == "new" and got["NEW01"]["diameter"] == 14.0
     assert [l.id for l in sdtm.parse_lesions({"lesions": track(now, base)})] == ["T01", "T02", "NT01", "NEW01"]
+
+
+def test_the_python_example_of_the_docs_runs():
+    import re
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "sdtm.md").read_text(), flags=re.S)
+    assert blocks
+    for b in blocks:
+        exec(compile(b, "docs/sdtm.md", "exec"), {})
