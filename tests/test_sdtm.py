@@ -233,9 +233,10 @@ def test_recist_tool_follows_the_baseline_lesions():
     assert [l.id for l in sdtm.parse_lesions({"lesions": track(now, base)})] == ["T01", "T02", "NT01", "NEW01"]
 
 
-def test_the_python_example_of_the_docs_runs():
+def test_the_python_example_of_the_docs_runs(monkeypatch):
     import re
 
+    monkeypatch.chdir(ROOT)
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "sdtm.md").read_text(), flags=re.S)
     assert blocks
     for b in blocks:
