@@ -12,8 +12,8 @@ from .render import counts, plural, print_diagnostics, progress_for, write_out
 
 # Modules of imtrial_dsl.exporters that define ``export(trial, graph, out_dir)``; imported only when chosen.
 EXPORT_TARGETS = ("cwl", "docs", "eprotocol", "inventory")
-EXPORT_TARGETS += ("usdm",)   # CDISC USDM study design (exporters/usdm.py)
 EXPORT_TARGETS += ("sdtm",)   # RECIST tumour data as SDTM TU/TR/RS CSV from a workdir (exporters/sdtm.py)
+EXPORT_TARGETS += ("usdm",)   # CDISC USDM study design (exporters/usdm.py)
 
 
 def _exporter(name: str):
@@ -248,7 +248,7 @@ def register(sub) -> None:
     p.add_argument("--granularity", choices=("step", "exam"),
                    help="cwl: one tool per pipeline node (step, the default) or one per exam (exam)")
     p.add_argument("--docker-image", metavar="IMAGE", help="cwl: a DockerRequirement hint naming this image")
-    p.add_argument("--workdir", metavar="W", help="sdtm: the workdir of 'imtrial run' to read; inventory: read the "
+    p.add_argument("--workdir", metavar="DIR", help="sdtm: the workdir of 'imtrial run' to read; inventory: read the "
                                                   "qualification decisions recorded there")
     p.add_argument("--analysis", metavar="NAME", help="sdtm: the RECIST analysis (default: the one measuring sum_diameters)")
     p.add_argument("--qualifications", metavar="CSV", help="inventory: device qualification status from a CSV "
