@@ -23,6 +23,7 @@ def main() -> int:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", *PEERS], check=False)
     runs = [
         ["bench_compile.py"],
+        ["bench_docs.py"] + (["--runs", "1"] if args.quick else []),
         ["bench_deid.py"] + (["--n", "300"] if args.quick else []),
         ["bench_adherence.py"] + (["--files", "300"] if args.quick else []),
         ["bench_listen.py"] + (["--repeats", "1", "--slices", "6"] if args.quick else []),
