@@ -969,18 +969,23 @@ def _css_string(text: str) -> jinja2.utils.markupsafe.Markup:
     return jinja2.utils.markupsafe.Markup(f'"{esc}"')
 
 
+def _weasyprint():
+    """The weasyprint module: E900 without the 'docs' extra, E611 without its system libraries."""
+    try:
+        return extras.load("weasyprint", "writing PDF documents")
+    except OSError as exc:  # WeasyPrint is installed but its Pango/HarfBuzz system libraries are not
+        raise ImtrialError(f"PDF documents not written: WeasyPrint cannot load its system libraries ({exc})",
+                           code="E611", hint="install WeasyPrint's system libraries (Debian: libpango-1.0-0 "
+                                             "libpangoft2-1.0-0); the Markdown and HTML documents were written") from None
+
+
 def render_pdf(html_text: str, out: Path, base_url: Path) -> Path:
     """PDF through WeasyPrint, byte-reproducible.
 
     The embedded font subsets carry a 'modified' timestamp (fontTools takes the current
     time unless SOURCE_DATE_EPOCH is set), which would make every PDF differ; pin it.
     """
-    try:
-        HTML = extras.load("weasyprint", "writing PDF documents").HTML
-    except OSError as exc:  # WeasyPrint is installed but its Pango/HarfBuzz system libraries are not
-        raise ImtrialError(f"PDF documents not written: WeasyPrint cannot load its system libraries ({exc})",
-                           code="E611", hint="install WeasyPrint's system libraries (Debian: libpango-1.0-0 "
-                                             "libpangoft2-1.0-0); the Markdown and HTML documents were written") from None
+    HTML = _weasyprint().HTML
 
     saved = os.environ.get("SOURCE_DATE_EPOCH")
     if saved is None:
@@ -1014,7 +1019,7 @@ def render_pdfs(pages: list[tuple[str, str]], out: Path, bar=None) -> list[Path]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    extras.load("weasyprint", "writing PDF documents")   # import once, before forking (E900 here, not in a child)
+    _weasyprint()   # import once, before forking (E900/E611 here, not in a child)
     with ProcessPoolExecutor(max_workers=min(len(jobs), _cores()), mp_context=multiprocessing.get_context("fork")) as pool:
         futures = [pool.submit(render_pdf, *job) for job in jobs]
         written = []
