@@ -13,8 +13,6 @@ package ships). No date leaves the site: ``--DTC`` stays empty (the sponsor's ED
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,8 @@ from typing import Any, Optional
 from imtrial_dsl import ir
 from imtrial_dsl.diagnostics import ImtrialError
 from imtrial_dsl.files import atomic_write_text
+
+from .inventory import to_csv
 
 RSCAT = "RECIST 1.1"
 # SDTM Method (C85492) submission values of the modalities
@@ -291,15 +291,6 @@ def tables(trial: ir.Trial, per_subject: dict[str, list[Assessment]], analysis: 
     return {"TU": tu, "TR": tr, "RS": rs}
 
 
-def _csv(rows: list[dict], columns: list[str]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow(r)
-    return buf.getvalue()
-
-
 def export(trial: ir.Trial, graph: Any = None, out_dir: Path | str = ".", *, workdir: Path | str | None = None,
            analysis: Optional[str] = None) -> list[Path]:
     """Write ``<STUDY>_tu.csv``, ``_tr.csv`` and ``_rs.csv`` from workdir ``workdir``; ``graph`` is not used."""
@@ -314,6 +305,6 @@ def export(trial: ir.Trial, graph: Any = None, out_dir: Path | str = ".", *, wor
     written = []
     for dom, cols in (("TU", TU_COLUMNS), ("TR", TR_COLUMNS), ("RS", RS_COLUMNS)):
         p = out / f"{code}_{dom.lower()}.csv"
-        atomic_write_text(p, _csv(data[dom], cols))
+        atomic_write_text(p, to_csv(data[dom], cols))
         written.append(p)
     return written
