@@ -24,6 +24,7 @@ def main() -> int:
     runs = [
         ["bench_compile.py"],
         ["bench_check.py"] + (["--sizes", "100,300"] if args.quick else []),
+        ["bench_docs.py"] + (["--runs", "1"] if args.quick else []),
         ["bench_deid.py"] + (["--n", "300"] if args.quick else []),
         ["bench_adherence.py"] + (["--files", "300"] if args.quick else []),
         ["bench_listen.py"] + (["--repeats", "1", "--slices", "6"] if args.quick else []),

@@ -969,18 +969,23 @@ def _css_string(text: str) -> jinja2.utils.markupsafe.Markup:
     return jinja2.utils.markupsafe.Markup(f'"{esc}"')
 
 
+def _weasyprint():
+    """The weasyprint module: E900 without the 'docs' extra, E611 without its system libraries."""
+    try:
+        return extras.load("weasyprint", "writing PDF documents")
+    except OSError as exc:  # WeasyPrint is installed but its Pango/HarfBuzz system libraries are not
+        raise ImtrialError(f"PDF documents not written: WeasyPrint cannot load its system libraries ({exc})",
+                           code="E611", hint="install WeasyPrint's system libraries (Debian: libpango-1.0-0 "
+                                             "libpangoft2-1.0-0); the Markdown and HTML documents were written") from None
+
+
 def render_pdf(html_text: str, out: Path, base_url: Path) -> Path:
     """PDF through WeasyPrint, byte-reproducible.
 
     The embedded font subsets carry a 'modified' timestamp (fontTools takes the current
     time unless SOURCE_DATE_EPOCH is set), which would make every PDF differ; pin it.
     """
-    try:
-        HTML = extras.load("weasyprint", "writing PDF documents").HTML
-    except OSError as exc:  # WeasyPrint is installed but its Pango/HarfBuzz system libraries are not
-        raise ImtrialError(f"PDF documents not written: WeasyPrint cannot load its system libraries ({exc})",
-                           code="E611", hint="install WeasyPrint's system libraries (Debian: libpango-1.0-0 "
-                                             "libpangoft2-1.0-0); the Markdown and HTML documents were written") from None
+    HTML = _weasyprint().HTML
 
     saved = os.environ.get("SOURCE_DATE_EPOCH")
     if saved is None:
@@ -991,6 +996,38 @@ def render_pdf(html_text: str, out: Path, base_url: Path) -> Path:
         if saved is None:
             os.environ.pop("SOURCE_DATE_EPOCH", None)
     return out
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def render_pdfs(pages: list[tuple[str, str]], out: Path, bar=None) -> list[Path]:
+    """``<kind>.pdf`` of every (kind, HTML) page; with several cores each PDF in a process of its own.
+
+    WeasyPrint's layout and drawing is pure Python on one core and makes up most of the export's time
+    (docs/benchmarks.md, "Documents export"); the documents are independent, so they render side by side.
+    Each is the same bytes either way (the renders share nothing)."""
+    jobs = [(page, out / f"{kind}.pdf", out) for kind, page in pages]
+    if len(jobs) < 2 or _cores() < 2 or not hasattr(os, "fork"):
+        written = []
+        for job in jobs:
+            written.append(render_pdf(*job))
+            if bar is not None:
+                bar.update(1)
+        return written
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    _weasyprint()   # import once, before forking (E900/E611 here, not in a child)
+    with ProcessPoolExecutor(max_workers=min(len(jobs), _cores()), mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = [pool.submit(render_pdf, *job) for job in jobs]
+        written = []
+        for f in futures:
+            written.append(f.result())         # an ImtrialError (E611) raised in a child is raised here
+            if bar is not None:
+                bar.update(1)
+    return written
 
 
 # ---------------------------------------------------------------------------- graph picture
@@ -1112,10 +1149,7 @@ def export(trial: ir.Trial, graph=None, out_dir: Path | str = ".", *, formats: I
             if bar is not None:
                 bar.update(1)
         if "pdf" in formats:
-            for kind, page in pages:
-                written.append(render_pdf(page, out / f"{kind}.pdf", out))
-                if bar is not None:
-                    bar.update(1)
+            written += render_pdfs(pages, out, bar)
     finally:
         if bar is not None:
             bar.close()

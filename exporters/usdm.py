@@ -15,26 +15,37 @@ from imtrial_dsl import __version__, ir
 from imtrial_dsl.files import atomic_write_text
 
 NCI = "http://www.cdisc.org"   # the code system USDM uses for CDISC/NCI Thesaurus codes
+# The CDISC controlled terminology release every code below is taken from: the package's own copy,
+# usdm_excel/data/cdisc_ct_2024-09-27.yaml (tests/test_usdm.py checks each code and decode against it). Decodes are
+# the terms' preferred terms, as the usdm package writes them (usdm_excel/cdisc_ct.py).
 NCI_VERSION = "2024-09-27"
+DICOM = "http://dicom.nema.org/resources/ontology/DCM"
 
-# NCI Thesaurus codes (CDISC controlled terminology for USDM)
-SPONSOR_ORG = ("C54149", "Clinical Study Sponsor")
-REGISTRY_ORG = ("C93453", "Clinical Study Registry")
-OFFICIAL_TITLE = ("C207616", "Official Study Title")
-INTERVENTIONAL = ("C98388", "Interventional Study")
-PARALLEL = ("C82639", "Parallel Study")
-INVESTIGATIONAL_ARM = ("C174266", "Investigational Arm")
-DATA_IN_STUDY = ("C188866", "Data Generated Within Study")
-VISIT = ("C25716", "Visit")
-EPOCHS = {"screening": ("C48262", "Screening"), "treatment": ("C101526", "Treatment")}
+# (code, preferred term), by the codelist the usdm package binds the attribute to (usdm_excel/data/cdisc_ct_config.yaml)
+SPONSOR_ORG = ("C70793", "Clinical Study Sponsor")           # Organization.type, C188724
+REGISTRY_ORG = ("C93453", "Study Registry")                   # Organization.type, C188724
+OFFICIAL_TITLE = ("C207616", "Official Study Title")          # StudyTitle.type, C207419
+INTERVENTIONAL = ("C98388", "Interventional Study")           # StudyDesign.studyType, C99077
+PARALLEL = ("C82639", "Parallel Study")                       # StudyDesign.model, C99076
+INVESTIGATIONAL_ARM = ("C174266", "Investigational Arm")      # StudyArm.type, C174222
+DATA_IN_STUDY = ("C188866", "Data Generated Within Study")    # StudyArm.dataOriginType, C188727
+VISIT = ("C25716", "Visit")                                   # Encounter.type, C188728
+EPOCHS = {"screening": ("C202487", "Screening Epoch"),        # StudyEpoch.type, C99079
+          "treatment": ("C101526", "Treatment Epoch")}
+# Timing.type (codelist C201264) is not in the CT release; these are the codes the usdm package itself writes
+# (usdm_excel/study_design_timing_sheet: FIXED, AFTER, BEFORE)
 TIMING_FIXED = ("C201358", "Fixed Reference")
 TIMING_AFTER = ("C201356", "After")
 TIMING_BEFORE = ("C201357", "Before")
-START_TO_START = ("C201355", "Start to Start")
+START_TO_START = ("C201355", "Start to Start")                # Timing.relativeToFrom, C201265
 PHASES = {"1": ("C15600", "Phase I Trial"), "2": ("C15601", "Phase II Trial"), "3": ("C15602", "Phase III Trial"),
-          "4": ("C15603", "Phase IV Trial")}
+          "4": ("C15603", "Phase IV Trial")}                  # StudyDesign.studyPhase, C66737
+# Procedure.code: the imaging method, from the SDTM Method codelist (C85492)
 MODALITY = {"CT": ("C17204", "Computed Tomography"), "MR": ("C16809", "Magnetic Resonance Imaging"),
-            "PT": ("C17007", "Positron Emission Tomography"), "XA": ("C16276", "X-Ray Angiography")}
+            "PT": ("C17007", "Positron Emission Tomography"), "XA": ("C20080", "X-ray Angiography"),
+            "NM": ("C127514", "Nuclear Radiology Imaging Procedure"), "US": ("C17230", "Ultrasound Imaging"),
+            "MG": ("C16818", "Mammography"), "DX": ("C18001", "Digital Radiography"),
+            "CR": ("C190521", "Computed Radiography")}
 
 
 def _duration(days: float) -> str:
@@ -76,7 +87,7 @@ def design(trial: ir.Trial) -> dict:
     for key, kinds in (("screening", ("screening",)), ("treatment", ("baseline", "followup"))):
         members = [v for v in scheduled if v.kind in kinds]
         if members:
-            epochs.append(StudyEpoch(id=cid("Epoch", key), name=EPOCHS[key][1], label=EPOCHS[key][1],
+            epochs.append(StudyEpoch(id=cid("Epoch", key), name=key.title(), label=key.title(),
                                      description=f"imaging visits {', '.join(v.name for v in members)}",
                                      type=c(EPOCHS[key], f"epoch_{key}")))
             for v in members:
@@ -92,10 +103,13 @@ def design(trial: ir.Trial) -> dict:
 
     activities = []
     for p in trial.protocols:
-        mod = MODALITY.get(p.modality, (p.modality, p.modality))
+        mod = MODALITY.get(p.modality)
+        # a modality the Method codelist has no term for keeps its DICOM code (CID 29), named as such
+        pcode = c(mod, f"proc_{p.name}") if mod else Code(id=f"Code_proc_{p.name}", code=p.modality, codeSystem=DICOM,
+                                                          codeSystemVersion="", decode=p.modality)
         proc = Procedure(id=cid("Procedure", p.name), name=p.name, label=p.title or p.name,
                          description=f"{p.modality} acquisition protocol {p.name}" + (f": {p.title}" if p.title else ""),
-                         procedureType="Imaging", code=c(mod, f"proc_{p.name}"))
+                         procedureType="Imaging", code=pcode)
         activities.append(Activity(id=cid("Activity", p.name), name=f"IMG_{p.name}", label=p.title or p.name,
                                    description=f"Acquire {p.name} ({p.modality})", definedProcedures=[proc]))
     for a, b in zip(activities, activities[1:]):

@@ -583,6 +583,13 @@ class Read(Node):
     unevaluable: str = ""
     variability: Optional[ReaderVariability] = None
     lock: str = ""
+    # where each sub-clause was written ("readers", "adjudicators", "paradigm", "criteria", "adjudicate",
+    # "adjudicate:TRIGGER", "blinded", "blinded:FIELD"), so a diagnostic points at it; not part of the IR's data
+    clauses: dict[str, Span] = Field(default={}, exclude=True)
+
+    def at(self, clause: str):
+        """The span of a sub-clause, else the read's own (a clause that is missing, or an IR loaded from JSON)."""
+        return self.clauses.get(clause) or self.span
 
 
 class ChangelogEntry(Node):

@@ -977,6 +977,9 @@ class Lowerer:
             elif c.data == "rd_timepoints":
                 rd.timepoints = [ir.Ref(span=self.span(t), name=str(t)) for t in c.children[0].children]
             elif c.data == "rd_readers":
+                rd.clauses["readers"] = self.span(c)
+                if c.children[1] is not None:
+                    rd.clauses["adjudicators"] = self.span(c.children[1])
                 n = self.integer(c.children[0], "the number of readers", lo=1, hi=99)
                 rd.readers = n if n is not None else rd.readers
                 if c.children[1] is not None:
@@ -986,13 +989,19 @@ class Lowerer:
                 setattr(rd, key, self.text(c.children[1]))
             elif c.data == "rd_blinded":
                 rd.blinded_to = [str(t) for t in c.children[0].children]
+                rd.clauses["blinded"] = self.span(c)
+                rd.clauses.update({f"blinded:{t}": self.span(t) for t in c.children[0].children})
             elif c.data == "rd_paradigm":
                 rd.paradigm = str(c.children[0])
+                rd.clauses["paradigm"] = self.span(c.children[0])
             elif c.data == "rd_adjudicate":
                 rd.adjudicate_on = [str(t) for t in c.children[0].children]
                 rd.adjudication_rule = self.text(c.children[1]) or ""
+                rd.clauses["adjudicate"] = self.span(c)
+                rd.clauses.update({f"adjudicate:{t}": self.span(t) for t in c.children[0].children})
             elif c.data == "rd_criteria":
                 rd.criteria = str(c.children[0])
+                rd.clauses["criteria"] = self.span(c.children[0])
                 rd.criteria_name = self.text(c.children[1]) or ""
             elif c.data == "rd_window":
                 level, width = self.number(c.children[1]), self.number(c.children[2])

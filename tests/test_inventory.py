@@ -151,9 +151,85 @@ def test_site_by_field_grid_unknown_agreement_and_qualification():
     assert grid["OSA"]["research_agreement"] == "not declared"
     assert grid["MIL"]["vendor"] == "GE" and grid["MIL"]["model"] == "Revolution CT"
     assert "imaging_pi: G. Rossi" in grid["MIL"]["contacts"]
-    assert grid["MIL"]["qualification"] == "required: CT_CAP (not recorded)" and grid["MIL"]["ready"] == "no"
+    # nothing recorded: unknown, not no
+    assert grid["MIL"]["qualification"] == "required: CT_CAP (not recorded)" and grid["MIL"]["ready"] == "unknown"
     done = frozenset({("MIL", "MIL_CT1")})
     rows = inventory.rows(trial, done)
     assert {r["site"]: r["ready"] for r in rows["grid"]}["MIL"] == "yes"
     assert next(d for d in rows["devices"] if d["device"] == "MIL_CT1")["qualification"] == "qualified"
-    assert "not qualified: MIL_CT1" in inventory.site_issues(trial, trial.site("MIL"))
+    assert "qualification not recorded: MIL_CT1" in inventory.site_issues(trial, trial.site("MIL"))
+    assert {r["site"]: r["ready"] for r in inventory.rows(trial, {("MIL", "MIL_CT1"): "not_qualified"})["grid"]}["MIL"] == "no"
+
+
+def _decide(workdir, site, device, protocol, ok, software="1", on="2026-05-01"):
+    """A decision as `imtrial qualify` records it (ops.qualify.record)."""
+    from imtrial_dsl.ops.qualify import ProtocolDecision, QualificationResult, record
+
+    record(workdir, QualificationResult("ONC02", site, device, on, "physicist", software, "/phantom",
+                                        [ProtocolDecision(protocol, ok, [] if ok else ["KVP out of range"])]))
+
+
+def test_ready_accounts_for_the_qualifications_recorded_in_a_workdir(tmp_path):
+    """`imtrial qualify` decisions in W/state.sqlite: qualified -> ready; failed -> no; a re-qualification flag
+    after an upgrade -> no; nothing recorded -> unknown (not no)."""
+    import sqlite3
+
+    from imtrial_dsl.compiler import compile_file
+    from imtrial_dsl.exporters import inventory
+    from imtrial_dsl.store import connect
+
+    trial = compile_file(ROOT / "examples" / "oncology_ct.imtrial").trial
+    w = tmp_path / "w"
+    w.mkdir()
+    _decide(w, "HOU", "HOU_CT1", "CT_CAP", True)
+    _decide(w, "HOU", "HOU_CT2", "CT_CAP", True)
+    _decide(w, "MIL", "MIL_CT1", "CT_CAP", True)
+    _decide(w, "MIL", "MIL_CT1", "CT_CAP", False, on="2026-05-02")        # the latest decision counts
+    _decide(w, "OSA", "OSA_CT1", "CT_CAP", True)
+    con = connect(w / "state.sqlite")
+    con.execute("INSERT INTO ops_requalification VALUES (?,?,?,?,?,?,?,?)",
+                ("ONC02", "OSA", "OSA_CT1", "CT_CAP", "V9.0", "exam1", "2026-06-01", None))
+    con.close()
+    rec = inventory.recorded_qualifications(trial, w)
+    assert rec == {("HOU", "HOU_CT1"): "qualified", ("HOU", "HOU_CT2"): "qualified",
+                   ("MIL", "MIL_CT1"): "not_qualified", ("OSA", "OSA_CT1"): "requalification_needed"}
+    paths = inventory.export(trial, None, tmp_path / "out", workdir=w)
+    sites = {r["site"]: r for r in csv.DictReader(io.StringIO(paths[0].read_text()))}
+    assert (sites["HOU"]["ready"], sites["HOU"]["issues"]) == ("yes", "")
+    assert (sites["MIL"]["ready"], sites["MIL"]["issues"]) == ("no", "not qualified: MIL_CT1")
+    assert (sites["OSA"]["ready"], sites["OSA"]["issues"]) == ("no", "requalification needed: OSA_CT1")
+    assert (sites["SEA"]["ready"], sites["SEA"]["issues"]) == ("no", "IRB pending; qualification not recorded: SEA_CT1")
+    devices = {r["device"]: r for r in csv.DictReader(io.StringIO(paths[1].read_text()))}
+    assert devices["MIL_CT1"]["qualification"] == "not qualified: CT_CAP"
+    assert devices["SEA_CT1"]["qualification"] == "required: CT_CAP (not recorded)"
+    assert 'class="ready-unknown"' not in paths[-1].read_text()
+    # without the workdir nothing is known: every CT site is unknown (SEA: its IRB is a definite no)
+    plain = {r["site"]: r["ready"] for r in inventory.rows(trial)["sites"]}
+    assert plain == {"HOU": "unknown", "MIL": "unknown", "OSA": "unknown", "SEA": "no"}
+
+
+def test_qualifications_from_a_csv_and_its_errors(tmp_path):
+    from imtrial_dsl.compiler import compile_file
+    from imtrial_dsl.diagnostics import ImtrialError
+    from imtrial_dsl.exporters import inventory
+
+    trial = compile_file(ROOT / "examples" / "oncology_ct.imtrial").trial
+    f = tmp_path / "q.csv"
+    f.write_text("Site,Device,Status\nHOU,HOU_CT1,passed\nHOU,HOU_CT2,qualified\nMIL,MIL_CT1,unknown\nOSA,OSA_CT1,failed\n")
+    assert inventory.recorded_qualifications(trial, csv_path=f) == {
+        ("HOU", "HOU_CT1"): "qualified", ("HOU", "HOU_CT2"): "qualified", ("MIL", "MIL_CT1"): "not_assessed",
+        ("OSA", "OSA_CT1"): "not_qualified"}
+    ready = {r["site"]: r["ready"] for r in inventory.rows(trial, inventory.recorded_qualifications(trial, csv_path=f))["sites"]}
+    assert ready == {"HOU": "yes", "MIL": "unknown", "OSA": "no", "SEA": "no"}
+    f.write_text("site,device,status\nHOU,HOU_CT9,qualified\n")
+    with pytest.raises(ImtrialError) as e:
+        inventory.recorded_qualifications(trial, csv_path=f)
+    assert e.value.code == "E631" and ":2:" in str(e.value) and "HOU_CT9" in str(e.value)
+    f.write_text("site,device,status\nHOU,HOU_CT1,maybe\n")
+    with pytest.raises(ImtrialError) as e:
+        inventory.recorded_qualifications(trial, csv_path=f)
+    assert e.value.code == "E632"
+    f.write_text("site,device\nHOU,HOU_CT1\n")
+    with pytest.raises(ImtrialError) as e:
+        inventory.recorded_qualifications(trial, csv_path=f)
+    assert e.value.code == "E631" and "status" in str(e.value)

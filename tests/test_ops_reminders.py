@@ -150,3 +150,51 @@ def test_calendar_reads_back_with_an_independent_parser(tmp_path):
         "AMY01-BOS-0001-m24.AMY01@imtrial", "AMY01-BOS-0002-m24.AMY01@imtrial", "AMY01-LYN-0001-m24.AMY01@imtrial",
         "AMY01-LYN-0002-m12.AMY01@imtrial", "AMY01-LYN-0002-m24.AMY01@imtrial", "AMY01-TOK-0001-baseline.AMY01@imtrial",
         "AMY01-TOK-0001-m12.AMY01@imtrial", "AMY01-TOK-0001-m24.AMY01@imtrial"])
+
+
+def _eml(out, who):
+    [p] = [p for p in (out / "outbox").iterdir() if who.replace("@", "_at_") in p.name]
+    return email.message_from_bytes(p.read_bytes(), policy=policy.default)
+
+
+def test_no_real_date_reaches_the_central_team(tmp_path, monkeypatch):
+    """Issue 9 (no real dates outside the site) for reminders: the central team's message holds each subject's
+    shifted dates — the dates its de-identified images carry — and no calendar; the site's own message keeps
+    its real dates and calendar."""
+    from datetime import timedelta
+
+    from imtrial_dsl.deid import subject_date_shift
+    from imtrial_dsl.ops.expected import expected_vs_received
+    from ops_data.trial import KEY, KEY_ENV
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    out = tmp_path / "out"
+    run = run_reminders(trial(), study_data(), tmp_path / "w", AS_OF, out_dir=out, central_emails=["central@lab.example"])
+    status = {(s.subject_id, s.visit): s for s in expected_vs_received(trial(), study_data(), AS_OF)}
+    s = status[("AMY01-BOS-0002", "m12")]
+    real = {d.isoformat() for d in (s.target, s.opens, s.closes)}
+    shift = subject_date_shift(trial(), "AMY01-BOS-0002")
+    assert shift is not None and shift < 0
+    central = _eml(out, "central@lab.example")
+    text = central.as_string()
+    assert not any(d in text for d in real), "a real visit date reached the central team"
+    assert not [p for p in central.iter_attachments() if p.get_content_type() == "text/calendar"]
+    body = central.get_body(("plain",)).get_content()
+    assert f"window closed {(s.closes + timedelta(days=shift)).isoformat()}" in body and "shifted dates" in body
+    site = _eml(out, "rivera@bgh.example")                     # BOS's own coordinator: real dates, calendar
+    assert f"window closed {s.closes.isoformat()}" in site.get_body(("plain",)).get_content()
+    assert [p for p in site.iter_attachments() if p.get_content_type() == "text/calendar"]
+    assert {m.recipient.email: m.calendar == "" for m in run.messages}["central@lab.example"]
+
+
+def test_without_the_key_the_central_team_gets_study_days(tmp_path, monkeypatch):
+    from ops_data.trial import KEY_ENV
+
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    out = tmp_path / "out"
+    run_reminders(trial(), study_data(), tmp_path / "w", AS_OF, out_dir=out, central_emails=["central@lab.example"])
+    body = _eml(out, "central@lab.example").get_body(("plain",)).get_content()
+    assert "window closed day " in body and "study days" in body
+    import re
+
+    assert set(re.findall(r"\d{4}-\d{2}-\d{2}", body)) == {AS_OF.isoformat()}     # only today's date, in the heading

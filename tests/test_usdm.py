@@ -1,6 +1,7 @@
 """`imtrial export usdm`: the study design as CDISC USDM JSON, loaded back into the usdm package's model."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -58,3 +59,87 @@ def test_invalid_document_is_rejected_by_the_model():
     del doc["study"]["versions"][0]["titles"]
     with pytest.raises(ValidationError):
         usdm.load(doc)
+
+
+# ---------------------------------------------------------------- codes against the usdm package's CDISC CT
+
+def _usdm_data():
+    import usdm_excel
+
+    return Path(usdm_excel.__file__).resolve().parent
+
+
+@functools.lru_cache(maxsize=None)
+def _ct(version: str) -> dict:
+    """{codelist: {conceptId: preferredTerm}} of the CDISC CT release the usdm package ships."""
+    import yaml
+
+    doc = yaml.load((_usdm_data() / "data" / f"cdisc_ct_{version}.yaml").read_text(), Loader=yaml.CSafeLoader)
+    return {cl: {t["conceptId"]: t["preferredTerm"] for t in v["terms"]} for cl, v in doc.items()}
+
+
+def _timing_types() -> dict:
+    """The Timing.type codes the usdm package writes (its timing sheet's table; that codelist is not in the CT file)."""
+    import ast
+
+    src = (_usdm_data() / "study_design_timing_sheet" / "study_design_timing_sheet.py").read_text()
+    fn = next(n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.FunctionDef) and n.name == "_set_type")
+    table = next(ast.literal_eval(n.value) for n in ast.walk(fn) if isinstance(n, ast.Assign) and isinstance(n.value, ast.Dict))
+    return {v["c_code"]: v["pt"] for v in table.values()}
+
+
+def _codes(node, klass=None, attr=None):
+    """(klass, attribute, code dict) for every Code in a USDM document."""
+    if isinstance(node, dict):
+        if node.get("instanceType") == "Code":
+            yield klass, attr, node
+            return
+        k = node.get("instanceType", klass)
+        for key, v in node.items():
+            if key == "standardCode" and node.get("instanceType") == "AliasCode":
+                yield from _codes(v, klass, attr)
+            else:
+                yield from _codes(v, k, key)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _codes(v, klass, attr)
+
+
+# attribute -> codelist, as the usdm package binds them (cdisc_ct_config.yaml uses some older attribute names)
+_RENAMED = {("Organization", "type"): "organizationType", ("StudyArm", "type"): "studyArmType",
+            ("StudyArm", "dataOriginType"): "studyArmDataOriginType", ("StudyEpoch", "type"): "studyEpochType",
+            ("Encounter", "type"): "encounterType", ("Timing", "type"): "timingType",
+            ("Timing", "relativeToFrom"): "timingRelativeToFrom", ("InterventionalStudyDesign", "model"): "interventionModel"}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_every_code_is_a_term_of_the_usdm_packages_cdisc_ct(path):
+    import yaml
+
+    config = yaml.safe_load((_usdm_data() / "data" / "cdisc_ct_config.yaml").read_text())["klass"]
+    doc = usdm.design(compile_file(path).trial)
+    timing = _timing_types()
+    seen = 0
+    for klass, attr, code in _codes(doc):
+        if code["codeSystem"] != "http://www.cdisc.org":
+            continue
+        ct = _ct(code["codeSystemVersion"])
+        cfg_klass = "StudyDesign" if klass.endswith("StudyDesign") else klass
+        cfg_attr = _RENAMED.get((klass, attr), attr)
+        codelist = config.get(cfg_klass, {}).get(cfg_attr)
+        if codelist == "C201264":                                   # timing type: the package's own table
+            assert timing.get(code["code"]) == code["decode"], (klass, attr, code)
+        elif codelist is not None:
+            assert codelist in ct, codelist
+            assert ct[codelist].get(code["code"]) == code["decode"], (klass, attr, code, codelist)
+        else:                                                        # Procedure.code: the SDTM Method codelist
+            assert (klass, attr) == ("Procedure", "code"), (klass, attr)
+            assert ct["C85492"].get(code["code"]) == code["decode"], code
+        seen += 1
+    assert seen >= 10
+
+
+def test_every_modality_code_is_a_method_term():
+    ct = _ct(usdm.NCI_VERSION)["C85492"]
+    for modality, (code, decode) in usdm.MODALITY.items():
+        assert ct.get(code) == decode, modality

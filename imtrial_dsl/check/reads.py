@@ -52,35 +52,35 @@ def _what(ctx: Context, r: ir.Read, visits: dict) -> None:
 def _who(ctx: Context, r: ir.Read) -> None:
     par = PARADIGMS.get(r.paradigm)
     if par is None:
-        _unknown(ctx, "E453", r, "read paradigm", r.paradigm, PARADIGMS)
+        _unknown(ctx, "E453", r.at("paradigm"), "read paradigm", r.paradigm, PARADIGMS)
     else:
         if r.readers < par.min_readers or (r.paradigm == "single_reader" and r.readers != 1):
             need = "exactly 1 reader" if r.paradigm == "single_reader" else f"at least {par.min_readers} readers"
-            ctx.error("E454", r, f"paradigm {r.paradigm} needs {need}; read {r.name} has {r.readers}",
+            ctx.error("E454", r.at("readers"), f"paradigm {r.paradigm} needs {need}; read {r.name} has {r.readers}",
                       "change 'readers N' or the paradigm")
         if par.adjudicators and r.adjudicators < 1:
-            ctx.error("E454", r, f"paradigm {r.paradigm} needs an adjudicator; read {r.name} has none",
+            ctx.error("E454", r.at("readers"), f"paradigm {r.paradigm} needs an adjudicator; read {r.name} has none",
                       f"write 'readers {r.readers} adjudicators 1'")
         if not par.adjudicators and r.adjudicators:
-            ctx.error("E454", r, f"paradigm {r.paradigm} has no adjudication, but read {r.name} names {r.adjudicators} adjudicator(s)",
+            ctx.error("E454", r.at("adjudicators"), f"paradigm {r.paradigm} has no adjudication, but read {r.name} names {r.adjudicators} adjudicator(s)",
                       "use paradigm independent_with_adjudication, or drop 'adjudicators'")
         if par.adjudicators and not r.adjudicate_on:
-            ctx.error("E455", r, f"read {r.name} has an adjudicator but does not say what triggers adjudication",
+            ctx.error("E455", r.at("paradigm"), f"read {r.name} has an adjudicator but does not say what triggers adjudication",
                       "add 'adjudicate when response_differs' (triggers: " + ", ".join(TRIGGERS) + ")")
         if r.adjudicate_on and not par.adjudicators:
-            ctx.error("E455", r, f"read {r.name} says when to adjudicate, but paradigm {r.paradigm} has no adjudication",
+            ctx.error("E455", r.at("adjudicate"), f"read {r.name} says when to adjudicate, but paradigm {r.paradigm} has no adjudication",
                       "use paradigm independent_with_adjudication")
     for t in r.adjudicate_on:
         if t not in TRIGGERS:
-            _unknown(ctx, "E455", r, "adjudication trigger", t, TRIGGERS)
+            _unknown(ctx, "E455", r.at(f"adjudicate:{t}"), "adjudication trigger", t, TRIGGERS)
     if "measurement_differs" in r.adjudicate_on and not r.adjudication_rule:
-        ctx.error("E455", r, "adjudication on measurement_differs needs the rule that says by how much",
+        ctx.error("E455", r.at("adjudicate:measurement_differs"), "adjudication on measurement_differs needs the rule that says by how much",
                   'write adjudicate when measurement_differs "sum of diameters differs by more than 20%"')
     for b in r.blinded_to:
         if b not in BLINDING:
-            _unknown(ctx, "E456", r, "blinding field", b, BLINDING)
+            _unknown(ctx, "E456", r.at(f"blinded:{b}"), "blinding field", b, BLINDING)
     if "arm" not in r.blinded_to:
-        ctx.warning("W432", r, f"the readers of {r.name} are not blinded to the treatment arm",
+        ctx.warning("W432", r.at("blinded"), f"the readers of {r.name} are not blinded to the treatment arm",
                     "add 'blinded to arm' (the FDA guidance recommends readers blinded to treatment)")
 
 
@@ -89,10 +89,10 @@ def _criteria(ctx: Context, r: ir.Read) -> None:
         return
     c = CRITERIA.get(r.criteria)
     if c is None:
-        _unknown(ctx, "E452", r, "response criteria", r.criteria, CRITERIA)
+        _unknown(ctx, "E452", r.at("criteria"), "response criteria", r.criteria, CRITERIA)
         return
     if r.criteria == "custom" and not r.criteria_name:
-        ctx.error("E452", r, "custom response criteria need a name", 'write criteria custom "NAME (reference)"')
+        ctx.error("E452", r.at("criteria"), "custom response criteria need a name", 'write criteria custom "NAME (reference)"')
         return
     for ref in r.protocols:
         p = ctx.protocols.get(ref.name)
@@ -105,7 +105,7 @@ def _variability(ctx: Context, r: ir.Read) -> None:
     v = r.variability
     if v is None:
         if r.readers > 1:
-            ctx.warning("W431", r, f"read {r.name} has {r.readers} readers but no reader-variability monitoring",
+            ctx.warning("W431", r.at("readers"), f"read {r.name} has {r.readers} readers but no reader-variability monitoring",
                         "add e.g. 'variability kappa >= 0.6 action \"…\"'")
         return
     spec = VARIABILITY.get(v.metric)

@@ -12,6 +12,7 @@ from .render import counts, plural, print_diagnostics, progress_for, write_out
 
 # Modules of imtrial_dsl.exporters that define ``export(trial, graph, out_dir)``; imported only when chosen.
 EXPORT_TARGETS = ("cwl", "docs", "eprotocol", "inventory")
+EXPORT_TARGETS += ("sdtm",)   # RECIST tumour data as SDTM TU/TR/RS CSV from a workdir (exporters/sdtm.py)
 EXPORT_TARGETS += ("usdm",)   # CDISC USDM study design (exporters/usdm.py)
 
 
@@ -124,6 +125,7 @@ def cmd_export(args) -> int:
         raise UsageError("--granularity and --docker-image are options of 'export cwl'")
     if args.target == "docs":
         options["progress"] = progress_for(args)
+    options.update(_workdir_options(args))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -134,6 +136,18 @@ def cmd_export(args) -> int:
     for p in written or []:
         print(p)
     return EXIT_OK
+
+
+def _workdir_options(args) -> dict:
+    """The options of the exports that read a workdir: sdtm (--workdir, --analysis), inventory (--workdir,
+    --qualifications)."""
+    wanted = {"sdtm": ("workdir", "analysis"), "inventory": ("workdir", "qualifications")}.get(args.target, ())
+    given = {k: getattr(args, k) for k in ("workdir", "analysis", "qualifications") if getattr(args, k)}
+    wrong = [k for k in given if k not in wanted]
+    if wrong:
+        raise UsageError(f"--{wrong[0]} is not an option of 'export {args.target}' (--workdir: sdtm, inventory; "
+                         "--analysis: sdtm; --qualifications: inventory)")
+    return given
 
 
 def cmd_import(args) -> int:
@@ -221,7 +235,9 @@ def register(sub) -> None:
     targets = ", ".join(EXPORT_TARGETS)
     p = command(sub, "export", f"export a study ({targets})", examples=[
         "imtrial export docs examples/amyloid_mri.imtrial -o out/docs",
-        "imtrial export cwl examples/amyloid_mri.imtrial -o out/cwl --granularity exam"],
+        "imtrial export cwl examples/amyloid_mri.imtrial -o out/cwl --granularity exam",
+        "imtrial export sdtm examples/oncology_ct.imtrial -o out/sdtm --workdir work",
+        "imtrial export inventory examples/amyloid_mri.imtrial -o out/inventory --workdir work"],
         details="Checks the study, then writes the target's files into OUT and prints their paths. 'cwl' "
                 "needs the cwl extra to validate (pip install 'imtrial[cwl]'); the PDF of 'docs' needs "
                 "the docs extra (pip install 'imtrial[docs]').")
@@ -231,6 +247,11 @@ def register(sub) -> None:
     p.add_argument("--granularity", choices=("step", "exam"),
                    help="cwl: one tool per pipeline node (step, the default) or one per exam (exam)")
     p.add_argument("--docker-image", metavar="IMAGE", help="cwl: a DockerRequirement hint naming this image")
+    p.add_argument("--workdir", metavar="DIR", help="sdtm: the workdir of 'imtrial run' to read; inventory: read the "
+                                                  "qualification decisions recorded there")
+    p.add_argument("--analysis", metavar="NAME", help="sdtm: the RECIST analysis (default: the one measuring sum_diameters)")
+    p.add_argument("--qualifications", metavar="CSV", help="inventory: device qualification status from a CSV "
+                                                           "(site, device, status)")
     p.add_argument("--no-progress", action="store_true", help="no progress display (it is off anyway when stderr "
                                                                   "is not a terminal)")
     p.set_defaults(func=cmd_export)

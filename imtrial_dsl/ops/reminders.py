@@ -11,6 +11,13 @@ Roles are contact roles of the subject's site (``contact coordinator …``); the
 ``central_emails`` (CLI ``--central-email``, env ``IMTRIAL_CENTRAL_EMAIL``) plus any site contact
 declared with role ``central``. Each recipient gets one digest message per run; a notice already
 sent to a recipient (table ``ops_notifications_sent``) is never sent again, so re-running is safe.
+
+No real date leaves the site (the rule of ``ops/reports.py``): a site contact's message, for its own site,
+shows the visit windows' real dates and carries the site's calendar; a message to the central team shows
+each subject's dates shifted by its keyed offset (the dates its de-identified images carry) or, when the study
+does not shift dates (or its key is unavailable here), study days from the subject's day 0 — and no calendar,
+which would have to sit on the real days. (That a message is sent on a given day is itself a hint of the
+real schedule; content-wise it holds no real date.)
 """
 from __future__ import annotations
 
@@ -53,20 +60,29 @@ class Notice:
     opens: date
     closes: date
     roles: tuple[str, ...]
+    day0: Optional[date] = None        # the subject's day 0 (study days for messages that leave the site)
 
-    def line(self) -> str:
+    def line(self, shift: Optional[int] = None, real: bool = True) -> str:
+        """The notice in words: real dates (``real``, site side), dates moved by ``shift`` days, or study days."""
+        def d(x: date) -> str:
+            if real:
+                return x.isoformat()
+            if shift is not None:
+                return (x + timedelta(days=shift)).isoformat()
+            return f"day {(x - self.day0).days}" if self.day0 else "(date withheld)"
+
         if self.kind == "upcoming":
-            what = f"window opens {self.opens.isoformat()} (closes {self.closes.isoformat()})"
+            what = f"window opens {d(self.opens)} (closes {d(self.closes)})"
         elif self.kind == "window_open":
-            what = f"window OPEN until {self.closes.isoformat()} (target {self.target.isoformat()})"
+            what = f"window OPEN until {d(self.closes)} (target {d(self.target)})"
         else:
-            what = f"OVERDUE: window closed {self.closes.isoformat()}, no exam received"
+            what = f"OVERDUE: window closed {d(self.closes)}, no exam received"
         return f"{self.site}  {self.subject_id}  visit {self.visit}: {what}"
 
     def to_json(self) -> dict:
         d = asdict(self)
-        for k in ("target", "opens", "closes"):
-            d[k] = d[k].isoformat()
+        for k in ("target", "opens", "closes", "day0"):
+            d[k] = d[k].isoformat() if d[k] else None
         d["roles"] = list(self.roles)
         return d
 
@@ -126,7 +142,7 @@ def due_notices(trial: ir.Trial, statuses: list[VisitStatus], as_of: date) -> li
         elif s.status == "overdue" and not s.optional and as_of >= s.closes + timedelta(days=after):
             kind, roles = "overdue", escalate
         if kind and roles:
-            out.append(Notice(kind, s.subject_id, s.site, s.visit, s.target, s.opens, s.closes, roles))
+            out.append(Notice(kind, s.subject_id, s.site, s.visit, s.target, s.opens, s.closes, roles, s.day0))
     return out
 
 
@@ -198,9 +214,27 @@ def _calendar_events(trial: ir.Trial, statuses: list[VisitStatus], as_of: date) 
     return evs
 
 
+def away_from_site(r: Recipient) -> bool:
+    """A recipient outside the subject's site (the central team): real dates must not reach it."""
+    return r.site is None
+
+
+def _shift(trial: ir.Trial, subject_id: str) -> Optional[int]:
+    """The subject's keyed date offset, or None (dates not shifted, or the key is not available here)."""
+    from imtrial_dsl.deid import subject_date_shift
+    from imtrial_dsl.secrets import SecretError
+
+    try:
+        return subject_date_shift(trial, subject_id)
+    except SecretError:
+        return None
+
+
 def _compose(trial: ir.Trial, r: Recipient, notices: list[Notice], cal: str, as_of: date) -> Message:
     code = trial.study.code if trial.study else "study"
     scope = r.site or "all sites"
+    away = away_from_site(r)
+    shifts = {n.subject_id: _shift(trial, n.subject_id) for n in notices} if away else {}
     counts = {k: sum(n.kind == k for n in notices) for k in KINDS}
     head = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if v)
     subject = f"[{code}] {scope}: {head} ({as_of.isoformat()})"
@@ -210,11 +244,17 @@ def _compose(trial: ir.Trial, r: Recipient, notices: list[Notice], cal: str, as_
         items = [n for n in notices if n.kind == kind]
         if items:
             body.append(title + ":")
-            body += ["  - " + n.line() for n in sorted(items, key=lambda n: (n.site, n.opens, n.subject_id))]
+            body += ["  - " + n.line(shifts.get(n.subject_id), real=not away)
+                     for n in sorted(items, key=lambda n: (n.site, n.opens, n.subject_id))]
             body.append("")
-    body += ["The attached calendar (.ics) lists the open and upcoming windows.",
-             "This message was generated by imtrial reminders; you receive each notice once."]
-    return Message(r, notices, subject, "\n".join(body) + "\n", cal)
+    if away:
+        body += [("Dates are each subject's shifted dates (as in its de-identified images)"
+                  if any(v is not None for v in shifts.values()) else "Dates are study days from each subject's day 0")
+                 + "; real dates stay at the sites, so no calendar is attached."]
+    else:
+        body += ["The attached calendar (.ics) lists the open and upcoming windows."]
+    body += ["This message was generated by imtrial reminders; you receive each notice once."]
+    return Message(r, notices, subject, "\n".join(body) + "\n", "" if away else cal)
 
 
 def _email(msg: Message, sender: str) -> EmailMessage:
@@ -224,8 +264,9 @@ def _email(msg: Message, sender: str) -> EmailMessage:
     em["Subject"] = msg.subject
     em["Date"] = format_datetime(datetime.now(timezone.utc))
     em.set_content(msg.body)
-    em.add_attachment(msg.calendar.encode("utf-8"), maintype="text", subtype="calendar",
-                      filename="visit_windows.ics", params={"method": "PUBLISH"})
+    if msg.calendar:   # none for recipients away from the site (it sits on the real days)
+        em.add_attachment(msg.calendar.encode("utf-8"), maintype="text", subtype="calendar",
+                          filename="visit_windows.ics", params={"method": "PUBLISH"})
     return em
 
 
@@ -275,10 +316,10 @@ def run_reminders(trial: ir.Trial, data: StudyData, workdir: str | Path, as_of: 
                     fresh.append(n)
             if not fresh:
                 continue
-            if r.site not in cal_by_scope:
+            if r.site not in cal_by_scope and not away_from_site(r):
                 scoped = [s for s in statuses if r.site is None or s.site == r.site]
                 cal_by_scope[r.site] = ics.calendar(_calendar_events(trial, scoped, as_of), as_of, f"{code} visit windows")
-            run.messages.append(_compose(trial, r, fresh, cal_by_scope[r.site], as_of))
+            run.messages.append(_compose(trial, r, fresh, cal_by_scope.get(r.site, ""), as_of))
 
         outbox = Path(out_dir) / "outbox" if out_dir else None
         smtp_conn = None
