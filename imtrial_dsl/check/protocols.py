@@ -118,8 +118,8 @@ def variants(ctx: Context, p: ir.Protocol, devices: list[tuple[ir.Site, ir.Devic
             have = ", ".join(_device_software(d) for _, d in same_mod)
             ctx.warning("W401", var, f"variant {desc} of protocol {p.name} matches no {p.modality} device in the inventory",
                         f"inventory {p.modality} devices: {have}" if have else f"no {p.modality} device is declared")
-    if not p.variants:
-        return
+    if not any(v.vendor and not (v.site or v.device) for v in p.variants):
+        return  # only vendor variants make the base constraints one vendor family's (site/device variants refine)
     uncovered = []
     covered: dict[tuple, bool] = {}  # many devices share vendor/software/model
     for s, d in same_mod:

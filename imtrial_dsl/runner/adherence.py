@@ -195,11 +195,27 @@ def evaluate_value(c: ir.Constraint, raw: Any) -> tuple[bool, Any, str]:
     return False, joined, "out of constraint"
 
 
+def _written_unit(c: ir.Constraint) -> Optional[tuple[float, str]]:
+    """(canonical units per written unit, the unit) of the constraint's first value written in another unit
+    than the canonical one (``60 min``, ``185 MBq``), so the actual value reads in the unit the protocol uses."""
+    q = next((v for v in c.values if isinstance(v, ir.Quantity) and v.source_unit and v.source_value), None)
+    if q is None or q.source_unit == q.unit or c.measure == "count":
+        return None
+    return q.value / q.source_value, q.source_unit
+
+
 def _fmt_actual(c: ir.Constraint, actual: Any) -> str:
     if actual is None:
         return "absent" if c.if_present else "missing"
     unit = units.DICOM_UNITS.get(c.keyword, ("none", ""))[0]
     canon = units.CANONICAL.get(unit, "")
+    written = _written_unit(c)
+    if written is not None and isinstance(actual, (float, list)) and canon != "%":
+        scale, shown = written
+        vals = actual if isinstance(actual, list) else [actual]
+        if all(isinstance(a, float) for a in vals):
+            text = ", ".join(f"{a / scale:g}" for a in vals)
+            return (f"[{text}]" if isinstance(actual, list) else text) + f" {shown}"
     if isinstance(actual, list):
         return "[" + ", ".join(f"{a:g}" if isinstance(a, float) else str(a) for a in actual) + "]" + (f" {canon}" if canon else "")
     if isinstance(actual, float):
@@ -250,6 +266,8 @@ def _variant_info(var: Optional[ir.Variant], versions: Any = None) -> Optional[d
     if var is None:
         return None
     info: dict[str, Any] = {"vendor": var.vendor, "model": var.model, "software": var.software}
+    if var.site or var.device:  # a site or device variant: say which (it has no vendor)
+        info.update({k: v for k, v in (("site", var.site), ("device", var.device)) if v})
     if var.software and versions is not None:
         info["software_match"] = describe_software_match(software_match(var.software, versions))
     return info
