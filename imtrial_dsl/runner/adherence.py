@@ -243,7 +243,8 @@ def evaluate_constraint(c: ir.Constraint, raw_values: Sequence[Any], *,
         "ok": ok,
         "significance": c.significance.value,
         "modifiable": c.modifiable,
-        "detail": next((r[2] for r in results if not r[0]), ""),
+        # why it failed; for a row that holds, why it holds when that needs saying ('absent (… if present)')
+        "detail": next((r[2] for r in results if not r[0]), next((r[2] for r in results if r[2]), "")),
     }
 
 
@@ -417,8 +418,9 @@ def _conditional_rows(w: ir.Conditional, reps: list[tuple[Dataset, int]], n: int
     head = source.conditional(w, source.REPORT)
     rows = []
     for c in w.constraints:
-        if not selected:
+        if not selected:  # the block holds, and the report says why (docs/language.md)
             row = evaluate_constraint(c, [], results=[(True, None, "no frame or instance satisfies the condition")])
+            row["detail"] = "no frame or instance satisfies the condition"
         else:
             distinct: list[Any] = []
             for ds, _, f in selected:
@@ -524,7 +526,7 @@ def upgrade_coverage(trial: ir.Trial, device: ir.Device, versions: Sequence[str]
     """Per protocol of the device's modality: does a variant cover the release the header reports?"""
     out = []
     for p in trial.protocols:
-        if p.modality != device.modality:
+        if not device.acquires(p.modality):
             continue
         _, old = ir.effective_constraints(p, device.vendor, device.software, device.model)
         _, new = ir.effective_constraints(p, device.vendor, list(versions), device.model)
@@ -687,7 +689,8 @@ def visit_findings(trial: ir.Trial, exam_dates: Sequence[_dt.date], as_of: _dt.d
     The baseline is the exam date that places the most exams inside visit windows
     (earliest on ties), so a screening exam before baseline is recognized.
     """
-    visits = trial.schedule.visits if trial.schedule else []
+    # an event-driven visit is never missing: it happens when its event does (imtrial assign --visit)
+    visits = [v for v in trial.schedule.visits if v.scheduled()] if trial.schedule else []
     dates = sorted(set(exam_dates))
     if not visits or not dates:
         return {"baseline": None, "visits": [], "findings": []}

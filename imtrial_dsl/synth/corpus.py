@@ -92,7 +92,9 @@ def synthesize(trial: ir.Trial, out_dir: str | os.PathLike, *, subjects_per_site
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    sched = [v for v in (trial.schedule.visits if trial.schedule else []) if visits is None or v.name in visits]
+    # an event-driven visit happens when its event does: only when asked for by name
+    sched = [v for v in (trial.schedule.visits if trial.schedule else [])
+             if (v.scheduled() if visits is None else v.name in visits)]
     if not sched:
         sched = [ir.Visit(name="baseline", kind="baseline", offset=ir.Days(days=0, source_value=0),
                           acquire=[ir.Ref(name=p.name) for p in trial.protocols])]
