@@ -114,13 +114,20 @@ def protocol_to_source(protocol: ir.Protocol) -> str:
         lines.append(f"  prepare {source.quote(text)}")
     for note in p.notes:
         lines.append(f"  remark {source.quote(note)}")
-    ops = {ir.MatchOp.MATCHES: "~", ir.MatchOp.EQUALS: "=", ir.MatchOp.CONTAINS: "has", ir.MatchOp.NOT_MATCHES: "!~"}
+    if p.scope is not None:  # 'for site S, device D'
+        lines.append("  for " + ", ".join([f"site {x}" for x in p.scope.sites] + [f"device {x}" for x in p.scope.devices]))
+    ops = {ir.MatchOp.MATCHES: "~", ir.MatchOp.EQUALS: "=", ir.MatchOp.CONTAINS: "has", ir.MatchOp.NOT_MATCHES: "!~",
+           ir.MatchOp.NOT_CONTAINS: "!has"}
     for m in p.match:
         lines.append(f"  match {m.attribute} {ops[m.op]} {source.quote(m.value)}")
     for c in p.constraints:
         lines.append(f"  {source.constraint(c)}")
+    lines += _conditionals_source(p.conditionals, "  ")
     for v in p.variants:
-        vh = f"  variant {_src_vendor(v)}"
+        if v.site or v.device:
+            vh = f"  variant site {v.site}" if v.site else f"  variant device {v.device}"
+        else:
+            vh = f"  variant {_src_vendor(v)}"
         if v.model:
             vh += f" model {source.quote(v.model)}"
         if v.software:
@@ -128,11 +135,22 @@ def protocol_to_source(protocol: ir.Protocol) -> str:
         lines.append(vh + " {")
         for c in v.constraints:
             lines.append(f"    {source.constraint(c)}")
+        lines += _conditionals_source(v.conditionals, "    ")
         for r in v.remove:
             lines.append(f"    remove {r}")
         lines.append("  }")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _conditionals_source(blocks: list[ir.Conditional], indent: str) -> list[str]:
+    """'when COND { … }' blocks as source lines."""
+    out = []
+    for w in blocks:
+        out.append(f"{indent}{source.conditional(w)} {{")
+        out += [f"{indent}  {source.constraint(c)}" for c in w.constraints]
+        out.append(f"{indent}}}")
+    return out
 
 
 def _src_vendor(v: ir.Variant) -> str:

@@ -90,7 +90,10 @@ def _conditionals(ctx: Context, blocks: list[ir.Conditional], where: str, mod: s
 
 
 def _scope_ref(ctx: Context, node, site, device, sites: set, device_ids: set) -> None:
-    """E319: a scope or site/device variant names a site or device that is not declared."""
+    """E319: a scope or site/device variant names a site or device that is not declared (in a study that
+    declares its sites: a protocol-only file, e.g. one imtrial import eprotocol writes, has no inventory)."""
+    if not ctx.trial.sites:
+        return
     if site is not None and site not in sites:
         ctx.error("E319", node, f"undefined site '{site}'", did_you_mean(site, sites) or
                   (f"declared sites: {', '.join(sorted(sites))}" if sites else "no site is declared"))
