@@ -471,7 +471,7 @@ def _device_cards(trial: ir.Trial) -> list[dict]:
         for d in site.devices:
             protos = []
             for p in trial.protocols:
-                if p.modality != d.modality:
+                if not d.acquires(p.modality):
                     continue
                 eff, chosen = ir.effective_constraints(p, d.vendor, d.software, d.model)
                 variant_kws = {c.keyword for c in chosen.constraints} if chosen else set()
@@ -494,9 +494,17 @@ def _schedule(trial: ir.Trial) -> Optional[dict]:
     visits = []
     for v in s.visits:
         rel, absolute = window_text(v)
+        target = day_text(v.offset)
+        if not v.scheduled():  # an event-driven visit: its window counts from the event, not from baseline
+            target = f"on the event: {v.event}"
+            absolute = f"day 0 to day {num(v.window_after.days if v.window_after else 0.0)} after the event"
         visits.append({
-            "name": v.name, "kind": v.kind, "target": day_text(v.offset), "window": rel, "days": absolute,
+            "name": v.name, "kind": v.kind, "target": target, "window": rel, "days": absolute,
             "acquire": [a.name for a in v.acquire], "optional": v.optional,
+            # what the visit needs of each protocol beyond one series: 'optional', 'at least 2 series'
+            "acquire_notes": {a.name: ", ".join(x for x in ("optional" if a.optional else "",
+                                                             f"at least {a.at_least} series" if a.at_least > 1 else "") if x)
+                              for a in v.acquire},
         })
     protos = [p.name for p in trial.protocols]
     acquired = {a for v in s.visits for a in (x.name for x in v.acquire)}
@@ -791,9 +799,9 @@ def _qualification(trial: ir.Trial) -> Optional[dict]:
     names = [p.name for p in q.protocols]
     rows = []
     for site, d in trial.devices():
-        needed = [n for n in names if (trial.protocol(n) and trial.protocol(n).modality == d.modality)]
+        needed = [n for n in names if (trial.protocol(n) and d.acquires(trial.protocol(n).modality))]
         irb = site.irb.status.replace("_", " ") if site.irb else "not recorded"
-        rows.append({"site": site.code, "device": d.id, "modality": d.modality, "label": device_label(d),
+        rows.append({"site": site.code, "device": d.id, "modality": "/".join(d.all_modalities()), "label": device_label(d),
                      "protocols": ", ".join(needed) if needed else "none required", "irb": irb})
     return {"protocols": names, "phantom": q.phantom, "requalify": q.requalify_on_upgrade, "devices": rows}
 
@@ -850,7 +858,7 @@ def build(trial: ir.Trial, graph=None) -> Doc:
     doc.reports = _reports(trial)
     doc.qualification = _qualification(trial)
     doc.graph = _graph_view(graph)
-    doc.modalities = sorted({p.modality for p in trial.protocols} | {d.modality for _, d in trial.devices()})
+    doc.modalities = sorted({p.modality for p in trial.protocols} | {m for _, d in trial.devices() for m in d.all_modalities()})
     doc.reads = _reads(trial)
     doc.appendix_c = appendix_c(doc)
     return doc

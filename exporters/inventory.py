@@ -57,7 +57,7 @@ class InventoryError(ImtrialError):
 
 def _needed(trial: ir.Trial, d: ir.Device) -> list[str]:
     q = trial.qualification
-    return [r.name for r in (q.protocols if q else []) if trial.protocol(r.name) and trial.protocol(r.name).modality == d.modality]
+    return [r.name for r in (q.protocols if q else []) if trial.protocol(r.name) and d.acquires(trial.protocol(r.name).modality)]
 
 
 def _state(qualified, site: str, device: str) -> str:
@@ -156,7 +156,7 @@ def site_issues(trial: ir.Trial, site: ir.Site, qualified=frozenset()) -> list[s
     status = site.irb.status if site.irb else "pending"
     if status not in ("approved", "not_required"):
         issues.append(f"IRB {status}")
-    have = {d.modality for d in site.devices}
+    have = {m for d in site.devices for m in d.all_modalities()}
     for m in _required_modalities(trial):
         if m not in have:
             issues.append(f"no {m} device")
@@ -190,14 +190,14 @@ def rows(trial: ir.Trial, qualified=frozenset()) -> dict[str, list[dict[str, Any
             "irb_date": (s.irb.date or "") if s.irb else "",
             "irb_expires": (s.irb.expires or "") if s.irb else "",
             "devices": len(s.devices),
-            "modalities": " ".join(sorted({d.modality for d in s.devices})),
+            "modalities": " ".join(sorted({m for d in s.devices for m in d.all_modalities()})),
             "contacts": len(s.contacts),
             "ready": readiness(issues),
             "issues": "; ".join(issues),
         })
         for d in s.devices:
             devices.append({
-                "site": s.code, "device": d.id, "modality": d.modality, "vendor": d.vendor,
+                "site": s.code, "device": d.id, "modality": "/".join(d.all_modalities()), "vendor": d.vendor,
                 "manufacturer": d.vendor_text or d.vendor, "model": d.model or "", "software": d.software or "",
                 "field_strength": d.field_strength.text() if d.field_strength else "",
                 "serial": d.serial or "", "station": d.station or "", "institution": d.institution or "",

@@ -186,8 +186,9 @@ def _toil(corpus: Path, granularity: str) -> Path:
 @pytest.mark.parametrize("example,synth,runs", [
     ("amyloid_mri.imtrial", {"visits": "baseline"}, [("cwltool", "step"), ("toil", "exam")]),
     ("oncology_ct.imtrial", {"visits": "baseline"}, [("cwltool", "exam"), ("toil", "exam")]),
-    ("phantom_qualification.imtrial", {"visits": "baseline,m06"}, [("cwltool", "exam"), ("toil", "exam")])],
-    ids=["amyloid_mri", "oncology_ct", "phantom_qualification"])
+    ("phantom_qualification.imtrial", {"visits": "baseline,m06"}, [("cwltool", "exam"), ("toil", "exam")]),
+    ("cardiac_sarcoid_mr_petct.imtrial", {"visits": "baseline"}, [("cwltool", "exam"), ("toil", "exam")])],
+    ids=["amyloid_mri", "oncology_ct", "phantom_qualification", "cardiac_sarcoid_mr_petct"])
 def test_cwltool_and_toil_match_the_local_run_on_every_example(example, synth, runs, tmp_path):
     """Same archive bytes, same sidecar verdicts, same measurements as ``imtrial run``, through cwltool and
     Toil (step granularity, one tool per node, on the 3-exam amyloid corpus; exam granularity, one tool per

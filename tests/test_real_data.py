@@ -101,7 +101,7 @@ def test_conformant_study_passes_on_the_real_files(name):
 VIOLATIONS = [(name, v) for name, exp in sorted(EXPECTED.items()) for v in exp["violations"]]
 
 
-@pytest.mark.parametrize("name,violation", VIOLATIONS, ids=[f"{n}-{v['protocol']}" for n, v in VIOLATIONS])
+@pytest.mark.parametrize("name,violation", VIOLATIONS, ids=[f"{n}-{v.get('id', v['protocol'])}" for n, v in VIOLATIONS])
 def test_each_planted_violation_fails_its_protocol_alone(name, violation):
     exp = EXPECTED[name]
     text = (STUDIES / exp["study"]).read_text()

@@ -90,7 +90,10 @@ def _conditionals(ctx: Context, blocks: list[ir.Conditional], where: str, mod: s
 
 
 def _scope_ref(ctx: Context, node, site, device, sites: set, device_ids: set) -> None:
-    """E319: a scope or site/device variant names a site or device that is not declared."""
+    """E319: a scope or site/device variant names a site or device that is not declared (in a study that
+    declares its sites: a protocol-only file, e.g. one imtrial import eprotocol writes, has no inventory)."""
+    if not ctx.trial.sites:
+        return
     if site is not None and site not in sites:
         ctx.error("E319", node, f"undefined site '{site}'", did_you_mean(site, sites) or
                   (f"declared sites: {', '.join(sorted(sites))}" if sites else "no site is declared"))
@@ -118,8 +121,8 @@ def variants(ctx: Context, p: ir.Protocol, devices: list[tuple[ir.Site, ir.Devic
             have = ", ".join(_device_software(d) for _, d in same_mod)
             ctx.warning("W401", var, f"variant {desc} of protocol {p.name} matches no {p.modality} device in the inventory",
                         f"inventory {p.modality} devices: {have}" if have else f"no {p.modality} device is declared")
-    if not p.variants:
-        return
+    if not any(v.vendor and not (v.site or v.device) for v in p.variants):
+        return  # only vendor variants make the base constraints one vendor family's (site/device variants refine)
     uncovered = []
     covered: dict[tuple, bool] = {}  # many devices share vendor/software/model
     by_name = any(v.site or v.device for v in p.variants)

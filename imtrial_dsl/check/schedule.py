@@ -34,6 +34,8 @@ def check(ctx: Context) -> None:
             ctx.error("E402", v, f"visit {v.name} has a window that ends before it starts",
                       "write the window as -before .. +after, e.g. window -14 .. +28 d")
             continue
+        if not v.scheduled():  # an event-driven visit's window counts from the event, not from baseline
+            continue
         windows.append((v.offset.days - before, v.offset.days + after, v))
     windows.sort(key=lambda w: (w[0], w[1]))
     active: list[tuple[float, float, ir.Visit]] = []

@@ -374,7 +374,7 @@ def protocol_hover(trial: ir.Trial, name: str) -> Optional[str]:
     if p.match:
         out += ["", "Selects series where " + " and ".join(f"`{m.attribute} {_OPS[m.op.value]} {source.quote(m.value)}`"
                                                          for m in p.match)]
-    devices = [(s, d) for s, d in trial.devices() if d.modality == p.modality]
+    devices = [(s, d) for s, d in trial.devices() if d.acquires(p.modality)]
     if not devices:
         out += ["", "No device of modality " + p.modality + " in the inventory."]
     for s, d in devices:
@@ -396,8 +396,8 @@ def device_hover(trial: ir.Trial, name: str) -> Optional[str]:
     if hit is None:
         return None
     s, d = hit
-    prots = [p.name for p in trial.protocols if p.modality == d.modality]
-    lines = [f"**device {d.id}** at {s.code}: {d.modality}, {d.vendor}"
+    prots = [p.name for p in trial.protocols if d.acquires(p.modality)]
+    lines = [f"**device {d.id}** at {s.code}: {'/'.join(d.all_modalities())}, {d.vendor}"
              + (f" {d.model}" if d.model else "") + (f", software {d.software}" if d.software else "")]
     for pn in prots:
         p = trial.protocol(pn)

@@ -72,7 +72,7 @@ class QualificationResult:
 def qualification_protocols(trial: ir.Trial, device: ir.Device) -> list[str]:
     q = trial.qualification
     names = [r.name for r in q.protocols] if q and q.protocols else [p.name for p in trial.protocols]
-    return [n for n in names if trial.protocol(n) and trial.protocol(n).modality == device.modality]
+    return [n for n in names if trial.protocol(n) and device.acquires(trial.protocol(n).modality)]
 
 
 def find_device(trial: ir.Trial, site: str, device: str) -> tuple[Optional[ir.Site], Optional[ir.Device]]:

@@ -90,7 +90,7 @@ def check_software(trial: ir.Trial, site: str, device_id: str, versions: list[st
     q = trial.qualification
     if q and q.requalify_on_upgrade:
         names = [r.name for r in q.protocols] or [p.name for p in trial.protocols]
-        f.requalify_protocols = [n for n in names if (trial.protocol(n) and trial.protocol(n).modality == dev.modality)]
+        f.requalify_protocols = [n for n in names if (trial.protocol(n) and dev.acquires(trial.protocol(n).modality))]
     return f
 
 

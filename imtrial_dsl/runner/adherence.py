@@ -195,11 +195,27 @@ def evaluate_value(c: ir.Constraint, raw: Any) -> tuple[bool, Any, str]:
     return False, joined, "out of constraint"
 
 
+def _written_unit(c: ir.Constraint) -> Optional[tuple[float, str]]:
+    """(canonical units per written unit, the unit) of the constraint's first value written in another unit
+    than the canonical one (``60 min``, ``185 MBq``), so the actual value reads in the unit the protocol uses."""
+    q = next((v for v in c.values if isinstance(v, ir.Quantity) and v.source_unit and v.source_value), None)
+    if q is None or q.source_unit == q.unit or c.measure == "count":
+        return None
+    return q.value / q.source_value, q.source_unit
+
+
 def _fmt_actual(c: ir.Constraint, actual: Any) -> str:
     if actual is None:
         return "absent" if c.if_present else "missing"
     unit = units.DICOM_UNITS.get(c.keyword, ("none", ""))[0]
     canon = units.CANONICAL.get(unit, "")
+    written = _written_unit(c)
+    if written is not None and isinstance(actual, (float, list)) and canon != "%":
+        scale, shown = written
+        vals = actual if isinstance(actual, list) else [actual]
+        if all(isinstance(a, float) for a in vals):
+            text = ", ".join(f"{a / scale:g}" for a in vals)
+            return (f"[{text}]" if isinstance(actual, list) else text) + f" {shown}"
     if isinstance(actual, list):
         return "[" + ", ".join(f"{a:g}" if isinstance(a, float) else str(a) for a in actual) + "]" + (f" {canon}" if canon else "")
     if isinstance(actual, float):
@@ -227,7 +243,8 @@ def evaluate_constraint(c: ir.Constraint, raw_values: Sequence[Any], *,
         "ok": ok,
         "significance": c.significance.value,
         "modifiable": c.modifiable,
-        "detail": next((r[2] for r in results if not r[0]), ""),
+        # why it failed; for a row that holds, why it holds when that needs saying ('absent (… if present)')
+        "detail": next((r[2] for r in results if not r[0]), next((r[2] for r in results if r[2]), "")),
     }
 
 
@@ -250,6 +267,8 @@ def _variant_info(var: Optional[ir.Variant], versions: Any = None) -> Optional[d
     if var is None:
         return None
     info: dict[str, Any] = {"vendor": var.vendor, "model": var.model, "software": var.software}
+    if var.site or var.device:  # a site or device variant: say which (it has no vendor)
+        info.update({k: v for k, v in (("site", var.site), ("device", var.device)) if v})
     if var.software and versions is not None:
         info["software_match"] = describe_software_match(software_match(var.software, versions))
     return info
@@ -399,8 +418,9 @@ def _conditional_rows(w: ir.Conditional, reps: list[tuple[Dataset, int]], n: int
     head = source.conditional(w, source.REPORT)
     rows = []
     for c in w.constraints:
-        if not selected:
+        if not selected:  # the block holds, and the report says why (docs/language.md)
             row = evaluate_constraint(c, [], results=[(True, None, "no frame or instance satisfies the condition")])
+            row["detail"] = "no frame or instance satisfies the condition"
         else:
             distinct: list[Any] = []
             for ds, _, f in selected:
@@ -506,7 +526,7 @@ def upgrade_coverage(trial: ir.Trial, device: ir.Device, versions: Sequence[str]
     """Per protocol of the device's modality: does a variant cover the release the header reports?"""
     out = []
     for p in trial.protocols:
-        if p.modality != device.modality:
+        if not device.acquires(p.modality):
             continue
         _, old = ir.effective_constraints(p, device.vendor, device.software, device.model)
         _, new = ir.effective_constraints(p, device.vendor, list(versions), device.model)
@@ -669,7 +689,8 @@ def visit_findings(trial: ir.Trial, exam_dates: Sequence[_dt.date], as_of: _dt.d
     The baseline is the exam date that places the most exams inside visit windows
     (earliest on ties), so a screening exam before baseline is recognized.
     """
-    visits = trial.schedule.visits if trial.schedule else []
+    # an event-driven visit is never missing: it happens when its event does (imtrial assign --visit)
+    visits = [v for v in trial.schedule.visits if v.scheduled()] if trial.schedule else []
     dates = sorted(set(exam_dates))
     if not visits or not dates:
         return {"baseline": None, "visits": [], "findings": []}

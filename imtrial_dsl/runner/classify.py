@@ -268,7 +268,11 @@ def classify_scan(trial: ir.Trial, exam_scan: ExamScan, *, expected: Optional[li
     }
     if expected is not None:
         result["expected_protocols"] = list(expected)
-        result["missing_protocols"] = [p for p in expected if p not in matched]
+        # an exam is one device's study: a same-day MR and PET/CT of one visit are two exams, each
+        # missing only the protocols of its own modalities
+        modalities = {e.get("modality") for e in out_series}
+        result["missing_protocols"] = [p for p in expected if p not in matched
+                                       and (trial.protocol(p) is None or trial.protocol(p).modality in modalities)]
     return result
 
 
@@ -277,11 +281,11 @@ def classify_folder(trial: ir.Trial, folder: str | os.PathLike, *, expected: Opt
 
 
 def expected_protocols(trial: ir.Trial, visit_name: Optional[str]) -> Optional[list[str]]:
-    """Protocols a visit of the schedule acquires (None when the visit is unknown)."""
+    """Protocols a visit of the schedule must acquire, optional ones left out (None when the visit is unknown)."""
     if not visit_name or not trial.schedule:
         return None
     visit = next((v for v in trial.schedule.visits if v.name == visit_name), None)
-    return [r.name for r in visit.acquire] if visit else None
+    return [r.name for r in visit.acquire if not r.optional] if visit else None
 
 
 def exam_scan(ctx, root: Path) -> ExamScan:

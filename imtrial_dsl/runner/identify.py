@@ -264,7 +264,9 @@ def assign_visit(trial, exam_date: _dt.date, prior: list[dict], present: set[str
     none → the nearest visit, flagged out of window.
     """
     sched = trial.schedule
-    visits = list(sched.visits) if sched else []
+    # an exam is placed by its date on the calendar visits; an event-driven visit is assigned by an operator
+    # (imtrial assign --visit), who knows the event
+    visits = [v for v in sched.visits if v.scheduled()] if sched else []
     if not visits:
         return {"visit": "baseline" if not prior else "unscheduled", "visit_kind": "baseline" if not prior else "unscheduled",
                 "days_from_baseline": None, "in_window": True, "anchor": exam_date if not prior else None, "visit_obj": None}

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, Sequence
 from .. import ir, source
 from ..files import atomic_write_text
 from ..runner.adherence import expected_text
-from .scanners import DeviceIdent, header_params, ident_of, series_identity, software_versions, upgraded_release
+from .scanners import DeviceIdent, header_params, ident_of, param_key, series_identity, software_versions, upgraded_release
 from .values import violating_value
 from .writer import ExamPlan, SeriesPlan, uid, write_series
 
@@ -92,7 +92,9 @@ def synthesize(trial: ir.Trial, out_dir: str | os.PathLike, *, subjects_per_site
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    sched = [v for v in (trial.schedule.visits if trial.schedule else []) if visits is None or v.name in visits]
+    # an event-driven visit happens when its event does: only when asked for by name
+    sched = [v for v in (trial.schedule.visits if trial.schedule else [])
+             if (v.scheduled() if visits is None else v.name in visits)]
     if not sched:
         sched = [ir.Visit(name="baseline", kind="baseline", offset=ir.Days(days=0, source_value=0),
                           acquire=[ir.Ref(name=p.name) for p in trial.protocols])]
@@ -116,17 +118,17 @@ def synthesize(trial: ir.Trial, out_dir: str | os.PathLike, *, subjects_per_site
             actual_base = _visit_date(rng, baseline, base_visit, base_off) if base_visit else baseline
             subj["baseline"] = actual_base.isoformat()
             for v in sched:
-                by_mod = {}
+                # one exam per device: a hybrid PET/CT acquires its PT and CT series in one study;
+                # 'acquire X at least N' is N series of X
+                by_dev: dict[str, tuple[ir.Device, list[ir.Protocol]]] = {}
                 for r in v.acquire:
                     p = trial.protocol(r.name)
-                    if p is not None:
-                        by_mod.setdefault(p.modality, []).append(p)
+                    dev = next((d for d in site.devices if d.acquires(p.modality)), None) if p is not None else None
+                    if dev is not None:
+                        by_dev.setdefault(dev.id, (dev, []))[1].extend([p] * max(r.at_least, 1))
                 date = actual_base if v is base_visit else _visit_date(rng, actual_base, v, base_off)
-                for modality, protos in by_mod.items():
-                    dev = next((d for d in site.devices if d.modality == modality), None)
-                    if dev is None:
-                        continue
-                    exams.append(ExamPlan(subject=subj, visit=v, date=date, device=ident_of(site, dev),
+                for dev, protos in by_dev.values():
+                    exams.append(ExamPlan(subject=subj, visit=v, date=date, device=ident_of(site, dev, protos[0].modality),
                                           series=[SeriesPlan(protocol=p, number=0, params={}, description="",
                                                              image_type=[]) for p in protos]))
     manifest_devs: list[dict[str, Any]] = []
@@ -163,17 +165,17 @@ def synthesize(trial: ir.Trial, out_dir: str | os.PathLike, *, subjects_per_site
             planned.setdefault("missing", []).extend(drop)
             manifest_devs.append({"type": "missing_visit", **where(e), "detect": "schedule"})
         elif dev_name == "wrong_device":
-            cands = [e for e in followups if any(d.modality == e.device.modality and d.id != e.device.device_id
+            cands = [e for e in followups if any(d.acquires(e.device.modality) and d.id != e.device.device_id
                                                  for _, d in trial.devices())]
             e = pick(cands)
             if e is None:
                 continue
             home = e.device.device_id
-            same_site = [(s, d) for s, d in trial.devices() if d.modality == e.device.modality and d.id != home
+            same_site = [(s, d) for s, d in trial.devices() if d.acquires(e.device.modality) and d.id != home
                          and s.code == e.subject["site"]]
-            others = same_site or [(s, d) for s, d in trial.devices() if d.modality == e.device.modality and d.id != home]
+            others = same_site or [(s, d) for s, d in trial.devices() if d.acquires(e.device.modality) and d.id != home]
             s2, d2 = others[rng.randrange(len(others))]
-            e.device = ident_of(s2, d2)
+            e.device = ident_of(s2, d2, e.device.modality)
             manifest_devs.append({"type": "wrong_device", **where(e), "device_used": d2.id, "home_device": home,
                                   "detect": "adherence:same_device"})
         elif dev_name == "unknown_device":
@@ -225,7 +227,8 @@ def synthesize(trial: ir.Trial, out_dir: str | os.PathLike, *, subjects_per_site
                 e.device.style.enhanced_mr if enhanced is None else sp.protocol.name in enh)
             sp.params, unsat, sp.hidden = header_params(sp.protocol, e.device, sp.enhanced)
             sp.description, sp.image_type = series_identity(trial, sp.protocol, e.device, sp.params, sp.enhanced)
-            sp.uid = uid(seed, "series", e.study_uid, sp.protocol.name)
+            repeat = sum(x.protocol is sp.protocol for x in e.series[:i - 1])  # the 2nd, 3rd … series of 'at least N'
+            sp.uid = uid(seed, "series", e.study_uid, sp.protocol.name, *([repeat] if repeat else []))
             if unsat:
                 manifest_devs.append({"type": "note", **where(e), "protocol": sp.protocol.name,
                                       "detail": f"could not satisfy {unsat}"})
@@ -235,10 +238,11 @@ def synthesize(trial: ir.Trial, out_dir: str | os.PathLike, *, subjects_per_site
         cands = []
         for e in clean:
             for sp in e.series:
-                cons, _ = ir.effective_constraints(sp.protocol, e.device.vendor, e.device.software, e.device.model)
+                cons, _ = ir.effective_constraints(sp.protocol, e.device.vendor, e.device.software, e.device.model,
+                                                   site=e.device.site, device=e.device.device_id)
                 ok = [c for c in cons if c.significance == ir.Significance.ERROR
                       and c.keyword not in {r.attribute for r in sp.protocol.match}
-                      and violating_value(c, sp.params.get(c.keyword)) is not None]
+                      and violating_value(c, sp.params.get(param_key(c))) is not None]
                 if ok:
                     cands.append((e, sp, ok))
         if not cands:
@@ -247,11 +251,11 @@ def synthesize(trial: ir.Trial, out_dir: str | os.PathLike, *, subjects_per_site
         used.add(id(e))
         clean.remove(e)
         c = ok[rng.randrange(len(ok))]
-        before = sp.params.get(c.keyword)
-        sp.params[c.keyword] = violating_value(c, before)
+        before = sp.params.get(param_key(c))
+        sp.params[param_key(c)] = violating_value(c, before)
         manifest_devs.append({"type": "param_off", **where(e), "protocol": sp.protocol.name, "series_uid": sp.uid,
                               "parameter": source.parameter(c),
-                              "value": sp.params[c.keyword], "expected": expected_text(c),
+                              "value": sp.params[param_key(c)], "expected": expected_text(c),
                               "detect": "adherence:parameter"})
     ghost_checks = {t.name for q in trial.qc if q.metric == "ghosting" for t in q.targets}
     for _ in range(planned.get("ghosting", 0)):

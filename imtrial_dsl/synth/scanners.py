@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
 from .. import ir
@@ -172,6 +173,7 @@ class DeviceIdent:
     institution: str
     field_t: float
     modality: str
+    site: Optional[str] = None
 
     @property
     def style(self) -> styles.Style:
@@ -183,18 +185,28 @@ class DeviceIdent:
                 "institution": self.institution}
 
 
-def ident_of(site: ir.Site, dev: ir.Device) -> DeviceIdent:
+def ident_of(site: ir.Site, dev: ir.Device, modality: Optional[str] = None) -> DeviceIdent:
+    """The identity a device's headers carry; ``modality``: the one a hybrid device (PET/CT) acquires now."""
+    modality = modality or dev.modality
     vendor = normalize_vendor(dev.vendor)
-    model = dev.model or {"CT": CT_MODEL, "PT": PT_MODEL}.get(dev.modality, DEFAULT_MODEL).get(vendor, "Scanner")
+    model = dev.model or {"CT": CT_MODEL, "PT": PT_MODEL}.get(modality, DEFAULT_MODEL).get(vendor, "Scanner")
     software = software_versions(vendor, dev.software)
     known = vendor in ("Siemens", "GE", "Philips", "Canon", "Hitachi", "Fujifilm", "United Imaging", "Bruker")
     return DeviceIdent(
         device_id=dev.id, vendor=vendor,
-        manufacturer=styles.style(vendor, software, dev.modality).manufacturer if known else (dev.vendor_text or dev.vendor),
+        manufacturer=styles.style(vendor, software, modality).manufacturer if known else (dev.vendor_text or dev.vendor),
         model=model, software=software, serial=dev.serial or "",
         station=dev.station or (dev.id.replace("_", "")[:16] if dev.serial is None else ""),
         institution=dev.institution or site.name,
-        field_t=float(dev.field_strength.value) if dev.field_strength else 3.0, modality=dev.modality)
+        field_t=float(dev.field_strength.value) if dev.field_strength else 3.0, modality=modality, site=site.code)
+
+
+def param_key(c: ir.Constraint) -> Any:
+    """Where a constraint's value lives in a series' ``params``: its keyword (a derived quantity's name,
+    which the writer turns into its source attributes), or ``("private", creator, "(gggg,xxee)")`` for
+    a private element by creator (written into that creator's block)."""
+    step = next((s for s in c.path if s.creator), None)
+    return ("private", step.creator, step.tag) if step is not None else c.keyword
 
 
 def header_params(protocol: ir.Protocol, dev: DeviceIdent, enhanced: bool = False
@@ -228,12 +240,14 @@ def header_params(protocol: ir.Protocol, dev: DeviceIdent, enhanced: bool = Fals
                            TableFeedPerRotation=22.0, RevolutionTime=0.5, DataCollectionDiameter=500.0))
     params["PixelSpacing"] = [1.0, 1.0] if protocol.modality != "PT" else [2.0, 2.0]
     params["ImageType"] = image_type(dev.vendor, protocol.modality, params, enhanced)
-    constraints, _ = ir.effective_constraints(protocol, dev.vendor, dev.software, dev.model)
+    constraints, _ = ir.effective_constraints(protocol, dev.vendor, dev.software, dev.model,
+                                              site=dev.site, device=dev.device_id)
     unsatisfied = []
     hidden: dict[str, Any] = {}
     for c in constraints:
-        params[c.keyword] = satisfying_value(c, params.get(c.keyword, dicomio.MISSING))
-        if not evaluate_value(c, params[c.keyword])[0]:
+        key = param_key(c)
+        params[key] = satisfying_value(c, params.get(key, dicomio.MISSING))
+        if not evaluate_value(c, params[key])[0]:
             unsatisfied.append(c.keyword)
     if protocol.modality == "MR" and "SliceThickness" in params and params.get("MRAcquisitionType") != "3D":
         params.setdefault("SpacingBetweenSlices", params["SliceThickness"])
@@ -288,6 +302,8 @@ def _probe(trial: ir.Trial, protocol: ir.Protocol, description: str, image_type:
     ds.ProtocolName = description
     ds.ImageType = image_type
     for k, v in params.items():
+        if not isinstance(k, str) or tag_for_keyword(k) is None:
+            continue  # a private element by creator or a derived quantity: not an attribute of its own
         try:
             setattr(ds, k, v)
         except (TypeError, ValueError):

@@ -54,7 +54,7 @@ def _integral(c: ir.Constraint, raw: Any) -> Any:
     """Integer-valued attributes (IS, US, …) get the nearest integer that still satisfies ``c``."""
     try:
         vr = dictionary_VR(c.keyword)
-    except KeyError:
+    except (KeyError, ValueError):  # a private element's tag text or a derived quantity: no dictionary VR
         return raw
     if vr not in INTEGER_VRS or not isinstance(raw, (int, float)):
         return raw
@@ -69,6 +69,8 @@ def satisfying_value(c: ir.Constraint, default: Any = dicomio.MISSING) -> Any:
     if default is not dicomio.MISSING and evaluate_value(c, default)[0]:
         return default
     k, vals = c.kind, c.values
+    if k in _MULTI or k == ir.ConstraintKind.PRESENT or c.measure == "count":
+        return _multi_value(c, default)
     if k == ir.ConstraintKind.MATCHES:
         return regex_example(str(vals[0])) or str(vals[0])
     if any(isinstance(v, str) for v in vals):
@@ -102,6 +104,33 @@ def satisfying_value(c: ir.Constraint, default: Any = dicomio.MISSING) -> Any:
         base[c.index] = raw
         return base
     return raw
+
+
+_MULTI = (ir.ConstraintKind.CONTAINS, ir.ConstraintKind.NOT_CONTAINS, ir.ConstraintKind.CONTAINS_ALL,
+          ir.ConstraintKind.CONTAINS_ANY)
+
+
+def _multi_value(c: ir.Constraint, default: Any) -> Any:
+    """has / !has / has all / has any / present / count: the default's values with what is asked added or
+    taken out (so ImageType keeps the vendor's other values)."""
+    have = [] if default is dicomio.MISSING or default is None else list(dicomio.as_list(default))
+    want = [source.header_text(v) if not isinstance(v, ir.Quantity) else _dicom(c, v.value) for v in c.values]
+    k = c.kind
+    if c.measure == "count":
+        lo = {ir.ConstraintKind.GREATER_THAN: 1, ir.ConstraintKind.NOT_EQUAL: 1}.get(k, 0)
+        n = max(int(math.ceil(_num(c.values[0]))) + lo, 0) if c.values else len(have)
+        while not evaluate_value(c, (have + [have[-1] if have else "1"] * n)[:n] if n else dicomio.MISSING)[0] and n < 64:
+            n += 1
+        return (have + [have[-1] if have else "1"] * n)[:n]
+    if k == ir.ConstraintKind.PRESENT:
+        return have or "1"
+    if k == ir.ConstraintKind.NOT_CONTAINS:
+        have = [v for v in have if dicomio.text(v) != want[0]]
+    elif k == ir.ConstraintKind.CONTAINS_ANY:
+        have = have + ([] if any(dicomio.text(v) in want for v in have) else want[:1])
+    else:
+        have = have + [w for w in want if w not in [dicomio.text(v) for v in have]]
+    return have if len(have) != 1 else have[0]
 
 
 def violating_value(c: ir.Constraint, current: Any) -> Optional[Any]:

@@ -10,13 +10,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_VR, private_dictionary_VR, tag_for_keyword
+from pydicom.tag import Tag
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DSequence
 from pydicom.uid import (PYDICOM_IMPLEMENTATION_UID, CTImageStorage, EnhancedMRImageStorage, ExplicitVRLittleEndian,
                          MRImageStorage)
 
 from .. import ir
+from ..derived import DERIVED
 from ..runner import dicomio
 from ..dicom_tables import FLOAT_VRS, INTEGER_VRS
 from ..files import atomic_write_bytes, atomic_write_dataset
@@ -190,6 +192,38 @@ def _private(ds: Dataset, exam: ExamPlan, sp: SeriesPlan, where: str = "classic"
             ds.private_block(blk.group, blk.creator, create=True).add_new(0xFE, "SQ", DSequence([target]))
 
 
+def _writable(kw: Any) -> bool:
+    """A params entry written as the attribute it names (not a private element by creator, not a derived
+    quantity the writer turns into its sources)."""
+    return isinstance(kw, str) and (kw not in DERIVED or tag_for_keyword(kw) is not None)
+
+
+def _constrained_private(ds: Dataset, sp: SeriesPlan) -> None:
+    """Private elements a protocol constrains by creator (``private "GEMS_ACQU_01" (0019,xx9c)``), in that
+    creator's block of the instance, with the VR pydicom's private dictionary gives (else LO / DS)."""
+    for key, v in sp.params.items():
+        if not (isinstance(key, tuple) and key[0] == "private"):
+            continue
+        _, creator, tag = key
+        group, offset = int(tag[1:5], 16), int(tag[-3:-1], 16)
+        try:
+            vr = private_dictionary_VR(Tag(group, 0x1000 | offset), creator)
+        except KeyError:
+            vr = "DS" if isinstance(v, (int, float)) or (isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)) else "LO"
+        vr = vr.split(" or ")[0]
+        block = ds.private_block(group, creator, create=True)
+        block.add_new(offset, vr, float(v) if vr in ("FL", "FD") and not isinstance(v, list)
+                      else _fmt_ds(v) if vr == "DS" else _typed_private(vr, v))
+
+
+def _typed_private(vr: str, v: Any) -> Any:
+    if vr in INTEGER_VRS:
+        return [int(round(float(x))) for x in v] if isinstance(v, list) else int(round(float(v)))
+    if vr in FLOAT_VRS:
+        return [float(x) for x in v] if isinstance(v, list) else float(v)
+    return v
+
+
 def _pet(ds: Dataset, exam: ExamPlan, sp: SeriesPlan, k: int, nz: int) -> None:
     """PET Series / Isotope / Image modules (PS3.3 C.8.9): the radiopharmaceutical inside its sequence."""
     from .scanners import RADIOPHARMACEUTICAL_ITEM
@@ -198,7 +232,12 @@ def _pet(ds: Dataset, exam: ExamPlan, sp: SeriesPlan, k: int, nz: int) -> None:
     for kw in RADIOPHARMACEUTICAL_ITEM:
         if kw in sp.params:
             _set(item, kw, _typed(kw, sp.params[kw]))
-    start = _dt.datetime.combine(exam.date, _dt.time(8 + exam.subject["index"] % 9, 0)) - _dt.timedelta(minutes=60)
+    # the injection: UptakeTime before the series start (60 min unless constrained), the dose from the
+    # activity per kg when that is what the protocol constrains
+    series_start = _dt.datetime.strptime(exam.date.strftime("%Y%m%d") + str(ds.SeriesTime), "%Y%m%d%H%M%S")
+    start = series_start - _dt.timedelta(minutes=float(sp.params.get("UptakeTime", 60.0)))
+    if "InjectedActivityPerKg" in sp.params and "PatientWeight" in ds:
+        item.RadionuclideTotalDose = _fmt_ds(float(sp.params["InjectedActivityPerKg"]) * float(ds.PatientWeight) * 1e6)
     item.RadiopharmaceuticalStartTime = start.strftime("%H%M%S")
     item.RadiopharmaceuticalStartDateTime = start.strftime("%Y%m%d%H%M%S")
     item.RadionuclideCodeSequence = DSequence([_code("77004003", "SCT", "^18^Fluorine")])            # CID 4020
@@ -259,7 +298,7 @@ def write_series(exam: ExamPlan, sp: SeriesPlan, out_dir: Path, shape: tuple[int
             ds.ImageType = sp.image_type
             _common(ds, exam, sp, phi, seed)
             for kw, v in sp.params.items():
-                if modality == "PT" and kw in RADIOPHARMACEUTICAL_ITEM:
+                if modality == "PT" and kw in RADIOPHARMACEUTICAL_ITEM or not _writable(kw):
                     continue  # the PET Isotope module keeps them inside its sequence
                 _set(ds, kw, _typed(kw, v))
             ds.InstanceNumber = k + 1
@@ -275,6 +314,7 @@ def write_series(exam: ExamPlan, sp: SeriesPlan, out_dir: Path, shape: tuple[int
                 _pet(ds, exam, sp, k, nz)
                 ds.RescaleIntercept, ds.RescaleSlope = 0, "12.5"
             _private(ds, exam, sp)
+            _constrained_private(ds, sp)
             ds.PixelData = pixels[k].tobytes()
             path = series_dir / f"IM{k + 1:04d}.dcm"
             atomic_write_dataset(path, ds)
@@ -391,7 +431,7 @@ def _enhanced(exam: ExamPlan, sp: SeriesPlan, pixels: np.ndarray, ps: list[float
     shared: dict[str, Dataset] = {}
     frame: dict[str, Dataset] = {}
     for kw, v in p.items():
-        if kw in ENHANCED_SKIP or kw == "MRAcquisitionType":
+        if kw in ENHANCED_SKIP or kw == "MRAcquisitionType" or not _writable(kw):
             continue
         if kw in ENHANCED_GROUPS and kw not in exam.device.style.enhanced_top:
             seq, inner, per_frame = ENHANCED_GROUPS[kw]
@@ -455,6 +495,7 @@ def _enhanced(exam: ExamPlan, sp: SeriesPlan, pixels: np.ndarray, ps: list[float
     for seq, item in sorted(shared.items()):
         setattr(shared_item, seq, DSequence([item]))
     _private(shared_item, exam, sp, where="shared")
+    _constrained_private(ds, sp)
     ds.SharedFunctionalGroupsSequence = DSequence([shared_item])
     frames = []
     for k in range(nz):

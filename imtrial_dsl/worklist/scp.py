@@ -66,7 +66,7 @@ def query(trial: ir.Trial, workdir: str | Path, calling_ae: str, identifier) -> 
         db.close()
     out = []
     for st in rows:
-        if st.get("exam_key") or st["modality"] != device.modality:
+        if st.get("exam_key") or not device.acquires(st["modality"]):
             continue
         entry = item(trial, st, calling_ae)
         if matches(identifier, entry):
