@@ -81,7 +81,7 @@ def load_volume(paths: Sequence[str | Path]) -> Volume:
     for p in paths:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(p, force=True)
+            ds = dicomio.frozen(pydicom.dcmread(p, force=True))  # read only: functional groups indexed once
         if first is None:
             first = ds
         arr = _frames(ds)
