@@ -29,6 +29,8 @@ def main() -> int:
         ["bench_adherence.py"] + (["--files", "300"] if args.quick else []),
         ["bench_listen.py"] + (["--repeats", "1", "--slices", "6"] if args.quick else []),
         ["bench_cwl.py"] + (["--subjects", "1", "--visits", "baseline", "--size", "small"] if args.quick else []),
+        ["bench_enhanced.py"] + (["--rounds", "1"] if args.quick else []),
+        ["bench_run.py"] + (["--size", "small", "--visits", "baseline"] if args.quick else []),
     ]
     status = 0
     for cmd in runs:

@@ -156,6 +156,7 @@ class ExamCache:
         self._lock = threading.Lock()
         self._json: dict[Path, Any] = {}
         self.data: dict[Any, Any] = {}
+        self._making: dict[Any, threading.Lock] = {}
 
     def json(self, path: Path, default: Any = None) -> Any:
         with self._lock:
@@ -172,13 +173,22 @@ class ExamCache:
             self._json.pop(path, None)
 
     def get(self, key: Any, make) -> Any:
-        """A value shared by the exam's nodes, made once (e.g. the series' headers)."""
+        """A value shared by the exam's nodes, made once (e.g. the series' headers).
+
+        Made once even when two nodes ask at the same time (the QC checks of an exam run side by side and
+        read the same series): the second waits for the first instead of decoding the pixels again."""
         with self._lock:
             if key in self.data:
                 return self.data[key]
-        val = make()
-        with self._lock:
-            return self.data.setdefault(key, val)
+            making = self._making.setdefault(key, threading.Lock())
+        with making:
+            with self._lock:
+                if key in self.data:
+                    return self.data[key]
+            val = make()
+            with self._lock:
+                self._making.pop(key, None)
+                return self.data.setdefault(key, val)
 
 
 # --------------------------------------------------------------------------- running one node

@@ -151,8 +151,93 @@ def has_functional_groups(ds: Dataset) -> bool:
 
 
 def read_header(path: str | os.PathLike, *, specific_tags: Optional[list] = None) -> Dataset:
-    """Header-only read (no pixel data): what classification and adherence need."""
-    return pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=specific_tags)
+    """Header-only read (no pixel data): what classification and adherence need (read-only: see :func:`frozen`)."""
+    return frozen(pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=specific_tags))
+
+
+# --------------------------------------------------------------------------- functional-group index
+# An Enhanced object answers every keyword from its Shared and Per-frame Functional Groups. Searching the
+# groups per keyword and frame costs (keywords x frames x items); a data set the runner only reads is
+# instead walked once, each group item flattened to keyword -> (visit order, value), and every lookup is a
+# dict probe. The flattening visits items in the order _find_in_item does, so a lookup finds the same value.
+
+_INDEX_ATTR = "_imtrial_fg_index"
+
+
+class _GroupIndex:
+    __slots__ = ("shared", "frames")
+
+    def __init__(self, ds: Dataset):
+        shared = ds.get("SharedFunctionalGroupsSequence")
+        self.shared = _flatten(shared[0]) if shared else None
+        per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+        self.frames = [_flatten(item) for item in per_frame] if per_frame else []
+
+
+def _flatten(item: Dataset) -> dict[str, tuple[int, Any]]:
+    """keyword -> (pre-order number of the item that holds it, value) for the non-sequence elements of
+    ``item`` and of the first item of its sequences, ``_MAX_DEPTH`` levels down (as :func:`_find_in_item`)."""
+    out: dict[str, tuple[int, Any]] = {}
+    order = 0
+
+    def visit(it: Dataset, depth: int) -> None:
+        nonlocal order
+        here = order
+        order += 1
+        subs = []
+        for elem in it:
+            if elem.VR == "SQ":
+                if elem.value:
+                    subs.append(elem.value[0])
+            elif elem.keyword and elem.keyword not in out:
+                out[elem.keyword] = (here, elem.value)
+        if depth > 0:
+            for sub in subs:
+                visit(sub, depth - 1)
+
+    visit(item, _MAX_DEPTH)
+    return out
+
+
+def _lookup(flat: dict[str, tuple[int, Any]], kws: tuple[str, ...]) -> Any:
+    """What ``_find_in_item(item, kws, _MAX_DEPTH)`` returns, from the item's flattened index."""
+    best = None
+    for pos, kw in enumerate(kws):
+        hit = flat.get(kw)
+        if hit is not None and (best is None or (hit[0], pos) < best[:2]):
+            best = (hit[0], pos, hit[1])
+    return MISSING if best is None else best[2]
+
+
+class _Frozen:
+    """The mark :func:`frozen` leaves on a data set. A copy or a pickle of the data set does not keep it (it
+    becomes None): a copy may be changed (de-identification previews work on a deep copy)."""
+
+    __slots__ = ("owner", "index")
+
+    def __init__(self, owner: int):
+        self.owner, self.index = owner, None
+
+    def __reduce__(self):
+        return (type(None), ())
+
+
+def frozen(ds: Dataset) -> Dataset:
+    """Mark ``ds`` as read-only for the runner: its functional groups are indexed on first use. Only for data
+    sets nobody changes afterwards (a changed group item would not be seen); the readers here return them."""
+    if has_functional_groups(ds):
+        object.__setattr__(ds, _INDEX_ATTR, _Frozen(id(ds)))
+    return ds
+
+
+def _index(ds: Dataset) -> Optional[_GroupIndex]:
+    """The functional-group index of a :func:`frozen` data set (made on first use), else None."""
+    mark = ds.__dict__.get(_INDEX_ATTR)
+    if mark is None or mark.owner != id(ds):
+        return None
+    if mark.index is None:
+        mark.index = _GroupIndex(ds)
+    return mark.index
 
 
 def plain(value: Any) -> Any:
@@ -376,18 +461,29 @@ def get_param(ds: Dataset, keyword: str, frame: Optional[int] = None) -> Any:
             elem = ds[kw]
             if elem.VR != "SQ" and not (elem.value is None or elem.value == ""):
                 return plain(elem.value)
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    if shared:
-        found = _find_in_item(shared[0], kws, _MAX_DEPTH)
-        if found is not MISSING:
-            return _classic(keyword, plain(found))
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if per_frame:
-        idx = frame or 0
-        if idx < len(per_frame):
-            found = _find_in_item(per_frame[idx], kws, _MAX_DEPTH)
+    index = _index(ds)
+    if index is not None:
+        if index.shared is not None:
+            found = _lookup(index.shared, kws)
             if found is not MISSING:
                 return _classic(keyword, plain(found))
+        if (frame or 0) < len(index.frames):
+            found = _lookup(index.frames[frame or 0], kws)
+            if found is not MISSING:
+                return _classic(keyword, plain(found))
+    else:
+        shared = ds.get("SharedFunctionalGroupsSequence")
+        if shared:
+            found = _find_in_item(shared[0], kws, _MAX_DEPTH)
+            if found is not MISSING:
+                return _classic(keyword, plain(found))
+        per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+        if per_frame:
+            idx = frame or 0
+            if idx < len(per_frame):
+                found = _find_in_item(per_frame[idx], kws, _MAX_DEPTH)
+                if found is not MISSING:
+                    return _classic(keyword, plain(found))
     # present-but-empty top-level element counts as present with empty value
     for kw in kws:
         if kw in ds and ds[kw].VR != "SQ":
@@ -417,6 +513,9 @@ def _in_top_or_shared(ds: Dataset, keyword: str) -> bool:
     kws = _keywords(keyword)
     if any(kw in ds for kw in kws):
         return True
+    index = _index(ds)
+    if index is not None:
+        return index.shared is not None and _lookup(index.shared, kws) is not MISSING
     shared = ds.get("SharedFunctionalGroupsSequence")
     return bool(shared) and _find_in_item(shared[0], kws, _MAX_DEPTH) is not MISSING
 
@@ -489,7 +588,7 @@ def read_header_checked(path: str | os.PathLike) -> tuple[Dataset, bool, str]:
     Returns (header, complete, detail).
     """
     with open(path, "rb") as fp:
-        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+        ds = frozen(pydicom.dcmread(fp, stop_before_pixels=True, force=True))
         start = fp.tell()
         head = fp.read(12)
         size = os.fstat(fp.fileno()).st_size

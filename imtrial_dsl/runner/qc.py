@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Callable, Optional, Sequence
 
@@ -52,6 +52,8 @@ class Volume:
     pe_direction: Optional[str]
     bits_stored: int
     signed: bool
+    # the Otsu foreground, computed once per volume: every metric that needs it shares it (see foreground)
+    _foreground: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
 
 def _frames(ds: pydicom.Dataset) -> np.ndarray:
@@ -79,7 +81,7 @@ def load_volume(paths: Sequence[str | Path]) -> Volume:
     for p in paths:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(p, force=True)
+            ds = dicomio.frozen(pydicom.dcmread(p, force=True))  # read only: functional groups indexed once
         if first is None:
             first = ds
         arr = _frames(ds)
@@ -97,8 +99,16 @@ def load_volume(paths: Sequence[str | Path]) -> Volume:
     if first is None:
         raise ValueError("no instances")
     slices.sort(key=lambda s: s[0])
-    stored = np.stack([s[1] for s in slices]).astype(np.int64 if np.issubdtype(slices[0][1].dtype, np.integer) else np.float64)
-    data = np.stack([s[1].astype(np.float32) * s[2] + s[3] for s in slices]).astype(np.float32)
+    # filled slice by slice into arrays made once (stacking copies every slice twice more)
+    shape = (len(slices), *slices[0][1].shape)
+    if any(s[1].shape != shape[1:] for s in slices):
+        raise ValueError("the series' frames differ in size: all input arrays must have the same shape")
+    stored = np.empty(shape, np.int64 if np.issubdtype(slices[0][1].dtype, np.integer) else np.float64)
+    data = np.empty(shape, np.float32)
+    for k, (_, frame, slope, inter, _, _) in enumerate(slices):
+        stored[k] = frame
+        # x * 1.0 + 0.0 is x: the common case needs no arithmetic
+        data[k] = frame if (slope, inter) == (1.0, 0.0) else frame.astype(np.float32) * slope + inter
     pe = dicomio.get_param(first, "InPlanePhaseEncodingDirection")
     return Volume(
         data=data, stored=stored,
@@ -114,7 +124,9 @@ def load_volume(paths: Sequence[str | Path]) -> Volume:
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     """Otsu's threshold on a 1-D array of intensities."""
-    v = values[np.isfinite(values)].ravel()
+    v = values.ravel()
+    if not np.isfinite(v).all():  # rescaled integers always are: skip the copy then
+        v = v[np.isfinite(v)]
     lo, hi = float(v.min()), float(v.max())
     if hi <= lo:
         return lo
@@ -130,7 +142,10 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
 
 
 def foreground(vol: Volume) -> np.ndarray:
-    return vol.data > otsu_threshold(vol.data)
+    """Voxels above the Otsu threshold; made once per volume (the QC checks of a series share the volume)."""
+    if vol._foreground is None:
+        vol._foreground = vol.data > otsu_threshold(vol.data)
+    return vol._foreground
 
 
 def _central_slices(vol: Volume) -> slice:
