@@ -58,7 +58,8 @@ def design(trial: ir.Trial) -> dict:
     """The USDM wrapper of the study as plain JSON-ready data (validated by loading it into usdm_model)."""
     from usdm_model import (Activity, Code, Encounter, InterventionalStudyDesign, Organization, Procedure,
                             ScheduledActivityInstance, ScheduleTimeline, Study, StudyArm, StudyCell,
-                            StudyDesignPopulation, StudyEpoch, StudyIdentifier, StudyTitle, StudyVersion, Timing, Wrapper)
+                            StudyDesignPopulation, StudyEpoch, StudyIdentifier, StudyTitle, StudyVersion, Timing, TransitionRule,
+                            Wrapper)
     from usdm_model.alias_code import AliasCode
 
     s = trial.study
@@ -119,7 +120,11 @@ def design(trial: ir.Trial) -> dict:
     encounters, instances, timings = [], [], []
     for v in visits:
         enc = Encounter(id=cid("Encounter", v.name), name=v.name, label=v.name, type=c(VISIT, f"enc_{v.name}"),
-                        description=f"{v.kind} visit, target day {v.offset.days:g}")
+                        description=(f"unscheduled visit on event: {v.event}" if v.event else
+                                     f"{v.kind} visit" + ("" if v.kind == "unscheduled" else f", target day {v.offset.days:g}")),
+                        # an event-driven visit starts when its event happens, not on a day of the timeline
+                        transitionStartRule=TransitionRule(id=cid("TransitionRule", v.name), name=f"TR_{v.name}",
+                                                           text=f"on event: {v.event}") if v.event else None)
         encounters.append(enc)
         if v.kind == "unscheduled":
             continue
