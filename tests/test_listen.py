@@ -10,7 +10,6 @@ from __future__ import annotations
 import email
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -25,16 +24,11 @@ from imtrial_dsl.listen.service import listen
 from imtrial_dsl.runner.run import run_study
 from imtrial_dsl.store import Store
 from imtrial_dsl.tools.minicorpus import MINI_STUDY, make_corpus
+from netutil import free_port  # tests/netutil.py
 
 KEY = "listen-test-key-0123456789"
 # the protocol written as the example: a target with a relative tolerance
 STUDY = MINI_STUDY.replace("  RepetitionTime in 3000 .. 5000 ms\n  EchoTime", "  RepetitionTime = 4000 ms ± 1%\n  EchoTime", 1)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture()
@@ -112,7 +106,7 @@ def _pynetdicom_scanner(port: int, files: list[Path], mpps_complete: bool = Fals
 
 def test_storescu_conformant_pass_and_planted_deviation_fail_within_seconds(site):
     lines: list[str] = []
-    L = listen(site["trial"], site["work"], port=_free_port(), quiet_s=1.0, notify=lines.append)
+    L = listen(site["trial"], site["work"], port=free_port(), quiet_s=1.0, notify=lines.append)
     try:
         sent = _storescu(L.port, site["t2"])
         ok = _final(L, site["t2"])
@@ -147,7 +141,7 @@ def test_storescu_conformant_pass_and_planted_deviation_fail_within_seconds(site
 
 
 def test_pynetdicom_scanner_mpps_completed_gives_the_verdict_before_the_quiet_time(site):
-    L = listen(site["trial"], site["work"], port=_free_port(), quiet_s=60.0)
+    L = listen(site["trial"], site["work"], port=free_port(), quiet_s=60.0)
     try:
         last = _pynetdicom_scanner(L.port, site["bad"], mpps_complete=True)
         v = _final(L, site["bad"])

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from datetime import date, timedelta
@@ -32,6 +31,7 @@ from imtrial_dsl.ops.qualify import is_qualified, qualify
 from imtrial_dsl.ops.reminders import run_reminders
 from imtrial_dsl import synth
 from imtrial_dsl.runner.run import run_study
+from netutil import free_port  # tests/netutil.py
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ROOT / "examples" / "amyloid_mri.imtrial"
@@ -58,12 +58,6 @@ def _set_param(folder: Path, keyword: str, value) -> None:
         ds = pydicom.dcmread(f)
         setattr(ds, keyword, value)
         ds.save_as(f)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Sink:
@@ -167,7 +161,7 @@ def test_reminders_over_smtp(study):
     site, visit = study["missing"]
     pi = next(c.email for c in trial.site(site).contacts if c.role == "imaging_pi")
     sink = _Sink()
-    port = _free_port()
+    port = free_port()
     ctl = Controller(sink, hostname="127.0.0.1", port=port)
     ctl.start()
     try:

@@ -1,7 +1,6 @@
 """Reminders: policy, recipients, de-duplication, SMTP delivery to a local sink, iCalendar output."""
 import email
 from email import policy
-import socket
 from datetime import date
 
 import pytest
@@ -11,6 +10,7 @@ from imtrial_dsl.ops import ics
 from imtrial_dsl.ops.reminders import run_reminders
 from ops_data.data import AS_OF, study_data
 from ops_data.trial import trial
+from netutil import free_port  # tests/netutil.py
 
 EXPECTED = {  # recipient -> [(kind, subject, visit)]
     "central@lab.example": [("overdue", "AMY01-BOS-0002", "m12")],
@@ -22,12 +22,6 @@ EXPECTED = {  # recipient -> [(kind, subject, visit)]
 
 def _by_recipient(run):
     return {m.recipient.email: sorted((n.kind, n.subject_id, n.visit) for n in m.notices) for m in run.messages}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Sink:

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import ssl
 import subprocess
@@ -26,16 +25,11 @@ from pathlib import Path
 import pytest
 
 from imtrial_dsl.tools.minicorpus import MINI_STUDY, make_corpus
+from netutil import free_port  # tests/netutil.py
 
 KEY = "pull-test-key-0123456789abcdef"
 PLUGINS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/lib/orthanc/plugins/libOrthancDicomWeb.so")
 STUDY = MINI_STUDY + '\ntransfer relay dicomweb "https://relay.example/dicom-web" auth env RELAY_SITE_TOKEN\n'
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ca(d: Path) -> tuple[Path, Path]:
@@ -62,7 +56,7 @@ class Relay:
         stunnel = shutil.which("stunnel4") or shutil.which("stunnel")
         if stunnel is None:
             pytest.fail("stunnel is not installed: run scripts/sysdeps.sh")
-        self.d, self.binary, self.port, self.http = d, binary, _free_port(), _free_port()
+        self.d, self.binary, self.port, self.http = d, binary, free_port(), free_port()
         self.url = f"https://127.0.0.1:{self.port}/dicom-web"
         self.rest = f"https://127.0.0.1:{self.port}"
         self.basic = basic

@@ -11,7 +11,6 @@ import copy
 import csv
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from imtrial_dsl.tools.minicorpus import MINI_STUDY, make_corpus
 from imtrial_dsl.worklist import WorklistError
 from imtrial_dsl.worklist import schedule as S
 from imtrial_dsl.worklist.scp import serve
+from netutil import free_port  # tests/netutil.py
 
 KEY = "worklist-test-key-0123456789"
 # the mini study with AE titles on its scanner, and a second site whose scanner must see nothing of HOS
@@ -44,12 +44,6 @@ MINI01-OTH-201,OTH,2026-03-04,X9,OTH-MRN,Other^Olga,19700303,F
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def site(tmp_path, monkeypatch):
     monkeypatch.setenv("IMTRIAL_KEY", KEY)
@@ -61,7 +55,7 @@ def site(tmp_path, monkeypatch):
     work = tmp_path / "work"
     S.enroll(res.trial, work, S.read_enrollment(tmp_path / "enroll.csv"))
     S.plan(res.trial, work)
-    svc = serve(res.trial, work, port=_free_port(), ae_title="IMTRIAL_MWL")
+    svc = serve(res.trial, work, port=free_port(), ae_title="IMTRIAL_MWL")
     yield {"trial": res.trial, "study": study, "work": work, "svc": svc, "tmp": tmp_path}
     svc.stop()
 
