@@ -116,13 +116,13 @@ def test_qc_checks_of_a_series_share_one_foreground(monkeypatch):
                     instance_numbers=list(range(1, 9)), modality="MR", pe_direction="ROW", bits_stored=12,
                     signed=False)
     calls = []
-    real = qc.otsu_threshold
-    monkeypatch.setattr(qc, "otsu_threshold", lambda v: calls.append(1) or real(v))
+    real = qc.volume_otsu
+    monkeypatch.setattr(qc, "volume_otsu", lambda v: calls.append(1) or real(v))
     snr, _ = qc.m_snr(vol)
     ghost, _ = qc.m_ghosting(vol)
     qc.m_clipping(vol)
     assert len(calls) == 1
     fresh = qc.Volume(**{k: getattr(vol, k) for k in ("data", "stored", "positions", "instance_numbers", "modality",
                                                        "pe_direction", "bits_stored", "signed")})
-    monkeypatch.setattr(qc, "otsu_threshold", real)
+    monkeypatch.setattr(qc, "volume_otsu", real)
     assert qc.m_snr(fresh)[0] == snr and qc.m_ghosting(fresh)[0] == ghost   # the same values as computed alone

@@ -7,12 +7,11 @@ from io import BytesIO
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
 
 from ..files import atomic_write_bytes
 from .elements import raw_text
+from .writer import dataset_bytes
 
 ENGINE_VERSION = "imtrial-deid 1"
 IMPLEMENTATION_CLASS_UID = "2.25.229346958127213146873402376458208370217"  # fixed: output must not vary by host
@@ -36,12 +35,7 @@ def to_bytes(ds: Dataset, transfer_syntax) -> bytes:
         buf = BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         return buf.getvalue()
-    fp = DicomBytesIO()
-    fp.is_little_endian = True
-    fp.is_implicit_VR = ts.is_implicit_VR
-    fp.write(_file_meta_bytes(sop_class, sop_inst, str(ts)))
-    write_dataset(fp, ds)
-    return fp.getvalue()
+    return _file_meta_bytes(sop_class, sop_inst, str(ts)) + dataset_bytes(ds, ts.is_implicit_VR)
 
 
 def write_instance(folder: Path, sop_instance_uid: str, data: bytes) -> Path:

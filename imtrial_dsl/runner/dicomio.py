@@ -789,3 +789,75 @@ def nested_home(keyword: str, modality: str) -> Optional[str]:
     from ..nested import NESTED
 
     return NESTED.get(modality.upper(), {}).get(keyword, (None,))[0]
+
+
+# --------------------------------------------------------------------------- native pixel data, read directly
+# QC needs every instance's pixels. For the common case (uncompressed little-endian, one sample per pixel) the
+# Pixel Data element's bytes *are* the array: reading them at their offset after a header-only parse skips
+# pydicom's full parse and its pixel pipeline. The result is the array ``ds.pixel_array`` gives (same dtype,
+# shape (frames, rows, columns), unused high bits corrected the same way); anything else returns None and the
+# caller takes pydicom's path (tests/test_speed.py compares both on the real files).
+
+_LE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+_DTYPES = {(8, 0): "<u1", (8, 1): "<i1", (16, 0): "<u2", (16, 1): "<i2", (32, 0): "<u4", (32, 1): "<i4"}
+
+
+def native_pixels(ds: Dataset, fp, start: int) -> Optional["np.ndarray"]:
+    """The frames of a header-only data set ``ds`` whose file ``fp`` has Pixel Data at byte ``start``
+    (where ``dcmread(..., stop_before_pixels=True)`` stopped), or None when this is not the simple case."""
+    import numpy as np
+
+    meta = getattr(ds, "file_meta", None)
+    ts = raw_text(meta, 0x00020010) if meta is not None else ""
+    if ts not in _LE_SYNTAXES or raw_bytes(ds, 0x7FE00008) is not None or raw_bytes(ds, 0x7FE00009) is not None:
+        return None
+    if raw_uint(ds, 0x00280002, 1) != 1 or has_functional_groups(ds):
+        return None
+    rows, cols = raw_uint(ds, 0x00280010, 0), raw_uint(ds, 0x00280011, 0)
+    bits, stored = raw_uint(ds, 0x00280100, 0), raw_uint(ds, 0x00280101, 0)
+    rep = raw_uint(ds, 0x00280103, -1)
+    frames = raw_uint(ds, 0x00280008, -1) if _elem(ds, 0x00280008) is not None else 1  # unreadable: pydicom says why
+    dtype = _DTYPES.get((bits, rep))
+    if dtype is None or not rows or not cols or not 0 < stored <= bits or frames < 1:
+        return None
+    fp.seek(start)
+    head = fp.read(12)
+    if head[:4] != b"\xe0\x7f\x10\x00":
+        return None
+    if ts == "1.2.840.10008.1.2":
+        if len(head) < 8:
+            return None
+        length, skip = struct.unpack_from("<I", head, 4)[0], 8
+    else:
+        if len(head) < 12 or head[4:6] not in (b"OB", b"OW"):
+            return None
+        length, skip = struct.unpack_from("<I", head, 8)[0], 12
+    count = rows * cols * frames
+    need = count * (bits // 8)
+    if length == 0xFFFFFFFF or length < need:
+        return None
+    fp.seek(start + skip)
+    buf = fp.read(need)
+    if len(buf) < need:
+        return None
+    arr = np.frombuffer(buf, dtype=dtype, count=count).reshape(frames, rows, cols)
+    if stored < bits:  # as pydicom does: shift the unused high bits out and back (sign-extends signed values)
+        arr = arr.copy()
+        np.left_shift(arr, bits - stored, out=arr)
+        np.right_shift(arr, bits - stored, out=arr)
+    return arr
+
+
+def read_with_pixels(path: str | os.PathLike) -> tuple[Dataset, "np.ndarray"]:
+    """(read-only header, frames as (frames, rows, columns)) of one instance: the Pixel Data bytes read
+    directly when :func:`native_pixels` can, else pydicom's full read and ``pixel_array``."""
+    with open(path, "rb") as fp:
+        ds = frozen(pydicom.dcmread(fp, stop_before_pixels=True, force=True))
+        arr = native_pixels(ds, fp, fp.tell())
+    if arr is not None:
+        return ds, arr
+    ds = frozen(pydicom.dcmread(path, force=True))
+    arr = ds.pixel_array
+    if number_of_frames(ds) == 1:
+        arr = arr[None, ...]
+    return ds, arr

@@ -52,17 +52,15 @@ class Volume:
     pe_direction: Optional[str]
     bits_stored: int
     signed: bool
+    # (slope, intercept) shared by every slice of an integer volume (data = f(stored)), else None
+    rescale: Optional[tuple[float, float]] = None
     # the Otsu foreground, computed once per volume: every metric that needs it shares it (see foreground)
     _foreground: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
 
-def _frames(ds: pydicom.Dataset) -> np.ndarray:
-    arr = ds.pixel_array
-    if dicomio.number_of_frames(ds) == 1:
-        arr = arr[np.newaxis, ...]
-    if arr.ndim == 4:  # colour: QC runs on luminance-like mean
-        arr = arr.mean(axis=-1)
-    return arr
+def _frames(arr: np.ndarray) -> np.ndarray:
+    """(frames, rows, columns) from :func:`dicomio.read_with_pixels`' frames; colour: QC runs on the mean."""
+    return arr.mean(axis=-1) if arr.ndim == 4 else arr
 
 
 def _rescale(ds: pydicom.Dataset, frame: int) -> tuple[float, float]:
@@ -78,20 +76,24 @@ def load_volume(paths: Sequence[str | Path]) -> Volume:
     """Read a series' pixel data (classic: one frame per file; Enhanced: all frames of each file)."""
     slices: list[tuple[tuple, np.ndarray, float, float, Optional[float], Optional[int]]] = []
     first = None
+    normals: dict[tuple, np.ndarray] = {}   # a series has one or a few orientations: one cross product each
     for p in paths:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = dicomio.frozen(pydicom.dcmread(p, force=True))  # read only: functional groups indexed once
+            ds, arr = dicomio.read_with_pixels(p)  # read only: functional groups indexed once
         if first is None:
             first = ds
-        arr = _frames(ds)
+        arr = _frames(arr)
         geo = dicomio.frame_geometry(ds)
         inum = dicomio.get_param(ds, "InstanceNumber")
         for k in range(arr.shape[0]):
             pos, ori = geo[k] if k < len(geo) else (None, None)
             z = None
             if pos is not None and ori is not None:
-                normal = np.cross(np.array(ori[:3]), np.array(ori[3:]))
+                key = tuple(ori)
+                normal = normals.get(key)
+                if normal is None:
+                    normal = normals[key] = np.cross(np.array(ori[:3]), np.array(ori[3:]))
                 z = float(np.dot(normal, np.array(pos)))
             slope, inter = _rescale(ds, k)
             n = inum * 1000 + k if isinstance(inum, int) and arr.shape[0] > 1 else (inum if isinstance(inum, int) else None)
@@ -99,12 +101,16 @@ def load_volume(paths: Sequence[str | Path]) -> Volume:
     if first is None:
         raise ValueError("no instances")
     slices.sort(key=lambda s: s[0])
-    # filled slice by slice into arrays made once (stacking copies every slice twice more)
+    # filled slice by slice into arrays made once (stacking copies every slice twice more); stored values keep
+    # their integer type (every metric's arithmetic on them is exact in it)
     shape = (len(slices), *slices[0][1].shape)
     if any(s[1].shape != shape[1:] for s in slices):
         raise ValueError("the series' frames differ in size: all input arrays must have the same shape")
-    stored = np.empty(shape, np.int64 if np.issubdtype(slices[0][1].dtype, np.integer) else np.float64)
+    kinds = {s[1].dtype for s in slices}
+    int_type = np.result_type(*kinds) if all(np.issubdtype(k, np.integer) for k in kinds) else None
+    stored = np.empty(shape, int_type if int_type is not None else np.float64)
     data = np.empty(shape, np.float32)
+    rescales = {(s[2], s[3]) for s in slices}
     for k, (_, frame, slope, inter, _, _) in enumerate(slices):
         stored[k] = frame
         # x * 1.0 + 0.0 is x: the common case needs no arithmetic
@@ -117,6 +123,7 @@ def load_volume(paths: Sequence[str | Path]) -> Volume:
         pe_direction=str(pe).upper() if isinstance(pe, str) and pe else None,
         bits_stored=int(first.get("BitsStored", 16) or 16),
         signed=int(first.get("PixelRepresentation", 0) or 0) == 1,
+        rescale=next(iter(rescales)) if len(rescales) == 1 and int_type is not None else None,
     )
 
 
@@ -131,6 +138,10 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     if hi <= lo:
         return lo
     hist, edges = np.histogram(v, bins=bins, range=(lo, hi))
+    return _otsu_from_hist(hist, edges)
+
+
+def _otsu_from_hist(hist: np.ndarray, edges: np.ndarray) -> float:
     centers = (edges[:-1] + edges[1:]) / 2
     w0 = np.cumsum(hist)
     w1 = w0[-1] - w0
@@ -141,10 +152,47 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(centers[int(np.argmax(between))])
 
 
+_MAX_SPAN = 1 << 20   # distinct stored values counted with bincount (16-bit data: 65,536)
+_CHUNK = 1 << 16
+
+
+def volume_otsu(vol: Volume, bins: int = 256) -> float:
+    """:func:`otsu_threshold` of ``vol.data``, the same value, from a count of the distinct stored values when
+    the data are one rescale of them: np.histogram then bins the few distinct values (weighted by their counts)
+    instead of every voxel — each value falls in the bin it falls in either way."""
+    s = vol.stored
+    if vol.rescale is None or s.size == 0 or s.dtype.kind not in "iu":
+        return otsu_threshold(vol.data, bins)
+    flat = s.ravel()
+    mn, mx = int(flat.min()), int(flat.max())
+    if mx - mn >= _MAX_SPAN:
+        return otsu_threshold(vol.data, bins)
+    # stored value v is counted at index v - mn (at v itself when that array stays small)
+    direct = 0 <= mn and mx < _MAX_SPAN
+    offset = 0 if direct else mn
+    counts = np.zeros((mx if direct else mx - mn) + 1, np.int64)
+    for i in range(0, flat.size, _CHUNK):  # in chunks: bincount's index copy of each stays in the cache
+        part = flat[i:i + _CHUNK]
+        c = np.bincount(part if direct else part.astype(np.int64) - mn)
+        counts[:c.size] += c
+    vals = np.flatnonzero(counts)
+    weights = counts[vals]
+    vals = vals + offset
+    slope, inter = vol.rescale
+    # the float32 values load_volume computed for these stored values (same arithmetic, element by element)
+    vals = vals.astype(s.dtype)
+    data = vals.astype(np.float32) if (slope, inter) == (1.0, 0.0) else vals.astype(np.float32) * slope + inter
+    lo, hi = float(data.min()), float(data.max())
+    if hi <= lo:
+        return lo
+    hist, edges = np.histogram(data, bins=bins, range=(lo, hi), weights=weights)
+    return _otsu_from_hist(hist.astype(np.int64), edges)
+
+
 def foreground(vol: Volume) -> np.ndarray:
     """Voxels above the Otsu threshold; made once per volume (the QC checks of a series share the volume)."""
     if vol._foreground is None:
-        vol._foreground = vol.data > otsu_threshold(vol.data)
+        vol._foreground = vol.data > volume_otsu(vol)
     return vol._foreground
 
 
@@ -262,9 +310,18 @@ def m_clipping(vol: Volume) -> tuple[float, dict]:
     hi = (1 << (bits - 1)) - 1 if vol.signed else (1 << bits) - 1
     lo = -(1 << (bits - 1)) if vol.signed else None
     mask = foreground(vol)
-    st = vol.stored[mask] if mask.any() else vol.stored.ravel()
-    clipped = int((st >= hi).sum()) + (int((st <= lo).sum()) if lo is not None else 0)
-    return clipped / max(1, st.size), {"clipped_voxels": clipped, "voxels": int(st.size), "max_storable": hi}
+    n = int(np.count_nonzero(mask))
+    st = vol.stored
+    # counted in place (no copy of the foreground's values): at or beyond the storable extremes
+    over = st >= hi
+    if lo is not None:
+        over |= st <= lo
+    if n:
+        over &= mask
+    else:
+        n = st.size
+    clipped = int(np.count_nonzero(over))
+    return clipped / max(1, n), {"clipped_voxels": clipped, "voxels": n, "max_storable": hi}
 
 
 def m_dynamic_range(vol: Volume) -> tuple[float, dict]:
