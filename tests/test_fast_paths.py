@@ -170,3 +170,27 @@ def test_writer_bytes_equal_pydicom(engine):
             assert dataset_bytes(ds, implicit) == want, (path.name, deidentify)
             n += 1
     assert n >= 200
+
+
+def test_qc_volume_from_the_scan_equals_reading_the_files(tmp_path):
+    """QC reads pixels where the classification scan found them (no second header parse): the same volume."""
+    from imtrial_dsl.runner.classify import scan
+
+    n = 0
+    for folder in sorted({p.parent for p in REAL}):
+        scanned = scan(folder, keep_headers=False, pixel_refs=True)
+        for s in scanned.series.values():
+            paths = [i.path for i in s.instances]
+            try:
+                want = qc.load_volume(paths)
+            except Exception as exc:   # no pixels, frames of other sizes: the same error either way
+                with pytest.raises(type(exc)):
+                    qc.load_volume(paths, [i.pixels for i in s.instances], s.header)
+                continue
+            got = qc.load_volume(paths, [i.pixels for i in s.instances], s.header)
+            n += sum(i.pixels is not None for i in s.instances)
+            assert np.array_equal(got.data, want.data) and np.array_equal(got.stored, want.stored)
+            assert (got.positions, got.instance_numbers, got.modality, got.pe_direction, got.bits_stored, got.signed,
+                    got.rescale) == (want.positions, want.instance_numbers, want.modality, want.pe_direction,
+                                     want.bits_stored, want.signed, want.rescale)
+    assert n >= 100

@@ -83,6 +83,9 @@ class Instance:
     frames: int = 1
     fingerprint: Optional[tuple] = None
     sop_uid: str = ""
+    # where and how its pixels lie, for QC (``scan(pixel_refs=True)``): (Pixel Data offset,
+    # dicomio.native_layout, qc.frame_facts); None: QC reads the file with pydicom
+    pixels: Optional[tuple] = None
 
 
 @dataclass
@@ -105,7 +108,7 @@ class ExamScan:
 
 
 def scan(folder: str | os.PathLike, *, check_pixels: bool = True, keep_headers: bool = True,
-         fingerprint_tags: Optional[Sequence[int]] = None) -> ExamScan:
+         fingerprint_tags: Optional[Sequence[int]] = None, pixel_refs: bool = False) -> ExamScan:
     """Read every file's header under ``folder`` and group instances by series.
 
     Files that are not readable DICOM, lack a SeriesInstanceUID, or whose Pixel
@@ -113,20 +116,22 @@ def scan(folder: str | os.PathLike, *, check_pixels: bool = True, keep_headers: 
     with a machine-readable ``reason``. With ``keep_headers=False`` only the first
     header of each series and of each distinct ``fingerprint_tags`` value set is kept
     (the others get ``header=None``): retaining thousands of datasets costs more than
-    reading them, and adherence needs one header per distinct parameter set.
+    reading them, and adherence needs one header per distinct parameter set. ``pixel_refs`` keeps, per
+    instance, what QC needs to read its pixels without parsing the header again (:attr:`Instance.pixels`).
     """
     # Thousands of retained headers make every cyclic-GC pass walk them all (quadratic time);
     # headers hold no reference cycles that need collecting while we read, so pause the collector.
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _scan(Path(folder), check_pixels, keep_headers, tuple(fingerprint_tags or ()))
+        return _scan(Path(folder), check_pixels, keep_headers, tuple(fingerprint_tags or ()), pixel_refs)
     finally:
         if was_enabled:
             gc.enable()
 
 
-def _scan(root: Path, check_pixels: bool, keep_headers: bool, fp_tags: tuple[int, ...]) -> "ExamScan":
+def _scan(root: Path, check_pixels: bool, keep_headers: bool, fp_tags: tuple[int, ...],
+          pixel_refs: bool = False) -> "ExamScan":
     series: OrderedDict[str, Series] = OrderedDict()
     problems: list[dict[str, Any]] = []
     base = root if root.is_dir() else root.parent
@@ -134,7 +139,7 @@ def _scan(root: Path, check_pixels: bool, keep_headers: bool, fp_tags: tuple[int
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for path in dicomio.iter_dicom_files(root):
-            _scan_one(path, str(path)[prefix:], series, problems, check_pixels, keep_headers, fp_tags)
+            _scan_one(path, str(path)[prefix:], series, problems, check_pixels, keep_headers, fp_tags, pixel_refs)
     for s in series.values():
         s.instances.sort(key=lambda i: (i.instance_number is None, i.instance_number or 0, str(i.path)))
         head = s.instances[0]
@@ -145,10 +150,11 @@ def _scan(root: Path, check_pixels: bool, keep_headers: bool, fp_tags: tuple[int
 
 
 def _scan_one(path: Path, rel: str, series: "OrderedDict[str, Series]", problems: list, check_pixels: bool,
-              keep_headers: bool, fp_tags: tuple[int, ...]) -> None:
+              keep_headers: bool, fp_tags: tuple[int, ...], pixel_refs: bool = False) -> None:
+    start = None
     try:
         if check_pixels:
-            ds, complete, detail = dicomio.read_header_checked(path)
+            ds, complete, detail, start = dicomio.read_header_located(path)
         else:
             ds, complete, detail = dicomio.read_header(path), True, "not checked"
     except Exception as exc:  # pydicom raises many types on garbage input
@@ -171,6 +177,13 @@ def _scan_one(path: Path, rel: str, series: "OrderedDict[str, Series]", problems
     ser = series.get(uid)
     if ser is None:
         ser = series[uid] = Series(uid)
+    pixels = None
+    if pixel_refs and start is not None:
+        layout = dicomio.native_layout(ds)
+        if layout is not None:
+            from .qc import frame_facts
+
+            pixels = (start, layout, frame_facts(ds, layout[2]))
     fp = None
     if not keep_headers:
         fp = dicomio.fingerprint(ds, fp_tags)
@@ -178,7 +191,7 @@ def _scan_one(path: Path, rel: str, series: "OrderedDict[str, Series]", problems
             ds = None
         elif fp is not None:
             ser._seen.add(fp)
-    ser.instances.append(Instance(path, ds, inum if inum >= 0 else None, frames, fp, sop))
+    ser.instances.append(Instance(path, ds, inum if inum >= 0 else None, frames, fp, sop, pixels))
 
 
 class DeidView:
@@ -294,7 +307,8 @@ def exam_scan(ctx, root: Path) -> ExamScan:
     from .adherence import study_tags
 
     return ctx.cache.get(("scan", str(root)),
-                         lambda: scan(root, keep_headers=False, fingerprint_tags=study_tags(ctx.trial)))
+                         lambda: scan(root, keep_headers=False, fingerprint_tags=study_tags(ctx.trial),
+                                      pixel_refs=bool(ctx.trial.qc)))
 
 
 def deid_view(ctx) -> Optional[DeidView]:

@@ -578,14 +578,14 @@ def frame_geometry(ds: Dataset) -> list[tuple[Optional[list[float]], Optional[li
     return out
 
 
-def read_header_checked(path: str | os.PathLike) -> tuple[Dataset, bool, str]:
+def read_header_located(path: str | os.PathLike) -> tuple[Dataset, bool, str, int]:
     """Header-only read plus a Pixel Data length check, with one open of the file.
 
     A truncated file still yields a readable header, so completeness is checked
     from the file itself: pydicom stops right at the (7FE0,0010) element; its
     declared length is compared with the image geometry and with the bytes that
     are really there. Compressed (encapsulated) pixel data is not length-checked.
-    Returns (header, complete, detail).
+    Returns (header, complete, detail, the byte where Pixel Data begins).
     """
     with open(path, "rb") as fp:
         ds = frozen(pydicom.dcmread(fp, stop_before_pixels=True, force=True))
@@ -599,7 +599,12 @@ def read_header_checked(path: str | os.PathLike) -> tuple[Dataset, bool, str]:
         head, start = (struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, elem.length) if elem is not None else b""), 0
         size = 12 + len(elem.value or b"") if elem is not None else 0
     ok, detail = _pixel_length_ok(ds, head, size - start)
-    return ds, ok, detail
+    return ds, ok, detail, start
+
+
+def read_header_checked(path: str | os.PathLike) -> tuple[Dataset, bool, str]:
+    """:func:`read_header_located` without the Pixel Data offset: (header, complete, detail)."""
+    return read_header_located(path)[:3]
 
 
 def pixel_data_complete(path: str | os.PathLike) -> tuple[bool, str]:
@@ -802,11 +807,9 @@ _LE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
 _DTYPES = {(8, 0): "<u1", (8, 1): "<i1", (16, 0): "<u2", (16, 1): "<i2", (32, 0): "<u4", (32, 1): "<i4"}
 
 
-def native_pixels(ds: Dataset, fp, start: int) -> Optional["np.ndarray"]:
-    """The frames of a header-only data set ``ds`` whose file ``fp`` has Pixel Data at byte ``start``
-    (where ``dcmread(..., stop_before_pixels=True)`` stopped), or None when this is not the simple case."""
-    import numpy as np
-
+def native_layout(ds: Dataset) -> Optional[tuple]:
+    """How the frames of header-only data set ``ds`` lie in its Pixel Data bytes — ``(implicit, dtype, frames,
+    rows, columns, bits allocated, bits stored)`` — or None when this is not the simple case."""
     meta = getattr(ds, "file_meta", None)
     ts = raw_text(meta, 0x00020010) if meta is not None else ""
     if ts not in _LE_SYNTAXES or raw_bytes(ds, 0x7FE00008) is not None or raw_bytes(ds, 0x7FE00009) is not None:
@@ -820,11 +823,20 @@ def native_pixels(ds: Dataset, fp, start: int) -> Optional["np.ndarray"]:
     dtype = _DTYPES.get((bits, rep))
     if dtype is None or not rows or not cols or not 0 < stored <= bits or frames < 1:
         return None
+    return ts == "1.2.840.10008.1.2", dtype, frames, rows, cols, bits, stored
+
+
+def read_native(fp, start: int, layout: tuple) -> Optional["np.ndarray"]:
+    """The frames (frames, rows, columns) of a file whose Pixel Data element starts at byte ``start`` and whose
+    header gave ``layout`` (:func:`native_layout`), or None when the element is not what the header says."""
+    import numpy as np
+
+    implicit, dtype, frames, rows, cols, bits, stored = layout
     fp.seek(start)
     head = fp.read(12)
     if head[:4] != b"\xe0\x7f\x10\x00":
         return None
-    if ts == "1.2.840.10008.1.2":
+    if implicit:
         if len(head) < 8:
             return None
         length, skip = struct.unpack_from("<I", head, 4)[0], 8
@@ -846,6 +858,13 @@ def native_pixels(ds: Dataset, fp, start: int) -> Optional["np.ndarray"]:
         np.left_shift(arr, bits - stored, out=arr)
         np.right_shift(arr, bits - stored, out=arr)
     return arr
+
+
+def native_pixels(ds: Dataset, fp, start: int) -> Optional["np.ndarray"]:
+    """The frames of a header-only data set ``ds`` whose file ``fp`` has Pixel Data at byte ``start``
+    (where ``dcmread(..., stop_before_pixels=True)`` stopped), or None when this is not the simple case."""
+    layout = native_layout(ds)
+    return read_native(fp, start, layout) if layout is not None else None
 
 
 def read_with_pixels(path: str | os.PathLike) -> tuple[Dataset, "np.ndarray"]:

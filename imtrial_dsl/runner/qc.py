@@ -72,31 +72,58 @@ def _rescale(ds: pydicom.Dataset, frame: int) -> tuple[float, float]:
     return s, i
 
 
-def load_volume(paths: Sequence[str | Path]) -> Volume:
-    """Read a series' pixel data (classic: one frame per file; Enhanced: all frames of each file)."""
+_NORMALS: dict[tuple, np.ndarray] = {}   # slice normal per orientation: a study has a handful
+
+
+def frame_facts(ds: pydicom.Dataset, frames: int) -> list[tuple[Optional[float], float, float, Optional[int]]]:
+    """Per frame of an instance: (position along the slice normal, rescale slope, intercept, instance number)."""
+    geo = dicomio.frame_geometry(ds)
+    inum = dicomio.get_param(ds, "InstanceNumber")
+    out = []
+    for k in range(frames):
+        pos, ori = geo[k] if k < len(geo) else (None, None)
+        z = None
+        if pos is not None and ori is not None:
+            key = tuple(ori)
+            normal = _NORMALS.get(key)
+            if normal is None:
+                if len(_NORMALS) > 1024:
+                    _NORMALS.clear()
+                normal = _NORMALS[key] = np.cross(np.array(ori[:3]), np.array(ori[3:]))
+            z = float(np.dot(normal, np.array(pos)))
+        slope, inter = _rescale(ds, k)
+        n = inum * 1000 + k if isinstance(inum, int) and frames > 1 else (inum if isinstance(inum, int) else None)
+        out.append((z, slope, inter, n))
+    return out
+
+
+def load_volume(paths: Sequence[str | Path], refs: Optional[Sequence[Optional[tuple]]] = None,
+                header: Optional[pydicom.Dataset] = None) -> Volume:
+    """Read a series' pixel data (classic: one frame per file; Enhanced: all frames of each file).
+
+    ``refs`` (per path, from ``classify.scan(pixel_refs=True)``) say where each file's pixels lie and carry its
+    frames' facts, so the file is not parsed again; ``header`` is then the first path's header."""
     slices: list[tuple[tuple, np.ndarray, float, float, Optional[float], Optional[int]]] = []
-    first = None
-    normals: dict[tuple, np.ndarray] = {}   # a series has one or a few orientations: one cross product each
-    for p in paths:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds, arr = dicomio.read_with_pixels(p)  # read only: functional groups indexed once
-        if first is None:
-            first = ds
-        arr = _frames(arr)
-        geo = dicomio.frame_geometry(ds)
-        inum = dicomio.get_param(ds, "InstanceNumber")
+    first = header
+    if first is None and refs is not None and paths and refs[0] is not None:
+        first = dicomio.read_header(paths[0])   # the series' values below come from its first file
+    for i, p in enumerate(paths):
+        ref = refs[i] if refs is not None else None
+        arr = None
+        if ref is not None:
+            with open(p, "rb") as fp:
+                arr = dicomio.read_native(fp, ref[0], ref[1])
+            facts = ref[2]
+        if arr is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds, arr = dicomio.read_with_pixels(p)  # read only: functional groups indexed once
+            if first is None:
+                first = ds
+            arr = _frames(arr)
+            facts = frame_facts(ds, arr.shape[0])
         for k in range(arr.shape[0]):
-            pos, ori = geo[k] if k < len(geo) else (None, None)
-            z = None
-            if pos is not None and ori is not None:
-                key = tuple(ori)
-                normal = normals.get(key)
-                if normal is None:
-                    normal = normals[key] = np.cross(np.array(ori[:3]), np.array(ori[3:]))
-                z = float(np.dot(normal, np.array(pos)))
-            slope, inter = _rescale(ds, k)
-            n = inum * 1000 + k if isinstance(inum, int) and arr.shape[0] > 1 else (inum if isinstance(inum, int) else None)
+            z, slope, inter, n = facts[k]
             slices.append(((z is None, z or 0.0, n or 0), arr[k], slope, inter, z, n))
     if first is None:
         raise ValueError("no instances")
@@ -509,12 +536,21 @@ def qc_step(ctx) -> dict:
 
     check = next(q for q in ctx.trial.qc if q.name == ctx.ref)
 
-    def load(paths):  # the exam's QC nodes share each series' pixels: one decode per series
-        return ctx.cache.get(("volume", tuple(str(p) for p in paths)), lambda: load_volume(paths))
-
     # the original pixels at the site: each series' files from its de-identified UID
     cls = ctx.read_json(CLASSIFICATION, {})
     originals = original_series(ctx)
+    by_path = {str(i.path): (i, s) for s in originals.values() for i in s.instances}
+
+    def load(paths):  # the exam's QC nodes share each series' pixels: one decode per series
+        def make():
+            found = [by_path.get(str(p)) for p in paths]
+            if not found or any(f is None for f in found):
+                return load_volume(paths)
+            # the scan read every header: QC reads only the pixels (the first path is the series' header)
+            head = found[0][0].header if found[0][0] is found[0][1].instances[0] else None
+            return load_volume(paths, [f[0].pixels for f in found], head)
+        return ctx.cache.get(("volume", tuple(str(p) for p in paths)), make)
+
     cls = {**cls, "series": [{**e, "files": [str(i.path) for i in originals[e["series_uid"]].instances]}
                              if e.get("series_uid") in originals else e for e in cls.get("series", [])]}
     from ..deid.results import scrub_device_identity

@@ -5,11 +5,12 @@ The graph (``imtrial_dsl.graph``, built from the step table) is cut into *phases
 * a study node (``ingest``, ``measurements``) runs once, here in the parent process;
 * an ordered node on shared state (``identify``, which hands out subject IDs) runs here too, exam by
   exam in exam-date order;
-* a maximal run of the other exam nodes is one *segment*: each worker process takes one subject's
-  exams (in date order: a follow-up's analysis may read the baseline's output) and walks the
-  segment's subgraph for each of them, independent nodes side by side on threads (two analyses that
-  do not depend on each other run at the same time). The archive node writes shared state too; the
-  archive's own lock serializes it.
+* a maximal run of the other exam nodes is one *segment*: each worker process takes one exam (or, when
+  the segment has an analysis, one subject's exams in date order: a follow-up's analysis may read the
+  baseline's output), largest first, and walks the segment's subgraph for it. The built-in steps run
+  one at a time (they hold the GIL); an analysis, another program, runs beside them and beside other
+  analyses that do not depend on it. The archive node writes shared state too; the archive's own lock
+  serializes it.
 
 Resume and re-judging: every node of every exam is recorded in ``W/state.sqlite`` with a
 *fingerprint* — a hash of what its result was computed from: the exam's ingested content, the parts
@@ -424,6 +425,9 @@ def _run_segment(trial, W: Workdir, plan: Plan, ph: Phase, store: Store, pool, p
                  ran: dict[str, set[str]], failed: set[str], keys: list[str]) -> int:
     """Dispatch one segment: one task per subject (its exams in date order), subjects in parallel."""
     preds = {n.id: plan.preds(n.id) for n in ph.nodes}
+    # a subject's exams go to one worker, in date order, only when a node may read another exam's output (an
+    # analysis at a follow-up reads the baseline's); otherwise every exam is a task of its own (better balance)
+    chained = any(n.step.kind == "analysis" for n in ph.nodes)
     by_subject: dict[str, list[tuple[str, str, list[str], dict[str, str]]]] = {}
     for key in keys:
         if key in failed or not W.exam(key).exam_json.exists():
@@ -436,9 +440,14 @@ def _run_segment(trial, W: Workdir, plan: Plan, ph: Phase, store: Store, pool, p
             continue
         ident = read_json(W.exam(key).path(IDENTITY), {}) or {}
         subject = f"{ident.get('trial')}/{ident['subject_id']}" if ident.get("subject_id") else f"exam/{key}"
+        if not chained:
+            subject = f"exam/{key}"
         date = (read_json(W.exam(key).exam_json, {}) or {}).get("study_date") or ""
         by_subject.setdefault(subject, []).append((date, key, todo, fingerprints(key)))
     tasks = [[(k, t, f) for _, k, t, f in sorted(items)] for items in by_subject.values()]
+    # the largest first, so that the last task to start is a short one (the workers finish together)
+    size = {k: (W.exam(k).exam_json.stat().st_size if W.exam(k).exam_json.exists() else 0) for k in keys}
+    tasks.sort(key=lambda t: -sum(size.get(k, 0) for k, _, _ in t))
     bar = progress("exams", sum(len(t) for t in tasks)) if progress else None
     results: list[dict] = []
     if pool is not None and len(tasks) > 1:
