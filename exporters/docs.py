@@ -1010,25 +1010,43 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def render_pdfs(pages: list[tuple[str, str]], out: Path, bar=None) -> list[Path]:
-    """``<kind>.pdf`` of every (kind, HTML) page; with several cores each PDF in a process of its own.
+def _import_weasyprint() -> None:
+    _weasyprint()
+
+
+def pdf_workers(n: int):
+    """Processes to render ``n`` PDFs side by side, started now so that they import WeasyPrint (0.6 s of
+    pycparser) while the caller builds the documents: ``(pool, warm-up futures)``, or None on one core."""
+    if n < 2 or _cores() < 2 or not hasattr(os, "fork"):
+        return None
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(max_workers=min(n, _cores()), mp_context=multiprocessing.get_context("fork"))
+    return pool, [pool.submit(_import_weasyprint) for _ in range(min(n, _cores()))]
+
+
+def render_pdfs(pages: list[tuple[str, str]], out: Path, bar=None, workers=None) -> list[Path]:
+    """``<kind>.pdf`` of every (kind, HTML) page; with several cores each PDF in a process of its own
+    (``workers``: from :func:`pdf_workers`, else started here).
 
     WeasyPrint's layout and drawing is pure Python on one core and makes up most of the export's time
     (docs/benchmarks.md, "Documents export"); the documents are independent, so they render side by side.
     Each is the same bytes either way (the renders share nothing)."""
     jobs = [(page, out / f"{kind}.pdf", out) for kind, page in pages]
-    if len(jobs) < 2 or _cores() < 2 or not hasattr(os, "fork"):
+    if workers is None:
+        workers = pdf_workers(len(jobs))
+    if workers is None:
         written = []
         for job in jobs:
             written.append(render_pdf(*job))
             if bar is not None:
                 bar.update(1)
         return written
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    _weasyprint()   # import once, before forking (E900/E611 here, not in a child)
-    with ProcessPoolExecutor(max_workers=min(len(jobs), _cores()), mp_context=multiprocessing.get_context("fork")) as pool:
+    pool, warm = workers
+    with pool:
+        for f in warm:
+            f.result()          # E900 / E611 from a child's import: raised here, after the Markdown and HTML
         futures = [pool.submit(render_pdf, *job) for job in jobs]
         written = []
         for f in futures:
@@ -1128,6 +1146,15 @@ def export(trial: ir.Trial, graph=None, out_dir: Path | str = ".", *, formats: I
     out.mkdir(parents=True, exist_ok=True)
     formats = tuple(formats)
     documents = tuple(documents)
+    workers = pdf_workers(len(documents)) if "pdf" in formats else None
+    try:
+        return _export(trial, graph, out, formats, documents, progress, workers)
+    finally:
+        if workers is not None:
+            workers[0].shutdown(cancel_futures=True)
+
+
+def _export(trial, graph, out: Path, formats, documents, progress, workers) -> list[Path]:
     doc = build(trial, graph)
     svgs, why_not = graph_pictures(graph)
     if doc.graph is not None:
@@ -1157,7 +1184,7 @@ def export(trial: ir.Trial, graph=None, out_dir: Path | str = ".", *, formats: I
             if bar is not None:
                 bar.update(1)
         if "pdf" in formats:
-            written += render_pdfs(pages, out, bar)
+            written += render_pdfs(pages, out, bar, workers)
     finally:
         if bar is not None:
             bar.close()

@@ -85,6 +85,22 @@ def test_independent_nodes_of_an_exam_run_side_by_side(mini, tmp_path):
             assert a["started"] < b["finished"] and b["started"] < a["finished"], (a, b)
 
 
+def test_built_in_steps_of_an_exam_run_one_at_a_time(mini, tmp_path):
+    """The built-in steps hold the GIL: two side by side would only contend for it, so an exam runs them one
+    at a time (the QC checks too); the state DB's times of one exam's built-in nodes never overlap."""
+    res = compile_file(Path(mini["study"]))
+    summary = run_study(res.trial, inbox=mini["inbox"], workdir=tmp_path / "w", jobs=2)
+    assert not summary["failed"], summary["failed"]
+    with Store(tmp_path / "w") as st:
+        for e in st.exams():
+            spans = sorted((v["started"], v["finished"], n) for n, v in e["steps"].items()
+                           if n not in ("ingest", "identify", "measurements") and not n.startswith("analysis:")
+                           and v["started"] is not None)
+            assert len(spans) >= 4
+            for (s0, f0, a), (s1, f1, b) in zip(spans, spans[1:]):
+                assert f0 <= s1, (a, b)
+
+
 def test_a_changed_constraint_rejudges_archived_exams(mini, tmp_path):
     study = Path(mini["study"])
     trial = compile_file(study).trial

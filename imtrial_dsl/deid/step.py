@@ -18,10 +18,12 @@ CONFORMANCE = "conformance.json"     # inside the exam's deid/ folder (the archi
 
 def deidentify_exam(trial: ir.Trial, exam: Path, identity: dict, out: Path, quarantine: Optional[Path] = None,
                     registry: Optional[Path] = None, engine: Optional[Deidentifier] = None,
-                    exam_key: Optional[str] = None) -> dict:
+                    exam_key: Optional[str] = None, written_facts: Optional[dict] = None) -> dict:
     """De-identify every file under ``exam/original`` into ``out/<new SOPInstanceUID>.dcm``, with
     ``out/conformance.json`` (what was done to each attribute); return a summary. With ``registry``, a key that
-    differs from the one the registry first saw is refused before anything is written."""
+    differs from the one the registry first saw is refused before anything is written. ``written_facts``, when
+    given, gets file name -> :func:`instance_facts` of every instance written (the archive step reads them
+    instead of parsing the files again)."""
     exam, out = Path(exam), Path(out)
     if engine is None:
         key = resolve_key(trial)
@@ -44,7 +46,9 @@ def deidentify_exam(trial: ir.Trial, exam: Path, identity: dict, out: Path, quar
             digest = _quarantine(qdir, src, rel, reason, res.detail) if qdir else sha256_file(src)
             quarantined.append({"file": str(src), "sha256": digest, "reason": reason, "detail": res.detail})
             continue
-        write_instance(out, res.dataset.SOPInstanceUID, data)
+        path = write_instance(out, res.dataset.SOPInstanceUID, data)
+        if written_facts is not None:
+            written_facts[path.name] = (len(data), instance_facts(res.dataset))
         written += 1
         pixel_cleaned += res.pixel_cleaned
         passed_burned += res.burned_in_passed
@@ -61,6 +65,13 @@ def deidentify_exam(trial: ir.Trial, exam: Path, identity: dict, out: Path, quar
             "method_codes": [c for c, _ in engine.plan.method_codes], "dates": engine.plan.dates_state,
             "patient_identity_removed": "NO" if engine.plan.identity_kept else "YES", "audit_rows": n_audit,
             "conformance": CONFORMANCE}
+
+
+def instance_facts(ds) -> tuple:
+    """What the archive reads of an instance it stores: (PatientIdentityRemoved, StudyInstanceUID,
+    SeriesInstanceUID, SOPInstanceUID, InstanceNumber) as reading the written file back gives them."""
+    return (str(ds.get("PatientIdentityRemoved", "")).upper(), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+            str(ds.SOPInstanceUID), ds.get("InstanceNumber"))
 
 
 def reidentification_log(trial: ir.Trial) -> bool:
@@ -92,7 +103,7 @@ def deidentify_step(ctx) -> dict:
     W = ctx.workdir
     res = deidentify_exam(ctx.trial, ctx.path(ORIGINAL), ctx.identity, ctx.out(DEID),
                           quarantine=W.quarantine if W else None, registry=W.state_db if W else None,
-                          exam_key=ctx.key)
+                          exam_key=ctx.key, written_facts=ctx.cache.get("deid_facts", dict))
     if W is not None and res.get("quarantined"):
         with Store(W.root) as st:
             st.mark_quarantined(res["quarantined"], "deidentify")

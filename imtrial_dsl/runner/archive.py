@@ -532,6 +532,7 @@ def archive_step(ctx) -> dict:
     import pydicom
 
     from ..deid.plan import keeps_identity
+    from ..deid.step import instance_facts
     from ..workdir import ADHERENCE, ARCHIVED, CLASSIFICATION, DEID, QC
     from .qc import merge_by_series
 
@@ -552,17 +553,22 @@ def archive_step(ctx) -> dict:
     study_uid = None
     added = 0
     items, heads = [], []
+    # what the de-identification step of this process wrote (file name -> (size, facts)): read, not parsed again
+    written = ctx.cache.data.get("deid_facts") or {}
     for f in files:
-        ds = pydicom.dcmread(f, stop_before_pixels=True)
-        removed = str(ds.get("PatientIdentityRemoved", "")).upper()
+        hit = written.get(f.name)
+        if hit is not None and hit[0] == f.stat().st_size:
+            removed, study, suid, sop, inum = hit[1]
+        else:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            removed, study, suid, sop, inum = instance_facts(ds)
         # NO only where the study's overrides keep identity (deid.plan.keeps_identity; the checker then requires
         # a destination declared `receives identified`, and transfer sends such objects nowhere else)
         if removed != "YES" and not (removed == "NO" and keeps_identity(trial)):
             raise ArchiveError(f"{f}: PatientIdentityRemoved is not YES; refusing to archive a non-de-identified file")
-        suid = str(ds.SeriesInstanceUID)
-        study_uid = study_uid or str(ds.StudyInstanceUID)
-        items.append((f, {"subject": subject, "visit": visit, "series_uid": suid, "sop_uid": str(ds.SOPInstanceUID)}))
-        heads.append((suid, str(ds.SOPInstanceUID), ds.get("InstanceNumber")))
+        study_uid = study_uid or study
+        items.append((f, {"subject": subject, "visit": visit, "series_uid": suid, "sop_uid": sop}))
+        heads.append((suid, sop, inum))
     for (sha, was_added), (suid, sop, inum) in zip(arch.put_objects(items), heads):
         added += was_added
         by_series.setdefault(suid, []).append({"sop_uid": sop, "sha256": sha, "instance_number": inum})

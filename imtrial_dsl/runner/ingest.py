@@ -185,6 +185,25 @@ def _undecodable(ds, ts: str) -> Optional[str]:
     return None
 
 
+_TAGS: dict[str, int] = {}
+
+
+def _value(ds, keyword: str, default: Any = None) -> Any:
+    """``ds.get(keyword, default)`` by tag (this runs ~40 times per inbox file: the keyword lookup and
+    pydicom's attribute machinery cost more than the dictionary probe)."""
+    tag = _TAGS.get(keyword)
+    if tag is None:
+        from pydicom.datadict import tag_for_keyword
+
+        tag = tag_for_keyword(keyword)
+        if tag is None:
+            return ds.get(keyword, default)
+        _TAGS[keyword] = tag
+    if tag not in ds._dict:
+        return default
+    return ds[tag].value
+
+
 def check_dataset(data: bytes, source_attrs: Iterable[str] = ("PatientID", "IssuerOfPatientID")) -> dict:
     """Inspect one file's bytes: ``{"ok": True, "header": {...}}`` or ``{"ok": False, "reason", "detail"}``."""
     import pydicom
@@ -214,7 +233,7 @@ def check_dataset(data: bytes, source_attrs: Iterable[str] = ("PatientID", "Issu
         if cut and (has_preamble or cut[0] == "truncated"):
             return {"ok": False, "reason": cut[0], "detail": cut[1]}
     try:
-        missing = [k for k in ESSENTIALS if not str(ds.get(k, "") or "").strip()]
+        missing = [k for k in ESSENTIALS if not str(_value(ds, k, "") or "").strip()]
     except Exception as exc:
         return {"ok": False, "reason": "unreadable" if has_preamble else "not_dicom", "detail": f"{type(exc).__name__}: {exc}"}
     if missing:
@@ -238,17 +257,18 @@ def check_dataset(data: bytes, source_attrs: Iterable[str] = ("PatientID", "Issu
             if why:
                 return {"ok": False, "reason": "undecodable", "detail": why}
     header = {
-        "sop_uid": str(ds.SOPInstanceUID), "sop_class": str(ds.SOPClassUID),
-        "study_uid": str(ds.StudyInstanceUID), "series_uid": str(ds.SeriesInstanceUID),
-        "modality": str(ds.Modality), "series_number": _int(ds.get("SeriesNumber")),
-        "instance_number": _int(ds.get("InstanceNumber")), "series_description": str(ds.get("SeriesDescription", "") or ""),
+        "sop_uid": str(_value(ds, "SOPInstanceUID")), "sop_class": str(_value(ds, "SOPClassUID")),
+        "study_uid": str(_value(ds, "StudyInstanceUID")), "series_uid": str(_value(ds, "SeriesInstanceUID")),
+        "modality": str(_value(ds, "Modality")), "series_number": _int(_value(ds, "SeriesNumber")),
+        "instance_number": _int(_value(ds, "InstanceNumber")),
+        "series_description": str(_value(ds, "SeriesDescription", "") or ""),
         "study_date": _exam_date(ds),
         "transfer_syntax": ts,
-        "device": {k: _text(ds.get(v)) for k, v in DEVICE_ATTRS.items()},
-        "patient": {a: _text(ds.get(a)) for a in source_attrs if a},
+        "device": {k: _text(_value(ds, v)) for k, v in DEVICE_ATTRS.items()},
+        "patient": {a: _text(_value(ds, a)) for a in source_attrs if a},
     }
     # what a Modality Worklist gave the scanner (identify checks it against the registry)
-    worklist = {a: _text(ds.get(a)) for a in WORKLIST_ATTRS if str(ds.get(a, "") or "").strip()}
+    worklist = {a: _text(_value(ds, a)) for a in WORKLIST_ATTRS if str(_value(ds, a, "") or "").strip()}
     if worklist:
         header["worklist"] = worklist
     return {"ok": True, "header": header}
@@ -257,7 +277,7 @@ def check_dataset(data: bytes, source_attrs: Iterable[str] = ("PatientID", "Issu
 def _exam_date(ds) -> str:
     """The first usable of StudyDate, SeriesDate, AcquisitionDate, ContentDate (YYYYMMDD); when none is
     usable, the first one written (e.g. United Imaging's '***'), so identify can say what it found."""
-    written = [str(ds.get(k, "") or "").strip() for k in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")]
+    written = [str(_value(ds, k, "") or "").strip() for k in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")]
     for d in written:
         if len(d) == 8 and d.isdigit():
             try:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import sys
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, as_completed, wait
@@ -288,21 +289,43 @@ def run_study(trial: ir.Trial, *, inbox: Optional[str | Path], workdir: str | Pa
     (``imtrial assign`` processes one exam onward)."""
     _quiet_pydicom()
     W = Workdir(Path(workdir).resolve()).create()   # analyses run in their own cwd: every path is absolute
+    pool = worker_pool(jobs)
     lock = try_lock(W.run_lock)
     if lock is None:
+        if pool is not None:
+            pool.shutdown()
         raise RunLocked(f"another 'imtrial run' is using {W.root}")
     try:
         return _run_locked(trial, W, Path(inbox).resolve() if inbox is not None else None, jobs, move, progress, log,
-                           set(exams) if exams is not None else None)
+                           set(exams) if exams is not None else None, pool)
     finally:
+        if pool is not None:
+            pool.shutdown()
         lock.close()
+
+
+def worker_pool(jobs: int) -> Optional[ProcessPoolExecutor]:
+    """The run's worker processes (None for one job), started now.
+
+    Forked where the platform forks — a fork starts in milliseconds with every module the parent imported,
+    a spawned interpreter takes about 0.6 s CPU to import them again — and forked *before* the run opens
+    its lock file and the state database: a child that inherited an open SQLite file and closed it would
+    drop the parent's POSIX locks and corrupt the database. Elsewhere, spawned."""
+    if jobs <= 1:
+        return None
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods and sys.platform.startswith("linux") else "spawn")
+    pool = ProcessPoolExecutor(max_workers=jobs, initializer=_die_with_parent, mp_context=ctx)
+    if ctx.get_start_method() == "fork":
+        pool.submit(int).result()   # every forked worker starts at the first task: now, before the DB opens
+    return pool
 
 
 _DONE = ("done", "skipped")
 
 
 def _run_locked(trial: ir.Trial, W: Workdir, inbox: Optional[Path], jobs: int, move: bool, progress, log,
-                only: Optional[set[str]] = None) -> dict:
+                only: Optional[set[str]] = None, pool: Optional[ProcessPoolExecutor] = None) -> dict:
     started = time.time()
     swept = W.sweep_temp()
     if swept:
@@ -312,10 +335,6 @@ def _run_locked(trial: ir.Trial, W: Workdir, inbox: Optional[Path], jobs: int, m
     with store.tx() as db:
         run_id = db.execute("INSERT INTO runs(started, study, study_sha256, inbox) VALUES (?, ?, ?, ?)",
                             (started, trial.source_file, trial.source_sha256, str(inbox or ""))).lastrowid
-    # spawn, not fork: a forked worker inherits the parent's open SQLite file descriptors, and closing
-    # them in the child drops the parent's POSIX locks, which corrupts the state database.
-    pool = (ProcessPoolExecutor(max_workers=jobs, initializer=_die_with_parent,
-                                mp_context=multiprocessing.get_context("spawn")) if jobs > 1 else None)
     ran: dict[str, set[str]] = {}        # exam key -> nodes that ran in this run
     failed: set[str] = set()             # exams with a node that failed in this run
     this_run: dict[str, Any] = {"ingest": {}, "identified": 0, "exams_processed": 0,
