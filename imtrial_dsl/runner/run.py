@@ -24,6 +24,7 @@ exams it concerns (the archive keeps both versions of each changed sidecar).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import multiprocessing
 import sys
@@ -317,8 +318,16 @@ def worker_pool(jobs: int) -> Optional[ProcessPoolExecutor]:
     ctx = multiprocessing.get_context("fork" if "fork" in methods and sys.platform.startswith("linux") else "spawn")
     pool = ProcessPoolExecutor(max_workers=jobs, initializer=_die_with_parent, mp_context=ctx)
     if ctx.get_start_method() == "fork":
-        pool.submit(int).result()   # every forked worker starts at the first task: now, before the DB opens
+        # the first task forks every worker (now, before the DB opens); each then imports what the steps use
+        # while this process lists the inbox, instead of on its first file
+        for _ in range(jobs):
+            pool.submit(_import_steps)
     return pool
+
+
+def _import_steps() -> None:
+    for n in {s.func.partition(":")[0] for s in pipeline.STEPS.values()}:
+        importlib.import_module(n)
 
 
 _DONE = ("done", "skipped")
