@@ -345,3 +345,31 @@ def test_a_key_file_next_to_the_study_works_from_another_cwd(tmp_path, monkeypat
     assert len(exams) == 1 and exams[0]["steps"]["deidentify"]["status"] == "done"
     assert exams[0]["subject_id"].startswith("MINI01-HOS-")
     st.close()
+
+
+def test_workers_are_forked_only_when_the_caller_says_it_can_be():
+    """The command line forks its workers (it has no SQLite file open and no other thread); a library caller
+    gets spawned ones unless it says so; a process with other threads is never forked."""
+    import sys
+    import threading
+
+    from imtrial_dsl.runner.run import worker_pool
+
+    assert worker_pool(1, fork=True) is None
+    alone = sys.platform.startswith("linux") and threading.active_count() == 1
+    for fork, want in ((False, "spawn"), (True, "fork" if alone else "spawn")):
+        pool = worker_pool(2, fork=fork)
+        try:
+            assert pool._mp_context.get_start_method() == want
+        finally:
+            pool.shutdown()
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        pool = worker_pool(2, fork=True)
+        assert pool._mp_context.get_start_method() == "spawn"
+        pool.shutdown()
+    finally:
+        stop.set()
+        t.join()

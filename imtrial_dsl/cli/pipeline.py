@@ -27,8 +27,9 @@ def cmd_run(args) -> int:
     progress = progress_for(args)
     log = (lambda s: print(s, file=sys.stderr)) if args.verbose else (lambda s: None)
     try:
+        # fork: this process has no SQLite file open and no other thread (preflight closed what it opened)
         summary = run_study(trial, inbox=args.inbox, workdir=args.workdir, jobs=args.jobs, move=args.move,
-                            progress=progress, log=log)
+                            progress=progress, log=log, fork=True)
     except RunLocked as exc:
         print(f"imtrial run: {exc.diagnostic.message}", file=sys.stderr)
         return EXIT_INPUT

@@ -282,15 +282,18 @@ def process_subject(trial: ir.Trial, workdir: str, nodes: list[pipeline.Node], p
 
 def run_study(trial: ir.Trial, *, inbox: Optional[str | Path], workdir: str | Path, jobs: int = 1, move: bool = False,
               progress: Optional[Callable[[str, int], Any]] = None, log: Callable[[str], None] = lambda s: None,
-              exams: Optional[list[str]] = None) -> dict:
+              exams: Optional[list[str]] = None, fork: bool = False) -> dict:
     """Run every node that is not done (or whose inputs changed); returns the summary (also in table ``runs``).
+
+    ``fork``: the caller has no state database (or other SQLite file) open and no other thread, so worker
+    processes may be forked (:func:`worker_pool`); the command line says so, a library caller need not.
 
     ``progress(description, total)``, when given, returns a bar with ``update(n)`` and ``close()``.
     ``inbox=None`` ingests nothing (the workdir's exams only); ``exams`` limits the run to these exam keys
     (``imtrial assign`` processes one exam onward)."""
     _quiet_pydicom()
     W = Workdir(Path(workdir).resolve()).create()   # analyses run in their own cwd: every path is absolute
-    pool = worker_pool(jobs)
+    pool = worker_pool(jobs, fork)
     lock = try_lock(W.run_lock)
     if lock is None:
         if pool is not None:
@@ -305,17 +308,21 @@ def run_study(trial: ir.Trial, *, inbox: Optional[str | Path], workdir: str | Pa
         lock.close()
 
 
-def worker_pool(jobs: int) -> Optional[ProcessPoolExecutor]:
+def worker_pool(jobs: int, fork: bool = False) -> Optional[ProcessPoolExecutor]:
     """The run's worker processes (None for one job), started now.
 
-    Forked where the platform forks — a fork starts in milliseconds with every module the parent imported,
-    a spawned interpreter takes about 0.6 s CPU to import them again — and forked *before* the run opens
-    its lock file and the state database: a child that inherited an open SQLite file and closed it would
-    drop the parent's POSIX locks and corrupt the database. Elsewhere, spawned."""
+    With ``fork`` (and on Linux, and no other thread running: a lock another thread held at the fork would
+    stay locked in the child) they are forked — in milliseconds, with every module the parent imported; a
+    spawned interpreter takes about 0.6 s CPU to import them again — *before* the run opens its lock file and
+    the state database: a child holding a copy of an open SQLite connection could close it, and a closing
+    connection may checkpoint and remove the write-ahead log under the parent. Otherwise spawned."""
     if jobs <= 1:
         return None
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods and sys.platform.startswith("linux") else "spawn")
+    import threading
+
+    fork = (fork and "fork" in multiprocessing.get_all_start_methods() and sys.platform.startswith("linux")
+            and threading.active_count() == 1)
+    ctx = multiprocessing.get_context("fork" if fork else "spawn")
     pool = ProcessPoolExecutor(max_workers=jobs, initializer=_die_with_parent, mp_context=ctx)
     if ctx.get_start_method() == "fork":
         # the first task forks every worker (now, before the DB opens); each then imports what the steps use
