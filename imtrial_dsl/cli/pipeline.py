@@ -13,6 +13,18 @@ from .render import assign_summary, exam_status, progress_for, run_summary
 
 
 def cmd_run(args) -> int:
+    from ..runner.run import worker_pool
+
+    # started first (forked: nothing is open yet), so that they import the steps' modules while the study compiles
+    pool = worker_pool(args.jobs, fork=True)
+    try:
+        return _run(args, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+def _run(args, pool) -> int:
     from ..runner.run import RunLocked, preflight, run_study
 
     trial = load_trial(args.study)
@@ -27,9 +39,8 @@ def cmd_run(args) -> int:
     progress = progress_for(args)
     log = (lambda s: print(s, file=sys.stderr)) if args.verbose else (lambda s: None)
     try:
-        # fork: this process has no SQLite file open and no other thread (preflight closed what it opened)
         summary = run_study(trial, inbox=args.inbox, workdir=args.workdir, jobs=args.jobs, move=args.move,
-                            progress=progress, log=log, fork=True)
+                            progress=progress, log=log, pool=pool)
     except RunLocked as exc:
         print(f"imtrial run: {exc.diagnostic.message}", file=sys.stderr)
         return EXIT_INPUT

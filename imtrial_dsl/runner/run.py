@@ -282,18 +282,21 @@ def process_subject(trial: ir.Trial, workdir: str, nodes: list[pipeline.Node], p
 
 def run_study(trial: ir.Trial, *, inbox: Optional[str | Path], workdir: str | Path, jobs: int = 1, move: bool = False,
               progress: Optional[Callable[[str, int], Any]] = None, log: Callable[[str], None] = lambda s: None,
-              exams: Optional[list[str]] = None, fork: bool = False) -> dict:
+              exams: Optional[list[str]] = None, fork: bool = False,
+              pool: Optional[ProcessPoolExecutor] = None) -> dict:
     """Run every node that is not done (or whose inputs changed); returns the summary (also in table ``runs``).
 
     ``fork``: the caller has no state database (or other SQLite file) open and no other thread, so worker
     processes may be forked (:func:`worker_pool`); the command line says so, a library caller need not.
+    ``pool``: workers the caller started (the command line starts them before it compiles the study, so that
+    they import the steps' modules meanwhile); the run shuts them down.
 
     ``progress(description, total)``, when given, returns a bar with ``update(n)`` and ``close()``.
     ``inbox=None`` ingests nothing (the workdir's exams only); ``exams`` limits the run to these exam keys
     (``imtrial assign`` processes one exam onward)."""
     _quiet_pydicom()
     W = Workdir(Path(workdir).resolve()).create()   # analyses run in their own cwd: every path is absolute
-    pool = worker_pool(jobs, fork)
+    pool = pool if pool is not None else worker_pool(jobs, fork)
     lock = try_lock(W.run_lock)
     if lock is None:
         if pool is not None:
