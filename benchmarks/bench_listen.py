@@ -35,7 +35,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quiet", type=float, default=1.0)
     args = ap.parse_args()
-    os.environ.setdefault("IMTRIAL_KEY", "bench-listen-key")
+    os.environ.setdefault("IMTRIAL_KEY", "bench-listen-key-not-for-real-data")
     import pydicom
 
     from imtrial_dsl.compiler import compile_file
