@@ -9,6 +9,7 @@ command/file-meta elements in the body are dropped (Part 10 writing rebuilds the
 """
 from __future__ import annotations
 
+import io
 from collections import Counter
 from copy import deepcopy
 from dataclasses import dataclass
@@ -92,7 +93,7 @@ class Deidentifier:
     def deidentify_file(self, src: Path, identity: dict) -> tuple[InstanceResult, Optional[bytes]]:
         """Read, de-identify and serialize one file. Returns (result, bytes or None)."""
         try:
-            ds = pydicom.dcmread(str(src), force=True)
+            ds = pydicom.dcmread(io.BytesIO(Path(src).read_bytes()), force=True)  # from memory: faster than the file
         except Exception as e:
             return InstanceResult(False, reason="unreadable", detail=type(e).__name__), None
         if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds:

@@ -9,6 +9,7 @@ Values come back raw, in DICOM storage units (convert with ``units.from_dicom``)
 """
 from __future__ import annotations
 
+import io
 import os
 import struct
 from pathlib import Path
@@ -578,6 +579,9 @@ def frame_geometry(ds: Dataset) -> list[tuple[Optional[list[float]], Optional[li
     return out
 
 
+_READ_WHOLE = 4 << 20   # bytes: files up to this size are read whole and parsed from memory
+
+
 def read_header_located(path: str | os.PathLike) -> tuple[Dataset, bool, str, int]:
     """Header-only read plus a Pixel Data length check, with one open of the file.
 
@@ -588,10 +592,13 @@ def read_header_located(path: str | os.PathLike) -> tuple[Dataset, bool, str, in
     Returns (header, complete, detail, the byte where Pixel Data begins).
     """
     with open(path, "rb") as fp:
-        ds = frozen(pydicom.dcmread(fp, stop_before_pixels=True, force=True))
-        start = fp.tell()
-        head = fp.read(12)
         size = os.fstat(fp.fileno()).st_size
+        # pydicom parses from memory faster than through the file's many small reads (0.1 ms a file); a
+        # large file (a multi-frame object) is parsed from the file, its pixels never read
+        src = io.BytesIO(fp.read()) if size <= _READ_WHOLE else fp
+        ds = frozen(pydicom.dcmread(src, stop_before_pixels=True, force=True))
+        start = src.tell()
+        head = src.read(12)
     meta = getattr(ds, "file_meta", None)
     if meta is not None and raw_text(meta, 0x00020010) == DEFLATED:
         # the file's bytes after the meta group are deflated: check the inflated Pixel Data element instead
